@@ -1,0 +1,471 @@
+"""All configuration: typed dataclasses, named sizes, loading, overrides, validation, derived values.
+
+Order of precedence (last wins): dataclass defaults -> the named size `model.size` -> the YAML file
+-> `key.sub=value` overrides from the command line. Unknown keys and wrong types raise `ConfigError`
+naming the key and where it came from. Derived values are computed once, in `finalize`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and its source."""
+
+
+# ---------------------------------------------------------------------------------------------
+# dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 4            # routed experts per MoE layer (0 = every layer dense)
+    top_k: int = 1                # routed experts per token
+    n_shared: int = 1             # always-on shared experts, each moe_ffn_dim wide
+    every: int = 1                # MoE layers are layers every-1, 2*every-1, ... (Llama 4 interleave)
+    moe_ffn_dim: int = 128        # hidden width of one routed / shared expert
+    score: str = "sigmoid"        # "sigmoid" (Llama 4: top-k on logits, sigmoid of chosen) | "softmax"
+    gate_on: str = "input"        # where the routing score multiplies: expert "input" (Llama 4) | "output"
+    norm_topk: bool = False       # softmax only: renormalise the K chosen probabilities to sum 1
+    balance: str = "bias"         # "aux" (Switch aux loss) | "bias" (DeepSeek-V3 aux-free) | "none"
+    aux_coef: float = 1e-2        # weight of the Switch load-balancing loss (balance=aux)
+    z_coef: float = 1e-3          # weight of the router z-loss (any balance mode; 0 disables)
+    bias_rate: float = 1e-3       # aux-free bias update step per optimizer step (balance=bias)
+    path: str = "grouped"         # expert compute: "loop" (reference) | "grouped" (fast / batched)
+    ep_size: int = 1              # expert-parallel degree (ranks that share one layer's experts)
+
+
+@dataclass
+class VisionConfig:
+    encoder: str = "patch-linear"  # a timm ViT name, or "patch-linear" (Fuyu-style, no ViT)
+    img_size: int = 32
+    patch_size: int = 8
+    pixel_shuffle: bool = False    # Llama 4 pixel-shuffle (ratio 0.5: 4x fewer tokens)
+    checkpoint: str = ""           # local weights file for the timm model; never a hub download
+    freeze: bool = False
+
+
+@dataclass
+class ModelConfig:
+    size: str = "debug"           # a named size from SIZES; explicit keys override it
+    vocab_size: int = 0           # 0 = taken from the tokenizer
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 256            # width of the dense SwiGLU layers
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+
+@dataclass
+class DataConfig:
+    text: str = ""                 # shard directory, brace pattern or URL list per modality
+    image: str = ""
+    video: str = ""
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # text, image, video
+    alpha: float = 0.0             # temperature exponent on dataset sizes: p ~ w * n^alpha
+    tokenizer: str = "byte"        # "byte", or a local Hugging Face tokenizer.json
+    num_workers: int = 1           # DataLoader worker processes per rank
+    shuffle_buffer: int = 256      # samples held for shuffling inside a stream
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    micro_batch: int = 4           # sequences per rank per micro-step
+    grad_accum: int = 1            # micro-steps per optimizer step
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
+    warmup: int = 10               # linear warmup steps
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    zero_stage: int = 0            # DeepSpeed ZeRO stage 0, 1 or 2
+    precision: str = "auto"        # "auto" (bf16 on a capable GPU, else fp32) | "fp32" | "bf16"
+    ckpt_every: int = 0            # 0 = only at the end
+    resume: str = "auto"           # "auto" (latest in run.dir), "none", or a checkpoint path
+    log_every: int = 1
+    eval_every: int = 0            # 0 = never during training
+    peak_tflops: float = 0.0       # accelerator peak for MFU; 0 = look up a known GPU, else no MFU
+    deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed keys merged into the generated JSON
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# named sizes: the one place model shapes are defined
+# ---------------------------------------------------------------------------------------------
+
+SIZES: dict[str, dict[str, Any]] = {
+    # seconds on a laptop CPU
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                  moe=dict(n_experts=4, top_k=1, n_shared=1, every=1, moe_ffn_dim=128)),
+    # minutes on 2 CPU cores
+    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                 moe=dict(n_experts=4, top_k=1, n_shared=1, every=2, moe_ffn_dim=256)),
+    # one GPU
+    "small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072,
+                  moe=dict(n_experts=16, top_k=1, n_shared=1, every=2, moe_ffn_dim=1536)),
+    # Scout's shape at small scale: 16 coarse experts in every layer, top-1 + 1 shared
+    "scout-mini": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=2048,
+                       moe=dict(n_experts=16, top_k=1, n_shared=1, every=1, moe_ffn_dim=1024,
+                                score="sigmoid", gate_on="input")),
+    # Maverick's shape at small scale: many fine-grained experts every other layer, top-1 + 1 shared
+    "maverick-mini": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=4096,
+                          moe=dict(n_experts=64, top_k=1, n_shared=1, every=2, moe_ffn_dim=1024,
+                                   score="sigmoid", gate_on="input")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; dict-typed fields (train.deepspeed) stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and _field_type(key) is not dict:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _resolve(key: str) -> tuple[Any, str, Any] | None:
+    """Walk `key` through the dataclass tree; return (owner class, leaf name, leaf type) or None."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return None
+        ftype = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return cls, part, ftype
+        if not dataclasses.is_dataclass(ftype):
+            return None
+        cls = ftype
+    return None
+
+
+def _field_type(key: str) -> Any:
+    r = _resolve(key)
+    return None if r is None else r[2]
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    parts = key.split(".")
+    cls: Any = Config
+    for part in parts[:-1]:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            break
+        ftype = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(ftype):
+            break
+        cls = ftype
+    names = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(parts[-1], names, n=1)
+    suggestion = f" (did you mean '{'.'.join(parts[:-1] + hint[:1])}'?)" if hint else ""
+    return f"unknown config key '{key}' in {source}{suggestion}"
+
+
+def _coerce(key: str, value: Any, ftype: Any, source: str) -> Any:
+    """Check (and gently convert) a value against a field type; raise naming the key."""
+    def bad() -> ConfigError:
+        tname = getattr(ftype, "__name__", str(ftype))
+        return ConfigError(f"config key '{key}' in {source}: expected {tname}, got {value!r}")
+
+    origin = typing.get_origin(ftype)
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if ftype is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if ftype is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if ftype is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(ftype)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad()
+        return [_coerce(f"{key}[{i}]", v, inner, source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for t in typing.get_args(ftype):
+            try:
+                return _coerce(key, value, t, source)
+            except ConfigError:
+                continue
+        raise bad()
+    raise bad()
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    obj: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, parts[-1], value)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' on the command line: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults -> named size -> YAML file -> `key=value` overrides, all checked."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        layers.append((str(path), _flatten(_read_yaml(path))))
+    cli = dict(_parse_override(o) for o in (overrides or []))
+    layers.append(("the command line", cli))
+
+    # every key is checked before anything is applied, so the first error is the one reported
+    for source, flat in layers:
+        for key in flat:
+            if _resolve(key) is None:
+                raise ConfigError(_unknown_key_message(key, source))
+
+    cfg = Config()
+    size = cfg.model.size
+    for source, flat in layers:
+        if "model.size" in flat:
+            size = _coerce("model.size", flat["model.size"], str, source)
+            size_source = source
+    if size not in SIZES:
+        raise ConfigError(f"config key 'model.size' in {size_source if size != cfg.model.size else 'defaults'}: "
+                          f"unknown size '{size}' (known: {', '.join(SIZES)})")
+    apply_size(cfg, size)
+
+    for source, flat in layers:
+        for key, value in flat.items():
+            if key == "train.deepspeed":
+                _set(cfg, key, _coerce(key, value, dict, source))
+                continue
+            _set(cfg, key, _coerce(key, value, _field_type(key), source))
+    validate(cfg)
+    return cfg
+
+
+def apply_size(cfg: Config, size: str) -> None:
+    cfg.model.size = size
+    for key, value in _flatten({"model": copy.deepcopy(SIZES[size])}).items():
+        _set(cfg, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and derived values
+# ---------------------------------------------------------------------------------------------
+
+_CHOICES = {
+    "model.moe.score": ("sigmoid", "softmax"),
+    "model.moe.gate_on": ("input", "output"),
+    "model.moe.balance": ("aux", "bias", "none"),
+    "model.moe.path": ("loop", "grouped"),
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Reject nonsense with one line naming the key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"config key '{key}': '{_get(cfg, key)}' is not one of {', '.join(choices)}")
+    positive = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
+                "model.moe.every", "model.moe.moe_ffn_dim", "model.moe.ep_size",
+                "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
+    nonneg = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
+              "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
+              "train.ckpt_every", "train.log_every", "train.eval_every", "train.weight_decay",
+              "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops"]
+    for key in nonneg:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {_get(cfg, key)}")
+    m = cfg.model
+    if m.dim % m.n_heads:
+        raise ConfigError(f"config key 'model.n_heads': model.dim={m.dim} is not divisible by n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"config key 'model.n_heads': head dim {m.dim // m.n_heads} must be even for RoPE")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"config key 'model.n_kv_heads': n_heads={m.n_heads} is not divisible by "
+                          f"n_kv_heads={m.n_kv_heads}")
+    if m.moe.n_experts and not 1 <= m.moe.top_k <= m.moe.n_experts:
+        raise ConfigError(f"config key 'model.moe.top_k': must be in 1..n_experts={m.moe.n_experts}, "
+                          f"got {m.moe.top_k}")
+    if m.moe.n_experts and m.moe.n_experts % m.moe.ep_size:
+        raise ConfigError(f"config key 'model.moe.ep_size': n_experts={m.moe.n_experts} is not divisible "
+                          f"by ep_size={m.moe.ep_size}")
+    if m.moe.ep_size > 1:
+        raise ConfigError("config key 'model.moe.ep_size': expert parallelism (ep_size > 1) is not "
+                          "available yet; experts are replicated on every rank (ep_size=1)")
+    if len(cfg.data.weights) != 3:
+        raise ConfigError(f"config key 'data.weights': expected 3 weights (text, image, video), "
+                          f"got {cfg.data.weights}")
+    if any(w < 0 for w in cfg.data.weights):
+        raise ConfigError(f"config key 'data.weights': weights must be >= 0, got {cfg.data.weights}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"config key 'train.betas': expected two values, got {cfg.train.betas}")
+    if cfg.train.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"config key 'train.zero_stage': must be 0, 1 or 2, got {cfg.train.zero_stage}")
+    if cfg.train.resume not in ("auto", "none") and not cfg.train.resume:
+        raise ConfigError("config key 'train.resume': give 'auto', 'none' or a checkpoint path")
+
+
+def moe_layer_ids(n_layers: int, every: int, n_experts: int) -> list[int]:
+    """Llama 4 interleave: layers every-1, 2*every-1, ... are MoE (every=1: all of them)."""
+    if n_experts == 0:
+        return []
+    return list(range(every - 1, n_layers, every))
+
+
+@dataclass
+class Derived:
+    world_size: int
+    dp_size: int            # data-parallel ranks (all ranks: experts shard inside them)
+    global_batch: int       # sequences per optimizer step over all ranks
+    tokens_per_step: int
+    head_dim: int
+    moe_layers: list[int]
+
+
+def finalize(cfg: Config, world_size: int) -> Derived:
+    """Every derived value, computed once, with assertions that say what broke."""
+    m, t = cfg.model, cfg.train
+    if m.moe.ep_size > 1 and world_size % m.moe.ep_size:
+        raise ConfigError(f"config key 'model.moe.ep_size': world size {world_size} is not divisible "
+                          f"by ep_size={m.moe.ep_size}")
+    global_batch = t.micro_batch * t.grad_accum * world_size
+    assert global_batch == t.micro_batch * t.grad_accum * world_size, \
+        "micro_batch * grad_accum * world must equal global_batch"
+    return Derived(
+        world_size=world_size,
+        dp_size=world_size,
+        global_batch=global_batch,
+        tokens_per_step=global_batch * t.seq_len,
+        head_dim=m.dim // m.n_heads,
+        moe_layers=moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts),
+    )
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON, generated from the training config; `train.deepspeed` keys merge on top."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, t.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, extra: dict | None = None) -> str:
+    d = to_dict(cfg)
+    if extra:
+        d = {**d, "_meta": extra}
+    return yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)
