@@ -1,0 +1,318 @@
+"""The mixture-of-experts layer: router, load balancing, routed experts, shared expert.
+
+Owns token-choice top-k routing (Llama 4 sigmoid or softmax scoring, DeepSeek-V3 aux-loss-free
+bias), dropless dispatch of tokens to experts, two expert compute paths (a readable per-expert
+loop kept as the test oracle, and a grouped/batched path), the Switch auxiliary loss, the router
+z-loss, and per-modality load statistics kept in module buffers.
+
+Single-device code: the layer holds all E experts and makes no torch.distributed calls. Counts are
+all-reduced by the trainer, which then calls `MoE.update_bias`.
+
+Shape legend:
+    B batch, T tokens per sequence, N = B*T flattened tokens (or the valid ones among them),
+    D model dim, E experts, K top-k, H expert hidden width, M = N*K routed (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.config import MoEConfig
+from fusion.model.ffn import FeedForward
+
+N_MODALITIES = 3  # rows of `MoE.load`: 0 text, 1 image, 2 video
+
+
+# ---------------------------------------------------------------------------------------------
+# router
+# ---------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Token-choice top-k router.
+
+    sigmoid (Llama 4): top-k on the logits, gate = sigmoid(chosen logit).
+    softmax: top-k on softmax probabilities, gate = chosen probability (optionally renormalised).
+    With balance="bias" the persistent `expert_bias` (DeepSeek-V3, aux-loss-free) is added to the
+    scores used for *choosing* only; the gate value never sees it.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(dim, cfg.n_experts, bias=False)
+        # fp32 whatever the model dtype: the bias moves by bias_rate (1e-3) steps, below bf16 resolution
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> top-k expert ids (N, K) long, gates (N, K) fp32, logits (N, E) fp32."""
+        cfg = self.cfg
+        # routing decisions are sensitive to rounding: score in fp32 (Megatron, torchtitan)
+        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        scores = logits if cfg.score == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
+        choice = scores + self.expert_bias.float() if cfg.balance == "bias" else scores
+        topk_idx = choice.topk(cfg.top_k, dim=-1).indices  # (N, K)
+        chosen = scores.gather(-1, topk_idx)  # (N, K), raw scores: the bias never enters the gate
+        if cfg.score == "sigmoid":
+            gates = chosen.sigmoid()
+        else:
+            gates = chosen
+            if cfg.norm_topk:
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        return topk_idx, gates, logits
+
+
+# ---------------------------------------------------------------------------------------------
+# experts
+# ---------------------------------------------------------------------------------------------
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense.
+
+    `torch._grouped_mm`'s backward rejects a stride-0 gradient (what `y.sum().backward()` sends:
+    "Invalid strides/sizes, got [0, 0] for strides"), so its output passes through this.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm(x, w, offs=...)` accepts these operands on this build/device."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device != w.device:
+        return False
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # no fp64 kernel
+            return False
+    elif x.device.type == "cuda":
+        # the CUTLASS kernels behind it need Hopper (sm90+) and bf16
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    else:
+        return False
+    # every row stride must be a multiple of 16 bytes ("strides should be multiple of 16 bytes")
+    row_bytes = (x.shape[-1] * x.element_size(), w.shape[-1] * w.element_size())
+    return all(b % 16 == 0 for b in row_bytes)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights, run over tokens already sorted by expert.
+
+    `counts` (E,) gives how many consecutive rows of `x_sorted` belong to each expert.
+    Expert e computes (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e].
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        E, H = cfg.n_experts, cfg.moe_ffn_dim
+        self.w1 = nn.Parameter(torch.empty(E, dim, H))  # gate
+        self.w3 = nn.Parameter(torch.empty(E, dim, H))  # up
+        self.w2 = nn.Parameter(torch.empty(E, H, dim))  # down
+        for p in (self.w1, self.w2, self.w3):
+            nn.init.normal_(p, std=init_std)
+            # `expert` puts these in the optimizer's expert group (fusion/train.py). DeepSpeed's
+            # is_moe_param (allreduce=False) reduces a grad only over its expert-data-parallel group
+            # `group_name`; with ep_size 1 that group is every rank, which is exactly the ordinary
+            # all-reduce, so the flag is only set once experts are sharded over ranks.
+            p.expert = True
+            p.allreduce = cfg.ep_size == 1
+            p.group_name = f"ep_size_{cfg.ep_size}"
+        self.impl = "auto"  # forward_grouped's kernel: "auto" | "grouped_mm" | "bmm"
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+
+    def forward_loop(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference path: one matmul chain per expert. (M, D), (E,) -> (M, D)."""
+        outs = []
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            outs.append(self._expert(x_sorted[start:start + n], e))
+            start += n
+        if not outs:
+            # nothing routed: still run the (empty) chain so every weight gets a (zero) gradient
+            return self._expert(x_sorted, 0)
+        return torch.cat(outs)  # (M, D)
+
+    def forward_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                        impl: str | None = None) -> torch.Tensor:
+        """Fast path: one grouped matmul per weight, or padded bmm. (M, D), (E,) -> (M, D)."""
+        impl = impl or self.impl
+        if impl not in ("auto", "grouped_mm", "bmm"):
+            raise ValueError(f"Experts impl must be auto, grouped_mm or bmm, got {impl!r}")
+        if impl == "auto":
+            impl = "grouped_mm" if grouped_mm_supported(x_sorted, self.w1) else "bmm"
+        elif impl == "grouped_mm" and not grouped_mm_supported(x_sorted, self.w1):
+            raise ValueError(f"torch._grouped_mm does not support {x_sorted.dtype} on {x_sorted.device} "
+                             f"with dim={x_sorted.shape[-1]}, hidden={self.w1.shape[-1]}")
+        if x_sorted.shape[0] == 0:
+            # no tokens at all: the weight gradient of a grouped GEMM then has a zero-length
+            # contraction dim, which _grouped_mm rejects (pytorch #192497); bmm handles it
+            impl = "bmm"
+        if impl == "grouped_mm":
+            return self._grouped_mm(x_sorted, counts)
+        return self._bmm(x_sorted, counts)
+
+    def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # offs[-1] == M: rows past the last offset would be left uninitialised (pytorch #154557)
+        offs = counts.cumsum(0).to(torch.int32)  # (E,)
+        x = x.contiguous()
+        h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(x, self.w3, offs=offs)
+        return _DenseGrad.apply(torch._grouped_mm(h, self.w2, offs=offs))  # (M, D)
+
+    def _bmm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        E, M = counts.shape[0], x.shape[0]
+        cap = int(counts.max()) if M else 0  # rows of the largest group (a host sync)
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)  # (M,)
+        starts = counts.cumsum(0) - counts  # (E,)
+        row = torch.arange(M, device=x.device) - starts[expert]  # (M,) position inside its group
+        padded = x.new_zeros(E, cap, x.shape[-1]).index_put((expert, row), x)  # (E, C, D)
+        # zero rows stay zero through SwiGLU (silu(0) * 0 = 0), so padding adds nothing to weight grads
+        h = F.silu(torch.bmm(padded, self.w1)) * torch.bmm(padded, self.w3)  # (E, C, H)
+        out = torch.bmm(h, self.w2)  # (E, C, D)
+        return out[expert, row]  # (M, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+# ---------------------------------------------------------------------------------------------
+
+
+class MoE(nn.Module):
+    """Routed experts plus optional always-on shared experts (Llama 4: one shared, top-1 routed).
+
+    forward(x (B, T, D), valid (B, T) bool | None, modality (B, T) long | None)
+        -> (y (B, T, D), aux_loss, z_loss), both losses raw (unweighted) fp32 scalars over valid
+        tokens; the caller multiplies by cfg.aux_coef / cfg.z_coef.
+
+    Dropless: every valid token reaches its K experts; padding (valid False) is never dispatched.
+    The `load` buffer counts routed assignments per (modality, expert) in training mode.
+    Activation checkpointing re-runs forward and so counts twice (torchtitan #1593): skip the
+    layer's recompute or halve the counts in the trainer.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = Experts(dim, cfg, init_std)
+        self.shared = FeedForward(dim, cfg.n_shared * cfg.moe_ffn_dim) if cfg.n_shared > 0 else None
+        nn.init.normal_(self.router.gate.weight, std=init_std)
+        if self.shared is not None:
+            for lin in (self.shared.w1, self.shared.w2, self.shared.w3):
+                nn.init.normal_(lin.weight, std=init_std)
+        # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
+        self.register_buffer("load", torch.zeros(N_MODALITIES, cfg.n_experts, dtype=torch.float64),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
+                modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        B, T, D = x.shape
+        K = cfg.top_k
+        xf = x.reshape(B * T, D)  # (N, D)
+
+        # only valid tokens are routed (Megatron-LM #2121): padding gets no expert, no loss, no count
+        if valid is None:
+            tok = torch.arange(B * T, device=x.device)  # (Nv,)
+            xv = xf  # (Nv, D)
+        else:
+            tok = valid.reshape(B * T).nonzero().squeeze(1)  # (Nv,) a host sync, like the loop/bmm paths
+            xv = xf[tok]  # (Nv, D)
+        n_valid = xv.shape[0]
+        topk_idx, gates, logits = self.router(xv)  # (Nv, K), (Nv, K), (Nv, E)
+
+        # dropless dispatch: sort the Nv*K (token, expert) pairs by expert so each expert's rows
+        # are contiguous; stable so tokens keep their order inside a group
+        expert_of_pair = topk_idx.reshape(-1)  # (M,)
+        order = expert_of_pair.argsort(stable=True)  # (M,)
+        pair_token = order // K  # (M,) index into the valid tokens
+        counts = torch.bincount(expert_of_pair, minlength=cfg.n_experts)  # (E,)
+        pair_gate = gates.reshape(-1)[order].unsqueeze(1)  # (M, 1)
+
+        routed_in = xv[pair_token]  # (M, D)
+        if cfg.gate_on == "input":
+            # Llama 4 scales the expert input, so the expert sees sigmoid(logit) * x
+            routed_in = routed_in * pair_gate.to(routed_in.dtype)
+        if cfg.path == "loop":
+            routed_out = self.experts.forward_loop(routed_in, counts)  # (M, D)
+        else:
+            routed_out = self.experts.forward_grouped(routed_in, counts)  # (M, D)
+        if cfg.gate_on == "output":
+            routed_out = routed_out * pair_gate.to(routed_out.dtype)
+
+        # un-permute and sum the K expert outputs of each token into its original position
+        y = xf.new_zeros(B * T, D, dtype=routed_out.dtype)  # (N, D) padding rows stay 0
+        y = y.index_add_(0, tok[pair_token], routed_out)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        y = y.reshape(B, T, D).to(x.dtype)  # (B, T, D)
+
+        aux_loss = self._aux_loss(logits, counts, n_valid)
+        z_loss = self._z_loss(logits, n_valid)
+        if self.training:
+            self._count(topk_idx, tok, modality)
+        return y, aux_loss, z_loss
+
+    # -- losses ------------------------------------------------------------------------------
+
+    def _aux_loss(self, logits: torch.Tensor, counts: torch.Tensor, n_valid: int) -> torch.Tensor:
+        """Switch Transformer (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e."""
+        if self.cfg.balance != "aux" or n_valid == 0:
+            return logits.sum() * 0.0  # zero, still attached to the router graph
+        if self.cfg.score == "softmax":
+            probs = logits.softmax(dim=-1)  # (Nv, E)
+        else:
+            s = logits.sigmoid()
+            probs = s / s.sum(dim=-1, keepdim=True)  # (Nv, E)
+        f = counts.float() / (n_valid * self.cfg.top_k)  # (E,) fraction of assignments, no gradient
+        p = probs.mean(dim=0)  # (E,) mean router probability: the gradient path
+        return self.cfg.n_experts * (f * p).sum()
+
+    def _z_loss(self, logits: torch.Tensor, n_valid: int) -> torch.Tensor:
+        """ST-MoE (Zoph et al. 2022, eq. 5): mean logsumexp(logits)^2, keeps logits small."""
+        if self.cfg.z_coef <= 0 or n_valid == 0:
+            return logits.sum() * 0.0
+        return logits.logsumexp(dim=-1).square().mean()
+
+    # -- load statistics and aux-loss-free balancing -----------------------------------------
+
+    @torch.no_grad()
+    def _count(self, topk_idx: torch.Tensor, tok: torch.Tensor, modality: torch.Tensor | None) -> None:
+        expert = topk_idx.reshape(-1)  # (M,)
+        if modality is None:
+            row = torch.zeros_like(expert)  # all text
+        else:
+            row = modality.reshape(-1)[tok].repeat_interleave(self.cfg.top_k)  # (M,) pair order
+        ones = torch.ones_like(expert, dtype=self.load.dtype)
+        self.load.index_put_((row, expert), ones, accumulate=True)
+
+    def take_load(self) -> torch.Tensor:
+        """The counts since the last call, (3, E) float64 rows text/image/video; resets them."""
+        load = self.load.clone()
+        self.load.zero_()
+        return load
+
+    @torch.no_grad()
+    def update_bias(self, total_load: torch.Tensor) -> None:
+        """DeepSeek-V3 aux-loss-free step from (already all-reduced) per-expert counts (E,).
+
+        Underloaded experts get +bias_rate, overloaded -bias_rate; then the mean is removed so the
+        bias cannot drift as a whole (torchtitan #1506). Call once per optimizer step.
+        """
+        if self.cfg.balance != "bias":
+            return
+        bias = self.router.expert_bias
+        load = total_load.to(device=bias.device, dtype=torch.float32)
+        bias += self.cfg.bias_rate * torch.sign(load.mean() - load)
+        bias -= bias.mean()
