@@ -1,0 +1,797 @@
+"""WebDataset shards: keys, writing one shard, finding and reading shards, index and stats.
+
+The on-disk contract (SPEC §4), one modality per dataset directory:
+
+    DIR/000000.tar, 000001.tar, ...   samples; member `KEY.EXT`, keys match [0-9A-Za-z_-]+
+    DIR/000000_stats.json, ...        per shard, written last:
+                                      {count, successes, failures: {reason: n}, bytes, seconds}
+    DIR/index.json                    {modality, n_samples, shards: [{name, n_samples, bytes, sha256}]}
+
+Writing (`ShardWriter`) is atomic and deterministic: the tar goes to `NNNNNN.tar.tmp` and is renamed
+when complete, its stats file follows; members carry mtime 0, uid/gid 0, empty owner names and mode
+0o644, and a sample's members are written in sorted extension order, so the same samples always
+give byte-identical tars (the same bytes tarfile writes in PAX format). A shard is complete when
+its tar AND its stats file exist.
+
+Reading (`iter_samples`) streams members as bytes through webdataset's tar iterator and never
+extracts to disk. Samples are grouped the way webdataset groups them: a member name splits at the
+first dot of its base name into key and extension, so `a.b.jpg` is key `a` with field `b.jpg`
+(webdataset #237); extensions are lower-cased; members whose base name has no dot and `__meta__`
+members are skipped. Shards written by other tools in the same layout (img2dataset, plain `tarfile`,
+GNU tar, compressed `.tar.gz`) read as they are.
+
+Errors never stop iteration when an `ErrorCounter` is given: an unreadable shard (missing, not a
+tar, truncated) is counted under the exception's class name (`ReadError`, `FileNotFoundError`) and
+reading goes on with the next shard; the samples completed before the error are kept, the one in
+progress is dropped. A tar that stops without its end-of-archive zero blocks counts as truncated:
+an interrupted copy usually stops at a block boundary, which tarfile alone reads as a shorter
+archive.
+
+webdataset (and through it torch) is imported only when a shard is read, so writing shards and the
+`fusion-data text` command stay light.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import braceexpand
+
+log = logging.getLogger(__name__)
+
+KEY_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
+EXT_PATTERN = re.compile(r"[0-9a-z_]+(\.[0-9a-z_]+)*")
+MODALITIES = ("text", "image", "video", "vqa")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4",)
+INDEX_NAME = "index.json"
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: not a drive letter
+
+
+# ---------------------------------------------------------------- errors and counting
+
+class SampleError(ValueError):
+    """A sample (or input record) that cannot be used; `reason` is the short counted name."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+
+
+class ErrorCounter:
+    """Counts failures by reason; a webdataset handler that never stops and never sleeps.
+
+    `counter(exn)` counts `exn.reason` for a `SampleError`, else `type(exn).__name__`;
+    `counter("reason")` counts a reason string. Both return True ("continue"), so the object can be
+    passed as `handler=` to webdataset stages (unlike `warn_and_continue`, which sleeps 0.5 s).
+    `counts` maps reason -> n; `examples` keeps the first few messages of each reason.
+    """
+
+    def __init__(self, max_examples: int = 3):
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.max_examples = max_examples
+
+    def __call__(self, exn: BaseException | str, where: str = "") -> bool:
+        if isinstance(exn, str):
+            reason, message = exn, ""
+        else:
+            reason = exn.reason if isinstance(exn, SampleError) else type(exn).__name__
+            message = str(exn)
+        self.add(reason, 1, f"{where}: {message}" if where else message)
+        return True
+
+    def add(self, reason: str, n: int = 1, message: str = "") -> None:
+        """Count `n` failures of `reason`, remembering `message` among the first examples."""
+        if n <= 0:
+            return
+        self.counts[reason] += n
+        if message:
+            kept = self.examples.setdefault(reason, [])
+            if len(kept) < self.max_examples:
+                kept.append(message)
+        log.debug("%s: %s", reason, message)
+
+    def update(self, other: "ErrorCounter | Mapping[str, int]") -> None:
+        """Add another counter's counts (e.g. one per worker)."""
+        counts = other.counts if isinstance(other, ErrorCounter) else other
+        for reason, n in counts.items():
+            self.counts[reason] += n
+        if isinstance(other, ErrorCounter):
+            for reason, messages in other.examples.items():
+                kept = self.examples.setdefault(reason, [])
+                kept.extend(messages[: max(0, self.max_examples - len(kept))])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """'reason: n, reason: n' (most frequent first), or 'none'."""
+        if not self.counts:
+            return "none"
+        return ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items(), key=lambda x: (-x[1], x[0])))
+
+    def __repr__(self) -> str:
+        return f"ErrorCounter({dict(self.counts)})"
+
+
+# ---------------------------------------------------------------- keys and names
+
+def is_valid_key(key: str) -> bool:
+    """True if `key` may name a sample: [0-9A-Za-z_-]+ (no dots, no slashes)."""
+    return isinstance(key, str) and KEY_PATTERN.fullmatch(key) is not None
+
+
+def check_key(key: str) -> str:
+    """Return `key`, or raise SampleError('bad_key') naming it."""
+    if not is_valid_key(key):
+        raise SampleError("bad_key", f"key {key!r} does not match [0-9A-Za-z_-]+")
+    return key
+
+
+def sanitize_key(value: Any) -> str:
+    """Map any value to the key alphabet: each character outside [0-9A-Za-z_-] becomes '_'.
+
+    Distinct values can collide ('a.b' and 'a_b'); writers count the second as a duplicate key.
+    Returns '' for an empty value.
+    """
+    return re.sub(r"[^0-9A-Za-z_-]", "_", "" if value is None else str(value))
+
+
+def shard_name(index: int) -> str:
+    """Shard file name of shard `index`: 000042.tar."""
+    return f"{index:06d}.tar"
+
+
+def stats_name(shard: str) -> str:
+    """Stats file name of a shard: 000042.tar -> 000042_stats.json."""
+    return f"{Path(shard).name[: -len('.tar')]}_stats.json"
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """'dir/key.ext.more' -> ('dir/key', 'ext.more') as webdataset splits it; (None, None) if no dot."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2)
+
+
+def _natural(name: str) -> list:
+    # 000999.tar < 001000.tar < 1000000.tar: compare digit runs as numbers.
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# ---------------------------------------------------------------- writing one shard
+
+def _encode_member(key: str, ext: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as exn:
+            raise SampleError("bad_utf8", f"{key}.{ext}: not encodable as UTF-8") from exn
+    if isinstance(value, (dict, list)):
+        try:
+            return json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exn:
+            raise SampleError("bad_utf8", f"{key}.{ext}: not encodable as UTF-8") from exn
+    raise TypeError(f"{key}.{ext}: member values are bytes, str, dict or list, not {type(value).__name__}")
+
+
+def _member_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file with our fixed attributes.
+
+    Written by hand (tarfile spends ~40 us per header, and its output may change between Python
+    versions): name, mode 0o644, uid/gid 0, size, mtime 0, type '0', magic 'ustar\\0' '00', no
+    owner names. A name over 100 bytes or a size past 8 GiB falls back to tarfile's PAX header.
+    """
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    header = b"".join([
+        raw.ljust(100, b"\0"),        # name
+        b"0000644\0",                  # mode
+        b"0000000\0", b"0000000\0",    # uid, gid
+        b"%011o\0" % size,             # size
+        b"00000000000\0",              # mtime
+        b" " * 8,                      # checksum, counted as spaces
+        b"0",                          # type: regular file
+        b"\0" * 100,                   # linkname
+        b"ustar\x0000",                # magic, version
+        b"\0" * 64,                    # uname, gname
+        b"\0" * 16,                    # devmajor, devminor: empty for a regular file
+        b"\0" * 155,                   # prefix
+    ]).ljust(512, b"\0")
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes one shard `DIR/NNNNNN.tar` atomically, then its stats file.
+
+        with ShardWriter(out_dir, 3) as w:       # -> out_dir/000003.tar, 000003_stats.json
+            w.write("doc1", {"txt": "hello", "json": {"line": 1}})
+            w.fail("empty_text")
+
+    `extra_stats` are added to the stats file (builders record an `input_sha256` of the records
+    behind the shard, so that a resumed build reuses only shards made from the same input).
+    Opening removes this shard's stale stats and temporary files, so a shard is never "complete"
+    (tar AND stats present) with content from an older run. On leaving the `with` block normally
+    the tar is renamed into place and the stats written; on an exception the temporary tar is
+    removed and nothing else is touched.
+    """
+
+    def __init__(self, directory: str | os.PathLike, index: int, extra_stats: Mapping | None = None):
+        self.extra_stats = dict(extra_stats or {})
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / shard_name(index)
+        self.stats_path = self.directory / stats_name(self.path.name)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        for stale in (self.stats_path, self.stats_path.with_name(self.stats_path.name + ".tmp")):
+            stale.unlink(missing_ok=True)
+        self._file = open(self.tmp_path, "wb")
+        self._offset = 0
+        self._keys: set[str] = set()
+        self._t0 = time.perf_counter()
+        self.successes = 0
+        self.failures: Counter[str] = Counter()
+        self.stats: dict | None = None
+
+    def write(self, key: str, members: Mapping[str, Any]) -> None:
+        """Add one sample: `members` maps extension (lower-case, no leading dot) -> bytes/str/dict.
+
+        Raises SampleError('bad_key' | 'duplicate_key' | 'bad_utf8') before anything is written,
+        so the caller may count it with `fail` and go on.
+        """
+        check_key(key)
+        if key in self._keys:
+            raise SampleError("duplicate_key", f"key {key!r} already in {self.path.name}")
+        if not members:
+            raise ValueError(f"sample {key!r} has no members")
+        encoded = []
+        for ext in sorted(members):
+            if EXT_PATTERN.fullmatch(ext) is None:
+                raise ValueError(f"sample {key!r}: bad extension {ext!r} (lower-case, no leading dot)")
+            encoded.append((f"{key}.{ext}", _encode_member(key, ext, members[ext])))
+        for name, data in encoded:
+            block = _member_header(name, len(data)) + data + b"\0" * (-len(data) % 512)
+            self._file.write(block)
+            self._offset += len(block)
+        self._keys.add(key)
+        self.successes += 1
+
+    def fail(self, reason: str, n: int = 1) -> None:
+        """Count `n` input records of this shard that produced no sample, by reason."""
+        self.failures[reason] += n
+
+    def close(self) -> dict:
+        """Finish the tar, rename it into place, write the stats file last; return the stats."""
+        if self.stats is not None:
+            return self.stats
+        # End of archive: two zero blocks, then zeros up to a whole 10 KiB record, as tar does.
+        end = 1024 + (-(self._offset + 1024) % tarfile.RECORDSIZE)
+        self._file.write(b"\0" * end)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        self.stats = {
+            "count": self.successes + sum(self.failures.values()),
+            "successes": self.successes,
+            "failures": dict(sorted(self.failures.items())),
+            "bytes": self.path.stat().st_size,
+            "seconds": round(time.perf_counter() - self._t0, 3),
+            **self.extra_stats,
+        }
+        _write_atomic(self.stats_path, (json.dumps(self.stats, indent=1) + "\n").encode())
+        return self.stats
+
+    def abort(self) -> None:
+        """Drop the temporary tar; the shard stays incomplete."""
+        self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def is_shard_complete(directory: str | os.PathLike, index: int, count: int | None = None,
+                      input_sha256: str | None = None) -> bool:
+    """True if shard `index` has its tar and a readable stats file whose `bytes` match the tar
+    (and whose `count` and `input_sha256` equal the ones given): a resumed build may skip it."""
+    path = Path(directory) / shard_name(index)
+    stats = read_shard_stats(path)
+    if stats is None or not path.is_file():
+        return False
+    if stats.get("bytes") != path.stat().st_size:
+        return False
+    if input_sha256 is not None and stats.get("input_sha256") != input_sha256:
+        return False
+    return count is None or stats.get("count") == count
+
+
+def read_shard_stats(shard: str | os.PathLike) -> dict | None:
+    """The stats dict written beside a local shard, or None if absent or unreadable."""
+    path = Path(shard)
+    try:
+        stats = json.loads((path.parent / stats_name(path.name)).read_text())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+# ---------------------------------------------------------------- finding shards
+
+def _split_spec(spec: str) -> list[str]:
+    # Commas separate items except inside braces ({a,b} is a brace pattern); whitespace separates
+    # items too, except in a `pipe:` command, which keeps its spaces.
+    items, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    out = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        out.extend([item] if item.startswith("pipe:") else item.split())
+    return out
+
+
+def shards_in_dir(directory: str | os.PathLike) -> list[str]:
+    """Paths of the `*.tar` files in a local directory, natural-sorted (`.tar.tmp` excluded)."""
+    directory = str(directory)
+    names = [n for n in os.listdir(directory) if n.endswith(".tar") and not n.startswith(".")]
+    return [os.path.join(directory, n) for n in sorted(names, key=_natural)
+            if os.path.isfile(os.path.join(directory, n))]
+
+
+def list_shards(spec: str | Iterable[str]) -> list[str]:
+    """Shard URLs from a spec; raises a clear error naming the spec when there are none.
+
+    `spec` is one of, or a comma- or whitespace-separated list of (or a Python list of):
+    - a local directory: its `*.tar` files, natural-sorted (`.tar.tmp` and other files ignored);
+    - a brace pattern (`/x/{000000..000009}.tar`, `/x/{a,b}.tar`), expanded with braceexpand;
+    - a glob (`/x/*.tar`) when no file has that literal name;
+    - a local file path;
+    - a URL webdataset opens (`pipe:...`, `https://...`, `s3://...`, `file:...`), passed through
+      unchanged (after brace expansion, as webdataset does) and not checked here.
+    A path with spaces is taken whole when it exists. Local paths that do not exist raise
+    FileNotFoundError naming them; a directory without shards raises ValueError.
+    """
+    if not isinstance(spec, str):
+        out: list[str] = []
+        for item in spec:
+            out.extend(list_shards(item))
+        if not out:
+            raise ValueError("no shards: the shard list is empty")
+        return out
+    items = [spec.strip()] if os.path.exists(spec.strip()) else _split_spec(spec)
+    urls: list[str] = []
+    missing: list[str] = []
+    for item in items:
+        for path in braceexpand.braceexpand(item):
+            if _URL_SCHEME.match(path):
+                urls.append(path)
+            elif os.path.isdir(path):
+                found = shards_in_dir(path)
+                if not found:
+                    raise ValueError(f"no .tar shards in directory '{path}' (from spec '{spec}')")
+                urls.extend(found)
+            elif os.path.exists(path):
+                urls.append(path)
+            elif glob.has_magic(path):
+                found = [p for p in sorted(glob.glob(path), key=_natural) if not p.endswith(".tmp")]
+                if not found:
+                    missing.append(path)
+                urls.extend(found)
+            else:
+                missing.append(path)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"shards not found for spec '{spec}': "
+                                + ", ".join(f"'{m}'" for m in missing[:3]) + more)
+    if not urls:
+        raise ValueError(f"no shards in spec '{spec}'")
+    return urls
+
+
+# ---------------------------------------------------------------- reading
+
+def _report(counter: ErrorCounter | None, exn: Exception, url: str) -> None:
+    if counter is None:
+        raise exn
+    counter(exn, url)
+
+
+def _iter_shard(url: str, counter: ErrorCounter | None) -> Iterator[dict]:
+    from webdataset.gopen import gopen  # imports torch: only when reading
+    from webdataset.tariterators import tar_file_iterator
+
+    member_errors: list[Exception] = []
+
+    def stop_shard(exn: Exception) -> bool:
+        # A member that cannot be read leaves the stream at an unknown position: end the shard.
+        member_errors.append(exn)
+        return False
+
+    try:
+        stream = _TailReader(gopen(url, "rb"), url)
+    except Exception as exn:
+        _report(counter, exn, url)
+        return
+    current: dict | None = None
+    bad = False  # the sample in progress had a duplicate member: dropped when complete
+    try:
+        for member in tar_file_iterator(stream, handler=stop_shard):
+            key, ext = split_member_name(member["fname"])
+            if key is None:
+                continue
+            ext = ext.lower()
+            if current is None or key != current["__key__"]:
+                if current is not None and not bad:
+                    yield current
+                current, bad = {"__key__": key, "__url__": url}, False
+            if ext in current:
+                if not bad:
+                    _report(counter, SampleError("duplicate_member", f"{member['fname']} twice"), url)
+                bad = True
+                continue
+            current[ext] = member["data"]
+        if member_errors:
+            raise member_errors[0]
+        stream.check_end()
+        stream.close()  # a `pipe:` whose command failed says so here
+    except Exception as exn:
+        _close_quietly(stream)
+        _report(counter, exn, url)
+        return
+    except BaseException:  # GeneratorExit when the reader stops early
+        _close_quietly(stream)
+        raise
+    if current is not None and not bad:
+        yield current
+
+
+class _TailReader:
+    """A read-only stream that remembers its first bytes and its last 1 KiB.
+
+    tarfile ends a stream quietly when the data stops at a 512-byte block boundary, which is where
+    an interrupted copy usually stops. Every tar writer ends the archive with zero blocks, so an
+    uncompressed tar whose last 1 KiB is not all zeros was cut short.
+    """
+
+    _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip bz2 xz zstd
+
+    def __init__(self, raw, url: str):
+        self.raw, self.url = raw, url
+        self.head = b""
+        self.tail = b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if len(self.head) < 8:
+            self.head += data[: 8 - len(self.head)]
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def check_end(self) -> None:
+        while self.read(1 << 16):  # the padding after the end-of-archive blocks
+            pass
+        if self.head.startswith(self._COMPRESSED):
+            return
+        if len(self.tail) < 1024 or self.tail.count(0) != len(self.tail):
+            raise tarfile.ReadError("truncated tar: no end-of-archive blocks")
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __repr__(self) -> str:
+        return self.url
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # the shard is already being abandoned or counted
+        pass
+
+
+def iter_samples(urls: str | Iterable[str], counter: ErrorCounter | None = None) -> Iterator[dict]:
+    """Raw samples `{"__key__", "__url__", EXT: bytes, ...}` of one shard or several, in order.
+
+    `urls`: one shard path/URL (a string; a local directory string is expanded with `list_shards`)
+    or an iterable of them. With a `counter`, an unreadable shard or member is counted (by exception
+    class name, e.g. `ReadError`, `FileNotFoundError`; a sample with a repeated member as
+    `duplicate_member`) and iteration goes on; without one the first error is raised.
+    """
+    if isinstance(urls, str):
+        urls = list_shards(urls) if os.path.isdir(urls) else [urls]
+    for url in urls:
+        yield from _iter_shard(url, counter)
+
+
+def tar_samples(counter: ErrorCounter):
+    """A webdataset pipeline stage: `{"url": ...}` dicts (or URL strings) -> raw samples.
+
+        wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tar_samples(counter))
+    """
+    def stage(src: Iterable[dict | str]) -> Iterator[dict]:
+        for item in src:
+            yield from _iter_shard(item["url"] if isinstance(item, dict) else item, counter)
+    return stage
+
+
+def decode_text(data: bytes) -> str:
+    """A `.txt` member as text; SampleError('bad_utf8') if it is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise SampleError("bad_utf8", f"not UTF-8 at byte {exn.start}") from exn
+
+
+def decode_json(data: bytes) -> Any:
+    """A `.json` member parsed; SampleError('bad_utf8' | 'bad_json')."""
+    try:
+        return json.loads(decode_text(data))
+    except ValueError as exn:
+        if isinstance(exn, SampleError):
+            raise
+        raise SampleError("bad_json", str(exn)) from exn
+
+
+def iter_texts(urls: str | Iterable[str], counter: ErrorCounter) -> Iterator[tuple[str, str]]:
+    """(key, text) of text samples; samples without `.txt` or with non-UTF-8 text are counted
+    (`missing_txt`, `bad_utf8`) and skipped."""
+    for sample in iter_samples(urls, counter):
+        data = sample.get("txt")
+        if data is None:
+            counter("missing_txt")
+            continue
+        try:
+            yield sample["__key__"], decode_text(data)
+        except SampleError as exn:
+            counter(exn, f"{sample['__url__']} {sample['__key__']}")
+
+
+# ---------------------------------------------------------------- checking samples
+
+def _check_image(data: bytes) -> str | None:
+    from PIL import Image
+    import warnings
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            # The header tells the size: refuse a decompression bomb before decoding it.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                return "image_too_large"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()  # a full decode: verify() passes a JPEG cut in half
+    except Exception:
+        return "bad_image"
+    return None
+
+
+def _check_json_object(sample: dict) -> tuple[str | None, dict | None]:
+    if "json" not in sample:
+        return "missing_json", None
+    try:
+        meta = decode_json(sample["json"])
+    except SampleError as exn:
+        return exn.reason, None
+    if not isinstance(meta, dict):
+        return "bad_json", None
+    return None, meta
+
+
+def guess_modality(sample: Mapping[str, Any]) -> str | None:
+    """The modality a raw sample's members suggest, or None."""
+    has_image = any(e in sample for e in IMAGE_EXTS)
+    has_video = any(e in sample for e in VIDEO_EXTS)
+    if has_image or has_video:
+        if "txt" not in sample and "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except ValueError:
+                meta = None
+            if isinstance(meta, dict) and "question" in meta:
+                return "vqa"
+        return "video" if has_video else "image"
+    if "txt" in sample:
+        return "text"
+    return None
+
+
+def check_sample(sample: Mapping[str, Any], modality: str) -> list[str]:
+    """Reasons a raw sample breaks the shard contract for `modality` ([] when it is fine).
+
+    text: `.txt` UTF-8, `.json` (if any) parses. image: an image member that decodes fully
+    with Pillow, `.txt` UTF-8, `.json` object. video: non-empty `.mp4`, `.txt`, `.json` object.
+    vqa: an image (decoding) or non-empty `.mp4`, `.json` object with question, answer, choices.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
+    problems = []
+    if not is_valid_key(sample.get("__key__", "")):
+        problems.append("bad_key")
+
+    def need_txt():
+        if "txt" not in sample:
+            problems.append("missing_txt")
+            return
+        try:
+            decode_text(sample["txt"])
+        except SampleError as exn:
+            problems.append(exn.reason)
+
+    def need_media(allow_image: bool, allow_video: bool):
+        images = [e for e in IMAGE_EXTS if e in sample] if allow_image else []
+        videos = [e for e in VIDEO_EXTS if e in sample] if allow_video else []
+        if images:
+            reason = _check_image(sample[images[0]])
+            if reason:
+                problems.append(reason)
+        elif videos:
+            if not sample[videos[0]]:
+                problems.append("empty_video")
+        else:
+            problems.append({(True, False): "missing_image", (False, True): "missing_mp4"}
+                            .get((allow_image, allow_video), "missing_media"))
+
+    if modality == "text":
+        need_txt()
+        if "json" in sample:
+            try:
+                decode_json(sample["json"])
+            except SampleError as exn:
+                problems.append(exn.reason)
+    elif modality in ("image", "video"):
+        need_media(modality == "image", modality == "video")
+        need_txt()
+        reason, _ = _check_json_object(sample)
+        if reason:
+            problems.append(reason)
+    else:
+        need_media(True, True)
+        reason, meta = _check_json_object(sample)
+        if reason:
+            problems.append(reason)
+        elif not all(k in meta for k in ("question", "answer", "choices")) \
+                or not isinstance(meta["choices"], list):
+            problems.append("bad_vqa_json")
+    return problems
+
+
+# ---------------------------------------------------------------- index and stats
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def count_samples(url: str) -> int:
+    """Number of samples in a shard (raises if it cannot be read completely)."""
+    return sum(1 for _ in iter_samples([url]))
+
+
+def write_index(directory: str | os.PathLike, modality: str, *, names: Iterable[str] | None = None,
+                counts: Mapping[str, int] | None = None) -> dict:
+    """Write DIR/index.json atomically and return it.
+
+    `names`: shard file names to list (default: every `*.tar` in DIR, natural order). `counts`:
+    name -> number of samples; shards missing from it take `successes` from their stats file, or
+    are read and counted. `bytes` and `sha256` come from the files.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
+    directory = Path(directory)
+    names = [os.path.basename(p) for p in shards_in_dir(str(directory))] if names is None else list(names)
+    counts = dict(counts or {})
+    shards = []
+    for name in names:
+        path = directory / name
+        n = counts.get(name)
+        if n is None:
+            stats = read_shard_stats(path)
+            n = stats["successes"] if stats and "successes" in stats else count_samples(str(path))
+        shards.append({"name": name, "n_samples": int(n), "bytes": path.stat().st_size,
+                       "sha256": sha256_file(path)})
+    index = {"modality": modality, "n_samples": sum(s["n_samples"] for s in shards), "shards": shards}
+    _write_atomic(directory / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
+    return index
+
+
+def read_index(directory: str | os.PathLike) -> dict | None:
+    """DIR/index.json, or None if absent; ValueError naming the file if it is not a valid index."""
+    path = Path(directory) / INDEX_NAME
+    if not path.exists():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exn:
+        raise ValueError(f"{path}: unreadable index: {exn}") from exn
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path}: not an index (expected an object with 'shards')")
+    return index
+
+
+def collect_stats(directory: str | os.PathLike) -> dict:
+    """Totals over a dataset directory's shards and their `*_stats.json` files.
+
+    Returns {dir, modality (from index.json or None), shards, shards_without_stats: [names],
+    count, successes, failures: {reason: n}, bytes, seconds, index_n_samples (or None)}.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such directory: '{directory}'")
+    paths = shards_in_dir(str(directory))
+    failures: Counter[str] = Counter()
+    total = {"count": 0, "successes": 0, "seconds": 0.0}
+    without = []
+    for path in paths:
+        stats = read_shard_stats(path)
+        if stats is None:
+            without.append(os.path.basename(path))
+            continue
+        for k in total:
+            total[k] += stats.get(k, 0)
+        failures.update(stats.get("failures", {}))
+    index = read_index(directory)
+    return {
+        "dir": str(directory),
+        "modality": index.get("modality") if index else None,
+        "shards": len(paths),
+        "shards_without_stats": without,
+        "count": total["count"],
+        "successes": total["successes"],
+        "failures": dict(sorted(failures.items())),
+        "bytes": sum(os.path.getsize(p) for p in paths),
+        "seconds": round(total["seconds"], 3),
+        "index_n_samples": index.get("n_samples") if index else None,
+    }
