@@ -1,0 +1,98 @@
+"""Save / load / resume: the DeepSpeed engine state plus, per rank, the data-sampler state and RNGs.
+
+Layout (SPEC §6):
+    RUN/checkpoints/step_N/           DeepSpeed files (model, optimizer, router biases as buffers)
+    RUN/checkpoints/step_N/rank{r}.json   this rank's step, data state and RNG states (JSON: no pickle)
+    RUN/checkpoints/latest            the tag of the newest complete checkpoint (written by DeepSpeed last)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """`train.resume`: 'auto' -> latest in the run dir (or None), 'none' -> None, else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if (path / "latest").is_file():  # a checkpoints/ directory or a run's checkpoint root
+        path = path / (path / "latest").read_text().strip()
+    elif (path / "checkpoints" / "latest").is_file():  # a run directory
+        path = latest_checkpoint(path)
+    if path is None or not path.is_dir():
+        raise FileNotFoundError(f"config key 'train.resume': no checkpoint at {resume}")
+    return path
+
+
+def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_state: dict) -> Path:
+    """Collective: every rank calls it. Rank files go first; DeepSpeed moves `latest` at the end."""
+    root = checkpoint_root(run_dir)
+    tag = f"step_{step}"
+    path = root / tag
+    path.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "data": data_state, "rng": rng_state()}
+    tmp = path / f"rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path / f"rank{rank}.json")
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    return path
+
+
+def load_checkpoint(engine, path: Path, rank: int) -> dict:
+    """Load engine state from `path` (a step_N dir); return this rank's saved {step, data, rng}."""
+    rank_file = path / f"rank{rank}.json"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no state for rank {rank} ({rank_file.name}): "
+                                "was it saved with a different number of ranks?")
+    state = json.loads(rank_file.read_text())
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    return state

@@ -1,0 +1,322 @@
+"""Training: config -> model -> deepspeed.initialize -> loop -> checkpoints.
+
+One process:          fusion-train --config configs/debug.yaml data.text=DIR
+Several (CPU or GPU): deepspeed --num_gpus 2 --module fusion.train --config configs/debug.yaml data.text=DIR
+(on CPU, set DS_ACCELERATOR=cpu; ranks talk over gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fusion.config import Config, ConfigError, deepspeed_config, dump_yaml, finalize, load_config
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="fusion-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of overrides (see configs/); defaults otherwise")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the DeepSpeed launcher; not for users")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, applied after the YAML file (e.g. train.steps=50)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Use the launcher's environment, or make a world of one for `fusion-train`."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    accel = get_accelerator()
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(), local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Dense matrices decay; norms and biases don't; experts get a group of their own."""
+    decay, no_decay, experts = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "expert", False):
+            experts.append(p)
+        elif p.dim() < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"name": "experts", "params": experts, "weight_decay": weight_decay})
+    return groups
+
+
+def grad_l2_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
+
+
+def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters + causal attention scores."""
+    m = cfg.model
+    active = 0
+    for name, p in model.named_parameters():
+        if "tok_embeddings" in name or p.dim() < 2:
+            continue
+        if getattr(p, "expert", False):
+            active += p.numel() * m.moe.top_k / m.moe.n_experts
+        else:
+            active += p.numel()
+    attn = 6 * m.n_layers * m.dim * cfg.train.seq_len  # 12 * L * D * T / 2 (causal)
+    return 6 * active + attn
+
+
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def run_metadata() -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    import deepspeed
+    return {"git_sha": sha or None, "python": platform.python_version(), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "host": platform.node(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"fusion-train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"fusion-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(cfg: Config) -> int:
+    import deepspeed
+    import torch.distributed as dist
+
+    from fusion.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+    from fusion.data.mixing import build_batches
+    from fusion.data.tokenizer import build_tokenizer
+    from fusion.model.fusion import MODALITIES, build_model
+
+    rank, world, device = init_distributed()
+    derived = finalize(cfg, world)
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg, run_metadata()))
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+
+    # ---- model, optimizer, engine ----
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    model = build_model(cfg.model, tokenizer.vocab_size)
+    bf16 = use_bf16(cfg.train.precision, device)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                  weight_decay=t.weight_decay)
+    ds_config = deepspeed_config(cfg, world, bf16)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    moe_layers = model.moe_layers
+    fpt = flops_per_token(model, cfg)
+    peak = peak_tflops(cfg, device)
+
+    # ---- data ----
+    batches = build_batches(cfg.data, cfg.train, tokenizer, rank, world)
+
+    # ---- resume ----
+    step = 0
+    resume_path = resolve_resume(t.resume, run_dir)
+    if resume_path is not None:
+        state = load_checkpoint(engine, resume_path, rank)
+        step = state["step"]
+        batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+
+    log = MetricsLog(run_dir, rank == 0)
+    tokens_seen = torch.zeros(3, dtype=torch.float64)
+    last_saved = step if resume_path is not None else -1
+    engine.train()
+    while step < t.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # ---- micro-steps: forward, backward, (DeepSpeed steps at the accumulation boundary) ----
+        stats = torch.zeros(9, dtype=torch.float64)  # loss_sum[3], loss_count[3], aux, z, micro
+        grad_norm = None
+        for _ in range(t.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            out = engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
+                         doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"])
+            engine.backward(out.loss)
+            if engine.is_gradient_accumulation_boundary() and t.zero_stage == 0 and not bf16:
+                # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
+                grad_norm = grad_l2_norm(model)
+            engine.step()
+            stats[0:3] += out.loss_sum.double().cpu()
+            stats[3:6] += out.loss_count.double().cpu()
+            stats[6] += float(out.aux_loss)
+            stats[7] += float(out.z_loss)
+            stats[8] += 1
+        step += 1
+
+        # ---- router balancing: expert loads summed over ranks; aux-free bias update ----
+        if moe_layers:
+            load = torch.stack([layer.take_load() for layer in moe_layers]).to(torch.float64)  # (L, 3, E)
+            dist.all_reduce(load)
+            for layer, layer_load in zip(moe_layers, load):
+                layer.update_bias(layer_load.sum(0).to(device))
+        dist.all_reduce(stats)
+        tokens_seen += stats[3:6]
+
+        # ---- log ----
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - t0
+            tokens = derived.tokens_per_step
+            row = {"step": step, "loss": float(stats[0:3].sum() / stats[3:6].sum().clamp(min=1)),
+                   "lr": lr}
+            for i, name in enumerate(MODALITIES):
+                if stats[3 + i] > 0:
+                    row[f"loss/{name}"] = float(stats[i] / stats[3 + i])
+                row[f"tokens/{name}"] = int(stats[3 + i])
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+            row["tokens_per_s"] = tokens / elapsed
+            row["mfu"] = (fpt * tokens / elapsed / (peak * 1e12 * world)) if peak else None
+            row["aux_loss"] = float(stats[6] / stats[8])
+            row["z_loss"] = float(stats[7] / stats[8])
+            if moe_layers:
+                per_expert = load.sum(1)  # (L, E)
+                mean = per_expert.mean(1, keepdim=True).clamp(min=1e-9)
+                row["router/max_load"] = float((per_expert / mean).max())
+                row["router/dead_experts"] = int((per_expert == 0).sum())
+            failures = batches.failures()
+            if failures:
+                row["data/failures"] = sum(failures.values())
+            log.log(row)
+            if rank == 0:
+                print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} "
+                      f"tok/s {row['tokens_per_s']:.0f}", flush=True)
+
+        # ---- checkpoint ----
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+            save_checkpoint(engine, run_dir, step, rank, batches.state_dict())
+            last_saved = step
+
+    if last_saved != step and step > 0:
+        save_checkpoint(engine, run_dir, step, rank, batches.state_dict())
+    log.close()
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
