@@ -1,6 +1,10 @@
 """`fusion-data`: build WebDataset shards, verify them, summarise them.
 
-    fusion-data text --input docs.jsonl --output data/text --samples-per-shard 1000 --workers 4
+    fusion-data text   --input docs.jsonl  --output data/text  --samples-per-shard 1000 --workers 4
+    fusion-data images --input pairs.jsonl --output data/image --max-side 512 --format jpg
+    fusion-data videos --input clips.csv   --output data/video --fps 8 --max-side 256
+    fusion-data vqa    --input qa.jsonl    --output data/vqa
+    fusion-data toy    --output data/toy
     fusion-data verify data/text
     fusion-data stats data/text --json
 
@@ -16,13 +20,23 @@ Record i always lands in shard i // S whatever fails, so a re-run (resume) skips
 tar and stats exist (and whose stats `input_sha256`, a digest of the shard's records and the build
 settings, still matches) and rebuilds the rest byte-identically. A malformed input file stops the build
 with one error naming the file and line; shards already complete stay, and no index is written.
+The digest covers the records, not the media files they name: after editing a picture in place,
+build into a fresh directory.
 
-Adding a builder (`images`, `videos`, `vqa`, `toy` come this way): a sample function
-`make_sample(key, fields, meta) -> {ext: bytes | str | dict}` that raises `SampleError(reason)` for
-a bad record, a `configure(parser)` that calls `add_build_arguments`, and a `run(args)` that calls
-`run_build(args, modality, make_sample, columns)`; register the pair with `@register(name, help,
-configure)`. `make_sample` is pickled to worker processes: a module-level function, or a
-`functools.partial` of one.
+Media builders (`images`, `videos`, `vqa`) read the files a record names (paths relative to the
+input file) inside the workers, decode every one completely, and count a bad record by reason in
+the shard's stats instead of stopping: missing_file, unreadable_file, empty_file, bad_image,
+too_many_pixels, unsupported_format, corrupt_video, no_video_stream, zero_frames, empty_caption,
+not_text, bad_utf8, duplicate_key; vqa adds empty_question, bad_choices, answer_not_in_choices,
+ambiguous_media. Images go through `fusion.data.images`; videos are re-encoded with PyAV here
+(libx264, one thread, fixed options: deterministic, so a resumed build is byte-identical) and their
+`n_frames` is PyAV's decoded count of the stored bytes (`fusion.data.video.probe`).
+
+Adding a builder: a sample function `make_sample(key, fields, meta) -> {ext: bytes | str | dict}`
+that raises `SampleError(reason)` for a bad record, a `configure(parser)` that calls
+`add_build_arguments`, and a `run(args)` that calls `run_build(args, modality, make_sample,
+columns)`; register the pair with `@register(name, help, configure)`. `make_sample` is pickled to
+worker processes: a module-level function, or a `functools.partial` of one.
 """
 
 from __future__ import annotations
@@ -32,17 +46,31 @@ import concurrent.futures as cf
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from PIL import Image
+
+from fusion.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ENCODINGS,
+    EXTENSION,
+    RESIZE_MODES,
+    encode,
+    read_image,
+    resize,
+)
 from fusion.data.shards import (
     MODALITIES,
+    VIDEO_FAILURES,
     ErrorCounter,
     SampleError,
     ShardWriter,
@@ -58,6 +86,8 @@ from fusion.data.shards import (
     shard_name,
     write_index,
 )
+from fusion.data.video import VideoDecodeError
+from fusion.data.video import probe as probe_video
 
 PROG = "fusion-data"
 INPUT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
@@ -140,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "_accept_unknown", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exn:  # --help (0) or a bad flag (2, already reported)
         return exn.code if isinstance(exn.code, int) else 1
     try:
@@ -434,19 +466,26 @@ def build_shards(items: Iterable[Item], make_sample: SampleFn, output: Path, *,
 # ---------------------------------------------------------------- shared builder arguments
 
 def add_build_arguments(p: argparse.ArgumentParser, *, text_col: str = "text",
-                        text_help: str = "column holding the text") -> None:
-    """The flags every builder takes: input/output, columns, sharding, workers, progress."""
+                        text_help: str = "column holding the text", text_flag: str = "--text-col",
+                        samples_per_shard: int = 1000) -> None:
+    """The flags every builder takes: input/output, columns, sharding, workers, progress.
+
+    The text column's flag is `text_flag` (`--caption-col`, `--question-col`), always stored as
+    `args.text_col`.
+    """
     p.add_argument("--input", required=True, metavar="FILE",
                    help=f"input records: {', '.join(INPUT_FORMATS)} (.parquet needs pyarrow)")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="dataset directory for the shards (created; one modality per directory)")
-    p.add_argument("--text-col", default=text_col, metavar="COL",
-                   help=f"{text_help} (default: {text_col}; ignored by .txt input)")
+    p.add_argument(text_flag, dest="text_col", default=text_col, metavar="COL",
+                   help=f"{text_help} (default: {text_col}"
+                        + ("; ignored by .txt input)" if text_flag == "--text-col" else ")"))
     p.add_argument("--key-col", default=None, metavar="COL",
                    help="column whose value becomes the sample key, mapped to [0-9A-Za-z_-] "
                         "(default: the record index, %%09d)")
-    p.add_argument("--samples-per-shard", type=_int_at_least(1), default=1000, metavar="N",
-                   help="input records per shard; record i goes to shard i // N (default: 1000)")
+    p.add_argument("--samples-per-shard", type=_int_at_least(1), default=samples_per_shard,
+                   metavar="N", help="input records per shard; record i goes to shard i // N "
+                                     f"(default: {samples_per_shard})")
     p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
                    help="worker processes, each writing whole shards (default: CPUs, at most 8)")
     p.add_argument("--no-progress", action="store_true",
@@ -564,6 +603,545 @@ def run_text(args: argparse.Namespace) -> int:
     return run_build(args, "text", make)
 
 
+# ---------------------------------------------------------------- media: shared by images, videos, vqa
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How `images` and `vqa` store a picture (repr is part of the resume fingerprint)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = 0                 # 0 = keep the size
+    resize_mode: str = "keep_ratio"   # images.RESIZE_MODES
+    format: str = "keep"              # keep | jpg | png | webp
+    quality: int = 90
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How `videos` and `vqa` store a clip (repr is part of the resume fingerprint)."""
+
+    reencode: bool = True
+    fps: float = 0.0                  # 0 = the source's average rate
+    max_side: int = 0                 # 0 = keep the size (made even and decord-safe)
+    keyframe_interval: int = 8
+    crf: int = 23
+    preset: str = "medium"
+
+
+def media_text(fields: dict, col: str, empty: str) -> str:
+    """A caption or question: a non-blank string (stripped), else SampleError(empty | not_text |
+    bad_utf8)."""
+    value = fields.get(col)
+    if value is None:
+        raise SampleError(empty, f"column '{col}' is null")
+    if not isinstance(value, str):
+        raise SampleError("not_text", f"column '{col}' is {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SampleError("bad_utf8", f"column '{col}' is not UTF-8") from None
+    value = value.strip()
+    if not value:
+        raise SampleError(empty, f"column '{col}' is blank")
+    return value
+
+
+def read_media(value, base: str) -> bytes:
+    """The bytes of the file a record names; a relative path is relative to `base` (the input
+    file's directory). SampleError('missing_file' | 'unreadable_file')."""
+    if not isinstance(value, str) or not value.strip():
+        raise SampleError("missing_file", f"no path (got {value!r})")
+    path = Path(base) / value
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise SampleError("missing_file", f"no such file: '{path}'") from None
+    except OSError as exn:
+        raise SampleError("unreadable_file", f"'{path}': {exn.strerror or exn}") from None
+
+
+def store_image(data: bytes, opts: ImageOptions) -> tuple[str, bytes, dict]:
+    """An image file -> (extension, bytes to store, {width, height} of the stored image).
+
+    The file is always decoded completely (so a bad one fails here, not in training). With
+    `--format keep` the original bytes are stored when nothing changes: a JPEG, PNG or WEBP, not
+    resized, without an EXIF rotation; GIF and BMP become PNG.
+    """
+    decoded = read_image(data, opts.max_pixels)
+    img = resize(decoded.image, opts.max_side, opts.resize_mode)
+    source_ext = EXTENSION.get(decoded.format)
+    fmt = opts.format
+    if fmt == "keep":
+        if img is decoded.image and source_ext and not decoded.rotated:
+            return source_ext, data, {"width": img.width, "height": img.height}
+        fmt = source_ext or "png"
+    try:
+        stored = encode(img, fmt, opts.quality)
+    except (OSError, ValueError) as exn:  # e.g. WEBP refuses sides over 16383 pixels
+        raise SampleError("encode_failed", f"{fmt} {img.width}x{img.height}: {exn}") from None
+    return fmt, stored, {"width": img.width, "height": img.height}
+
+
+# decord 0.6.0 returns frames of a wrong shape for these widths (even widths 2..2100 were tried with
+# yuv420p H.264; heights 2..198 all decode). tests/unit/test_build_media.py checks the neighbours.
+DECORD_BAD_WIDTHS = frozenset({2, 4, 6, 8, 12, 16, 24, 48, 72})
+MIN_VIDEO_WIDTH = 10
+
+
+def video_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Stored (width, height): the longer side at most `max_side` (0 = keep), both even (yuv420p),
+    and a width decord 0.6.0 decodes (the nearest one below in DECORD_BAD_WIDTHS, at least 10)."""
+    scale = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
+
+    def even(x: float) -> int:
+        return max(2, int(x + 0.5) // 2 * 2)
+
+    w, h = even(width * scale), even(height * scale)
+    while w in DECORD_BAD_WIDTHS and w > MIN_VIDEO_WIDTH:
+        w -= 2
+    return max(w, MIN_VIDEO_WIDTH), h
+
+
+def _first_line(exn: BaseException) -> str:
+    text = str(exn).strip()
+    return text.splitlines()[0][:200] if text else type(exn).__name__
+
+
+def _open_video(data: bytes):
+    """A PyAV input container with a video stream, or SampleError(empty_file | corrupt_video |
+    unsupported_format | no_video_stream)."""
+    import av
+
+    if not data:
+        raise SampleError("empty_file", "0 bytes")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception as exn:  # InvalidDataError: garbage, or an mp4 cut before its index
+        raise SampleError("corrupt_video", f"does not open: {_first_line(exn)}") from None
+    name = container.format.name
+    if name == "image2" or name.endswith("_pipe"):  # ffmpeg opens a PNG as a 1-frame video
+        container.close()
+        raise SampleError("unsupported_format", f"a still image ({name}), not a video")
+    if not container.streams.video:
+        container.close()
+        raise SampleError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
+    return container
+
+
+def _video_frames(container) -> Iterator:
+    """Decoded frames of the first video stream, in order. A decode error, or fewer packets than
+    the container's index lists (a file cut at a packet boundary decodes quietly to fewer
+    frames), raises SampleError('corrupt_video')."""
+    stream = container.streams.video[0]
+    declared = stream.frames
+    packets = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                packets += 1
+            yield from packet.decode()
+    except Exception as exn:
+        raise SampleError("corrupt_video", f"decoding failed: {_first_line(exn)}") from None
+    if declared and packets < declared:
+        raise SampleError("corrupt_video", f"the index lists {declared} frames, only {packets} "
+                                           f"are in the file (truncated)")
+
+
+def _retime(frames: Iterable, src_rate: Fraction | None, out_rate: Fraction) -> Iterator:
+    """Frames at `out_rate`: output frame j shows the last source frame whose time <= j / out_rate
+    (frames dropped or repeated, as ffmpeg's fps filter does)."""
+    step = 1 / float(out_rate)
+    src_step = 1 / float(src_rate) if src_rate else step
+    prev, prev_t, t0, j = None, 0.0, None, 0
+    for i, frame in enumerate(frames):
+        t = frame.time if frame.time is not None else i * src_step
+        t0 = t if t0 is None else t0
+        t -= t0
+        while prev is not None and j * step < t - 1e-9:
+            yield prev
+            j += 1
+        prev, prev_t = frame, t
+    if prev is not None:
+        while j * step < prev_t + src_step - 1e-9:  # the last frame lasts one source frame
+            yield prev
+            j += 1
+
+
+def transcode_video(data: bytes, opts: VideoOptions) -> bytes:
+    """Any video ffmpeg reads -> H.264 (libx264, yuv420p) mp4 bytes, video only.
+
+    Deterministic: one encoder thread and fixed options give byte-identical output for the same
+    input and settings (a resumed build depends on it). No B-frames and a keyframe every
+    `keyframe_interval` frames, so a reader seeking to any frame decodes at most that many
+    (decord's seeks are also most reliable without frame reordering). Constant frame rate: the
+    source's average rate (`fps` 0) or `fps`, frames dropped or repeated to match.
+    """
+    import av
+
+    with _open_video(data) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        src_rate = Fraction(rate).limit_denominator(1001) if rate and rate > 0 else None
+        out_rate = (Fraction(opts.fps).limit_denominator(1001) if opts.fps > 0
+                    else src_rate or Fraction(25))
+        frames = _video_frames(container)
+        if opts.fps > 0:
+            frames = _retime(frames, src_rate, out_rate)
+        buf = io.BytesIO()
+        output = encoder = None
+        n = 0
+        try:
+            for frame in frames:
+                if output is None:
+                    width, height = video_size(frame.width, frame.height, opts.max_side)
+                    output = av.open(buf, mode="w", format="mp4")
+                    encoder = output.add_stream("libx264", rate=out_rate)
+                    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+                    encoder.codec_context.thread_count = 1  # threads make x264 nondeterministic
+                    encoder.options = {"crf": str(opts.crf), "g": str(opts.keyframe_interval),
+                                       "bf": "0", "sc_threshold": "0", "preset": opts.preset,
+                                       "threads": "1"}
+                out = frame.reformat(width=width, height=height, format="yuv420p",
+                                     interpolation="BICUBIC")
+                out.pts, out.time_base = n, 1 / out_rate
+                out.pict_type = 0  # NONE: a decoded I frame would force a keyframe in libx264
+                output.mux(encoder.encode(out))
+                n += 1
+            if output is None:
+                raise SampleError("zero_frames", "the stream decoded to 0 frames")
+            output.mux(encoder.encode())
+        finally:
+            if output is not None:
+                output.close()
+    return buf.getvalue()
+
+
+def store_video(data: bytes, opts: VideoOptions) -> tuple[bytes, dict]:
+    """A video file -> (mp4 bytes to store, {fps, n_frames, duration, width, height} of them).
+
+    n_frames is the number of frames PyAV decodes from the stored bytes, not the header's count.
+    `--copy` stores the input bytes (an mp4/mov container; anything else needs re-encoding) after
+    decoding them completely.
+    """
+    if not opts.reencode:
+        return data, _copy_check(data)
+    stored = transcode_video(data, opts)
+    try:
+        meta = probe_video(stored, backend="pyav")
+    except VideoDecodeError as exn:  # our own encoder's output: should never happen
+        raise SampleError(VIDEO_FAILURES[exn.reason], str(exn)) from None
+    return stored, {"fps": meta.fps, "n_frames": meta.n_frames, "duration": meta.duration,
+                    "width": meta.width, "height": meta.height}
+
+
+def _copy_check(data: bytes) -> dict:
+    """`--copy`: decode the mp4 completely (one pass) and measure it as `video.probe` does."""
+    with _open_video(data) as container:
+        if "mp4" not in container.format.name.split(","):
+            raise SampleError("unsupported_format", f"a {container.format.name} container: "
+                              f"--copy stores mp4 files only (use --reencode)")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        n, width, height = 0, 0, 0
+        for frame in _video_frames(container):
+            if n == 0:
+                width, height = frame.width, frame.height
+            n += 1
+    if n == 0:
+        raise SampleError("zero_frames", "the stream decoded to 0 frames")
+    fps = float(rate) if rate else 0.0
+    return {"fps": fps, "n_frames": n, "duration": n / fps if fps > 0 else 0.0,
+            "width": width, "height": height}
+
+
+def make_image_sample(key: str, fields: dict, meta: dict, *, caption_col: str, image_col: str,
+                      base: str, image: ImageOptions) -> dict:
+    """An image-caption record -> {jpg|png|webp, txt: caption, json: {width, height, source}}."""
+    caption = media_text(fields, caption_col, "empty_caption")
+    ext, data, size = store_image(read_media(fields.get(image_col), base), image)
+    return {ext: data, "txt": caption, "json": {**size, "source": fields[image_col]}}
+
+
+def make_video_sample(key: str, fields: dict, meta: dict, *, caption_col: str, video_col: str,
+                      base: str, video: VideoOptions) -> dict:
+    """A video-caption record -> {mp4, txt: caption, json: {fps, n_frames, duration, width,
+    height, source}}."""
+    caption = media_text(fields, caption_col, "empty_caption")
+    data, info = store_video(read_media(fields.get(video_col), base), video)
+    return {"mp4": data, "txt": caption, "json": {**info, "source": fields[video_col]}}
+
+
+def parse_choices(value) -> list[str]:
+    """A JSON list, a string holding one, or 'a|b|c' -> the choices; SampleError('bad_choices')
+    unless there are at least two distinct, non-blank ones. Numbers become strings."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError as exn:
+            raise SampleError("bad_choices", f"not a JSON list: {exn}") from None
+    elif isinstance(value, str):
+        value = value.split("|")
+    if not isinstance(value, (list, tuple)):
+        raise SampleError("bad_choices", f"expected a list or 'a|b|c', got {type(value).__name__}")
+    choices = []
+    for c in value:
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            c = str(c)
+        if not isinstance(c, str) or not c.strip():
+            raise SampleError("bad_choices", f"choice {c!r} is not a non-blank string")
+        choices.append(c.strip())
+    if len(choices) < 2:
+        raise SampleError("bad_choices", f"{len(choices)} choice(s); at least 2 are needed")
+    if len(set(choices)) != len(choices):
+        raise SampleError("bad_choices", f"repeated choices in {choices}")
+    return choices
+
+
+def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, answer_col: str,
+                    choices_col: str, type_col: str | None, image_col: str | None,
+                    video_col: str | None, base: str, image: ImageOptions,
+                    video: VideoOptions) -> dict:
+    """A VQA record -> {jpg|png|webp or mp4, json: {question, answer, choices, type, source,
+    width, height [, fps, n_frames, duration]}}.
+
+    The media column is `image_col` or `video_col`, whichever the record fills (both filled:
+    `ambiguous_media`). The answer must be one of the choices (`answer_not_in_choices`).
+    """
+    question = media_text(fields, question_col, "empty_question")
+    answer = fields.get(answer_col)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    choices = parse_choices(fields.get(choices_col))
+    if not isinstance(answer, str) or answer.strip() not in choices:
+        raise SampleError("answer_not_in_choices", f"answer {answer!r} not in {choices}")
+    qtype = fields.get(type_col) if type_col else None
+    qtype = str(qtype).strip() if qtype is not None and str(qtype).strip() else "default"
+
+    def filled(col):
+        return col is not None and isinstance(fields.get(col), str) and fields[col].strip() != ""
+
+    if filled(image_col) and filled(video_col):
+        raise SampleError("ambiguous_media", f"both '{image_col}' and '{video_col}' are set")
+    info = {"question": question, "answer": answer.strip(), "choices": choices, "type": qtype}
+    if filled(video_col) or image_col is None:
+        data, measured = store_video(read_media(fields.get(video_col), base), video)
+        return {"mp4": data, "json": {**info, "source": fields[video_col], **measured}}
+    ext, data, measured = store_image(read_media(fields.get(image_col), base), image)
+    return {ext: data, "json": {**info, "source": fields[image_col], **measured}}
+
+
+# ---------------------------------------------------------------- images, videos, vqa commands
+
+def _quality(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be <= 100, got {value}")
+    return value
+
+
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value < 1000):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1000), got {value}")
+    return value
+
+
+def _add_media_path_arguments(p: argparse.ArgumentParser, image: bool, video: bool,
+                              either: bool = False) -> None:
+    note = " (the media column is whichever of --image-col / --video-col the input has)" if either else ""
+    if image:
+        p.add_argument("--image-col", default="image", metavar="COL",
+                       help="column with the image file path, relative to the input file's "
+                            f"directory (default: image){note}")
+    if video:
+        p.add_argument("--video-col", default="video", metavar="COL",
+                       help="column with the video file path, relative to the input file's "
+                            f"directory (default: video){note}")
+
+
+def _add_image_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images")
+    g.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="images whose header says more pixels fail as too_many_pixels before "
+                        f"decoding (default: {DEFAULT_MAX_PIXELS:,}; Pillow's own bomb limit of "
+                        f"{Image.MAX_IMAGE_PIXELS:,} also applies and is never raised)")
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
+                   help="keep_ratio: longer side <= --max-side, never enlarged; center_crop / pad: "
+                        "exactly --max-side squared (cropped / padded with white); none: as is "
+                        "(default: keep_ratio)")
+    g.add_argument("--format", choices=("keep", *ENCODINGS), default="keep",
+                   help="stored image format; keep stores the original bytes of an unchanged "
+                        "JPEG/PNG/WEBP and re-encodes the rest in their format (GIF, BMP -> png) "
+                        "(default: keep)")
+    g.add_argument("--quality", type=_quality, default=90, metavar="Q",
+                   help="JPEG/WEBP quality 1-100 when encoding (default: 90)")
+
+
+def _add_video_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("videos")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--reencode", dest="reencode", action="store_true", default=True,
+                      help="re-encode to H.264 mp4 (libx264, yuv420p, no audio, deterministic) "
+                           "(default)")
+    mode.add_argument("--copy", dest="reencode", action="store_false",
+                      help="store the input mp4 bytes unchanged (after a full decode check); "
+                           "--fps, --max-side, --crf... are ignored for videos")
+    g.add_argument("--fps", type=_fps, default=0.0, metavar="F",
+                   help="frame rate of re-encoded videos, frames dropped or repeated "
+                        "(default: 0 = the source's average rate)")
+    g.add_argument("--keyframe-interval", type=_int_at_least(1), default=8, metavar="N",
+                   help="a keyframe every N frames: a short GOP makes seeking cheap (default: 8)")
+    g.add_argument("--crf", type=_int_at_least(0), default=23, metavar="N",
+                   help="x264 constant rate factor, 0 (lossless) .. 51 (default: 23)")
+    g.add_argument("--preset", default="medium",
+                   choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
+                            "slow", "slower", "veryslow"),
+                   help="x264 speed/size preset (default: medium)")
+
+
+def _add_max_side(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--max-side", type=_int_at_least(0), default=0, metavar="N",
+                   help=f"{what} (default: 0 = keep the size)")
+
+
+def _image_options(args) -> ImageOptions:
+    return ImageOptions(max_pixels=args.max_pixels, max_side=args.max_side,
+                        resize_mode=args.resize_mode, format=args.format, quality=args.quality)
+
+
+def _video_options(args) -> VideoOptions:
+    if args.reencode:
+        import av
+
+        if "libx264" not in av.codecs_available:
+            raise CliError("--reencode needs PyAV built with libx264 (pip install av); "
+                           "or store the files as they are with --copy")
+    if args.crf > 51:
+        raise CliError(f"--crf: must be <= 51, got {args.crf}")
+    return VideoOptions(reencode=args.reencode, fps=args.fps, max_side=args.max_side,
+                        keyframe_interval=args.keyframe_interval, crf=args.crf, preset=args.preset)
+
+
+def _require_pyav(command: str) -> None:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        raise CliError(f"{command} needs PyAV to read and write videos: pip install av "
+                       f"(or install the project with the 'pyav' extra)") from None
+
+
+def _input_base(args) -> str:
+    return str(Path(args.input).resolve().parent)
+
+
+def _configure_images(p: argparse.ArgumentParser) -> None:
+    add_build_arguments(p, text_col="caption", text_flag="--caption-col",
+                        text_help="column holding the caption")
+    _add_media_path_arguments(p, image=True, video=False)
+    _add_max_side(p, "resize so that the image fits --resize-mode at this size")
+    _add_image_arguments(p)
+
+
+@register("images", "build image-caption shards (KEY.jpg|png|webp + KEY.txt + KEY.json) from "
+          ".jsonl/.csv/.parquet listing local image files", _configure_images)
+def run_images(args: argparse.Namespace) -> int:
+    make = functools.partial(make_image_sample, caption_col=args.text_col, image_col=args.image_col,
+                             base=_input_base(args), image=_image_options(args))
+    return run_build(args, "image", make, [args.image_col])
+
+
+def _configure_videos(p: argparse.ArgumentParser) -> None:
+    add_build_arguments(p, text_col="caption", text_flag="--caption-col",
+                        text_help="column holding the caption", samples_per_shard=100)
+    _add_media_path_arguments(p, image=False, video=True)
+    _add_max_side(p, "re-encoded videos: the longer side at most N pixels, never enlarged; "
+                     "sizes are made even, and widths decord 0.6.0 misreads avoided")
+    _add_video_arguments(p)
+
+
+@register("videos", "build video-caption shards (KEY.mp4 + KEY.txt + KEY.json) from "
+          ".jsonl/.csv/.parquet listing local video files", _configure_videos)
+def run_videos(args: argparse.Namespace) -> int:
+    _require_pyav("fusion-data videos")
+    make = functools.partial(make_video_sample, caption_col=args.text_col, video_col=args.video_col,
+                             base=_input_base(args), video=_video_options(args))
+    return run_build(args, "video", make, [args.video_col])
+
+
+def _configure_vqa(p: argparse.ArgumentParser) -> None:
+    add_build_arguments(p, text_col="question", text_flag="--question-col",
+                        text_help="column holding the question")
+    p.add_argument("--answer-col", default="answer", metavar="COL",
+                   help="column holding the answer, one of the choices (default: answer)")
+    p.add_argument("--choices-col", default="choices", metavar="COL",
+                   help="column holding the choices: a JSON list or 'a|b|c' (default: choices)")
+    p.add_argument("--type-col", default="type", metavar="COL",
+                   help="column holding the question type, used to group accuracy; when the "
+                        "input has no such column every question has type 'default' "
+                        "(default: type)")
+    _add_media_path_arguments(p, image=True, video=True, either=True)
+    _add_max_side(p, "images: as for `fusion-data images`; videos: as for `fusion-data videos`")
+    _add_image_arguments(p)
+    _add_video_arguments(p)
+
+
+@register("vqa", "build VQA shards (KEY.jpg|png|webp or KEY.mp4 + KEY.json {question, answer, "
+          "choices, type}) from .jsonl/.csv/.parquet", _configure_vqa)
+def run_vqa(args: argparse.Namespace) -> int:
+    source = Path(args.input)
+    if not source.is_file():
+        raise CliError(f"--input: no such file: '{source}'")
+    # The first record says which optional columns the file has: the media column(s) and the type.
+    first = next(read_records(source, args.text_col), None)
+    have = set(first.fields) if first is not None else {args.image_col}
+    image_col = args.image_col if args.image_col in have else None
+    video_col = args.video_col if args.video_col in have else None
+    if first is not None and image_col is None and video_col is None:
+        raise InputError(source, first.line, f"missing column '{args.image_col}' or "
+                         f"'{args.video_col}' (has: {', '.join(map(str, first.fields))})")
+    type_col = args.type_col if args.type_col in have else None
+    if first is not None and type_col is None:
+        print(f"{PROG} vqa: note: no '{args.type_col}' column in {source.name}: every question "
+              f"has type 'default'", file=sys.stderr)
+    if video_col:
+        _require_pyav("fusion-data vqa with videos")
+    make = functools.partial(
+        make_vqa_sample, question_col=args.text_col, answer_col=args.answer_col,
+        choices_col=args.choices_col, type_col=type_col, image_col=image_col, video_col=video_col,
+        base=_input_base(args), image=_image_options(args),
+        video=_video_options(args) if video_col else VideoOptions())
+    columns = [args.answer_col, args.choices_col, *(c for c in (type_col, image_col, video_col) if c)]
+    return run_build(args, "vqa", make, columns)
+
+
+# ---------------------------------------------------------------- toy
+
+def _configure_toy(p: argparse.ArgumentParser) -> None:
+    # fusion.data.toy is imported here, when the parser is built; if it cannot be, `toy` says why
+    # when it is run and every other command (and --help) still works.
+    try:
+        from fusion.data.toy import add_toy_arguments
+
+        add_toy_arguments(p)
+    except Exception as exn:  # ImportError, or a bug in the module: keep the CLI usable
+        p.set_defaults(_toy_error=f"{type(exn).__name__}: {exn}", _accept_unknown=True)
+        p.description = f"{p.description} (unavailable: {type(exn).__name__}: {exn})"
+
+
+@register("toy", "generate the offline toy corpora (text, image-caption, video-caption) and "
+          "toy VQA train/test sets, already sharded", _configure_toy)
+def run_toy_command(args: argparse.Namespace) -> int:
+    error = getattr(args, "_toy_error", None)
+    if error:
+        raise CliError(f"fusion.data.toy cannot be imported ({error})")
+    from fusion.data.toy import run_toy
+
+    return run_toy(args)
+
+
 # ---------------------------------------------------------------- verify
 
 @dataclass
@@ -576,14 +1154,15 @@ class ShardReport:
     message: str                      # first read error, for the report
 
 
-def verify_shard(path: str, modality: str) -> ShardReport:
-    """Read one shard completely and check every sample against `modality`'s contract."""
+def verify_shard(path: str, modality: str, max_pixels: int | None = None) -> ShardReport:
+    """Read one shard completely and check every sample against `modality`'s contract (images
+    decoded, videos decoded to their last frame: see `check_sample`)."""
     counter = ErrorCounter(max_examples=1)
     keys, problems = [], []
     for sample in iter_samples([path], counter):
         key = sample["__key__"]
         keys.append(key)
-        for reason in check_sample(sample, modality):
+        for reason in check_sample(sample, modality, max_pixels):
             problems.append((key, reason))
     read_errors = dict(counter.counts)
     stats = read_shard_stats(path)
@@ -625,9 +1204,13 @@ def _configure_verify(p: argparse.ArgumentParser) -> None:
                    help="processes reading shards in parallel (default: CPUs, at most 8)")
     p.add_argument("--max-problems", type=_int_at_least(0), default=20, metavar="N",
                    help="problems listed one per line before the summary (default: 20)")
+    p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="images with more pixels fail as too_many_pixels, as in the builders "
+                        f"(default: {DEFAULT_MAX_PIXELS:,})")
 
 
-@register("verify", "read every shard, check keys and members, (re)write index.json", _configure_verify)
+@register("verify", "read every shard, check keys and members (decoding every image and video), "
+          "(re)write index.json", _configure_verify)
 def run_verify(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     if not directory.is_dir():
@@ -640,9 +1223,10 @@ def run_verify(args: argparse.Namespace) -> int:
         import webdataset  # noqa: F401  (seconds, with torch: once here, not in every worker)
 
         with cf.ProcessPoolExecutor(max_workers=min(args.workers, len(paths))) as ex:
-            reports = list(ex.map(verify_shard, paths, [modality] * len(paths)))
+            reports = list(ex.map(verify_shard, paths, [modality] * len(paths),
+                                  [args.max_pixels] * len(paths)))
     else:
-        reports = [verify_shard(p, modality) for p in paths]
+        reports = [verify_shard(p, modality, args.max_pixels) for p in paths]
 
     lines: list[str] = []
     reasons: Counter[str] = Counter()

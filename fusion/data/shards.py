@@ -596,23 +596,36 @@ def iter_texts(urls: str | Iterable[str], counter: ErrorCounter) -> Iterator[tup
 
 # ---------------------------------------------------------------- checking samples
 
-def _check_image(data: bytes) -> str | None:
-    from PIL import Image
-    import warnings
+# What the shard builder and verify call a video that fails, by `fusion.data.video` reason.
+VIDEO_FAILURES = {"empty": "empty_file", "unreadable": "corrupt_video", "corrupt": "corrupt_video",
+                  "no_video_stream": "no_video_stream", "zero_frames": "zero_frames",
+                  "timeout": "decode_timeout"}
+
+
+def _check_image(data: bytes, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None]:
+    """(reason or None, (width, height) of the decoded upright image)."""
+    from fusion.data.images import DEFAULT_MAX_PIXELS, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            # The header tells the size: refuse a decompression bomb before decoding it.
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and width * height > limit:
-                return "image_too_large"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im.load()  # a full decode: verify() passes a JPEG cut in half
-    except Exception:
-        return "bad_image"
-    return None
+        img = open_image(data, max_pixels or DEFAULT_MAX_PIXELS)
+    except SampleError as exn:
+        return exn.reason, None
+    return None, img.size
+
+
+def _check_video(data: bytes) -> tuple[str | None, int | None]:
+    """(reason or None, decoded frame count): PyAV decodes every frame (decord, which counts from
+    the container, only when PyAV is not installed)."""
+    import importlib.util
+
+    from fusion.data.video import VideoDecodeError, probe
+
+    backend = "pyav" if importlib.util.find_spec("av") else "auto"
+    try:
+        meta = probe(data, backend=backend)
+    except VideoDecodeError as exn:
+        return VIDEO_FAILURES[exn.reason], None
+    return None, meta.n_frames
 
 
 def _check_json_object(sample: dict) -> tuple[str | None, dict | None]:
@@ -645,12 +658,19 @@ def guess_modality(sample: Mapping[str, Any]) -> str | None:
     return None
 
 
-def check_sample(sample: Mapping[str, Any], modality: str) -> list[str]:
+def check_sample(sample: Mapping[str, Any], modality: str, max_pixels: int | None = None) -> list[str]:
     """Reasons a raw sample breaks the shard contract for `modality` ([] when it is fine).
 
-    text: `.txt` UTF-8, `.json` (if any) parses. image: an image member that decodes fully
-    with Pillow, `.txt` UTF-8, `.json` object. video: non-empty `.mp4`, `.txt`, `.json` object.
-    vqa: an image (decoding) or non-empty `.mp4`, `.json` object with question, answer, choices.
+    text: `.txt` UTF-8, `.json` (if any) parses.
+    image: an image member that decodes fully (`images.open_image`, at most `max_pixels`, default
+    `images.DEFAULT_MAX_PIXELS`: reasons bad_image, too_many_pixels, unsupported_format,
+    empty_file), `.txt` UTF-8, `.json` object whose width/height (when present) are the decoded
+    size (`size_mismatch`).
+    video: `.mp4` that decodes to at least one frame (PyAV decodes all of them: empty_file,
+    corrupt_video, no_video_stream, zero_frames), `.txt`, `.json` object whose n_frames (when
+    present) is the decoded count (`n_frames_mismatch`).
+    vqa: an image or `.mp4` checked the same way, `.json` object with question, answer and a list
+    of choices (`bad_vqa_json`) holding the answer (`answer_not_in_choices`).
     """
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r} (one of {', '.join(MODALITIES)})")
@@ -667,19 +687,27 @@ def check_sample(sample: Mapping[str, Any], modality: str) -> list[str]:
         except SampleError as exn:
             problems.append(exn.reason)
 
-    def need_media(allow_image: bool, allow_video: bool):
+    def need_media(allow_image: bool, allow_video: bool) -> dict:
+        """Check the media member; return what was measured ({width, height} or {n_frames})."""
         images = [e for e in IMAGE_EXTS if e in sample] if allow_image else []
         videos = [e for e in VIDEO_EXTS if e in sample] if allow_video else []
         if images:
-            reason = _check_image(sample[images[0]])
+            reason, size = _check_image(sample[images[0]], max_pixels)
             if reason:
                 problems.append(reason)
-        elif videos:
-            if not sample[videos[0]]:
-                problems.append("empty_video")
-        else:
-            problems.append({(True, False): "missing_image", (False, True): "missing_mp4"}
-                            .get((allow_image, allow_video), "missing_media"))
+            return {"width": size[0], "height": size[1]} if size else {}
+        if videos:
+            reason, n_frames = _check_video(sample[videos[0]])
+            if reason:
+                problems.append(reason)
+            return {"n_frames": n_frames} if n_frames is not None else {}
+        problems.append({(True, False): "missing_image", (False, True): "missing_mp4"}
+                        .get((allow_image, allow_video), "missing_media"))
+        return {}
+
+    def compare(meta: dict, measured: dict):
+        if any(k in meta and meta[k] != v for k, v in measured.items()):
+            problems.append("n_frames_mismatch" if "n_frames" in measured else "size_mismatch")
 
     if modality == "text":
         need_txt()
@@ -689,19 +717,25 @@ def check_sample(sample: Mapping[str, Any], modality: str) -> list[str]:
             except SampleError as exn:
                 problems.append(exn.reason)
     elif modality in ("image", "video"):
-        need_media(modality == "image", modality == "video")
+        measured = need_media(modality == "image", modality == "video")
         need_txt()
-        reason, _ = _check_json_object(sample)
+        reason, meta = _check_json_object(sample)
         if reason:
             problems.append(reason)
+        else:
+            compare(meta, measured)
     else:
-        need_media(True, True)
+        measured = need_media(True, True)
         reason, meta = _check_json_object(sample)
         if reason:
             problems.append(reason)
         elif not all(k in meta for k in ("question", "answer", "choices")) \
                 or not isinstance(meta["choices"], list):
             problems.append("bad_vqa_json")
+        else:
+            if meta["answer"] not in meta["choices"]:
+                problems.append("answer_not_in_choices")
+            compare(meta, measured)
     return problems
 
 

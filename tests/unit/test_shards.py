@@ -337,6 +337,12 @@ def test_write_index_and_collect_stats(tmp_path):
 
 
 def test_check_sample_by_modality():
+    pytest.importorskip("av")
+    try:
+        from .videos import encode_video
+    except ImportError:  # run as a plain file
+        from videos import encode_video
+
     jpg = jpeg_bytes()
     meta = json.dumps({"width": 16, "height": 12, "source": "x"}).encode()
     image = {"__key__": "k", "jpg": jpg, "txt": b"a cat", "json": meta}
@@ -346,12 +352,18 @@ def test_check_sample_by_modality():
     assert check_sample({**image, "__key__": "a.b"}, "image") == ["bad_key"]
     assert check_sample({"__key__": "t", "txt": b"\xff"}, "text") == ["bad_utf8"]
     assert check_sample({"__key__": "t", "txt": b"ok", "json": b"{"}, "text") == ["bad_json"]
-    video = {"__key__": "v", "mp4": b"\x00\x01", "txt": b"c", "json": b"{}"}
+    clip = encode_video(n_frames=4, height=32, width=40)
+    video = {"__key__": "v", "mp4": clip, "txt": b"c", "json": b'{"n_frames": 4}'}
     assert check_sample(video, "video") == []
-    assert check_sample({**video, "mp4": b""}, "video") == ["empty_video"]
+    assert check_sample({**video, "mp4": b""}, "video") == ["empty_file"]
+    assert check_sample({**video, "mp4": b"\x00\x01"}, "video") == ["corrupt_video"]
+    assert check_sample({**video, "json": b'{"n_frames": 5}'}, "video") == ["n_frames_mismatch"]
     qa = json.dumps({"question": "q?", "answer": "a", "choices": ["a", "b"], "type": "color"}).encode()
     vqa = {"__key__": "q", "png": jpg, "json": qa}  # wrong extension for the bytes still decodes
     assert check_sample(vqa, "vqa") == []
     assert guess_modality(vqa) == "vqa"
     assert check_sample({**vqa, "json": b'{"question": "q?"}'}, "vqa") == ["bad_vqa_json"]
+    wrong = json.dumps({"question": "q?", "answer": "c", "choices": ["a", "b"]}).encode()
+    assert check_sample({**vqa, "json": wrong}, "vqa") == ["answer_not_in_choices"]
+    assert check_sample({**image, "json": b'{"width": 15, "height": 12}'}, "image") == ["size_mismatch"]
     assert shard_name(7) == "000007.tar"
