@@ -1,0 +1,434 @@
+"""The toy world: layout and counts, determinism, one right answer per question, images and videos
+that show their metadata, and held-out colour-shape pairs that never reach training data."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion.data import toy
+from fusion.data.shards import check_sample, iter_samples, list_shards, read_index, read_shard_stats
+
+pytest.importorskip("av")
+
+SIZE = 32
+FLAGS = dict(n_text=120, n_image=30, n_video=9, n_vqa_train=60, n_vqa_test=20,
+             n_vqa_compositional=25, n_video_vqa_train=8, n_video_vqa_test=4, samples_per_shard=16)
+SPLIT_COUNTS = {"text": "n_text", "image": "n_image", "video": "n_video",
+                "vqa_image_train": "n_vqa_train", "vqa_image_test": "n_vqa_test",
+                "vqa_image_compositional": "n_vqa_compositional",
+                "vqa_video_train": "n_video_vqa_train", "vqa_video_test": "n_video_vqa_test"}
+MODALITY = {"text": "text", "image": "image", "video": "video"}
+TRAINING = ("text", "image", "video", "vqa_image_train", "vqa_video_train")
+
+# The templates are a contract with VQA sets made elsewhere: spelled out here, not imported.
+TEMPLATES = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "count": "How many objects are there?",
+    "position": "Is the {color} {shape} on the left or the right?",
+    "exists": "Is there a {color} {shape}?",
+    "direction": "Which way does the {color} {shape} move?",
+}
+CHOICES = {
+    "color": ["red", "green", "blue", "yellow", "purple", "orange"],
+    "shape": ["circle", "square", "triangle"],
+    "count": ["1", "2", "3", "4"],
+    "position": ["left", "right"],
+    "exists": ["yes", "no"],
+    "direction": ["left", "right", "up", "down"],
+}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy") / "seed0"
+    toy.generate_toy(out, seed=0, image_size=SIZE, **FLAGS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(toy_dir) -> dict[str, list[dict]]:
+    """split -> samples in order, each with its json decoded under 'meta'."""
+    out = {}
+    for split in SPLIT_COUNTS:
+        rows = []
+        for s in iter_samples(list_shards(str(toy_dir / split))):
+            s["meta"] = json.loads(s["json"]) if "json" in s else None
+            rows.append(s)
+        out[split] = rows
+    return out
+
+
+def parse_question(question: str) -> tuple[str, dict]:
+    """(type, {color, shape}) of a question, by matching the templates."""
+    for qtype, template in TEMPLATES.items():
+        pattern = re.escape(template).replace(r"\{color\}", r"(?P<color>\w+)") \
+            .replace(r"\{shape\}", r"(?P<shape>\w+)")
+        m = re.fullmatch(pattern, question)
+        if m:
+            return qtype, m.groupdict()
+    raise AssertionError(f"question matches no template: {question!r}")
+
+
+def nearest_color(pixels: np.ndarray) -> np.ndarray:
+    """Index into PALETTE (background first) of the nearest palette colour, per pixel."""
+    palette = np.array([toy.BACKGROUND] + list(toy.COLORS.values()), float)     # (7, 3)
+    d = ((pixels[..., None, :].astype(float) - palette) ** 2).sum(-1)           # (..., 7)
+    return d.argmin(-1)
+
+
+def color_id(name: str) -> int:
+    return 1 + list(toy.COLORS).index(name)
+
+
+# ---------------------------------------------------------------- layout, counts, CLI
+
+def test_layout_counts_and_index(toy_dir, samples):
+    manifest = json.loads((toy_dir / "toy.json").read_text())
+    for split, arg in SPLIT_COUNTS.items():
+        n = FLAGS[arg]
+        index = read_index(toy_dir / split)
+        assert index["modality"] == MODALITY.get(split, "vqa")
+        assert index["n_samples"] == n == len(samples[split])
+        assert len(index["shards"]) == math.ceil(n / FLAGS["samples_per_shard"])
+        assert sum(s["n_samples"] for s in index["shards"]) == n
+        for shard in index["shards"]:
+            stats = read_shard_stats(toy_dir / split / shard["name"])
+            assert stats["successes"] == shard["n_samples"] and stats["failures"] == {}
+        assert manifest["splits"][split]["n_samples"] == n
+        keys = [s["__key__"] for s in samples[split]]
+        assert len(set(keys)) == n
+        for s in samples[split]:
+            assert check_sample(s, index["modality"]) == [], (split, s["__key__"])
+        if index["modality"] == "vqa":
+            by_type = Counter(s["meta"]["type"] for s in samples[split])
+            assert dict(by_type) == manifest["splits"][split]["by_type"]
+            types = ("direction",) if "video" in split else toy.IMAGE_TYPES
+            per_type = n // len(types)
+            assert set(by_type) == set(types)
+            assert all(per_type <= k <= per_type + 1 for k in by_type.values())
+    for s in samples["image"]:
+        assert "png" in s and s["meta"]["source"] == "toy"
+        assert (s["meta"]["width"], s["meta"]["height"]) == (SIZE, SIZE)
+    for s in samples["video"]:
+        assert {"fps", "n_frames", "duration", "width", "height"} <= set(s["meta"])
+        assert 8 <= s["meta"]["n_frames"] <= 16 and s["meta"]["fps"] == toy.FPS
+    assert manifest["seed"] == 0 and manifest["image_size"] == SIZE
+
+
+def test_answers_balanced_within_each_type(samples):
+    for split in ("vqa_image_train", "vqa_image_test", "vqa_video_train"):
+        answers: dict[str, Counter] = {}
+        for s in samples[split]:
+            answers.setdefault(s["meta"]["type"], Counter())[s["meta"]["answer"]] += 1
+        for qtype, counts in answers.items():
+            n = sum(counts.values())
+            if n >= len(CHOICES[qtype]):
+                assert set(counts) == set(CHOICES[qtype]), (split, qtype, counts)
+            assert max(counts.values()) - min(counts.values()) <= 1, (split, qtype, counts)
+
+
+def test_cli_flags_and_summary(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="fusion-data toy")
+    toy.add_toy_arguments(parser)
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert {"--output", "--seed", "--image-size", "--n-text", "--n-image", "--n-video",
+            "--n-vqa-train", "--n-vqa-test", "--n-video-vqa-train", "--n-video-vqa-test",
+            "--samples-per-shard"} <= flags
+    args = parser.parse_args(["--output", str(tmp_path / "t"), "--n-text", "3", "--n-image", "2",
+                              "--n-video", "0", "--n-vqa-train", "5", "--n-vqa-test", "5",
+                              "--n-video-vqa-train", "1", "--n-video-vqa-test", "0",
+                              "--samples-per-shard", "2", "--workers", "2"])
+    assert toy.run_toy(args) == 0
+    out = capsys.readouterr().out
+    assert "vqa_image_train" in out and "color 1" in out and "direction 1" in out
+    assert read_index(tmp_path / "t" / "vqa_image_train")["n_samples"] == 5
+    assert not (tmp_path / "t" / "video").exists()            # zero samples: no directory
+    for bad in (["--image-size", "48"], ["--image-size", "33"], ["--image-size", "16"],
+                ["--n-text", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--output", "x", *bad])
+    with pytest.raises(ValueError, match="decord"):
+        toy.check_image_size(72)
+
+
+def test_rerun_with_fewer_samples_drops_surplus_shards(tmp_path):
+    small = dict(n_text=10, n_image=0, n_video=0, n_vqa_train=0, n_vqa_test=0,
+                 n_video_vqa_train=0, n_video_vqa_test=0)
+    toy.generate_toy(tmp_path, **{**small, "n_text": 10}, samples_per_shard=3)
+    assert len(list((tmp_path / "text").glob("*.tar"))) == 4
+    toy.generate_toy(tmp_path, **{**small, "n_text": 4}, samples_per_shard=3)
+    assert sorted(p.name for p in (tmp_path / "text").glob("*.tar")) == ["000000.tar", "000001.tar"]
+    assert read_index(tmp_path / "text")["n_samples"] == 4
+
+
+# ---------------------------------------------------------------- determinism
+
+def _tars(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*.tar"))}
+
+
+def test_same_seed_same_bytes_other_seed_differs(toy_dir, tmp_path):
+    again = tmp_path / "again"
+    toy.generate_toy(again, seed=0, image_size=SIZE, workers=2, **FLAGS)   # workers do not matter
+    first, second = _tars(toy_dir), _tars(again)
+    assert len(first) == sum(math.ceil(FLAGS[a] / FLAGS["samples_per_shard"])
+                             for a in SPLIT_COUNTS.values())
+    assert first == second
+    assert (toy_dir / "toy.json").read_bytes() == (again / "toy.json").read_bytes()
+    for split in SPLIT_COUNTS:
+        assert (toy_dir / split / "index.json").read_bytes() == \
+            (again / split / "index.json").read_bytes()
+
+    other = tmp_path / "other"
+    toy.generate_toy(other, seed=1, image_size=SIZE, **FLAGS)
+    third = _tars(other)
+    assert third.keys() == first.keys()
+    assert all(third[name] != first[name] for name in first)
+
+
+# ---------------------------------------------------------------- one right answer
+
+def _check_scene(scene: list[dict], size: int) -> None:
+    for obj in scene:
+        assert obj["shape"] in CHOICES["shape"] and obj["color"] in CHOICES["color"]
+        reach = toy.CLEARANCE * obj["size"]
+        assert reach <= obj["x"] <= size - reach and reach <= obj["y"] <= size - reach
+    for i, a in enumerate(scene):                              # no overlaps: counts are exact
+        for b in scene[i + 1:]:
+            assert math.hypot(a["x"] - b["x"], a["y"] - b["y"]) > toy.CLEARANCE * (a["size"] + b["size"])
+
+
+def derive_answer(qtype: str, ref: dict, scene: list[dict], size: int) -> str:
+    """The one right answer of a question about `scene`, or AssertionError if it is ambiguous."""
+    if qtype == "color":
+        matches = [o for o in scene if o["shape"] == ref["shape"]]
+        assert len(matches) == 1
+        return matches[0]["color"]
+    if qtype == "shape":
+        matches = [o for o in scene if o["color"] == ref["color"]]
+        assert len(matches) == 1
+        return matches[0]["shape"]
+    if qtype == "count":
+        return str(len(scene))
+    matches = [o for o in scene if (o["color"], o["shape"]) == (ref["color"], ref["shape"])]
+    if qtype == "exists":
+        assert len(matches) <= 1
+        return "yes" if matches else "no"
+    assert len(matches) == 1
+    obj = matches[0]
+    if qtype == "position":                      # wholly on one side of the midline
+        assert abs(obj["x"] - size / 2) > toy.CLEARANCE * obj["size"]
+        return "left" if obj["x"] < size / 2 else "right"
+    raise AssertionError(qtype)
+
+
+def test_every_question_has_one_right_answer(samples):
+    n_checked = 0
+    for split in ("vqa_image_train", "vqa_image_test", "vqa_image_compositional"):
+        for s in samples[split]:
+            meta = s["meta"]
+            qtype, ref = parse_question(meta["question"])
+            assert qtype == meta["type"]
+            assert meta["choices"] == CHOICES[qtype] and meta["answer"] in meta["choices"]
+            _check_scene(meta["scene"], SIZE)
+            assert derive_answer(qtype, ref, meta["scene"], SIZE) == meta["answer"], meta
+            if qtype == "exists" and meta["answer"] == "no":
+                assert (ref["color"], ref["shape"]) not in {(o["color"], o["shape"]) for o in meta["scene"]}
+            n_checked += 1
+    for split in ("vqa_video_train", "vqa_video_test"):
+        for s in samples[split]:
+            meta = s["meta"]
+            qtype, ref = parse_question(meta["question"])
+            assert qtype == meta["type"] == "direction"
+            assert meta["choices"] == CHOICES["direction"] and meta["answer"] in meta["choices"]
+            scene, event = meta["scene"], meta["event"]
+            _check_scene(scene, SIZE)
+            movers = [k for k, o in enumerate(scene)
+                      if (o["color"], o["shape"]) == (ref["color"], ref["shape"])]
+            assert movers == [event["index"]] and event["kind"] == "move"
+            mover = scene[event["index"]]
+            dx, dy = event["x1"] - mover["x"], event["y1"] - mover["y"]
+            derived = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+            assert min(abs(dx), abs(dy)) == 0 and max(abs(dx), abs(dy)) >= toy.MIN_TRAVEL * SIZE
+            assert derived == meta["answer"]
+            n_checked += 1
+    assert n_checked == sum(FLAGS[a] for s, a in SPLIT_COUNTS.items() if s.startswith("vqa"))
+
+
+def test_text_qa_lines_use_the_templates(samples):
+    qa = [s for s in samples["text"] if s["meta"]["kind"] == "qa"]
+    assert qa, "no Q/A documents in the text corpus"
+    for s in qa:
+        text = s["txt"].decode()
+        m = re.search(r"Q: (.+\?) A: (\S+)$", text)
+        assert m, text
+        qtype, _ = parse_question(m.group(1))
+        assert qtype == s["meta"]["type"] and m.group(2) == s["meta"]["answer"]
+        assert m.group(2) in CHOICES[qtype]
+
+
+# ---------------------------------------------------------------- pixels
+
+def test_images_show_their_scene(samples):
+    for split in ("image", "vqa_image_train", "vqa_image_test", "vqa_image_compositional"):
+        for s in samples[split]:
+            img = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+            assert img.shape == (SIZE, SIZE, 3)
+            scene = s["meta"]["scene"]
+            for obj in scene:
+                centre = img[int(obj["y"]), int(obj["x"])]
+                assert tuple(centre) == toy.COLORS[obj["color"]], (split, s["__key__"], obj)
+            present = {tuple(p) for p in img.reshape(-1, 3)}
+            assert present == {toy.BACKGROUND} | {toy.COLORS[o["color"]] for o in scene}
+
+
+# ---------------------------------------------------------------- held-out pairs
+
+def _mentions(text: str, pair: tuple[str, str]) -> bool:
+    return re.search(rf"\b{pair[0]} {pair[1]}", text) is not None
+
+
+def _pairs_of(meta: dict) -> set[tuple[str, str]]:
+    """Every colour-shape pair a sample's metadata shows, a colour change's result included."""
+    pairs = {(o["color"], o["shape"]) for o in meta.get("scene", [])}
+    event = meta.get("event")
+    if event and event["kind"] == "change":
+        pairs.add((event["color"], meta["scene"][event["index"]]["shape"]))
+    return pairs
+
+
+def test_held_out_pairs_never_in_training_and_always_in_compositional(toy_dir, samples):
+    held = {tuple(p) for p in json.loads((toy_dir / "toy.json").read_text())["held_out_pairs"]}
+    assert len(held) == 3
+    assert len({c for c, _ in held}) == 3 and len({s for _, s in held}) == 3
+    for split in (*TRAINING, "vqa_image_test", "vqa_video_test"):
+        for s in samples[split]:
+            texts = [s["txt"].decode()] if "txt" in s else []
+            if s["meta"] and "question" in s["meta"]:
+                texts.append(s["meta"]["question"])
+            for pair in held:
+                assert not any(_mentions(t, pair) for t in texts), (split, s["__key__"], pair)
+            if s["meta"]:
+                assert not _pairs_of(s["meta"]) & held, (split, s["__key__"])
+    seen_in_comp = set()
+    for s in samples["vqa_image_compositional"]:
+        meta = s["meta"]
+        qtype, ref = parse_question(meta["question"])
+        scene_pairs = _pairs_of(meta)
+        if qtype == "count":
+            assert scene_pairs & held
+        elif qtype == "color":
+            pair = next(p for p in scene_pairs if p[1] == ref["shape"])
+            assert pair in held
+        elif qtype == "shape":
+            pair = next(p for p in scene_pairs if p[0] == ref["color"])
+            assert pair in held
+        else:
+            pair = (ref["color"], ref["shape"])
+            assert pair in held
+        seen_in_comp |= scene_pairs & held
+    assert seen_in_comp == held
+
+
+# ---------------------------------------------------------------- videos
+
+def _mover_centroids(frames: np.ndarray, scene: list[dict], index: int) -> np.ndarray:
+    """(F, 2) x, y centroid of the mover's colour, other objects' discs masked out."""
+    labels = nearest_color(frames)                                     # (F, H, W)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    keep = labels == color_id(scene[index]["color"])
+    for k, o in enumerate(scene):
+        if k != index:
+            keep &= np.hypot(xx - o["x"], yy - o["y"]) > toy.CLEARANCE * o["size"] + 0.5
+    out = []
+    for m in keep:
+        assert m.sum() > 3
+        out.append([xx[m].mean(), yy[m].mean()])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_videos_decode_and_show_their_event(samples, backend):
+    if backend == "decord":
+        pytest.importorskip("decord")
+    from fusion.data.video import decode
+
+    n_move = 0
+    for split in ("video", "vqa_video_train", "vqa_video_test"):
+        for s in samples[split]:
+            meta = s["meta"]
+            n = meta["n_frames"]
+            assert meta["duration"] == pytest.approx(n / meta["fps"])
+            frames = decode(s["mp4"], list(range(n + 2)), backend=backend)   # past the end: clamped
+            assert frames.shape == (n + 2, SIZE, SIZE, 3)
+            assert (frames[n] == frames[n - 1]).all()
+            frames = frames[:n]
+            scene, event = meta["scene"], meta["event"]
+            obj = scene[event["index"]]
+            labels = nearest_color(frames)
+            at = (int(obj["y"]), int(obj["x"]))
+            if event["kind"] == "move":
+                c = _mover_centroids(frames, scene, event["index"])
+                dx, dy = toy.DIRECTIONS[event["direction"]]
+                along = (c[-1] - c[0]) @ np.array([dx, dy])
+                across = (c[-1] - c[0]) @ np.array([dy, dx])
+                assert along >= 0.8 * toy.MIN_TRAVEL * SIZE and abs(across) < 1.5, (s["__key__"], c)
+                steps = np.diff(c, axis=0) @ np.array([dx, dy])
+                assert (steps > -0.5).all()                       # it never goes back
+                n_move += 1
+            elif event["kind"] == "appear":
+                assert labels[0][at] == 0 and labels[-1][at] == color_id(obj["color"])
+                assert labels[event["frame"] - 1][at] == 0
+                assert labels[event["frame"]][at] == color_id(obj["color"])
+            else:
+                assert labels[0][at] == color_id(obj["color"])
+                assert labels[event["frame"] - 1][at] == color_id(obj["color"])
+                assert labels[event["frame"]][at] == color_id(event["color"])
+            for other in scene:                                    # still objects are where stated
+                if other is not obj:
+                    assert (labels[:, int(other["y"]), int(other["x"])] == color_id(other["color"])).all()
+    assert n_move >= FLAGS["n_video_vqa_train"] + FLAGS["n_video_vqa_test"]
+
+
+def test_video_captions_name_the_event(samples):
+    kinds = Counter()
+    for s in samples["video"]:
+        meta, caption = s["meta"], s["txt"].decode()
+        obj = meta["scene"][meta["event"]["index"]]
+        kind = meta["event"]["kind"]
+        kinds[kind] += 1
+        assert f"{obj['color']} {obj['shape']}" in caption
+        word = {"move": f"moves {'to the ' if meta['event'].get('direction') in ('left', 'right') else ''}"
+                        f"{meta['event'].get('direction')}",
+                "appear": "appears", "change": f" {meta['event'].get('color')}."}[kind]
+        assert word in caption, caption
+    assert set(kinds) == {"move", "appear", "change"}
+
+
+def test_larger_image_size(tmp_path):
+    toy.generate_toy(tmp_path, image_size=64, n_text=2, n_image=2, n_video=2, n_vqa_train=2,
+                     n_vqa_test=0, n_video_vqa_train=1, n_video_vqa_test=0)
+    from fusion.data.video import decode
+
+    backends = ["pyav"] + (["decord"] if importlib.util.find_spec("decord") else [])
+    for s in iter_samples(list_shards(str(tmp_path / "video"))):
+        meta = json.loads(s["json"])
+        assert (meta["width"], meta["height"]) == (64, 64)
+        for backend in backends:
+            assert decode(s["mp4"], [0], backend=backend).shape == (1, 64, 64, 3)
+    for s in iter_samples(list_shards(str(tmp_path / "image"))):
+        assert Image.open(io.BytesIO(s["png"])).size == (64, 64)
