@@ -52,9 +52,16 @@ class VisionConfig:
     encoder: str = "patch-linear"  # a timm ViT name, or "patch-linear" (Fuyu-style, no ViT)
     img_size: int = 32
     patch_size: int = 8
-    pixel_shuffle: bool = False    # Llama 4 pixel-shuffle (ratio 0.5: 4x fewer tokens)
+    width: int = 0                 # patch-linear output width; 0 = the decoder dim
+    pixel_shuffle: bool = False    # Llama 4 pixel-shuffle (ratio 0.5: 4x fewer tokens, 4x channels)
+    temporal_merge: int = 1        # video: features of k consecutive frames merged into one group
+    max_frames: int = 32           # size of the learned frame-position table
+    frame_pos: bool = True         # learned frame-position embedding on every video frame's tokens
     checkpoint: str = ""           # local weights file for the timm model; never a hub download
-    freeze: bool = False
+    freeze: bool = False           # freeze the encoder (the projector still trains)
+    lr_scale: float = 1.0          # vision tower learning rate = train.lr * lr_scale
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
 
 @dataclass
@@ -77,13 +84,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     text: str = ""                 # shard directory, brace pattern or URL list per modality
-    image: str = ""
-    video: str = ""
+    image: str = ""                # image-caption (or vqa) shards
+    video: str = ""                # video-caption (or vqa) shards
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # text, image, video
     alpha: float = 0.0             # temperature exponent on dataset sizes: p ~ w * n^alpha
     tokenizer: str = "byte"        # "byte", or a local Hugging Face tokenizer.json
-    num_workers: int = 1           # DataLoader worker processes per rank
+    num_workers: int = 1           # DataLoader worker processes per rank and modality
     shuffle_buffer: int = 256      # samples held for shuffling inside a stream
+    caption: str = "after"         # caption "after" the media (captioning), "before" it, or "random"
+    n_frames: int = 8              # frames sampled per video
+    frame_strategy: str = "segment_random"  # uniform | fps | segment_random | segment_middle
+    video_backend: str = "auto"    # decord, pyav, or auto (decord with a per-sample PyAV fallback)
+    decode_timeout: float = 30.0   # seconds before a video decode is abandoned (counted)
+    max_pixels: int = 50_000_000   # images above this (from the header) are skipped and counted
 
 
 @dataclass
@@ -340,6 +353,9 @@ _CHOICES = {
     "model.moe.balance": ("aux", "bias", "none"),
     "model.moe.path": ("loop", "grouped"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "data.caption": ("after", "before", "random"),
+    "data.frame_strategy": ("uniform", "fps", "segment_random", "segment_middle"),
+    "data.video_backend": ("auto", "decord", "pyav"),
 }
 
 
@@ -357,6 +373,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': '{_get(cfg, key)}' is not one of {', '.join(choices)}")
     positive = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
                 "model.moe.every", "model.moe.moe_ffn_dim", "model.moe.ep_size",
+                "model.vision.img_size", "model.vision.patch_size", "model.vision.temporal_merge",
+                "model.vision.max_frames", "data.n_frames", "data.max_pixels", "data.decode_timeout",
                 "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len"]
     for key in positive:
         if _get(cfg, key) <= 0:
@@ -364,7 +382,8 @@ def validate(cfg: Config) -> None:
     nonneg = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
               "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
               "train.ckpt_every", "train.log_every", "train.eval_every", "train.weight_decay",
-              "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops"]
+              "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops",
+              "model.vision.width", "model.vision.lr_scale"]
     for key in nonneg:
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(cfg, key)}")
@@ -390,6 +409,25 @@ def validate(cfg: Config) -> None:
                           f"got {cfg.data.weights}")
     if any(w < 0 for w in cfg.data.weights):
         raise ConfigError(f"config key 'data.weights': weights must be >= 0, got {cfg.data.weights}")
+    v = m.vision
+    if v.img_size % v.patch_size:
+        raise ConfigError(f"config key 'model.vision.patch_size': img_size={v.img_size} is not divisible "
+                          f"by patch_size={v.patch_size}")
+    if v.pixel_shuffle and (v.img_size // v.patch_size) % 2:
+        raise ConfigError(f"config key 'model.vision.pixel_shuffle': the patch grid "
+                          f"{v.img_size // v.patch_size} must be even to shuffle")
+    if cfg.data.n_frames % v.temporal_merge:
+        raise ConfigError(f"config key 'data.n_frames': {cfg.data.n_frames} frames are not divisible by "
+                          f"model.vision.temporal_merge={v.temporal_merge}")
+    if cfg.data.n_frames > v.max_frames:
+        raise ConfigError(f"config key 'data.n_frames': {cfg.data.n_frames} frames exceed "
+                          f"model.vision.max_frames={v.max_frames}")
+    if cfg.data.image and tokens_per_image(v) + 2 > cfg.train.seq_len:
+        raise ConfigError(f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one image's "
+                          f"{tokens_per_image(v) + 2} tokens")
+    if cfg.data.video and tokens_per_video(v, cfg.data.n_frames) > cfg.train.seq_len:
+        raise ConfigError(f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one video's "
+                          f"{tokens_per_video(v, cfg.data.n_frames)} tokens ({cfg.data.n_frames} frames)")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"config key 'train.betas': expected two values, got {cfg.train.betas}")
     if cfg.train.zero_stage not in (0, 1, 2):
@@ -405,6 +443,18 @@ def moe_layer_ids(n_layers: int, every: int, n_experts: int) -> list[int]:
     return list(range(every - 1, n_layers, every))
 
 
+def tokens_per_image(v: VisionConfig) -> int:
+    """Placeholder tokens one image (or one video frame group) becomes."""
+    n = (v.img_size // v.patch_size) ** 2
+    return n // 4 if v.pixel_shuffle else n
+
+
+def tokens_per_video(v: VisionConfig, n_frames: int) -> int:
+    """Placeholder tokens of a video, markers and frame separators included."""
+    groups = n_frames // v.temporal_merge
+    return groups * tokens_per_image(v) + (groups - 1) + 2
+
+
 @dataclass
 class Derived:
     world_size: int
@@ -413,6 +463,8 @@ class Derived:
     tokens_per_step: int
     head_dim: int
     moe_layers: list[int]
+    image_tokens: int       # sequence tokens of one image, markers included
+    video_tokens: int       # sequence tokens of one video of data.n_frames frames
 
 
 def finalize(cfg: Config, world_size: int) -> Derived:
@@ -421,6 +473,8 @@ def finalize(cfg: Config, world_size: int) -> Derived:
     if m.moe.ep_size > 1 and world_size % m.moe.ep_size:
         raise ConfigError(f"config key 'model.moe.ep_size': world size {world_size} is not divisible "
                           f"by ep_size={m.moe.ep_size}")
+    image_tokens = tokens_per_image(m.vision) + 2
+    video_tokens = tokens_per_video(m.vision, cfg.data.n_frames)
     global_batch = t.micro_batch * t.grad_accum * world_size
     assert global_batch == t.micro_batch * t.grad_accum * world_size, \
         "micro_batch * grad_accum * world must equal global_batch"
@@ -431,6 +485,8 @@ def finalize(cfg: Config, world_size: int) -> Derived:
         tokens_per_step=global_batch * t.seq_len,
         head_dim=m.dim // m.n_heads,
         moe_layers=moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts),
+        image_tokens=image_tokens,
+        video_tokens=video_tokens,
     )
 
 

@@ -73,23 +73,25 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Dense matrices decay; norms and biases don't; experts get a group of their own."""
-    decay, no_decay, experts = [], [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: float) -> list[dict]:
+    """Dense matrices decay; norms and biases don't; experts get a group of their own; the vision
+    tower learns at `model.vision.lr_scale` times the decoder's rate. Frozen parameters stay out."""
+    groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        vision = name.startswith("vision.")
         if getattr(p, "expert", False):
-            experts.append(p)
-        elif p.dim() < 2:
-            no_decay.append(p)
+            key, wd = "experts", weight_decay
+        elif p.dim() < 2 or "pos" in name.split(".")[-1]:
+            key, wd = "no_decay", 0.0
         else:
-            decay.append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    if experts:
-        groups.append({"name": "experts", "params": experts, "weight_decay": weight_decay})
-    return groups
+            key, wd = "decay", weight_decay
+        key = f"vision_{key}" if vision else key
+        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd,
+                                        "lr_scale": vision_lr_scale if vision else 1.0})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def grad_l2_norm(model: torch.nn.Module) -> float:
@@ -148,6 +150,31 @@ def run_metadata() -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def router_metrics(load: torch.Tensor) -> dict:
+    """load (L, 3, E) routed assignments of one step, summed over ranks.
+    max_load: the largest expert load over the mean load of its layer; dead: experts with none."""
+    out = {}
+    per_expert = load.sum(1)  # (L, E)
+    mean = per_expert.mean(1, keepdim=True).clamp(min=1e-9)
+    out["router/max_load"] = float((per_expert / mean).max())
+    out["router/dead_experts"] = int((per_expert == 0).sum())
+    for i, name in enumerate(("text", "image", "video")):
+        mod = load[:, i]  # (L, E)
+        if mod.sum() > 0:
+            mod_mean = mod.mean(1, keepdim=True).clamp(min=1e-9)
+            out[f"router/max_load/{name}"] = float((mod / mod_mean).max())
+    return out
+
+
+def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
+    from fusion.plots import plot_expert_load, plot_losses
+
+    log.flush()
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
+    if run_load is not None:
+        plot_expert_load(run_load.numpy(), layer_ids, run_dir / "plots" / "expert_load.png")
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
 
@@ -168,6 +195,11 @@ class MetricsLog:
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(key, value, row["step"])
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.file.flush()
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
@@ -213,11 +245,11 @@ def train(cfg: Config) -> int:
 
     # ---- model, optimizer, engine ----
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    model = build_model(cfg.model, tokenizer.vocab_size)
+    model = build_model(cfg.model, tokenizer)
     bf16 = use_bf16(cfg.train.precision, device)
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                  weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, cfg.model.vision.lr_scale),
+                                  lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     ds_config = deepspeed_config(cfg, world, bf16)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     moe_layers = model.moe_layers
@@ -225,7 +257,7 @@ def train(cfg: Config) -> int:
     peak = peak_tflops(cfg, device)
 
     # ---- data ----
-    batches = build_batches(cfg.data, cfg.train, tokenizer, rank, world)
+    batches = build_batches(cfg, tokenizer, rank, world)
 
     # ---- resume ----
     step = 0
@@ -239,14 +271,14 @@ def train(cfg: Config) -> int:
             print(f"resumed from {resume_path} at step {step}", flush=True)
 
     log = MetricsLog(run_dir, rank == 0)
-    tokens_seen = torch.zeros(3, dtype=torch.float64)
+    run_load = None  # (L, 3, E) expert load summed over ranks, since the last heatmap
     last_saved = step if resume_path is not None else -1
     engine.train()
     while step < t.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
         # ---- micro-steps: forward, backward, (DeepSpeed steps at the accumulation boundary) ----
         stats = torch.zeros(9, dtype=torch.float64)  # loss_sum[3], loss_count[3], aux, z, micro
@@ -254,7 +286,8 @@ def train(cfg: Config) -> int:
         for _ in range(t.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             out = engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
-                         doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"])
+                         doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
+                         images=batch.get("images"), videos=batch.get("videos"))
             engine.backward(out.loss)
             if engine.is_gradient_accumulation_boundary() and t.zero_stage == 0 and not bf16:
                 # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
@@ -273,8 +306,8 @@ def train(cfg: Config) -> int:
             dist.all_reduce(load)
             for layer, layer_load in zip(moe_layers, load):
                 layer.update_bias(layer_load.sum(0).to(device))
+            run_load = load if run_load is None else run_load + load
         dist.all_reduce(stats)
-        tokens_seen += stats[3:6]
 
         # ---- log ----
         if step % t.log_every == 0 or step == t.steps:
@@ -294,13 +327,12 @@ def train(cfg: Config) -> int:
             row["aux_loss"] = float(stats[6] / stats[8])
             row["z_loss"] = float(stats[7] / stats[8])
             if moe_layers:
-                per_expert = load.sum(1)  # (L, E)
-                mean = per_expert.mean(1, keepdim=True).clamp(min=1e-9)
-                row["router/max_load"] = float((per_expert / mean).max())
-                row["router/dead_experts"] = int((per_expert == 0).sum())
-            failures = batches.failures()
-            if failures:
-                row["data/failures"] = sum(failures.values())
+                row.update(router_metrics(load))
+            for m, share in batches.shares().items():
+                row[f"data/share/{m}"] = share
+                row[f"data/target/{m}"] = batches.probs[m]
+            for reason, n in batches.failures().items():
+                row[f"data/failed/{reason}"] = n
             log.log(row)
             if rank == 0:
                 print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} "
@@ -310,6 +342,8 @@ def train(cfg: Config) -> int:
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
             save_checkpoint(engine, run_dir, step, rank, batches.state_dict())
             last_saved = step
+            if rank == 0:
+                draw_plots(run_dir, run_load, derived.moe_layers, log)
 
     if last_saved != step and step > 0:
         save_checkpoint(engine, run_dir, step, rank, batches.state_dict())

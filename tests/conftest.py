@@ -55,3 +55,79 @@ def text_shards(tmp_path_factory) -> Path:
                  "--samples-per-shard", "100"])
     assert r.returncode == 0, r.stderr
     return out
+
+
+RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230),
+       "yellow": (235, 220, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
+
+
+def square_frame(color: str, x: int, y: int, size: int = 32, side: int = 10):
+    import numpy as np
+
+    img = np.full((size, size, 3), 30, np.uint8)
+    img[y:y + side, x:x + side] = RGB[color]
+    return img
+
+
+def encode_mp4(frames, fps: int = 8) -> bytes:
+    """H.264 mp4 bytes from uint8 (H, W, 3) frames, written with PyAV."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "10", "g": "4", "bf": "0", "threads": "1"}
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory) -> Path:
+    """60 captioned 32x32 PNGs (one coloured square) in 3 shards."""
+    import io
+
+    from PIL import Image
+
+    from fusion.data.shards import ShardWriter, write_index
+
+    out = tmp_path_factory.mktemp("image") / "shards"
+    rng = random.Random(1)
+    colors = list(RGB)
+    for s in range(3):
+        with ShardWriter(out, s) as w:
+            for i in range(20):
+                color = colors[(s * 20 + i) % len(colors)]
+                x = rng.randint(0, 22)
+                buf = io.BytesIO()
+                Image.fromarray(square_frame(color, x, rng.randint(0, 22))).save(buf, format="PNG")
+                side = "left" if x < 11 else "right"
+                w.write(f"img{s}_{i:03d}", {"png": buf.getvalue(), "txt": f"a {color} square on the {side}.",
+                                           "json": {"width": 32, "height": 32, "source": "test"}})
+    write_index(out, "image")
+    return out
+
+
+@pytest.fixture(scope="session")
+def video_shards(tmp_path_factory) -> Path:
+    """16 captioned 8-frame 32x32 clips (a square moving left or right) in 2 shards."""
+    from fusion.data.shards import ShardWriter, write_index
+
+    out = tmp_path_factory.mktemp("video") / "shards"
+    colors = list(RGB)
+    for s in range(2):
+        with ShardWriter(out, s) as w:
+            for i in range(8):
+                color, right = colors[(s * 8 + i) % len(colors)], (i % 2 == 0)
+                xs = [2 + 2 * f for f in range(8)]
+                frames = [square_frame(color, x if right else 22 - (x - 2), 11) for x in xs]
+                w.write(f"vid{s}_{i:03d}", {
+                    "mp4": encode_mp4(frames), "txt": f"a {color} square moves {'right' if right else 'left'}.",
+                    "json": {"fps": 8.0, "n_frames": 8, "duration": 1.0, "width": 32, "height": 32}})
+    write_index(out, "video")
+    return out

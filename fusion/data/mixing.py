@@ -1,24 +1,33 @@
-"""Sample streams split by rank and worker, and the batcher that packs them into training rows.
+"""Modality-balanced, resumable loading: sample streams split by rank and worker, packed rows, a
+deterministic plan that mixes modalities by tokens.
 
-A *sub-stream* is one (rank, worker) pair: id `sid = rank * W + worker` out of `R * W`. Each is an
-endless, deterministic sequence of samples:
-
+**Streams.** A *sub-stream* is one (rank, worker) pair: id `sid = rank * W + worker` out of `R * W`.
+Each is an endless, deterministic sequence of samples:
 - epoch e shuffles the shard list with seed (seed, e), identically on every sub-stream;
 - with at least as many shards as sub-streams, sub-stream `sid` reads shards `order[sid::R*W]`;
   with fewer, every sub-stream reads every shard and keeps samples `i % (R*W) == sid`, so no
   rank or worker is ever starved (webdataset #188, #225) and none sees another's samples;
 - a shuffle buffer seeded by (seed, sid, e) mixes samples across shards.
 
-The DataLoader hands out worker outputs round-robin, so the number of samples the main process
-has consumed fixes how many each worker yielded. Resume replays each worker's stream and skips
-that many raw samples without decoding them: the sequence after resume equals the uninterrupted
-one. The packer's partial row is saved too.
+**Plan.** Each modality has its own stream and packer, and every packed row holds one modality.
+The modality of the next row is the one furthest behind its target share of rows,
+`argmax_m p_m * (rows + 1) - rows_m`, with `p_m ~ w_m * n_m^alpha` (n_m: samples in the dataset).
+A row is `seq_len` tokens, so this balances tokens, not samples (a video costs far more tokens than
+a caption). The plan depends on row counts only: every rank draws the same modalities at every step,
+so no rank waits on a module another rank never used.
+
+**Resume.** The DataLoader hands out worker outputs round-robin, so the number of samples the main
+process has consumed fixes how many each worker yielded and whose turn is next. Resume replays each
+worker's stream and skips that many raw samples without decoding them; the packers' partial rows and the plan's counts
+are saved too. The sequence after resume equals the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -26,6 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fusion.data.sequence import Packer, collate
 from fusion.data.shards import ErrorCounter, iter_samples, list_shards
+
+MODALITIES = ("text", "image", "video")
 
 
 def assigned_samples(urls: list[str], sid: int, n_sub: int, seed: int, epoch: int,
@@ -49,8 +60,9 @@ class ShardStream(IterableDataset):
     """Endless shuffled samples of one modality for this rank; split across DataLoader workers.
 
     `decode(raw) -> dict | None` turns a raw sample into what the batcher needs (None = a bad
-    sample, counted as `decode_failed` and passed on marked `__failed__`). Each yielded dict
-    carries `__key__` and `__errors__` (this worker's cumulative failure counts, for logging).
+    sample, passed on marked `__failed__`; `decode.counter`, when it has one, is given this
+    worker's ErrorCounter for its reasons). Each yielded dict carries `__key__` and `__errors__`
+    (this worker's cumulative failure counts, for logging).
     """
 
     def __init__(self, spec: str, rank: int, world: int, seed: int, shuffle_buffer: int,
@@ -58,14 +70,20 @@ class ShardStream(IterableDataset):
         self.urls = list_shards(spec)
         self.spec, self.rank, self.world = spec, rank, world
         self.seed, self.shuffle_buffer, self.decode = seed, shuffle_buffer, decode
-        self.skip_per_worker: list[int] = []
+        self.skip_per_worker: list[int] = []   # indexed by the worker's role (see __iter__)
+        self.role_offset = 0
 
     def __iter__(self):
         info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        loader_worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A fresh DataLoader starts its round-robin at its worker 0; on resume that must be the
+        # worker whose turn was next, so loader worker i plays role (i + role_offset) % W.
+        worker = (loader_worker + self.role_offset) % n_workers
         sid, n_sub = self.rank * n_workers + worker, self.world * n_workers
         skip = self.skip_per_worker[worker] if worker < len(self.skip_per_worker) else 0
         counter = ErrorCounter()
+        if hasattr(self.decode, "counter"):
+            self.decode.counter = counter
         epoch = 0
         while True:
             rng = random.Random(f"{self.seed}-{sid}-{epoch}")
@@ -98,41 +116,22 @@ class ShardStream(IterableDataset):
         # a resumed worker skips raw samples without decoding them.
         out = self.decode(raw)
         if out is None:
-            counter("decode_failed")
+            if not hasattr(self.decode, "counter"):
+                counter("decode_failed")
             out = {"__failed__": True}
         out["__key__"] = raw.get("__key__", "")
         out["__errors__"] = dict(counter.counts)
         return out
 
 
-def text_decoder(tokenizer, max_tokens: int) -> Callable[[dict], dict | None]:
-    """Raw text sample -> {'tokens', 'modality'}; documents are wrapped in bos/eos and capped."""
-    def decode(raw: dict) -> dict | None:
-        data = raw.get("txt")
-        if data is None:
-            return None
-        try:
-            text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
-        except UnicodeDecodeError:
-            return None
-        if not text.strip():
-            return None
-        ids = [tokenizer.bos_id] + tokenizer.encode(text)[: max_tokens - 2] + [tokenizer.eos_id]
-        return {"tokens": ids, "modality": 0}
-    return decode
+class ModalityRows:
+    """One modality for one rank: a stream through a DataLoader into its own packer."""
 
+    # a stream that yields nothing usable for this many samples in a row is broken, not unlucky
+    MAX_FAILURES_IN_A_ROW = 10_000
 
-class Batches:
-    """Training batches for one rank: samples -> packed rows -> (micro_batch, seq_len) tensors.
-
-    `state_dict()` after any number of `next()` calls, loaded into a fresh `Batches` with the same
-    config, makes it yield exactly the batches the original would have yielded next.
-    """
-
-    def __init__(self, stream: ShardStream, micro_batch: int, seq_len: int, pad_id: int,
-                 num_workers: int):
-        self.stream = stream
-        self.micro_batch, self.num_workers = micro_batch, num_workers
+    def __init__(self, stream: ShardStream, seq_len: int, pad_id: int, num_workers: int):
+        self.stream, self.num_workers = stream, num_workers
         self.packer = Packer(seq_len, pad_id)
         self.consumed = 0                      # samples taken from the DataLoader so far
         self.errors: dict[int, dict] = {}      # worker -> its cumulative failure counts
@@ -141,40 +140,44 @@ class Batches:
 
     def _iterator(self):
         W = max(self.num_workers, 1)
-        # round-robin: worker w has yielded ceil((consumed - w) / W) of the consumed samples
+        # round-robin: the worker in role w has yielded ceil((consumed - w) / W) of the consumed
+        # samples, and the next sample is role (consumed % W)'s
         self.stream.skip_per_worker = [max(0, -(-(self.consumed - w) // W)) for w in range(W)]
+        self.stream.role_offset = self.consumed % W
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=self.num_workers > 0,
                             prefetch_factor=4 if self.num_workers > 0 else None)
         return iter(loader)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def next_row(self) -> dict:
         if self._it is None:
             self._it = self._iterator()
-        while len(self.packer.ready) < self.micro_batch:
+        failures = 0
+        while not self.packer.ready:
             sample = next(self._it)
             self.errors[self.consumed % max(self.num_workers, 1)] = sample["__errors__"]
             self.consumed += 1
             if sample.get("__failed__"):
-                continue
-            self.keys.append(sample["__key__"])
-            self.packer.add(sample["tokens"], sample["modality"], sample.get("loss_mask"))
-        rows = self.packer.ready[: self.micro_batch]
-        del self.packer.ready[: self.micro_batch]
-        return collate(rows)
+                failures += 1
+            else:
+                self.keys.append(sample["__key__"])
+                dropped = self.packer.dropped
+                self.packer.add(sample["tokens"], sample["modality"], sample.get("loss_mask"),
+                                images=sample.get("images", ()), videos=sample.get("videos", ()),
+                                min_pairs=sample.get("min_pairs", 0))
+                failures = failures + 1 if self.packer.dropped > dropped else 0
+            if failures >= self.MAX_FAILURES_IN_A_ROW:
+                raise RuntimeError(f"{failures} unusable samples in a row from '{self.stream.spec}' "
+                                   f"(failures: {self.failures()})")
+        return self.packer.ready.pop(0)
 
     def failures(self) -> dict[str, int]:
         total: Counter = Counter()
         for counts in self.errors.values():
             total.update(counts)
+        if self.packer.dropped:
+            total["too_long"] += self.packer.dropped
         return dict(total)
-
-    def take_keys(self) -> list[str]:
-        keys, self.keys = self.keys, []
-        return keys
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "packer": self.packer.state_dict(),
@@ -189,10 +192,105 @@ class Batches:
         self._it = None
 
 
-def build_batches(data_cfg, train_cfg, tokenizer, rank: int, world: int) -> Batches:
-    if not data_cfg.text:
-        raise ValueError("config key 'data.text' is empty: give a directory of text shards")
-    stream = ShardStream(data_cfg.text, rank, world, train_cfg.seed, data_cfg.shuffle_buffer,
-                         text_decoder(tokenizer, max_tokens=64 * train_cfg.seq_len))
-    return Batches(stream, train_cfg.micro_batch, train_cfg.seq_len, tokenizer.pad_id,
-                   data_cfg.num_workers)
+def plan_next(probs: dict[str, float], rows: dict[str, int]) -> str:
+    """The modality furthest behind its target share of rows (ties: the first in MODALITIES)."""
+    total = sum(rows.values()) + 1
+    return max(probs, key=lambda m: (probs[m] * total - rows[m], -MODALITIES.index(m)))
+
+
+def target_shares(specs: dict[str, str], weights: dict[str, float], alpha: float) -> dict[str, float]:
+    """p_m ~ w_m * n_m^alpha over the modalities in use (n_m from index.json, else shard count)."""
+    raw = {}
+    for m, spec in specs.items():
+        n = dataset_size(spec) if alpha else 1
+        raw[m] = weights[m] * n ** alpha
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError("config key 'data.weights': every modality in use has weight 0")
+    return {m: v / total for m, v in raw.items() if v > 0}
+
+
+def dataset_size(spec: str) -> int:
+    index = Path(spec) / "index.json"
+    if index.is_file():
+        try:
+            return int(json.loads(index.read_text())["n_samples"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return len(list_shards(spec))
+
+
+class Batches:
+    """Training batches for one rank: (micro_batch, seq_len) tensors of rows planned by modality.
+
+    `state_dict()` after any number of `next()` calls, loaded into a fresh `Batches` with the same
+    config, makes it yield exactly the batches the original would have yielded next.
+    """
+
+    def __init__(self, sources: dict[str, ModalityRows], probs: dict[str, float], micro_batch: int):
+        self.sources, self.probs, self.micro_batch = sources, probs, micro_batch
+        self.rows = {m: 0 for m in probs}          # rows planned per modality
+        self.tokens = {m: 0 for m in MODALITIES}   # non-padding tokens delivered per modality
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows = []
+        for _ in range(self.micro_batch):
+            m = plan_next(self.probs, self.rows)
+            self.rows[m] += 1
+            row = self.sources[m].next_row()
+            self.tokens[m] += sum(1 for d in row["doc_ids"] if d >= 0)
+            rows.append(row)
+        return collate(rows)
+
+    def shares(self) -> dict[str, float]:
+        """Realised share of non-padding tokens per modality, beside the target in `probs`."""
+        total = max(sum(self.tokens.values()), 1)
+        return {m: self.tokens[m] / total for m in self.probs}
+
+    def failures(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for src in self.sources.values():
+            total.update(src.failures())
+        return dict(total)
+
+    def take_keys(self) -> list[str]:
+        keys = []
+        for src in self.sources.values():
+            keys += src.keys
+            src.keys = []
+        return keys
+
+    def state_dict(self) -> dict:
+        return {"rows": dict(self.rows), "tokens": dict(self.tokens),
+                "sources": {m: src.state_dict() for m, src in self.sources.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["sources"]) != set(self.sources):
+            raise ValueError(f"the checkpoint's modalities {sorted(state['sources'])} differ from this "
+                             f"run's {sorted(self.sources)} (data.text / data.image / data.video)")
+        self.rows = dict(state["rows"])
+        self.tokens = dict(state["tokens"])
+        for m, src in self.sources.items():
+            src.load_state_dict(state["sources"][m])
+
+
+def build_batches(cfg, tokenizer, rank: int, world: int, train: bool = True) -> Batches:
+    """The modalities whose `data.*` is set and whose weight is positive, mixed per the config."""
+    from fusion.data.samples import SampleMaker
+
+    d, t = cfg.data, cfg.train
+    specs = {m: getattr(d, m) for m in MODALITIES if getattr(d, m)}
+    if not specs:
+        raise ValueError("config keys 'data.text', 'data.image', 'data.video' are all empty: "
+                         "give at least one shard directory")
+    weights = dict(zip(MODALITIES, d.weights))
+    probs = target_shares(specs, weights, d.alpha)
+    sources = {}
+    for m in probs:
+        stream = ShardStream(specs[m], rank, world, t.seed + MODALITIES.index(m), d.shuffle_buffer,
+                             SampleMaker(cfg, tokenizer, train=train))
+        sources[m] = ModalityRows(stream, t.seq_len, tokenizer.pad_id, d.num_workers)
+    return Batches(sources, probs, t.micro_batch)

@@ -8,6 +8,7 @@ Two tokenizers share one interface (`encode`, `decode`, `vocab_size`, special-to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 # The multimodal stream's markers. Order is part of the checkpoint format: append, never reorder.
@@ -22,6 +23,26 @@ SPECIAL_TOKENS = (
     "<|video_end|>",
     "<|frame_sep|>",
 )
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids the model itself needs (to find placeholder runs), detached from any tokenizer."""
+
+    pad: int
+    bos: int
+    eos: int
+    image_start: int
+    image_end: int
+    patch: int
+    video_start: int
+    video_end: int
+    frame_sep: int
+
+    @classmethod
+    def of(cls, tok) -> "SpecialIds":
+        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.image_start_id, tok.image_end_id,
+                   tok.patch_id, tok.video_start_id, tok.video_end_id, tok.frame_sep_id)
 
 
 class _Specials:

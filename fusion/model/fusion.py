@@ -1,7 +1,12 @@
-"""The model: embed text, (later) encode media and splice it in at placeholder runs, run the decoder, loss.
+"""The model: embed text, encode media, splice them in at placeholder runs, run the decoder, loss.
 
-Shapes: B batch, T tokens, D dim, V vocab. Modalities are numbered TEXT=0, IMAGE=1, VIDEO=2
-everywhere (data, loss, router statistics).
+Shapes: B batch, T tokens, D dim, V vocab, N images, M videos, F frames, P tokens per image.
+Modalities are numbered TEXT=0, IMAGE=1, VIDEO=2 everywhere (data, loss, router statistics).
+
+Early fusion: every `<|patch|>` placeholder in `input_ids` receives one vision embedding, in
+order of appearance (row-major). Placeholders inside `<|video_start|> ... <|video_end|>` take
+video embeddings, the others image embeddings; the counts must match exactly or `forward` raises
+with both numbers. Images and videos arrive as uint8 pixels and are normalised here.
 
 `model(input_ids)` with a LongTensor (B, T) alone returns logits (B, T, V). Given `labels` it
 returns a `ModelOutput` with the total loss the trainer backpropagates and its parts.
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import ModelConfig
+from fusion.data.tokenizer import SpecialIds
 from fusion.model.decoder import Decoder
 
 MODALITIES = ("text", "image", "video")
@@ -33,23 +39,82 @@ class ModelOutput:
     logits: torch.Tensor | None = None
 
 
+def media_slots(input_ids: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (B, T) masks of image and video placeholder positions."""
+    patch = input_ids == ids.patch
+    depth = (input_ids == ids.video_start).long().cumsum(1) - (input_ids == ids.video_end).long().cumsum(1)
+    in_video = depth > 0
+    return patch & ~in_video, patch & in_video
+
+
 class FusionModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, special: SpecialIds):
         super().__init__()
+        from fusion.model.vision import VisionTower
+
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.special = special
         self.decoder = Decoder(cfg, vocab_size)
+        self.vision = VisionTower(cfg.vision, cfg.dim)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(3, 1, 1), persistent=False)
 
     @property
     def moe_layers(self):
         return self.decoder.moe_layers
 
-    def forward(self, input_ids, labels=None, positions=None, doc_ids=None, sample_modality=None,
-                valid=None, return_logits=False):
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> normalised float in the model's dtype."""
+        x = pixels.float() / 255.0
+        x = (x - self.pixel_mean) / self.pixel_std
+        return x.to(self.decoder.tok_embeddings.weight.dtype)
+
+    def embed(self, input_ids, images=None, videos=None):
+        """Token embeddings with vision embeddings spliced in. -> (h (B, T, D), token_modality (B, T))"""
         h = self.decoder.tok_embeddings(input_ids)  # (B, T, D)
-        if valid is None and labels is not None:
-            valid = doc_ids >= 0 if doc_ids is not None else None
-        token_modality = None  # text only until media tokens exist
+        img_slots, vid_slots = media_slots(input_ids, self.special)
+        token_modality = img_slots.long() + 2 * vid_slots.long()  # (B, T)
+        v = self.cfg.vision
+        dummy = h.new_zeros(())
+        if images is not None and len(images):
+            feats = self.vision.encode_images(self.normalize(images))  # (N, P, D)
+            h = self._splice(h, img_slots, feats.flatten(0, 1), "image")
+        else:
+            self._check_empty(img_slots, "image")
+            if self.training:  # every vision parameter gets a (zero) gradient on every rank
+                blank = h.new_zeros(1, 3, v.img_size, v.img_size)
+                dummy = dummy + self.vision.encode_images(blank).sum() * 0.0
+        if videos is not None and len(videos):
+            feats = self.vision.encode_videos(self.normalize(videos))  # (M, F/k, P, D)
+            h = self._splice(h, vid_slots, feats.flatten(0, 2), "video")
+        else:
+            self._check_empty(vid_slots, "video")
+            if self.training:
+                blank = h.new_zeros(1, v.temporal_merge, 3, v.img_size, v.img_size)
+                dummy = dummy + self.vision.encode_videos(blank).sum() * 0.0
+        return h + dummy.to(h.dtype), token_modality
+
+    @staticmethod
+    def _splice(h, slots, feats, kind):
+        n_slots, n_feats = int(slots.sum()), feats.shape[0]
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} {kind} placeholder tokens in input_ids but {n_feats} {kind} "
+                             f"embeddings from the vision tower")
+        # row-major order of placeholders == order of media in the batch
+        return h.masked_scatter(slots[..., None], feats.to(h.dtype))
+
+    @staticmethod
+    def _check_empty(slots, kind):
+        if slots.any():
+            raise ValueError(f"{int(slots.sum())} {kind} placeholder tokens in input_ids but 0 {kind} "
+                             f"embeddings (no {kind}s were given)")
+
+    def forward(self, input_ids, labels=None, positions=None, doc_ids=None, sample_modality=None,
+                images=None, videos=None, valid=None, return_logits=False):
+        h, token_modality = self.embed(input_ids, images, videos)
+        if valid is None and doc_ids is not None:
+            valid = doc_ids >= 0
         logits, aux, z = self.decoder(h, positions=positions, doc_ids=doc_ids, valid=valid,
                                       token_modality=token_modality)
         if labels is None:
@@ -76,9 +141,9 @@ class FusionModel(nn.Module):
                            logits=logits if return_logits else None)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> FusionModel:
-    vocab = cfg.vocab_size or vocab_size
-    if vocab < vocab_size:
+def build_model(cfg: ModelConfig, tokenizer) -> FusionModel:
+    vocab = cfg.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
         raise ValueError(f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's "
-                         f"{vocab_size} tokens")
-    return FusionModel(cfg, vocab)
+                         f"{tokenizer.vocab_size} tokens")
+    return FusionModel(cfg, vocab, SpecialIds.of(tokenizer))

@@ -22,7 +22,7 @@ def test_spec_keys_exist():
     keys = ["model.size=demo", "model.vision.encoder=vit_tiny_patch16_224", "model.moe.n_experts=8",
             "model.moe.top_k=2", "model.moe.n_shared=0", "model.moe.every=2", "model.moe.balance=aux",
             "data.text=/x", "data.image=/y", "data.video=/z", "data.weights=[1,2,3]", "data.alpha=0.5",
-            "train.steps=7", "train.seed=3", "train.micro_batch=2", "train.seq_len=64", "train.lr=0.1",
+            "train.steps=7", "train.seed=3", "train.micro_batch=2", "train.seq_len=512", "train.lr=0.1",
             "train.ckpt_every=5", "train.resume=none", "train.log_every=2", "train.eval_every=4",
             "run.dir=/tmp/r"]
     cfg = load_config(None, keys)

@@ -3,20 +3,21 @@ import torch
 from fusion.config import load_config
 from fusion.data.sequence import Packer, collate
 from fusion.model.decoder import apply_rotary, document_mask
+from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model
 
-VOCAB = 300
+VOCAB = ByteTokenizer().vocab_size
 
 
 def tiny(*overrides):
     torch.manual_seed(0)
     cfg = load_config(None, ["model.size=debug", *overrides])
-    return cfg, build_model(cfg.model, VOCAB)
+    return cfg, build_model(cfg.model, ByteTokenizer())
 
 
 def test_input_ids_alone_give_logits():
     _, model = tiny()
-    x = torch.randint(0, VOCAB, (2, 12))
+    x = torch.randint(0, 256, (2, 12))  # plain bytes: no placeholder tokens
     out = model(x)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 12, VOCAB)
 
@@ -40,7 +41,7 @@ def test_packed_documents_cannot_see_each_other():
     b = collate(p.ready)
     logits = model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"])
     perturbed = b["input_ids"].clone()
-    perturbed[0, :6] = torch.randint(100, 200, (6,))
+    perturbed[0, :6] = torch.randint(100, 200, (6,))  # plain bytes, no placeholders
     logits2 = model(perturbed, positions=b["positions"], doc_ids=b["doc_ids"])
     assert torch.allclose(logits[0, 6:], logits2[0, 6:], atol=1e-5)   # doc 1 unchanged
     assert not torch.allclose(logits[0, :6], logits2[0, :6])          # doc 0 did change

@@ -377,9 +377,11 @@ def imbalance(moe: MoE, x: torch.Tensor) -> float:
 def test_aux_loss_balances(score):
     moe, x = skewed_problem(score=score, balance="aux")
     before = imbalance(moe, x)
-    opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
+    # Adam, not plain SGD: with one shared constant feature SGD moves every token at once and
+    # can flip the whole batch onto another expert; Adam's bounded steps balance on every seed tried
+    opt = torch.optim.Adam(moe.router.parameters(), lr=0.05)
     aux_first = None
-    for _ in range(40):
+    for _ in range(25):
         _, aux, _ = moe(x)
         aux_first = aux.item() if aux_first is None else aux_first
         opt.zero_grad()
@@ -391,14 +393,19 @@ def test_aux_loss_balances(score):
     assert moe(x)[1].item() < 0.7 * aux_first
 
 
-def test_bias_balances_without_gradients():
-    moe, x = skewed_problem(score="sigmoid", balance="bias", bias_rate=0.05)
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_bias_balances_without_gradients(score):
+    moe, x = skewed_problem(score=score, balance="bias", bias_rate=0.05)
     before = imbalance(moe, x)
     weights = moe.router.gate.weight.clone()
-    for _ in range(60):
+    recent = torch.zeros(4, dtype=torch.float64)
+    for step in range(40):
         moe(x)
-        moe.update_bias(moe.take_load().sum(0))
-    after = imbalance(moe, x)
+        load = moe.take_load().sum(0)
+        moe.update_bias(load)
+        if step >= 30:  # sign updates oscillate by ~bias_rate: judge the load over the last steps
+            recent += load
+    after = (recent.max() / recent.mean()).item()
     assert before > 3.0
     assert after < 0.5 * before, (before, after)
     assert abs(moe.router.expert_bias.mean().item()) < 1e-6  # re-centred (torchtitan #1506)

@@ -1,0 +1,168 @@
+"""Raw shard samples -> model-ready samples (tokens with placeholder runs + uint8 pixels).
+
+One function per kind, chosen by the members a sample holds (SPEC §4):
+- text:          `.txt`                              -> the document
+- image-caption: `.jpg|.png|.webp` + `.txt`          -> caption after (or before) the image
+- video-caption: `.mp4` + `.txt` + `.json` (n_frames) -> caption after (or before) the frames
+- vqa:           media + `.json` {question, answer}  -> media, then "Q: {question} A: {answer}"
+
+A sample that cannot be used returns None (the stream counts it); the reason goes to the counter.
+Pixels stay uint8 (3, S, S) / (F, 3, S, S) until the model normalises them: 4x less to move and
+a compact checkpoint of the packer's partial rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fusion.config import Config, tokens_per_image
+from fusion.data.sequence import build_sample
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def vqa_prompt(question: str) -> str:
+    """The text before the answer, shared by training and evaluation."""
+    return f" Q: {question.strip()} A:"
+
+
+def vqa_answer(answer: str) -> str:
+    return f" {answer.strip()}"
+
+
+def square_pixels(img, size: int, train: bool, rng: random.Random) -> torch.Tensor:
+    """PIL image -> uint8 (3, size, size): shorter side to `size`, then a centre crop (or, when
+    training, a crop at a random offset along the longer side)."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    x0 = rng.randint(0, nw - size) if train else (nw - size) // 2
+    y0 = rng.randint(0, nh - size) if train else (nh - size) // 2
+    arr = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+@dataclass
+class SampleMaker:
+    """Picklable (it travels to DataLoader workers); `__call__(raw) -> dict | None`."""
+
+    cfg: Config
+    tokenizer: object
+    train: bool = True
+    counter: object = None  # set by the stream: an ErrorCounter for reasons
+
+    def _fail(self, reason: str):
+        if self.counter is not None:
+            self.counter(reason)
+        return None
+
+    def __call__(self, raw: dict) -> dict | None:
+        key = raw.get("__key__", "")
+        rng = random.Random(f"{self.cfg.train.seed}-{key}")
+        media_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        meta = None
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except (ValueError, UnicodeDecodeError):
+                return self._fail("bad_json")
+            if not isinstance(meta, dict):
+                return self._fail("bad_json")
+        if media_ext is None and "mp4" not in raw:
+            return self.text(raw)
+        if media_ext is not None:
+            media = self.image(raw[media_ext], rng)
+        else:
+            media = self.video(raw["mp4"], meta, rng)
+        if media is None:
+            return None
+        part, pixels, modality = media
+        if meta is not None and "question" in meta:
+            if "answer" not in meta:
+                return self._fail("missing_answer")
+            parts = [part, vqa_prompt(str(meta["question"])) + vqa_answer(str(meta["answer"]))]
+        else:
+            caption = self._caption(raw)
+            if caption is None:
+                return None
+            before = self.cfg.data.caption == "before" or (
+                self.cfg.data.caption == "random" and rng.random() < 0.5)
+            parts = [caption, part] if before else [part, " " + caption]
+        tokens, loss_mask, min_pairs = build_sample(self.tokenizer, parts)
+        out = {"tokens": tokens, "loss_mask": loss_mask, "modality": modality, "min_pairs": min_pairs}
+        out["images" if modality == 1 else "videos"] = [pixels]
+        return out
+
+    def _caption(self, raw: dict) -> str | None:
+        data = raw.get("txt")
+        if data is None:
+            return self._fail("missing_caption")
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return self._fail("bad_utf8")
+        return text if text else self._fail("empty_caption")
+
+    def text(self, raw: dict) -> dict | None:
+        text = self._caption(raw)
+        if text is None:
+            return None
+        max_tokens = 64 * self.cfg.train.seq_len  # a 10 MB document is cut, not tokenised whole
+        ids = self.tokenizer.encode(text[: max_tokens * 4])[: max_tokens - 2]
+        return {"tokens": [self.tokenizer.bos_id] + ids + [self.tokenizer.eos_id], "modality": 0}
+
+    def image(self, data: bytes, rng: random.Random):
+        from fusion.data.images import open_image
+        from fusion.data.shards import SampleError
+
+        try:
+            img = open_image(data, self.cfg.data.max_pixels)
+        except SampleError as e:
+            return self._fail(e.reason)
+        pixels = square_pixels(img, self.cfg.model.vision.img_size, self.train, rng)
+        return ("image", tokens_per_image(self.cfg.model.vision)), pixels, 1
+
+    def video(self, data: bytes, meta: dict | None, rng: random.Random):
+        from PIL import Image
+
+        from fusion.data.sampling import FrameSampling, VideoMeta, sample_frame_indices
+        from fusion.data.video import VideoDecodeError, decode
+
+        d, v = self.cfg.data, self.cfg.model.vision
+        try:
+            vmeta = VideoMeta.from_json(meta or {})
+        except ValueError:
+            return self._fail("bad_video_json")
+        strategy = d.frame_strategy
+        if not self.train and strategy == "segment_random":
+            strategy = "segment_middle"  # evaluation is deterministic
+        sampling = FrameSampling(strategy=strategy, n_frames=d.n_frames, pad="repeat_last",
+                                 min_frames=d.n_frames, max_frames=d.n_frames)
+        np_rng = np.random.default_rng(rng.getrandbits(63))
+        try:
+            idx = sample_frame_indices(vmeta, sampling, np_rng)
+            frames = decode(data, idx, backend=d.video_backend, timeout=d.decode_timeout)
+        except VideoDecodeError as e:
+            return self._fail(f"video_{e.reason}")
+        except ValueError:
+            return self._fail("video_zero_frames")
+        if len(frames) != d.n_frames:
+            return self._fail("video_frame_count")
+        crop_rng = random.Random(rng.random())  # one crop for every frame of the clip
+        state = crop_rng.getstate()
+        pixels = []
+        for frame in frames:
+            crop_rng.setstate(state)
+            pixels.append(square_pixels(Image.fromarray(frame), v.img_size, self.train, crop_rng))
+        groups = d.n_frames // v.temporal_merge
+        return ("video", groups, tokens_per_image(v)), torch.stack(pixels), 2  # (F, 3, S, S)

@@ -1,0 +1,107 @@
+"""Early fusion: placeholders, splicing, per-modality losses, frame order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.config import load_config, tokens_per_image, tokens_per_video
+from fusion.data.sequence import Packer, build_sample, collate
+from fusion.data.tokenizer import ByteTokenizer
+from fusion.model.fusion import build_model, media_slots
+
+TOK = ByteTokenizer()
+
+
+def make(*overrides):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8",
+                             "model.moe.path=loop", *overrides])
+    model = build_model(cfg.model, TOK)
+    model.eval()
+    return cfg, model
+
+
+def pixels(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+
+
+def packed(samples, seq_len=160):
+    p = Packer(seq_len, TOK.pad_id)
+    for parts, modality, media in samples:
+        tokens, mask, min_pairs = build_sample(TOK, parts)
+        p.add(tokens, modality, mask, min_pairs=min_pairs, **media)
+    p.flush()
+    return collate(p.ready)
+
+
+def run(model, b, **kw):
+    return model(b["input_ids"], labels=b["labels"], positions=b["positions"], doc_ids=b["doc_ids"],
+                 sample_modality=b["sample_modality"], images=b.get("images"), videos=b.get("videos"), **kw)
+
+
+def test_token_budget_helpers_agree_with_the_tower():
+    for over in ([], ["model.vision.pixel_shuffle=true"], ["model.vision.temporal_merge=2"]):
+        cfg, model = make(*over)
+        assert tokens_per_image(cfg.model.vision) == model.vision.tokens_per_image
+        groups = 8 // cfg.model.vision.temporal_merge
+        assert tokens_per_video(cfg.model.vision, 8) == model.vision.video_tokens(8) + groups - 1 + 2
+
+
+def test_placeholder_mismatch_raises_with_both_counts():
+    _, model = make()
+    b = packed([([("image", 16), " a cat"], 1, {"images": [pixels(3, 32, 32)]})])
+    with pytest.raises(ValueError, match=r"16 image placeholder tokens .* but 32 image embeddings"):
+        model(b["input_ids"], images=torch.cat([b["images"], b["images"]]))
+    with pytest.raises(ValueError, match=r"16 image placeholder tokens .* but 0 image"):
+        model(b["input_ids"])
+
+
+def test_spliced_embeddings_equal_the_projected_vision_output():
+    _, model = make()
+    imgs = [pixels(3, 32, 32, seed=1), pixels(3, 32, 32, seed=2)]
+    vid = pixels(8, 3, 32, 32, seed=3)
+    b = packed([([("image", 16), " one", ("image", 16), " two"], 1, {"images": imgs}),
+                ([("video", 8, 16), " moves"], 2, {"videos": [vid]})], seq_len=200)
+    h, token_modality = model.embed(b["input_ids"], b["images"], b["videos"])
+    img_slots, vid_slots = media_slots(b["input_ids"], model.special)
+    direct_img = model.vision.encode_images(model.normalize(torch.stack(imgs)))  # (2, 16, D)
+    direct_vid = model.vision.encode_videos(model.normalize(vid[None]))          # (1, 8, 16, D)
+    assert torch.allclose(h[img_slots], direct_img.flatten(0, 1), atol=1e-6)
+    assert torch.allclose(h[vid_slots], direct_vid.flatten(0, 2), atol=1e-6)
+    text = ~(img_slots | vid_slots)
+    assert torch.equal(h[text], model.decoder.tok_embeddings(b["input_ids"])[text])
+    assert torch.equal(token_modality[img_slots], torch.ones(32, dtype=torch.long))
+    assert (token_modality[vid_slots] == 2).all() and (token_modality[text] == 0).all()
+
+
+def test_video_frame_order_changes_the_output():
+    _, model = make()
+    vid = pixels(8, 3, 32, 32, seed=4)
+    b = packed([([("video", 8, 16), " moves"], 2, {"videos": [vid]})], seq_len=160)
+    fwd = model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"], videos=vid[None])
+    rev = model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"], videos=vid.flip(0)[None])
+    assert not torch.allclose(fwd, rev, atol=1e-4)
+
+
+def test_losses_per_modality_and_no_loss_on_media_tokens():
+    _, model = make()
+    b = packed([(["plain text here"], 0, {}),
+                ([("image", 16), " a red square"], 1, {"images": [pixels(3, 32, 32)]})], seq_len=80)
+    out = run(model, b)
+    labels, ids = b["labels"], b["input_ids"]
+    assert (labels[ids == TOK.patch_id] == -100).all()
+    special = torch.tensor([TOK.image_start_id, TOK.image_end_id, TOK.patch_id])
+    assert not torch.isin(labels, special).any()   # no target is a placeholder or marker
+    n_text = len(TOK.encode("plain text here")) + 1              # + eos
+    n_image = len(TOK.encode(" a red square")) + 1               # caption after the image + eos
+    assert out.loss_count.tolist() == [n_text, n_image, 0]
+
+
+def test_training_mode_gives_every_vision_parameter_a_gradient_without_media():
+    _, model = make()
+    model.train()
+    b = packed([(["only text, no media at all"], 0, {})], seq_len=32)
+    run(model, b).loss.backward()
+    assert all(p.grad is not None for p in model.vision.parameters())
