@@ -1,9 +1,11 @@
-"""Save / load / resume: the DeepSpeed engine state plus, per rank, the data-sampler state and RNGs.
+"""Save / load / resume: the DeepSpeed engine state plus, per rank, the data-sampler state and RNGs;
+and the model alone, as safetensors, for evaluation and conversion.
 
 Layout (SPEC §6):
-    RUN/checkpoints/step_N/           DeepSpeed files (model, optimizer, router biases as buffers)
+    RUN/checkpoints/step_N/               DeepSpeed files (model, optimizer, router biases as buffers)
     RUN/checkpoints/step_N/rank{r}.json   this rank's step, data state and RNG states (JSON: no pickle)
-    RUN/checkpoints/latest            the tag of the newest complete checkpoint (written by DeepSpeed last)
+    RUN/checkpoints/step_N/model.safetensors + model.json   the model weights and what builds it
+    RUN/checkpoints/latest                the tag of the newest complete checkpoint (moved last)
 """
 
 from __future__ import annotations
@@ -71,18 +73,79 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_state: dict) -> Path:
-    """Collective: every rank calls it. Rank files go first; DeepSpeed moves `latest` at the end."""
+def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_state: dict,
+                    cfg=None) -> Path:
+    """Collective: every rank calls it. Rank files and the exported model go first; DeepSpeed
+    moves `latest` at the end."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     path = root / tag
     path.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and cfg is not None:
+        export_model(engine.module, cfg, path)
     state = {"step": step, "data": data_state, "rng": rng_state()}
     tmp = path / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(state))
     os.replace(tmp, path / f"rank{rank}.json")
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
     return path
+
+
+def export_model(model, cfg, path: Path) -> None:
+    """model.safetensors (weights, buffers such as router biases) + model.json (config, tokenizer)."""
+    from safetensors.torch import save_model
+
+    from fusion.config import to_dict
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path / "model.safetensors.tmp"))
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    meta = {"model": to_dict(cfg)["model"], "tokenizer": cfg.data.tokenizer,
+            "vocab_size": model.vocab_size}
+    (path / "model.json").write_text(json.dumps(meta, indent=1))
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A step dir, a checkpoints dir (its `latest`) or a run dir (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    if (path / "latest").is_file():
+        return find_model_dir(path / (path / "latest").read_text().strip())
+    if (path / "checkpoints" / "latest").is_file():
+        return find_model_dir(path / "checkpoints")
+    raise FileNotFoundError(f"no model.safetensors at {path} (give a run dir, its checkpoints/ dir "
+                            f"or a checkpoints/step_N dir)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model a checkpoint describes and load its weights (safetensors + JSON only)."""
+    from safetensors.torch import load_model as load_safetensors
+
+    from fusion.config import Config, ModelConfig, load_config
+    from fusion.data.tokenizer import build_tokenizer
+    from fusion.model.fusion import build_model
+
+    model_dir = find_model_dir(path)
+    meta = json.loads((model_dir / "model.json").read_text())
+    overrides = [f"model.{k}={json.dumps(v)}" for k, v in _flat(meta["model"]).items()]
+    cfg: Config = load_config(None, overrides + [f"data.tokenizer={meta['tokenizer']}"])
+    assert isinstance(cfg.model, ModelConfig)
+    tokenizer = build_tokenizer(meta["tokenizer"])
+    model = build_model(cfg.model, tokenizer)
+    load_safetensors(model, str(model_dir / "model.safetensors"), device=str(device))
+    model.tokenizer = tokenizer
+    return model.to(device).eval()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load_checkpoint(engine, path: Path, rank: int) -> dict:

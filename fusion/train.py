@@ -59,6 +59,10 @@ def init_distributed():
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # ranks on one host share its cores; oversubscribed intra-op threads spin and crawl
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(), local_rank)
@@ -340,13 +344,13 @@ def train(cfg: Config) -> int:
 
         # ---- checkpoint ----
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            save_checkpoint(engine, run_dir, step, rank, batches.state_dict())
+            save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg)
             last_saved = step
             if rank == 0:
                 draw_plots(run_dir, run_load, derived.moe_layers, log)
 
     if last_saved != step and step > 0:
-        save_checkpoint(engine, run_dir, step, rank, batches.state_dict())
+        save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg)
     log.close()
     dist.barrier()
     return 0
