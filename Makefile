@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
+TOY := data/toy
+DEMO_RUN := runs/demo
+DEMO_SETS := $(TOY)/vqa_image_test $(TOY)/vqa_video_test $(TOY)/vqa_image_compositional
+
 .PHONY: test test-unit install demo clean
 
 install: $(STAMP)
@@ -22,6 +26,14 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Toy world -> 2-rank DeepSpeed training on CPU -> toy-VQA evaluation -> table vs chance and blind.
+# Re-running resumes or skips what is done (toy data kept, training resumes from its checkpoint).
+demo: $(STAMP)
+	test -f $(TOY)/toy.json || $(BIN)/fusion-data toy --output $(TOY)
+	$(BIN)/deepspeed --num_gpus 2 --module fusion.train --config configs/demo.yaml run.dir=$(DEMO_RUN)
+	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --no-progress > $(DEMO_RUN)/eval.log
+	$(BIN)/python tools/demo_report.py --run $(DEMO_RUN) --vqa $(DEMO_SETS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

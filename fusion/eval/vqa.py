@@ -262,7 +262,7 @@ def generate_answers(model, questions: list[Question], *, batch_size: int = 16, 
                                   device=device)
             last = logits[torch.arange(len(active)), torch.tensor([len(seqs[i]) - 1 for i in active])]
             last = last.float()  # (B, V)
-            pass
+            last[:, banned.to(last.device)] = -math.inf
             last[:, tok.vocab_size:] = -math.inf  # rows past the tokenizer (padded vocab)
             still = []
             for i, nxt in zip(active, last.argmax(-1).tolist()):
@@ -575,19 +575,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "SET being the directory's name")
     p.add_argument("--out", metavar="OUT_DIR",
                    help="where SET.json / SET.png go (default with --run: RUN_DIR/eval)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="(question, choice) rows per forward pass (default 16)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="evaluate only the first N usable questions of each set")
     p.add_argument("--generate", action="store_true",
                    help=f"also greedy-generate up to {MAX_NEW_TOKENS} tokens and report exact-match gen_acc")
     p.add_argument("--no-blind", action="store_true",
                    help="skip the blind (grey-media) baseline; blind_acc is then null")
-    p.add_argument("--n-frames", type=int, default=None,
+    p.add_argument("--n-frames", type=int, default=None, metavar="N",
                    help="frames sampled per video (default: the run's data.n_frames, else 8)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="where to run the model (default: cuda if available, else cpu)")
-    p.add_argument("--examples", type=int, default=16,
+    p.add_argument("--examples", type=int, default=16, metavar="N",
                    help="questions shown in SET.png (default 16; 0: no picture)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
