@@ -28,9 +28,10 @@ input file) inside the workers, decode every one completely, and count a bad rec
 the shard's stats instead of stopping: missing_file, unreadable_file, empty_file, bad_image,
 too_many_pixels, unsupported_format, corrupt_video, no_video_stream, zero_frames, empty_caption,
 not_text, bad_utf8, duplicate_key; vqa adds empty_question, bad_choices, answer_not_in_choices,
-ambiguous_media. Images go through `fusion.data.images`; videos are re-encoded with PyAV here
-(libx264, one thread, fixed options: deterministic, so a resumed build is byte-identical) and their
-`n_frames` is PyAV's decoded count of the stored bytes (`fusion.data.video.probe`).
+ambiguous_media. Images go through `fusion.data.images`; videos are re-encoded by
+`fusion.data.video.transcode` (libx264, one thread, fixed options: deterministic, so a resumed
+build is byte-identical) and their `n_frames` is PyAV's decoded count of the stored bytes
+(`fusion.data.video.probe`).
 
 Adding a builder: a sample function `make_sample(key, fields, meta) -> {ext: bytes | str | dict}`
 that raises `SampleError(reason)` for a bad record, a `configure(parser)` that calls
@@ -46,14 +47,12 @@ import concurrent.futures as cf
 import csv
 import functools
 import hashlib
-import io
 import json
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -86,7 +85,14 @@ from fusion.data.shards import (
     shard_name,
     write_index,
 )
-from fusion.data.video import VideoDecodeError
+from fusion.data.video import (
+    VideoDecodeError,
+    backend_available,
+    container_format,
+    encoder_available,
+    transcode,
+)
+from fusion.data.video import measure as measure_video
 from fusion.data.video import probe as probe_video
 
 PROG = "fusion-data"
@@ -682,138 +688,8 @@ def store_image(data: bytes, opts: ImageOptions) -> tuple[str, bytes, dict]:
     return fmt, stored, {"width": img.width, "height": img.height}
 
 
-# decord 0.6.0 returns frames of a wrong shape for these widths (even widths 2..2100 were tried with
-# yuv420p H.264; heights 2..198 all decode). tests/unit/test_build_media.py checks the neighbours.
-DECORD_BAD_WIDTHS = frozenset({2, 4, 6, 8, 12, 16, 24, 48, 72})
-MIN_VIDEO_WIDTH = 10
-
-
-def video_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """Stored (width, height): the longer side at most `max_side` (0 = keep), both even (yuv420p),
-    and a width decord 0.6.0 decodes (the nearest one below in DECORD_BAD_WIDTHS, at least 10)."""
-    scale = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
-
-    def even(x: float) -> int:
-        return max(2, int(x + 0.5) // 2 * 2)
-
-    w, h = even(width * scale), even(height * scale)
-    while w in DECORD_BAD_WIDTHS and w > MIN_VIDEO_WIDTH:
-        w -= 2
-    return max(w, MIN_VIDEO_WIDTH), h
-
-
-def _first_line(exn: BaseException) -> str:
-    text = str(exn).strip()
-    return text.splitlines()[0][:200] if text else type(exn).__name__
-
-
-def _open_video(data: bytes):
-    """A PyAV input container with a video stream, or SampleError(empty_file | corrupt_video |
-    unsupported_format | no_video_stream)."""
-    import av
-
-    if not data:
-        raise SampleError("empty_file", "0 bytes")
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except Exception as exn:  # InvalidDataError: garbage, or an mp4 cut before its index
-        raise SampleError("corrupt_video", f"does not open: {_first_line(exn)}") from None
-    name = container.format.name
-    if name == "image2" or name.endswith("_pipe"):  # ffmpeg opens a PNG as a 1-frame video
-        container.close()
-        raise SampleError("unsupported_format", f"a still image ({name}), not a video")
-    if not container.streams.video:
-        container.close()
-        raise SampleError("no_video_stream", f"streams: {[s.type for s in container.streams]}")
-    return container
-
-
-def _video_frames(container) -> Iterator:
-    """Decoded frames of the first video stream, in order. A decode error, or fewer packets than
-    the container's index lists (a file cut at a packet boundary decodes quietly to fewer
-    frames), raises SampleError('corrupt_video')."""
-    stream = container.streams.video[0]
-    declared = stream.frames
-    packets = 0
-    try:
-        for packet in container.demux(stream):
-            if packet.size:
-                packets += 1
-            yield from packet.decode()
-    except Exception as exn:
-        raise SampleError("corrupt_video", f"decoding failed: {_first_line(exn)}") from None
-    if declared and packets < declared:
-        raise SampleError("corrupt_video", f"the index lists {declared} frames, only {packets} "
-                                           f"are in the file (truncated)")
-
-
-def _retime(frames: Iterable, src_rate: Fraction | None, out_rate: Fraction) -> Iterator:
-    """Frames at `out_rate`: output frame j shows the last source frame whose time <= j / out_rate
-    (frames dropped or repeated, as ffmpeg's fps filter does)."""
-    step = 1 / float(out_rate)
-    src_step = 1 / float(src_rate) if src_rate else step
-    prev, prev_t, t0, j = None, 0.0, None, 0
-    for i, frame in enumerate(frames):
-        t = frame.time if frame.time is not None else i * src_step
-        t0 = t if t0 is None else t0
-        t -= t0
-        while prev is not None and j * step < t - 1e-9:
-            yield prev
-            j += 1
-        prev, prev_t = frame, t
-    if prev is not None:
-        while j * step < prev_t + src_step - 1e-9:  # the last frame lasts one source frame
-            yield prev
-            j += 1
-
-
-def transcode_video(data: bytes, opts: VideoOptions) -> bytes:
-    """Any video ffmpeg reads -> H.264 (libx264, yuv420p) mp4 bytes, video only.
-
-    Deterministic: one encoder thread and fixed options give byte-identical output for the same
-    input and settings (a resumed build depends on it). No B-frames and a keyframe every
-    `keyframe_interval` frames, so a reader seeking to any frame decodes at most that many
-    (decord's seeks are also most reliable without frame reordering). Constant frame rate: the
-    source's average rate (`fps` 0) or `fps`, frames dropped or repeated to match.
-    """
-    import av
-
-    with _open_video(data) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        src_rate = Fraction(rate).limit_denominator(1001) if rate and rate > 0 else None
-        out_rate = (Fraction(opts.fps).limit_denominator(1001) if opts.fps > 0
-                    else src_rate or Fraction(25))
-        frames = _video_frames(container)
-        if opts.fps > 0:
-            frames = _retime(frames, src_rate, out_rate)
-        buf = io.BytesIO()
-        output = encoder = None
-        n = 0
-        try:
-            for frame in frames:
-                if output is None:
-                    width, height = video_size(frame.width, frame.height, opts.max_side)
-                    output = av.open(buf, mode="w", format="mp4")
-                    encoder = output.add_stream("libx264", rate=out_rate)
-                    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-                    encoder.codec_context.thread_count = 1  # threads make x264 nondeterministic
-                    encoder.options = {"crf": str(opts.crf), "g": str(opts.keyframe_interval),
-                                       "bf": "0", "sc_threshold": "0", "preset": opts.preset,
-                                       "threads": "1"}
-                out = frame.reformat(width=width, height=height, format="yuv420p",
-                                     interpolation="BICUBIC")
-                out.pts, out.time_base = n, 1 / out_rate
-                out.pict_type = 0  # NONE: a decoded I frame would force a keyframe in libx264
-                output.mux(encoder.encode(out))
-                n += 1
-            if output is None:
-                raise SampleError("zero_frames", "the stream decoded to 0 frames")
-            output.mux(encoder.encode())
-        finally:
-            if output is not None:
-                output.close()
-    return buf.getvalue()
+# Shard failure reasons for the video module's strict reading (`transcode`, `measure`, ...).
+_READ_FAILURES = {**VIDEO_FAILURES, "unsupported_format": "unsupported_format"}
 
 
 def store_video(data: bytes, opts: VideoOptions) -> tuple[bytes, dict]:
@@ -823,35 +699,33 @@ def store_video(data: bytes, opts: VideoOptions) -> tuple[bytes, dict]:
     `--copy` stores the input bytes (an mp4/mov container; anything else needs re-encoding) after
     decoding them completely.
     """
-    if not opts.reencode:
-        return data, _copy_check(data)
-    stored = transcode_video(data, opts)
+    try:
+        if not opts.reencode:
+            return data, _copy_check(data)
+        stored = transcode(data, fps=opts.fps, max_side=opts.max_side, crf=opts.crf,
+                           keyframe_interval=opts.keyframe_interval, preset=opts.preset)
+    except VideoDecodeError as exn:
+        raise SampleError(_READ_FAILURES[exn.reason], exn.message) from None
     try:
         meta = probe_video(stored, backend="pyav")
     except VideoDecodeError as exn:  # our own encoder's output: should never happen
         raise SampleError(VIDEO_FAILURES[exn.reason], str(exn)) from None
-    return stored, {"fps": meta.fps, "n_frames": meta.n_frames, "duration": meta.duration,
-                    "width": meta.width, "height": meta.height}
+    return stored, _video_info(meta)
 
 
 def _copy_check(data: bytes) -> dict:
     """`--copy`: decode the mp4 completely (one pass) and measure it as `video.probe` does."""
-    with _open_video(data) as container:
-        if "mp4" not in container.format.name.split(","):
-            raise SampleError("unsupported_format", f"a {container.format.name} container: "
-                              f"--copy stores mp4 files only (use --reencode)")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        n, width, height = 0, 0, 0
-        for frame in _video_frames(container):
-            if n == 0:
-                width, height = frame.width, frame.height
-            n += 1
-    if n == 0:
-        raise SampleError("zero_frames", "the stream decoded to 0 frames")
-    fps = float(rate) if rate else 0.0
-    return {"fps": fps, "n_frames": n, "duration": n / fps if fps > 0 else 0.0,
-            "width": width, "height": height}
+    name = container_format(data)
+    if "mp4" not in name.split(","):
+        raise SampleError("unsupported_format", f"a {name} container: --copy stores mp4 files "
+                                                f"only (use --reencode)")
+    return _video_info(measure_video(data))
+
+
+def _video_info(meta) -> dict:
+    """A `VideoMeta` as the sample's json fields, in their stored order."""
+    return {"fps": meta.fps, "n_frames": meta.n_frames, "duration": meta.duration,
+            "width": meta.width, "height": meta.height}
 
 
 def make_image_sample(key: str, fields: dict, meta: dict, *, caption_col: str, image_col: str,
@@ -1013,12 +887,9 @@ def _image_options(args) -> ImageOptions:
 
 
 def _video_options(args) -> VideoOptions:
-    if args.reencode:
-        import av
-
-        if "libx264" not in av.codecs_available:
-            raise CliError("--reencode needs PyAV built with libx264 (pip install av); "
-                           "or store the files as they are with --copy")
+    if args.reencode and not encoder_available("libx264"):
+        raise CliError("--reencode needs PyAV built with libx264 (pip install av); "
+                       "or store the files as they are with --copy")
     if args.crf > 51:
         raise CliError(f"--crf: must be <= 51, got {args.crf}")
     return VideoOptions(reencode=args.reencode, fps=args.fps, max_side=args.max_side,
@@ -1026,11 +897,9 @@ def _video_options(args) -> VideoOptions:
 
 
 def _require_pyav(command: str) -> None:
-    try:
-        import av  # noqa: F401
-    except ImportError:
+    if not backend_available("pyav"):
         raise CliError(f"{command} needs PyAV to read and write videos: pip install av "
-                       f"(or install the project with the 'pyav' extra)") from None
+                       f"(or install the project with the 'pyav' extra)")
 
 
 def _input_base(args) -> str:

@@ -66,6 +66,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fusion.data.shards import ShardWriter, shard_name, write_index
+from fusion.data.video import (
+    DECORD_BAD_WIDTHS,
+    VideoDecodeError,
+    backend_available,
+    decode,
+    encode_frames,
+    probe,
+)
 
 # ---------------------------------------------------------------- the world
 
@@ -92,7 +100,6 @@ FPS = 8
 CRF = 12                         # H.264 quality: near-lossless on flat colours
 GOP = 4                          # keyframe interval (frames)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
-DECORD_BAD_WIDTHS = (8, 16, 24, 48, 72)   # decord 0.6.0 misreads these widths (see video.py)
 
 QUESTIONS = {
     "color": "What color is the {shape}?",
@@ -298,25 +305,12 @@ def encode_png(img: np.ndarray) -> bytes:
 def encode_mp4(frames: np.ndarray, fps: int = FPS) -> bytes:
     """H.264 yuv420p mp4 of uint8 (F, H, W, 3) frames: one thread, no B-frames, short GOP, so the
     bytes depend only on the frames (and the x264 build)."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1
-        stream.options = {"crf": str(CRF), "g": str(GOP), "bf": "0", "preset": "medium"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return buf.getvalue()
+    return encode_frames(frames, fps, crf=CRF, keyframe_interval=GOP, preset="medium",
+                         scene_cuts=True)
 
 
 def video_meta(data: bytes) -> dict:
     """{fps, n_frames (decoded), duration, width, height} of an encoded clip, read back by PyAV."""
-    from fusion.data.video import probe
-
     meta = probe(data, backend="pyav")
     return {"fps": meta.fps, "n_frames": meta.n_frames, "duration": round(meta.duration, 6),
             "width": meta.width, "height": meta.height}
@@ -684,13 +678,8 @@ def check_image_size(size: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _decord_reads(size: int) -> bool:
     """True unless decord is installed and decodes a tiny clip of this width wrongly."""
-    try:
-        import av  # noqa: F401
-        import decord  # noqa: F401
-    except ImportError:
+    if not (backend_available("pyav") and backend_available("decord")):
         return True
-    from fusion.data.video import VideoDecodeError, decode
-
     frames = np.zeros((2, size, size, 3), np.uint8)
     try:
         got = decode(encode_mp4(frames), [0, 1], backend="decord")
@@ -708,13 +697,11 @@ def _check_counts(counts: dict[str, int], samples_per_shard: int, n_frames: tupl
     lo, hi = n_frames
     if not 2 <= lo <= hi:
         raise ValueError(f"n_frames must be (min, max) with 2 <= min <= max, got {n_frames!r}")
-    if any(counts[SPLITS_BY_NAME[v].count_arg] for v in VIDEO_SPLITS):
-        try:
-            import av  # noqa: F401
-        except ImportError:
-            raise ValueError("toy videos are encoded with PyAV, which is not installed "
-                             "(pip install av), or ask for no videos: --n-video 0 "
-                             "--n-video-vqa-train 0 --n-video-vqa-test 0") from None
+    if any(counts[SPLITS_BY_NAME[v].count_arg] for v in VIDEO_SPLITS) \
+            and not backend_available("pyav"):
+        raise ValueError("toy videos are encoded with PyAV, which is not installed "
+                         "(pip install av), or ask for no videos: --n-video 0 "
+                         "--n-video-vqa-train 0 --n-video-vqa-test 0")
 
 
 # ---------------------------------------------------------------- the generator

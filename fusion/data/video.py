@@ -1,7 +1,12 @@
-"""Video decoding behind one interface; the only module that imports decord or PyAV (`av`).
+"""Video decoding and H.264 encoding; the only module that imports decord or PyAV (`av`).
 
     decode(data, indices, backend="auto", size=None, timeout=None, stats=None) -> uint8 (F, H, W, 3)
     probe(data, backend="auto", timeout=None, stats=None) -> VideoMeta
+    encode_frames(frames, fps, crf=, keyframe_interval=, preset=, scene_cuts=) -> mp4 bytes
+    transcode(data, fps=, max_side=, crf=, keyframe_interval=, preset=) -> mp4 bytes
+    container_format(data) -> str        measure(data) -> VideoMeta        (shard builders)
+    encoded_size(width, height, max_side) -> (width, height)
+    backend_available(backend) -> bool   encoder_available(codec) -> bool
 
 `data` is a whole video file as bytes (a shard member); nothing touches the filesystem. `decode`
 returns exactly the requested frames, in the requested order, duplicates included. Indices past
@@ -21,7 +26,8 @@ Backends
 Failures raise `VideoDecodeError` whose `reason` is one of REASONS, so the loader and the shard
 builder can count them: "empty" (0 bytes), "unreadable" (the container does not open: garbage,
 a truncated file whose index is missing), "corrupt" (it opens but decoding fails: e.g. a truncated
-media payload), "no_video_stream" (e.g. audio only), "zero_frames", "timeout".
+media payload), "no_video_stream" (e.g. audio only), "zero_frames", "timeout", and from the
+builders' strict reading only (below) "unsupported_format".
 
 Timeouts run the decode in a daemon thread and stop *waiting* after `timeout` seconds. Python
 cannot kill a thread: the abandoned decode keeps its core (and memory) until the library returns,
@@ -29,23 +35,45 @@ and a decoder that spins while holding the GIL (decord #373) also stalls the wai
 the timeout only fires once the GIL is released. A hard limit needs a subprocess per sample.
 
 Resizing to `size=(H, W)` uses Pillow (bilinear) after decoding, identically for both backends.
+
+Encoding (PyAV, libx264, yuv420p mp4, video only) is deterministic: one encoder thread and fixed
+options give byte-identical bytes for the same input and settings (a resumed shard build and the
+toy generator depend on it). No B-frames and a keyframe every `keyframe_interval` frames (plus
+x264's scene cuts if asked for), so a reader seeking to any frame decodes at most that many
+(decord's seeks are also most reliable without frame reordering). `encode_frames` writes uint8
+RGB frames (the toy world); `transcode` re-encodes any video ffmpeg reads (the `videos` / `vqa`
+shard builders), at a constant frame rate and a stored size from `encoded_size`: even sides
+(yuv420p) and no width in DECORD_BAD_WIDTHS.
+
+The builders read their inputs more strictly than `decode` / `probe` do: `transcode`,
+`container_format` and `measure` also refuse a still image ("unsupported_format": ffmpeg opens a
+PNG as a 1-frame video) and a file with fewer packets than its index lists ("corrupt": a file cut
+at a packet boundary decodes quietly to fewer frames). Their messages are the builders' own.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from fusion.data.sampling import VideoMeta
 
 BACKENDS = ("decord", "pyav", "auto")
-REASONS = ("empty", "unreadable", "corrupt", "no_video_stream", "zero_frames", "timeout")
+REASONS = ("empty", "unreadable", "corrupt", "no_video_stream", "zero_frames", "timeout",
+           "unsupported_format")          # the last: only from the builders' strict reading
+
+# decord 0.6.0 returns frames of a wrong shape for these widths (even widths 2..2100 were tried with
+# yuv420p H.264; heights 2..198 all decode). tests/unit/test_build_media.py checks the neighbours.
+DECORD_BAD_WIDTHS = frozenset({2, 4, 6, 8, 12, 16, 24, 48, 72})
+MIN_VIDEO_WIDTH = 10
 
 
 class VideoDecodeError(Exception):
@@ -54,6 +82,7 @@ class VideoDecodeError(Exception):
     def __init__(self, reason: str, message: str, backend: str = ""):
         assert reason in REASONS, reason
         self.reason = reason
+        self.message = message
         self.backend = backend
         super().__init__(f"{reason}: {message}" + (f" [{backend}]" if backend else ""))
 
@@ -102,6 +131,22 @@ def probe(data: bytes, backend: str = "auto", timeout: float | None = None,
     counts them, slower but exact, which is what a shard builder writing `n_frames` wants.
     """
     return _dispatch("probe", data, None, backend, timeout, stats)
+
+
+def backend_available(backend: str) -> bool:
+    """Whether the package behind `backend` ("decord" | "pyav") imports."""
+    if backend not in _MODULES:
+        raise ValueError(f"video backend {backend!r}: expected one of {tuple(_MODULES)}")
+    return _installed(_MODULES[backend])
+
+
+def encoder_available(codec: str = "libx264") -> bool:
+    """Whether PyAV is installed and its FFmpeg can encode with `codec`."""
+    if not backend_available("pyav"):
+        return False
+    import av
+
+    return codec in av.codecs_available
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,18 +354,195 @@ def _pyav_decode(data: bytes, indices: list[int]) -> np.ndarray:
 
 def _pyav_probe(data: bytes) -> VideoMeta:
     with _open_pyav(data) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        n, width, height = 0, 0, 0
-        for frame in _pyav_frames(container):  # count decoded frames: the header may lie
-            if n == 0:
-                width, height = frame.width, frame.height
-            n += 1
+        return _count_frames(container, _pyav_frames(container))
+
+
+def _count_frames(container, frames: Iterable) -> VideoMeta:
+    """Meta of the first video stream, counting the decoded `frames`: the header may lie."""
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    n, width, height = 0, 0, 0
+    for frame in frames:
+        if n == 0:
+            width, height = frame.width, frame.height
+        n += 1
     if n == 0:
         raise VideoDecodeError("zero_frames", "the stream decoded to 0 frames", "pyav")
     fps = float(rate) if rate else 0.0
     return VideoMeta(n_frames=n, fps=fps, duration=n / fps if fps > 0 else 0.0,
                      width=width, height=height)
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding, and the shard builders' strict reading (PyAV)
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_frames(frames: np.ndarray, fps: int | Fraction, *, crf: int, keyframe_interval: int,
+                  preset: str = "medium", scene_cuts: bool = False) -> bytes:
+    """H.264 yuv420p mp4 of uint8 (F, H, W, 3) RGB frames (H and W even), `fps` frames a second.
+
+    scene_cuts=True keeps x264's scene-cut detection, which may add keyframes between the regular
+    ones; the toy generator's clips have always been encoded that way.
+    """
+    import av
+
+    height, width = frames.shape[1], frames.shape[2]
+    # The encoder numbers the frames 0, 1, ... and converts rgb24 to yuv420p itself (bilinear).
+    rgb = (av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in frames)
+    return _write_h264(rgb, fps, width, height,
+                       _x264_options(crf, keyframe_interval, preset, scene_cuts))
+
+
+def transcode(data: bytes, *, fps: float = 0.0, max_side: int = 0, crf: int = 23,
+              keyframe_interval: int = 8, preset: str = "medium") -> bytes:
+    """Any video ffmpeg reads -> H.264 (libx264, yuv420p) mp4 bytes, video only.
+
+    Constant frame rate: the source's average rate (`fps` 0) or `fps`, frames dropped or repeated
+    to match. Size: `encoded_size(width, height, max_side)`, bicubic. Scene cuts add no keyframes.
+    Raises VideoDecodeError (strict reading, see the module docstring).
+    """
+    with _open_strict(data) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        src_rate = Fraction(rate).limit_denominator(1001) if rate and rate > 0 else None
+        out_rate = (Fraction(fps).limit_denominator(1001) if fps > 0
+                    else src_rate or Fraction(25))
+        frames = _strict_frames(container)
+        if fps > 0:
+            frames = _retime(frames, src_rate, out_rate)
+        first = next(frames, None)
+        if first is None:
+            raise VideoDecodeError("zero_frames", "the stream decoded to 0 frames", "pyav")
+        width, height = encoded_size(first.width, first.height, max_side)
+        yuv = _to_yuv420p(itertools.chain([first], frames), width, height, out_rate)
+        return _write_h264(yuv, out_rate, width, height,
+                           _x264_options(crf, keyframe_interval, preset, scene_cuts=False))
+
+
+def container_format(data: bytes) -> str:
+    """FFmpeg's name for the container of a video (e.g. "mov,mp4,m4a,3gp,3g2,mj2"), after the
+    strict checks of opening it: VideoDecodeError(empty | unreadable | unsupported_format |
+    no_video_stream)."""
+    with _open_strict(data) as container:
+        return container.format.name
+
+
+def measure(data: bytes) -> VideoMeta:
+    """Like probe(backend="pyav"): every frame decoded and counted, but strict (a still image, a
+    decode error or a truncated file raise VideoDecodeError); what a builder checks a file with."""
+    with _open_strict(data) as container:
+        return _count_frames(container, _strict_frames(container))
+
+
+def encoded_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Stored (width, height): the longer side at most `max_side` (0 = keep), both even (yuv420p),
+    and a width decord 0.6.0 decodes (the nearest one below in DECORD_BAD_WIDTHS, at least 10)."""
+    scale = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
+
+    def even(x: float) -> int:
+        return max(2, int(x + 0.5) // 2 * 2)
+
+    w, h = even(width * scale), even(height * scale)
+    while w in DECORD_BAD_WIDTHS and w > MIN_VIDEO_WIDTH:
+        w -= 2
+    return max(w, MIN_VIDEO_WIDTH), h
+
+
+def _x264_options(crf: int, keyframe_interval: int, preset: str, scene_cuts: bool) -> dict:
+    options = {"crf": str(crf), "g": str(keyframe_interval), "bf": "0"}
+    if not scene_cuts:
+        options["sc_threshold"] = "0"
+    options.update(preset=preset, threads="1")   # = thread_count 1, set on the stream too
+    return options
+
+
+def _write_h264(frames: Iterable, rate: int | Fraction, width: int, height: int,
+                options: dict) -> bytes:
+    """An mp4 of the av.VideoFrames encoded by libx264 at `rate`, as bytes."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as output:
+        stream = output.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = 1  # threads make x264 nondeterministic
+        stream.options = options
+        for frame in frames:
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode())
+    return buf.getvalue()
+
+
+def _to_yuv420p(frames: Iterable, width: int, height: int, rate: Fraction) -> Iterator:
+    """Decoded frames resized (bicubic) to yuv420p, numbered 0, 1, ... at `rate`."""
+    for n, frame in enumerate(frames):
+        out = frame.reformat(width=width, height=height, format="yuv420p",
+                             interpolation="BICUBIC")
+        out.pts, out.time_base = n, 1 / rate
+        out.pict_type = 0  # NONE: a decoded I frame would force a keyframe in libx264
+        yield out
+
+
+def _retime(frames: Iterable, src_rate: Fraction | None, out_rate: Fraction) -> Iterator:
+    """Frames at `out_rate`: output frame j shows the last source frame whose time <= j / out_rate
+    (frames dropped or repeated, as ffmpeg's fps filter does)."""
+    step = 1 / float(out_rate)
+    src_step = 1 / float(src_rate) if src_rate else step
+    prev, prev_t, t0, j = None, 0.0, None, 0
+    for i, frame in enumerate(frames):
+        t = frame.time if frame.time is not None else i * src_step
+        t0 = t if t0 is None else t0
+        t -= t0
+        while prev is not None and j * step < t - 1e-9:
+            yield prev
+            j += 1
+        prev, prev_t = frame, t
+    if prev is not None:
+        while j * step < prev_t + src_step - 1e-9:  # the last frame lasts one source frame
+            yield prev
+            j += 1
+
+
+def _open_strict(data: bytes):
+    """The builders' `_open_pyav`: an input container with a video stream, or VideoDecodeError
+    (empty | unreadable | unsupported_format | no_video_stream)."""
+    import av
+
+    if not data:
+        raise VideoDecodeError("empty", "0 bytes", "pyav")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception as e:  # InvalidDataError: garbage, or an mp4 cut before its index
+        raise VideoDecodeError("unreadable", f"does not open: {_exception_line(e)}",
+                               "pyav") from e
+    name = container.format.name
+    if name == "image2" or name.endswith("_pipe"):  # ffmpeg opens a PNG as a 1-frame video
+        container.close()
+        raise VideoDecodeError("unsupported_format", f"a still image ({name}), not a video", "pyav")
+    if not container.streams.video:
+        container.close()
+        raise VideoDecodeError("no_video_stream",
+                               f"streams: {[s.type for s in container.streams]}", "pyav")
+    return container
+
+
+def _strict_frames(container) -> Iterator:
+    """The builders' `_pyav_frames`: also raises VideoDecodeError('corrupt') when the file has
+    fewer packets than the container's index lists."""
+    stream = container.streams.video[0]
+    declared = stream.frames
+    packets = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                packets += 1
+            yield from packet.decode()
+    except Exception as e:
+        raise VideoDecodeError("corrupt", f"decoding failed: {_exception_line(e)}", "pyav") from e
+    if declared and packets < declared:
+        raise VideoDecodeError("corrupt", f"the index lists {declared} frames, only {packets} "
+                                          f"are in the file (truncated)", "pyav")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,3 +563,9 @@ def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _first_line(msg: str) -> str:
     return msg.strip().splitlines()[0][:300] if msg.strip() else "(no message)"
+
+
+def _exception_line(e: BaseException) -> str:
+    """The builders' shorter first line: 200 characters, the exception's type if it says nothing."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusion.data.build import COMMANDS, DECORD_BAD_WIDTHS, main, video_size
+from fusion.data.build import COMMANDS, main
 from fusion.data.images import open_image, read_image, resize, to_tensor
 from fusion.data.shards import SampleError, ShardWriter, list_shards, read_index
+from fusion.data.video import DECORD_BAD_WIDTHS, encoded_size
 
 try:
     from . import videos
@@ -382,10 +383,10 @@ def test_video_fps_max_side_and_decord_safe_widths(video_dir, tmp_path):
     assert (meta["fps"], meta["n_frames"], meta["width"], meta["height"]) == (5.0, 5, 20, 16)
     assert videos.frame_ids(decode(s["mp4"], list(range(5)), backend="pyav")) == [0, 2, 4, 6, 8]
 
-    assert video_size(1920, 1080, 0) == (1920, 1080) and video_size(33, 17, 0) == (32, 16)
-    assert video_size(1920, 1080, 256) == (256, 144)
+    assert encoded_size(1920, 1080, 0) == (1920, 1080) and encoded_size(33, 17, 0) == (32, 16)
+    assert encoded_size(1920, 1080, 256) == (256, 144)
     for width in (8, 16, 24, 48, 72, 1000):
-        w, h = video_size(width, 32, 0)
+        w, h = encoded_size(width, 32, 0)
         assert w not in DECORD_BAD_WIDTHS and w % 2 == 0 and w >= 10
 
 

@@ -1,11 +1,14 @@
-"""Video decoding: decord and PyAV return the same, right frames; failures carry a reason."""
+"""Video decoding: decord and PyAV return the same, right frames; failures carry a reason.
+Encoding: deterministic H.264; the builders' strict reading."""
 
+import io
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fusion.data import video
 from fusion.data.sampling import VideoMeta
@@ -90,8 +93,6 @@ def test_resize(clip):
 
 
 def zero_frame_avi():
-    import io
-
     import av
 
     buf = io.BytesIO()
@@ -226,3 +227,56 @@ def test_bad_arguments(clip):
         decode(clip, [])
     with pytest.raises(ValueError, match="negative"):
         decode(clip, [-1])
+
+
+# ---------------------------------------------------------------- encoding, strict reading
+
+
+def test_encode_frames_round_trips_deterministically():
+    frames = np.stack([videos.make_frame(i, 32, 40) for i in range(6)])      # (6, 32, 40, 3)
+    data = video.encode_frames(frames, 10, crf=0, keyframe_interval=4)
+    assert data == video.encode_frames(frames, 10, crf=0, keyframe_interval=4)
+    check_frames(decode(data, [5, 0, 3], backend="pyav"), [5, 0, 3], 32, 40)
+    meta = video.measure(data)
+    assert (meta.n_frames, meta.fps, meta.width, meta.height) == (6, 10.0, 40, 32)
+    # x264 writes its settings into the stream: scene-cut keyframes off unless asked for
+    assert b"scenecut=0" in data
+    assert b"scenecut=40" in video.encode_frames(frames, 10, crf=0, keyframe_interval=4,
+                                                 scene_cuts=True)
+
+
+def test_transcode_retimes_and_resizes(clip):
+    data = video.transcode(clip, fps=5, max_side=20, crf=0, keyframe_interval=3)
+    assert data == video.transcode(clip, fps=5, max_side=20, crf=0, keyframe_interval=3)
+    meta = video.measure(data)
+    assert (meta.n_frames, meta.fps, meta.width, meta.height) == (10, 5.0, 20, 16)
+    assert probe(data, backend="pyav") == meta
+    assert "mp4" in video.container_format(data).split(",")
+    assert video.encoded_size(24, 32, 0) == (22, 32)                # decord misreads width 24
+
+
+def test_strict_reading_refuses_still_images_and_truncated_files(clip_faststart):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    for fn in (video.transcode, video.measure, video.container_format):
+        with pytest.raises(VideoDecodeError) as info:
+            fn(buf.getvalue())
+        assert info.value.reason == "unsupported_format"
+        assert info.value.message == "a still image (png_pipe), not a video"
+        with pytest.raises(VideoDecodeError) as info:
+            fn(b"")
+        assert info.value.reason == "empty"
+    index_only = clip_faststart[:clip_faststart.index(b"mdat") + 4]       # no media data at all
+    for fn in (video.transcode, video.measure):
+        with pytest.raises(VideoDecodeError, match="truncated") as info:
+            fn(index_only)
+        assert info.value.reason == "corrupt"
+
+
+def test_backend_and_encoder_available(monkeypatch):
+    assert video.backend_available("pyav") and video.backend_available("decord")
+    assert video.encoder_available("libx264") and not video.encoder_available("no-such-codec")
+    with pytest.raises(ValueError, match="backend"):
+        video.backend_available("auto")
+    monkeypatch.setattr(video, "_installed", lambda module: False)
+    assert not video.backend_available("pyav") and not video.encoder_available()
