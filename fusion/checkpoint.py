@@ -93,12 +93,14 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
 
 def export_model(model, cfg, path: Path) -> None:
     """model.safetensors (weights, buffers such as router biases) + model.json (config, tokenizer)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from fusion.config import to_dict
 
     path.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path / "model.safetensors.tmp"))
+    # ZeRO keeps parameters as views of one flat buffer: copy each out (tied weights stay two keys)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / "model.safetensors.tmp"))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     meta = {"model": to_dict(cfg)["model"], "tokenizer": cfg.data.tokenizer,
             "vocab_size": model.vocab_size}
@@ -120,7 +122,7 @@ def find_model_dir(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model a checkpoint describes and load its weights (safetensors + JSON only)."""
-    from safetensors.torch import load_model as load_safetensors
+    from safetensors.torch import load_file
 
     from fusion.config import Config, ModelConfig, load_config
     from fusion.data.tokenizer import build_tokenizer
@@ -133,7 +135,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     assert isinstance(cfg.model, ModelConfig)
     tokenizer = build_tokenizer(meta["tokenizer"])
     model = build_model(cfg.model, tokenizer)
-    load_safetensors(model, str(model_dir / "model.safetensors"), device=str(device))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     model.tokenizer = tokenizer
     return model.to(device).eval()
 

@@ -92,11 +92,14 @@ class DataConfig:
     num_workers: int = 1           # DataLoader worker processes per rank and modality
     shuffle_buffer: int = 256      # samples held for shuffling inside a stream
     caption: str = "after"         # caption "after" the media (captioning), "before" it, or "random"
+    vqa_loss: str = "answer"       # VQA samples: loss on the "answer" (+ eos) only, or on "all" text
     n_frames: int = 8              # frames sampled per video
     frame_strategy: str = "segment_random"  # uniform | fps | segment_random | segment_middle
     video_backend: str = "auto"    # decord, pyav, or auto (decord with a per-sample PyAV fallback)
     decode_timeout: float = 30.0   # seconds before a video decode is abandoned (counted)
     max_pixels: int = 50_000_000   # images above this (from the header) are skipped and counted
+    eval: str = ""                 # VQA set dirs (comma-separated) scored every train.eval_every steps
+    eval_limit: int = 200          # questions per set in an in-training evaluation (0 = all)
 
 
 @dataclass
@@ -354,6 +357,7 @@ _CHOICES = {
     "model.moe.path": ("loop", "grouped"),
     "train.precision": ("auto", "fp32", "bf16"),
     "data.caption": ("after", "before", "random"),
+    "data.vqa_loss": ("answer", "all"),
     "data.frame_strategy": ("uniform", "fps", "segment_random", "segment_middle"),
     "data.video_backend": ("auto", "decord", "pyav"),
 }
@@ -382,7 +386,7 @@ def validate(cfg: Config) -> None:
     nonneg = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
               "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
               "train.ckpt_every", "train.log_every", "train.eval_every", "train.weight_decay",
-              "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops",
+              "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops", "data.eval_limit",
               "model.vision.width", "model.vision.lr_scale"]
     for key in nonneg:
         if _get(cfg, key) < 0:
@@ -428,6 +432,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.video and tokens_per_video(v, cfg.data.n_frames) > cfg.train.seq_len:
         raise ConfigError(f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one video's "
                           f"{tokens_per_video(v, cfg.data.n_frames)} tokens ({cfg.data.n_frames} frames)")
+    if cfg.train.eval_every and not cfg.data.eval:
+        raise ConfigError("config key 'train.eval_every' is set but 'data.eval' names no VQA set")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"config key 'train.betas': expected two values, got {cfg.train.betas}")
     if cfg.train.zero_stage not in (0, 1, 2):

@@ -170,6 +170,24 @@ def router_metrics(load: torch.Tensor) -> dict:
     return out
 
 
+def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
+    """Toy-VQA accuracy of the live model on `data.eval` sets -> metrics `eval/acc/{type}` (first
+    set holding that type) and `eval/{set}/acc`, `eval/{set}/blind_acc`; files in eval/step_N/."""
+    from fusion.eval.vqa import evaluate_run
+
+    sets = [s for s in cfg.data.eval.split(",") if s]
+    results = evaluate_run(run_dir, sets, model=model, out_dir=run_dir / "eval" / f"step_{step}",
+                           step=step, limit=cfg.data.eval_limit or None, n_frames=cfg.data.n_frames,
+                           examples=8, progress=False)
+    row: dict = {}
+    for name, res in results.items():
+        row[f"eval/{name}/acc"] = res["overall"]["acc"]
+        row[f"eval/{name}/blind_acc"] = res["overall"]["blind_acc"]
+        for kind, r in res["by_type"].items():
+            row.setdefault(f"eval/acc/{kind}", r["acc"])
+    return row
+
+
 def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
     from fusion.plots import plot_expert_load, plot_losses
 
@@ -250,6 +268,7 @@ def train(cfg: Config) -> int:
     # ---- model, optimizer, engine ----
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer)
+    model.tokenizer = tokenizer  # for in-training evaluation
     bf16 = use_bf16(cfg.train.precision, device)
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, cfg.model.vision.lr_scale),
@@ -341,6 +360,12 @@ def train(cfg: Config) -> int:
             if rank == 0:
                 print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} "
                       f"tok/s {row['tokens_per_s']:.0f}", flush=True)
+
+        # ---- evaluate (rank 0 scores the VQA sets; the others wait at the next collective) ----
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            if rank == 0:
+                log.log({"step": step, **evaluate_in_training(model, cfg, run_dir, step)})
+            dist.barrier()
 
         # ---- checkpoint ----
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:

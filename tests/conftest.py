@@ -131,3 +131,14 @@ def video_shards(tmp_path_factory) -> Path:
                     "json": {"fps": 8.0, "n_frames": 8, "duration": 1.0, "width": 32, "height": 32}})
     write_index(out, "video")
     return out
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory) -> Path:
+    """A small toy world from `fusion-data toy` (all splits, a few shards each)."""
+    out = tmp_path_factory.mktemp("toy") / "world"
+    r = run_cli([str(BIN / "fusion-data"), "toy", "--output", str(out), "--n-text", "40",
+                 "--n-image", "40", "--n-video", "8", "--n-vqa-train", "60", "--n-vqa-test", "30",
+                 "--n-video-vqa-train", "8", "--n-video-vqa-test", "8", "--samples-per-shard", "20"])
+    assert r.returncode == 0, r.stderr
+    return out

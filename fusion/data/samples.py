@@ -90,7 +90,15 @@ class SampleMaker:
         if meta is not None and "question" in meta:
             if "answer" not in meta:
                 return self._fail("missing_answer")
-            parts = [part, vqa_prompt(str(meta["question"])) + vqa_answer(str(meta["answer"]))]
+            prompt, answer = vqa_prompt(str(meta["question"])), vqa_answer(str(meta["answer"]))
+            parts = [part, prompt + answer]
+            if self.cfg.data.vqa_loss == "answer":
+                tokens, loss_mask, min_pairs = build_sample(self.tokenizer, [part, prompt])
+                tokens = tokens[:-1] + self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
+                loss_mask = [False] * (len(loss_mask) - 1) + [True] * (len(tokens) - len(loss_mask) + 1)
+                out = {"tokens": tokens, "loss_mask": loss_mask, "modality": modality, "min_pairs": min_pairs}
+                out["images" if modality == 1 else "videos"] = [pixels]
+                return out
         else:
             caption = self._caption(raw)
             if caption is None:

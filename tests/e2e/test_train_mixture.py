@@ -11,7 +11,8 @@ from tests.conftest import BIN, free_port, run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, video_shards, tmp_path):
+def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, video_shards, toy_world,
+                                                    tmp_path):
     run_dir = tmp_path / "mix"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "fusion.train", "--config", "configs/debug.yaml",
@@ -19,11 +20,20 @@ def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, v
            "data.n_frames=4", "data.shuffle_buffer=16", "data.weights=[1,1,1]",
            "train.seq_len=160", "train.micro_batch=3", "train.grad_accum=2", "train.zero_stage=2",
            "train.steps=30", "train.lr=3e-3", "train.warmup=3", "train.ckpt_every=15",
-           "model.vision.lr_scale=0.5", f"run.dir={run_dir}"]
+           "model.vision.lr_scale=0.5", f"run.dir={run_dir}",
+           f"data.eval={toy_world / 'vqa_image_test'},{toy_world / 'vqa_video_test'}",
+           "train.eval_every=15", "data.eval_limit=10"]
     r = run_cli(cmd, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if "loss" in r]
+    evals = [r for r in all_rows if "loss" not in r]
     assert len(rows) == 30
+    # in-training evaluation at steps 15 and 30, on both sets, files beside
+    assert [r["step"] for r in evals] == [15, 30]
+    for r in evals:
+        assert 0 <= r["eval/vqa_image_test/acc"] <= 1 and "eval/acc/color" in r and "eval/acc/direction" in r
+    assert (run_dir / "eval" / "step_30" / "vqa_video_test.json").is_file()
     for key in ("loss/text", "loss/image", "loss/video"):
         first = sum(r[key] for r in rows[:3]) / 3
         last = sum(r[key] for r in rows[-3:]) / 3

@@ -8,7 +8,7 @@ from fusion.model.fusion import build_model
 
 
 def test_export_then_load_model_gives_the_same_logits(tmp_path):
-    cfg = load_config(None, ["model.moe.balance=bias", "model.vision.pixel_shuffle=true",
+    cfg = load_config(None, ["model.moe.balance=bias", "model.vision.pixel_shuffle=true", "model.tie_embeddings=true",
                              "model.vision.img_size=32", "model.vision.patch_size=8", "model.dim=48"])
     torch.manual_seed(0)
     model = build_model(cfg.model, ByteTokenizer()).eval()

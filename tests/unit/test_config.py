@@ -24,6 +24,7 @@ def test_spec_keys_exist():
             "data.text=/x", "data.image=/y", "data.video=/z", "data.weights=[1,2,3]", "data.alpha=0.5",
             "train.steps=7", "train.seed=3", "train.micro_batch=2", "train.seq_len=512", "train.lr=0.1",
             "train.ckpt_every=5", "train.resume=none", "train.log_every=2", "train.eval_every=4",
+            "data.eval=/v",
             "run.dir=/tmp/r"]
     cfg = load_config(None, keys)
     assert cfg.model.moe.n_experts == 8 and cfg.model.moe.top_k == 2
@@ -115,3 +116,8 @@ def test_wrong_key_fails_fast_with_one_line():
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if "error" in l]
     assert len(lines) == 1 and "model.moe.n_expert" in lines[0], r.stderr
+
+
+def test_eval_every_needs_eval_sets():
+    with pytest.raises(ConfigError, match="train.eval_every.*data.eval"):
+        load_config(None, ["train.eval_every=5"])
