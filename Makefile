@@ -32,7 +32,7 @@ test-unit: $(STAMP)
 demo: $(STAMP)
 	test -f $(TOY)/toy.json || $(BIN)/fusion-data toy --output $(TOY)
 	$(BIN)/deepspeed --num_gpus 2 --module fusion.train --config configs/demo.yaml run.dir=$(DEMO_RUN)
-	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --no-progress > $(DEMO_RUN)/eval.log
+	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --limit 300 --no-progress > $(DEMO_RUN)/eval.log
 	$(BIN)/python tools/demo_report.py --run $(DEMO_RUN) --vqa $(DEMO_SETS)
 
 clean:
