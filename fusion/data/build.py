@@ -142,7 +142,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -155,7 +155,7 @@ def _int_at_least(low: int):
     return parse
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -489,10 +489,10 @@ def add_build_arguments(p: argparse.ArgumentParser, *, text_col: str = "text",
     p.add_argument("--key-col", default=None, metavar="COL",
                    help="column whose value becomes the sample key, mapped to [0-9A-Za-z_-] "
                         "(default: the record index, %%09d)")
-    p.add_argument("--samples-per-shard", type=_int_at_least(1), default=samples_per_shard,
+    p.add_argument("--samples-per-shard", type=int_at_least(1), default=samples_per_shard,
                    metavar="N", help="input records per shard; record i goes to shard i // N "
                                      f"(default: {samples_per_shard})")
-    p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+    p.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",
                    help="worker processes, each writing whole shards (default: CPUs, at most 8)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr")
@@ -598,7 +598,7 @@ def make_text_sample(key: str, fields: dict, meta: dict, *, text_col: str, min_c
 
 def _configure_text(p: argparse.ArgumentParser) -> None:
     add_build_arguments(p, text_help="column holding the document")
-    p.add_argument("--min-chars", type=_int_at_least(0), default=1, metavar="N",
+    p.add_argument("--min-chars", type=int_at_least(0), default=1, metavar="N",
                    help="documents with fewer characters (stripped) fail as too_short (default: 1)")
 
 
@@ -807,7 +807,7 @@ def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, an
 # ---------------------------------------------------------------- images, videos, vqa commands
 
 def _quality(text: str) -> int:
-    value = _int_at_least(1)(text)
+    value = int_at_least(1)(text)
     if value > 100:
         raise argparse.ArgumentTypeError(f"must be <= 100, got {value}")
     return value
@@ -838,7 +838,7 @@ def _add_media_path_arguments(p: argparse.ArgumentParser, image: bool, video: bo
 
 def _add_image_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images")
-    g.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
+    g.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="images whose header says more pixels fail as too_many_pixels before "
                         f"decoding (default: {DEFAULT_MAX_PIXELS:,}; Pillow's own bomb limit of "
                         f"{Image.MAX_IMAGE_PIXELS:,} also applies and is never raised)")
@@ -866,9 +866,9 @@ def _add_video_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fps", type=_fps, default=0.0, metavar="F",
                    help="frame rate of re-encoded videos, frames dropped or repeated "
                         "(default: 0 = the source's average rate)")
-    g.add_argument("--keyframe-interval", type=_int_at_least(1), default=8, metavar="N",
+    g.add_argument("--keyframe-interval", type=int_at_least(1), default=8, metavar="N",
                    help="a keyframe every N frames: a short GOP makes seeking cheap (default: 8)")
-    g.add_argument("--crf", type=_int_at_least(0), default=23, metavar="N",
+    g.add_argument("--crf", type=int_at_least(0), default=23, metavar="N",
                    help="x264 constant rate factor, 0 (lossless) .. 51 (default: 23)")
     g.add_argument("--preset", default="medium",
                    choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
@@ -877,7 +877,7 @@ def _add_video_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_max_side(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--max-side", type=_int_at_least(0), default=0, metavar="N",
+    p.add_argument("--max-side", type=int_at_least(0), default=0, metavar="N",
                    help=f"{what} (default: 0 = keep the size)")
 
 
@@ -1069,11 +1069,11 @@ def _configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", choices=MODALITIES, default=None,
                    help="modality to check against (default: from index.json, else guessed "
                         "from the members of the first sample)")
-    p.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+    p.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",
                    help="processes reading shards in parallel (default: CPUs, at most 8)")
-    p.add_argument("--max-problems", type=_int_at_least(0), default=20, metavar="N",
+    p.add_argument("--max-problems", type=int_at_least(0), default=20, metavar="N",
                    help="problems listed one per line before the summary (default: 20)")
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="images with more pixels fail as too_many_pixels, as in the builders "
                         f"(default: {DEFAULT_MAX_PIXELS:,})")
 

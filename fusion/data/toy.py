@@ -65,6 +65,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fusion.data.build import CliError, default_workers, int_at_least
 from fusion.data.shards import ShardWriter, shard_name, write_index
 from fusion.data.video import (
     DECORD_BAD_WIDTHS,
@@ -803,19 +804,6 @@ def format_summary(summary: dict) -> str:
 
 # ---------------------------------------------------------------- command line
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
 def _image_size(text: str) -> int:
     try:
         value = int(text)
@@ -829,7 +817,7 @@ def _image_size(text: str) -> int:
 
 def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `fusion-data toy`."""
-    n = _int_at_least(0)
+    n = int_at_least(0)
     d = DEFAULTS
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="directory for the toy datasets (one shard directory per split, "
@@ -858,19 +846,11 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"video VQA (direction) training questions (default {d['n_video_vqa_train']})")
     parser.add_argument("--n-video-vqa-test", type=n, default=d["n_video_vqa_test"], metavar="N",
                         help=f"video VQA (direction) test questions (default {d['n_video_vqa_test']})")
-    parser.add_argument("--samples-per-shard", type=_int_at_least(1), default=d["samples_per_shard"],
+    parser.add_argument("--samples-per-shard", type=int_at_least(1), default=d["samples_per_shard"],
                         metavar="N", help=f"samples per tar shard (default {d['samples_per_shard']})")
-    parser.add_argument("--workers", type=_int_at_least(1), default=_default_workers(), metavar="N",
+    parser.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",
                         help="processes writing shards; the output does not depend on it "
                              "(default: CPUs, at most 8)")
-
-
-def _default_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
 
 
 def run_toy(args: argparse.Namespace) -> int:
@@ -883,7 +863,6 @@ def run_toy(args: argparse.Namespace) -> int:
             n_video_vqa_train=args.n_video_vqa_train, n_video_vqa_test=args.n_video_vqa_test,
             samples_per_shard=args.samples_per_shard, workers=getattr(args, "workers", 1))
     except (ValueError, OSError) as exn:
-        from fusion.data.build import CliError   # build imports this module: import late
 
         raise CliError(str(exn)) from exn
     print(format_summary(summary))
