@@ -14,9 +14,11 @@ match. Then, on the same samples and on the same CPUs:
 
 Same process count: with `--processes P` the whole benchmark is pinned to P CPUs
 (`sched_setaffinity`) and each side runs P processes. The loader's main process counts as one of
-them (it tokenises nothing here but packs rows and collates), so `data.num_workers = P - 1`, and 0
-(decoding in the main process) for P = 1. The builder gets `--workers P` (in-process for P = 1).
-References with P > 1 split the shards (files) round-robin over P already-started processes.
+them (it packs rows and collates; workers read, decode and tokenise), so `data.num_workers = P - 1`,
+and 0 (everything in the main process) for P = 1. The builder gets `--workers P` (in-process for
+P = 1; its process pool starts inside the timed run, as it does for a user). References with P > 1
+split the shards (files) round-robin over P processes started before timing. Videos use
+`data.frame_strategy=segment_middle` so that the reference can decode the very same frames.
 
 Each measurement is warmed up, then the subject and its reference alternate `--repeats` times (so
 both see the same background load); the best rate of each is kept and the ratio is subject / reference.
@@ -294,7 +296,9 @@ def measure(subject, reference, warmup, repeats: int) -> dict:
     for _ in range(repeats):
         ref.append(reference())
         subj.append(subject())
-    best = lambda runs: max(n / s for n, s in runs)   # noqa: E731
+    def best(runs):
+        return max(n / s for n, s in runs)
+
     return {"subject_rate": best(subj), "reference_rate": best(ref),
             "subject_runs": [[n, round(s, 4)] for n, s in subj],
             "reference_runs": [[n, round(s, 4)] for n, s in ref]}

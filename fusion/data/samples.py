@@ -7,8 +7,9 @@ One function per kind, chosen by the members a sample holds (SPEC §4):
 - vqa:           media + `.json` {question, answer}  -> media, then "Q: {question} A: {answer}"
 
 A sample that cannot be used returns None (the stream counts it); the reason goes to the counter.
-Pixels stay uint8 (3, S, S) / (F, 3, S, S) until the model normalises them: 4x less to move and
-a compact checkpoint of the packer's partial rows.
+Pixels stay uint8 numpy arrays (3, S, S) / (F, 3, S, S) until collation makes tensors and the
+model normalises them: 4x less to move than floats, cheap to send from DataLoader workers, and a
+compact checkpoint of the packer's partial rows.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def vqa_answer(answer: str) -> str:
     return f" {answer.strip()}"
 
 
-def square_pixels(img, size: int, train: bool, rng: random.Random) -> torch.Tensor:
+def square_pixels(img, size: int, train: bool, rng: random.Random) -> np.ndarray:
     """PIL image -> uint8 (3, size, size): shorter side to `size`, then a centre crop (or, when
-    training, a crop at a random offset along the longer side)."""
+    training, a crop at a random offset along the longer side). numpy, not torch: a DataLoader
+    worker sends every torch tensor through its own shared-memory segment, which costs more than
+    decoding a small picture (docs/benchmarks.md)."""
     from PIL import Image
 
     img = img.convert("RGB")
@@ -49,7 +52,7 @@ def square_pixels(img, size: int, train: bool, rng: random.Random) -> torch.Tens
     x0 = rng.randint(0, nw - size) if train else (nw - size) // 2
     y0 = rng.randint(0, nh - size) if train else (nh - size) // 2
     arr = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
 
 
 @dataclass
@@ -173,4 +176,4 @@ class SampleMaker:
             crop_rng.setstate(state)
             pixels.append(square_pixels(Image.fromarray(frame), v.img_size, self.train, crop_rng))
         groups = d.n_frames // v.temporal_merge
-        return ("video", groups, tokens_per_image(v)), torch.stack(pixels), 2  # (F, 3, S, S)
+        return ("video", groups, tokens_per_image(v)), np.stack(pixels), 2  # (F, 3, S, S)

@@ -19,7 +19,7 @@ positions start at 0.
 
 Row fields, each a list of length T: input_ids, labels (IGNORE where no loss), positions,
 doc_ids (-1 on padding), sample_modality (0 text, 1 image, 2 video); plus `images` and `videos`,
-the uint8 pixel tensors of the row's media in order of appearance.
+the uint8 pixels (numpy arrays or tensors) of the row's media in order of appearance.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Packer:
         self.dropped = 0       # media samples whose media alone exceed seq_len
 
     def add(self, tokens: list[int], modality: int = 0, loss_mask: list[bool] | None = None,
-            images: list[torch.Tensor] = (), videos: list[torch.Tensor] = (), min_pairs: int = 0) -> None:
+            images: list = (), videos: list = (), min_pairs: int = 0) -> None:
         """Add one sample; complete rows accumulate in `self.ready`."""
         if len(tokens) < 2:
             return
@@ -170,27 +170,27 @@ class Packer:
         self.ready = [_row_from_json(r) for r in state["ready"]]
 
 
-def _tensor_to_json(t: torch.Tensor) -> dict:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-            "b64": base64.b64encode(t.contiguous().numpy().tobytes()).decode()}
+def _pixels_to_json(t) -> dict:
+    arr = np.ascontiguousarray(np.asarray(t))
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "b64": base64.b64encode(arr.tobytes()).decode()}
 
 
-def _tensor_from_json(d: dict) -> torch.Tensor:
+def _pixels_from_json(d: dict) -> np.ndarray:
     arr = np.frombuffer(base64.b64decode(d["b64"]), dtype=np.dtype(d["dtype"]))
-    return torch.from_numpy(arr.copy()).reshape(d["shape"])
+    return arr.copy().reshape(d["shape"])
 
 
 def _row_to_json(row: dict) -> dict:
     out = {f: list(row[f]) for f in FIELDS}
     for m in MEDIA:
-        out[m] = [_tensor_to_json(t) for t in row.get(m, [])]
+        out[m] = [_pixels_to_json(t) for t in row.get(m, [])]
     return out
 
 
 def _row_from_json(d: dict) -> dict:
     row = {f: list(d[f]) for f in FIELDS}
     for m in MEDIA:
-        row[m] = [_tensor_from_json(t) for t in d.get(m, [])]
+        row[m] = [_pixels_from_json(t) for t in d.get(m, [])]
     return row
 
 
@@ -199,7 +199,7 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     (M, F, 3, H, W) uint8 in order of appearance (row-major), when the rows hold any."""
     batch = {f: torch.tensor([r[f] for r in rows], dtype=torch.long) for f in FIELDS}
     for m in MEDIA:
-        items = [t for r in rows for t in r.get(m, [])]
+        items = [np.asarray(t) for r in rows for t in r.get(m, [])]  # numpy or torch pixels
         if items:
-            batch[m] = torch.stack(items)
+            batch[m] = torch.from_numpy(np.stack(items))
     return batch

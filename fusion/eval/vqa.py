@@ -131,8 +131,8 @@ def make_question(raw: dict, maker) -> Question | None:
         return None
     part, pixels, modality = media
     return Question(key=key, question=meta["question"].strip(), answer=answer, choices=choices,
-                    type=str(meta.get("type") or "untyped"), part=part, pixels=pixels,
-                    modality=modality)
+                    type=str(meta.get("type") or "untyped"), part=part,
+                    pixels=torch.as_tensor(pixels), modality=modality)
 
 
 def iter_questions(vqa_dir: str | Path, maker) -> Iterator[Question]:
