@@ -247,7 +247,7 @@ class Batches:
             m = plan_next(self.probs, self.rows)
             self.rows[m] += 1
             row = self.sources[m].next_row()
-            self.tokens[m] += sum(1 for d in row["doc_ids"] if d >= 0)
+            self.tokens[m] += len(row["doc_ids"]) - row["doc_ids"].count(-1)  # padding is -1
             rows.append(row)
         return collate(rows)
 
