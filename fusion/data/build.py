@@ -573,18 +573,8 @@ def make_text_sample(key: str, fields: dict, meta: dict, *, text_col: str, min_c
     (bytes that were not UTF-8 in the input), `too_short` (fewer than `min_chars` characters
     once stripped).
     """
-    text = fields.get(text_col)
-    if text is None:
-        raise SampleError("empty_text")
-    if not isinstance(text, str):
-        raise SampleError("not_text", f"column '{text_col}' is {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SampleError("bad_utf8", f"column '{text_col}' is not UTF-8") from None
+    text = checked_text(fields, text_col, "empty_text")
     stripped = text.strip()
-    if not stripped:
-        raise SampleError("empty_text")
     if len(stripped) < min_chars:
         raise SampleError("too_short", f"{len(stripped)} < {min_chars} characters")
     other = {k: v for k, v in fields.items() if k != text_col}
@@ -634,9 +624,9 @@ class VideoOptions:
     preset: str = "medium"
 
 
-def media_text(fields: dict, col: str, empty: str) -> str:
-    """A caption or question: a non-blank string (stripped), else SampleError(empty | not_text |
-    bad_utf8)."""
+def checked_text(fields: dict, col: str, empty: str) -> str:
+    """The column's string, as it is, once it is known to be a non-blank UTF-8 string; else
+    SampleError(empty | not_text | bad_utf8)."""
     value = fields.get(col)
     if value is None:
         raise SampleError(empty, f"column '{col}' is null")
@@ -646,10 +636,14 @@ def media_text(fields: dict, col: str, empty: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise SampleError("bad_utf8", f"column '{col}' is not UTF-8") from None
-    value = value.strip()
-    if not value:
+    if not value.strip():
         raise SampleError(empty, f"column '{col}' is blank")
     return value
+
+
+def media_text(fields: dict, col: str, empty: str) -> str:
+    """A caption or question, stripped (see `checked_text`)."""
+    return checked_text(fields, col, empty).strip()
 
 
 def read_media(value, base: str) -> bytes:
