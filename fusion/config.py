@@ -20,6 +20,11 @@ from typing import Any
 import yaml
 
 
+# The modalities, in the order of `data.weights` and of every per-modality tensor (data, loss,
+# router statistics): text=0, image=1, video=2.
+MODALITIES = ("text", "image", "video")
+
+
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the key and its source."""
 

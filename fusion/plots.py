@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODALITIES = ("text", "image", "video")
+from fusion.config import MODALITIES
 
 
 def _pyplot():

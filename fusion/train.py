@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fusion.config import Config, ConfigError, deepspeed_config, dump_yaml, finalize, load_config
+from fusion.config import (MODALITIES, Config, ConfigError, deepspeed_config, dump_yaml, finalize,
+                           load_config)
 
 
 def parse_args(argv):
@@ -162,7 +163,7 @@ def router_metrics(load: torch.Tensor) -> dict:
     mean = per_expert.mean(1, keepdim=True).clamp(min=1e-9)
     out["router/max_load"] = float((per_expert / mean).max())
     out["router/dead_experts"] = int((per_expert == 0).sum())
-    for i, name in enumerate(("text", "image", "video")):
+    for i, name in enumerate(MODALITIES):
         mod = load[:, i]  # (L, E)
         if mod.sum() > 0:
             mod_mean = mod.mean(1, keepdim=True).clamp(min=1e-9)
@@ -255,7 +256,7 @@ def train(cfg: Config) -> int:
     from fusion.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
     from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
-    from fusion.model.fusion import MODALITIES, build_model
+    from fusion.model.fusion import build_model
 
     rank, world, device = init_distributed()
     derived = finalize(cfg, world)

@@ -33,10 +33,10 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fusion.config import MODALITIES
 from fusion.data.sequence import Packer, collate
 from fusion.data.shards import ErrorCounter, iter_samples, list_shards
 
-MODALITIES = ("text", "image", "video")
 
 
 def assigned_samples(urls: list[str], sid: int, n_sub: int, seed: int, epoch: int,

@@ -19,7 +19,6 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fusion.config import Config, tokens_per_image
 from fusion.data.sequence import build_sample

@@ -24,7 +24,6 @@ from fusion.config import ModelConfig
 from fusion.data.tokenizer import SpecialIds
 from fusion.model.decoder import Decoder
 
-MODALITIES = ("text", "image", "video")
 IGNORE = -100  # label value with no loss: padding, placeholders, media markers
 
 
