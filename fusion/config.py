@@ -49,7 +49,9 @@ class MoEConfig:
     z_coef: float = 1e-3          # weight of the router z-loss (any balance mode; 0 disables)
     bias_rate: float = 1e-3       # aux-free bias update step per optimizer step (balance=bias)
     path: str = "grouped"         # expert compute: "loop" (reference) | "grouped" (fast / batched)
-    ep_size: int = 1              # expert-parallel degree (ranks that share one layer's experts)
+    ep_size: int = 1              # expert-parallel degree: each layer's experts are split over this many ranks
+    n_groups: int = 1             # group-limited routing: experts form n_groups contiguous groups (1 = off)
+    topk_groups: int = 1          # ... and each token picks its top_k experts inside its best topk_groups groups
 
 
 @dataclass
@@ -82,6 +84,19 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Llama 4 attention (issue #6); the defaults are a plain RoPE decoder with full causal attention
+    nope_every: int = 0           # layers nope_every-1, 2*nope_every-1, ... use no RoPE and full causal
+                                  # attention over the document (NoPE); 0 = RoPE on every layer
+    attn_chunk: int = 0           # RoPE layers attend only inside their attn_chunk-token chunk of the
+                                  # document (chunked local attention); 0 = full causal attention
+    qk_norm: bool = False         # weightless L2 (RMS) norm of queries and keys on RoPE layers
+    temp_tuning: bool = True      # NoPE layers scale queries by 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
+    floor_scale: int = 8192       # positions per step of the NoPE temperature (tokens)
+    attn_scale: float = 0.1       # slope of the NoPE temperature
+    rope_factor: float = 1.0      # Llama 3 RoPE frequency scaling for long context; 1 = unscaled
+    rope_low_freq_factor: float = 1.0   # wavelengths above rope_original_ctx / this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # wavelengths below rope_original_ctx / this are kept; between: blended
+    rope_original_ctx: int = 8192  # context length the unscaled RoPE was trained for (tokens)
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -127,6 +142,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0            # 0 = never during training
     peak_tflops: float = 0.0       # accelerator peak for MFU; 0 = look up a known GPU, else no MFU
+    activation_checkpointing: int = 0  # recompute decoder layers in backward: 0 off, k = layers 0, k, 2k, ... (1 = all)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed keys merged into the generated JSON
 
 
@@ -157,14 +173,34 @@ SIZES: dict[str, dict[str, Any]] = {
     # one GPU
     "small": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=3072,
                   moe=dict(n_experts=16, top_k=1, n_shared=1, every=2, moe_ffn_dim=1536)),
-    # Scout's shape at small scale: 16 coarse experts in every layer, top-1 + 1 shared
+    # Scout's shape at small scale: 16 coarse experts in every layer, top-1 + 1 shared; NoPE every
+    # 4th layer, 512-token chunks elsewhere, QK norm
     "scout-mini": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=2048,
+                       nope_every=4, attn_chunk=512, qk_norm=True, floor_scale=512,
                        moe=dict(n_experts=16, top_k=1, n_shared=1, every=1, moe_ffn_dim=1024,
                                 score="sigmoid", gate_on="input")),
-    # Maverick's shape at small scale: many fine-grained experts every other layer, top-1 + 1 shared
+    # Maverick's shape at small scale: many fine-grained experts every other layer, top-1 + 1 shared;
+    # NoPE every 4th layer, 512-token chunks elsewhere, no QK norm (as Maverick)
     "maverick-mini": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=4096,
+                          nope_every=4, attn_chunk=512, qk_norm=False, floor_scale=512,
                           moe=dict(n_experts=64, top_k=1, n_shared=1, every=2, moe_ffn_dim=1024,
                                    score="sigmoid", gate_on="input")),
+    # The published text models (Hugging Face meta-llama/Llama-4-Scout-17B-16E and
+    # Llama-4-Maverick-17B-128E config.json, text_config). Far too big to train here: build them on
+    # the meta device to count (fusion-plan), or start from their weights (fusion-convert from-hf).
+    "llama4-scout": dict(vocab_size=202048, dim=5120, n_layers=48, n_heads=40, n_kv_heads=8,
+                         ffn_dim=16384, norm_eps=1e-5, rope_theta=500000.0, rope_factor=8.0,
+                         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_ctx=8192,
+                         nope_every=4, attn_chunk=8192, qk_norm=True, temp_tuning=True,
+                         floor_scale=8192, attn_scale=0.1,
+                         moe=dict(n_experts=16, top_k=1, n_shared=1, every=1, moe_ffn_dim=8192,
+                                  score="sigmoid", gate_on="input")),
+    "llama4-maverick": dict(vocab_size=202048, dim=5120, n_layers=48, n_heads=40, n_kv_heads=8,
+                            ffn_dim=16384, norm_eps=1e-5, rope_theta=500000.0, rope_factor=1.0,
+                            nope_every=4, attn_chunk=8192, qk_norm=False, temp_tuning=True,
+                            floor_scale=8192, attn_scale=0.1,
+                            moe=dict(n_experts=128, top_k=1, n_shared=1, every=2, moe_ffn_dim=8192,
+                                     score="sigmoid", gate_on="input")),
 }
 
 
@@ -404,15 +440,34 @@ def validate(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config key 'model.n_kv_heads': n_heads={m.n_heads} is not divisible by "
                           f"n_kv_heads={m.n_kv_heads}")
+    for key in ("model.nope_every", "model.attn_chunk"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0 (0 = off), got {_get(cfg, key)}")
+    for key in ("model.floor_scale", "model.rope_factor", "model.rope_low_freq_factor",
+                "model.rope_original_ctx"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
+    if m.rope_high_freq_factor < m.rope_low_freq_factor:
+        raise ConfigError(f"config key 'model.rope_high_freq_factor': {m.rope_high_freq_factor} is below "
+                          f"model.rope_low_freq_factor={m.rope_low_freq_factor}")
     if m.moe.n_experts and not 1 <= m.moe.top_k <= m.moe.n_experts:
         raise ConfigError(f"config key 'model.moe.top_k': must be in 1..n_experts={m.moe.n_experts}, "
                           f"got {m.moe.top_k}")
     if m.moe.n_experts and m.moe.n_experts % m.moe.ep_size:
         raise ConfigError(f"config key 'model.moe.ep_size': n_experts={m.moe.n_experts} is not divisible "
                           f"by ep_size={m.moe.ep_size}")
-    if m.moe.ep_size > 1:
-        raise ConfigError("config key 'model.moe.ep_size': expert parallelism (ep_size > 1) is not "
-                          "available yet; experts are replicated on every rank (ep_size=1)")
+    if m.moe.n_groups < 1 or (m.moe.n_experts and m.moe.n_experts % m.moe.n_groups):
+        raise ConfigError(f"config key 'model.moe.n_groups': must be >= 1 and divide "
+                          f"n_experts={m.moe.n_experts}, got {m.moe.n_groups}")
+    if not 1 <= m.moe.topk_groups <= m.moe.n_groups:
+        raise ConfigError(f"config key 'model.moe.topk_groups': must be in 1..n_groups={m.moe.n_groups}, "
+                          f"got {m.moe.topk_groups}")
+    if m.moe.n_experts and m.moe.top_k > m.moe.topk_groups * (m.moe.n_experts // m.moe.n_groups):
+        raise ConfigError(f"config key 'model.moe.topk_groups': top_k={m.moe.top_k} experts do not fit in "
+                          f"{m.moe.topk_groups} group(s) of {m.moe.n_experts // m.moe.n_groups} experts")
+    if cfg.train.activation_checkpointing < 0:
+        raise ConfigError(f"config key 'train.activation_checkpointing' must be >= 0 (0 = off), "
+                          f"got {cfg.train.activation_checkpointing}")
     if len(cfg.data.weights) != 3:
         raise ConfigError(f"config key 'data.weights': expected 3 weights (text, image, video), "
                           f"got {cfg.data.weights}")

@@ -3,9 +3,19 @@
 Single-device code; DeepSpeed wraps it in `fusion/train.py`. The decoder takes embeddings, not ids,
 so that `fusion/model/fusion.py` can splice vision embeddings in before it runs.
 
+Llama 4's attention (issue #6), each part switchable in `ModelConfig`:
+- NoPE layers (`nope_every`): every nope_every-th layer has no RoPE and attends causally to the
+  whole document; its queries are scaled by a temperature that grows with the position
+  (`temp_tuning`, `floor_scale`, `attn_scale`).
+- chunked local attention (`attn_chunk`): the other (RoPE) layers attend only inside their own
+  chunk of `attn_chunk` tokens, counted from the document's start.
+- QK norm (`qk_norm`): weightless L2 (RMS) norm of queries and keys on the RoPE layers.
+- Llama 3 RoPE frequency scaling (`rope_factor` ...).
+
 Shapes: B batch, T tokens, D dim, Hq query heads, Hkv key/value heads, Dh head dim, V vocab.
 Packed rows carry `doc_ids` (B, T): attention stays inside one document (block-diagonal causal
-mask) and `positions` (B, T) restart at 0 for each document.
+mask) and `positions` (B, T) restart at 0 for each document, so chunks and temperatures are those
+the document would get alone.
 """
 
 from __future__ import annotations
@@ -18,7 +28,12 @@ from torch import nn
 
 from fusion.config import ModelConfig, moe_layer_ids
 from fusion.model.ffn import FeedForward
-from fusion.model.moe import MoE
+from fusion.model.moe import MoE, run_checkpointed
+
+
+def uses_rope(layer_id: int, nope_every: int) -> bool:
+    """Llama 4's pattern: layers nope_every-1, 2*nope_every-1, ... are NoPE (0 = none are)."""
+    return nope_every == 0 or (layer_id + 1) % nope_every != 0
 
 
 class RMSNorm(nn.Module):
@@ -34,12 +49,41 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless QK norm: x / rms(x) over the head dim, in fp32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def rope_frequencies(head_dim: int, theta: float, factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_ctx: int = 8192) -> torch.Tensor:
+    """Inverse frequencies (Dh/2,), with Llama 3's long-context scaling when factor != 1.
+
+    Wavelengths longer than original_ctx / low_freq_factor are stretched by `factor`; those shorter
+    than original_ctx / high_freq_factor are kept; the band between blends the two linearly in
+    original_ctx / wavelength.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if factor == 1.0:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = wavelen > original_ctx / low_freq_factor
+    short_wave = wavelen < original_ctx / high_freq_factor
+    scaled = torch.where(long_wave, inv_freq / factor, inv_freq)
+    if high_freq_factor > low_freq_factor:  # equal factors leave no band between
+        t = (original_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - t) * inv_freq / factor + t * inv_freq
+        scaled = torch.where(~long_wave & ~short_wave, blended, scaled)
+    return scaled
+
+
 class Rotary(nn.Module):
     """RoPE on interleaved pairs (x0, x1), (x2, x3), ... as in Llama 4's complex formulation."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, factor: float = 1.0, low_freq_factor: float = 1.0,
+                 high_freq_factor: float = 4.0, original_ctx: int = 8192):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        inv_freq = rope_frequencies(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_ctx)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,22 +108,50 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
+def chunked_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunked local causal mask: query i sees key j iff j <= i, same document, and the same chunk
+    of `chunk` positions (position // chunk, positions counted from the document's start). (B, 1, T, T)"""
+    B, T = positions.shape
+    block = positions // chunk  # (B, T)
+    same = block[:, :, None] == block[:, None, :]  # (B, T, T)
+    if doc_ids is not None:
+        same = same & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return (same & causal)[:, None]
+
+
+def attention_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """Llama 4's query scale on NoPE layers (arXiv 2501.19399): 1 + attn_scale * log(1 + floor((pos + 1)
+    / floor_scale)); exactly 1 for the first floor_scale - 1 positions. (B, T) -> (B, 1, T, 1)"""
+    steps = torch.floor((positions.float() + 1.0) / floor_scale)
+    return (1.0 + attn_scale * torch.log1p(steps))[:, None, :, None]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, use_rope: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
+        self.use_rope = use_rope
+        self.qk_norm = cfg.qk_norm and use_rope  # Llama 4 normalises q, k on RoPE layers only
+        self.norm_eps = cfg.norm_eps
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, q_scale=None):
+        """x (B, T, D); mask (B, 1, T, T) bool or None (= causal); q_scale (B, 1, T, 1) or None."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.use_rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.qk_norm:
+                q, k = l2_norm(q, self.norm_eps), l2_norm(k, self.norm_eps)
+        elif q_scale is not None:
+            q = (q * q_scale).to(q.dtype)
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -92,14 +164,18 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, is_moe: bool):
         super().__init__()
         self.layer_id = layer_id
+        self.use_rope = uses_rope(layer_id, cfg.nope_every)
+        self.chunked = self.use_rope and cfg.attn_chunk > 0
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, self.use_rope)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std) if is_moe else None
+        # dense layers have their own width (Llama 4: intermediate_size_mlp, twice an expert's)
         self.ffn = None if is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, valid, token_modality):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, valid, token_modality, q_scale=None):
+        """`mask` is the layer's own: chunked on chunked RoPE layers, full causal elsewhere."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, q_scale)
         h = self.ffn_norm(x)
         if self.moe is None:
             zero = x.new_zeros((), dtype=torch.float32)
@@ -117,7 +193,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, i in moe_ids) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
-        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.checkpoint_every = 0  # train.activation_checkpointing: recompute layers 0, k, 2k, ... in backward
+        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.rope_factor,
+                             cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_ctx)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -135,17 +213,34 @@ class Decoder(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.moe for b in self.layers if b.moe is not None]
 
+    def attention_inputs(self, positions, doc_ids):
+        """What the layers share: (full mask, chunked mask, NoPE query scale); None where unused."""
+        cfg = self.cfg
+        full = None if doc_ids is None else document_mask(doc_ids)  # None: plain causal
+        chunk = None
+        if any(b.chunked for b in self.layers):
+            chunk = chunked_mask(positions, cfg.attn_chunk, doc_ids)
+        q_scale = None
+        if cfg.temp_tuning and not all(b.use_rope for b in self.layers):
+            q_scale = attention_temperature(positions, cfg.floor_scale, cfg.attn_scale)
+        return full, chunk, q_scale
+
     def forward(self, h, positions=None, doc_ids=None, valid=None, token_modality=None):
         """h (B, T, D) embeddings -> (logits (B, T, V), aux_loss, z_loss) means over MoE layers."""
         B, T, _ = h.shape
         if positions is None:
             positions = torch.arange(T, device=h.device).expand(B, T)
         cos, sin = self.rotary(positions)
-        mask = None if doc_ids is None else document_mask(doc_ids)
+        full, chunk, q_scale = self.attention_inputs(positions, doc_ids)
         aux_total = h.new_zeros((), dtype=torch.float32)
         z_total = h.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            h, aux, z = layer(h, cos, sin, mask, valid, token_modality)
+        for i, layer in enumerate(self.layers):
+            mask = chunk if layer.chunked else full
+            args = (h, cos, sin, mask, valid, token_modality, q_scale)
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                h, aux, z = run_checkpointed(layer, *args)
+            else:
+                h, aux, z = layer(*args)
             aux_total, z_total = aux_total + aux, z_total + z
         n_moe = max(len(self.moe_layers), 1)
         return self.output(self.norm(h)), aux_total / n_moe, z_total / n_moe
