@@ -74,15 +74,20 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_state: dict,
-                    cfg=None) -> Path:
-    """Collective: every rank calls it. Rank files and the exported model go first; DeepSpeed
-    moves `latest` at the end."""
+                    cfg=None, experts=None) -> Path:
+    """Collective: every rank calls it. Rank files, the routed experts (`experts`: a
+    fusion.parallel.ExpertParallel, which writes experts-*.safetensors here) and the exported model
+    go first; DeepSpeed moves `latest` at the end."""
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     path = root / tag
     path.mkdir(parents=True, exist_ok=True)
+    model, tensors = engine.module, None
+    if experts is not None and experts.names:
+        experts.save(path)
+        model, tensors = experts.model, experts.full_state_dict()  # every expert, gathered
     if rank == 0 and cfg is not None:
-        export_model(engine.module, cfg, path)
+        export_model(model, cfg, path, tensors)
     state = {"step": step, "data": data_state, "rng": rng_state()}
     tmp = path / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(state))
@@ -91,15 +96,17 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
     return path
 
 
-def export_model(model, cfg, path: Path) -> None:
-    """model.safetensors (weights, buffers such as router biases) + model.json (config, tokenizer)."""
+def export_model(model, cfg, path: Path, tensors: dict | None = None) -> None:
+    """model.safetensors (weights, buffers such as router biases) + model.json (config, tokenizer).
+    `tensors` replaces model.state_dict() (the full one when experts are sharded over ranks)."""
     from safetensors.torch import save_file
 
     from fusion.config import to_dict
 
     path.mkdir(parents=True, exist_ok=True)
     # ZeRO keeps parameters as views of one flat buffer: copy each out (tied weights stay two keys)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().clone().contiguous()
+               for k, v in (model.state_dict() if tensors is None else tensors).items()}
     save_file(tensors, str(path / "model.safetensors.tmp"))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     meta = {"model": to_dict(cfg)["model"], "tokenizer": cfg.data.tokenizer,
@@ -131,9 +138,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model_dir = find_model_dir(path)
     meta = json.loads((model_dir / "model.json").read_text())
     overrides = [f"model.{k}={json.dumps(v)}" for k, v in _flat(meta["model"]).items()]
-    cfg: Config = load_config(None, overrides + [f"data.tokenizer={meta['tokenizer']}"])
+    tok_spec = meta["tokenizer"]
+    if tok_spec not in ("", "byte") and (model_dir / tok_spec).is_file():
+        tok_spec = str(model_dir / tok_spec)  # a tokenizer.json kept beside the weights (fusion-convert)
+    cfg: Config = load_config(None, overrides + [f"data.tokenizer={tok_spec}"])
     assert isinstance(cfg.model, ModelConfig)
-    tokenizer = build_tokenizer(meta["tokenizer"])
+    tokenizer = build_tokenizer(tok_spec)
     model = build_model(cfg.model, tokenizer)
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     model.tokenizer = tokenizer
@@ -150,8 +160,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def load_checkpoint(engine, path: Path, rank: int) -> dict:
-    """Load engine state from `path` (a step_N dir); return this rank's saved {step, data, rng}."""
+def load_checkpoint(engine, path: Path, rank: int, experts=None) -> dict:
+    """Load engine state from `path` (a step_N dir), and the routed experts and their optimizer
+    state resharded to this run's ep_size (`experts`: fusion.parallel.ExpertParallel); return this
+    rank's saved {step, data, rng}."""
     rank_file = path / f"rank{rank}.json"
     if not rank_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no state for rank {rank} ({rank_file.name}): "
@@ -160,4 +172,6 @@ def load_checkpoint(engine, path: Path, rank: int) -> dict:
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    if experts is not None:
+        experts.load(path)
     return state

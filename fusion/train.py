@@ -257,6 +257,7 @@ def train(cfg: Config) -> int:
     from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
     from fusion.model.fusion import build_model
+    from fusion.parallel import ExpertParallel
 
     rank, world, device = init_distributed()
     derived = finalize(cfg, world)
@@ -270,14 +271,20 @@ def train(cfg: Config) -> int:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer)
     model.tokenizer = tokenizer  # for in-training evaluation
+    model.decoder.checkpoint_every = cfg.train.activation_checkpointing
+    fpt = flops_per_token(model, cfg)  # before the experts are sharded over ranks
     bf16 = use_bf16(cfg.train.precision, device)
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, cfg.model.vision.lr_scale),
+    # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel.py)
+    experts = ExpertParallel(model, cfg.model.moe.ep_size)
+    groups = param_groups(model, t.weight_decay, cfg.model.vision.lr_scale)
+    optimizer = torch.optim.AdamW([g for g in groups if g["name"] != "experts"],
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     ds_config = deepspeed_config(cfg, world, bf16)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=experts.engine_module(), optimizer=optimizer,
+                                                   config=ds_config)
+    experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
     moe_layers = model.moe_layers
-    fpt = flops_per_token(model, cfg)
     peak = peak_tflops(cfg, device)
 
     # ---- data ----
@@ -287,7 +294,7 @@ def train(cfg: Config) -> int:
     step = 0
     resume_path = resolve_resume(t.resume, run_dir)
     if resume_path is not None:
-        state = load_checkpoint(engine, resume_path, rank)
+        state = load_checkpoint(engine, resume_path, rank, experts)
         step = state["step"]
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -301,7 +308,7 @@ def train(cfg: Config) -> int:
     while step < t.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
+        for group in [*optimizer.param_groups, *experts.param_groups]:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
         # ---- micro-steps: forward, backward, (DeepSpeed steps at the accumulation boundary) ----
@@ -313,10 +320,15 @@ def train(cfg: Config) -> int:
                          doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
                          images=batch.get("images"), videos=batch.get("videos"))
             engine.backward(out.loss)
-            if engine.is_gradient_accumulation_boundary() and t.zero_stage == 0 and not bf16:
-                # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
-                grad_norm = grad_l2_norm(model)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                experts.reduce_grads()  # expert grads over their expert-data-parallel group
+                if t.zero_stage == 0 and not bf16 and not experts.names:
+                    # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
+                    grad_norm = grad_l2_norm(model)
             engine.step()
+            if boundary and experts.names:
+                grad_norm = experts.step()  # clipped with, and returning, the global norm
             stats[0:3] += out.loss_sum.double().cpu()
             stats[3:6] += out.loss_count.double().cpu()
             stats[6] += float(out.aux_loss)
@@ -364,19 +376,21 @@ def train(cfg: Config) -> int:
 
         # ---- evaluate (rank 0 scores the VQA sets; the others wait at the next collective) ----
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            # sharded experts: every rank gathers them, rank 0 scores an unsharded copy
+            eval_model = model if cfg.model.moe.ep_size == 1 else experts.unsharded_copy()
             if rank == 0:
-                log.log({"step": step, **evaluate_in_training(model, cfg, run_dir, step)})
+                log.log({"step": step, **evaluate_in_training(eval_model, cfg, run_dir, step)})
             dist.barrier()
 
         # ---- checkpoint ----
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg)
+            save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg, experts)
             last_saved = step
             if rank == 0:
                 draw_plots(run_dir, run_load, derived.moe_layers, log)
 
     if last_saved != step and step > 0:
-        save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg)
+        save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg, experts)
     log.close()
     dist.barrier()
     return 0

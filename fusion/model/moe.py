@@ -5,8 +5,19 @@ bias), dropless dispatch of tokens to experts, two expert compute paths (a reada
 loop kept as the test oracle, and a grouped/batched path), the Switch auxiliary loss, the router
 z-loss, and per-modality load statistics kept in module buffers.
 
-Single-device code: the layer holds all E experts and makes no torch.distributed calls. Counts are
+Single-device code: the layer makes no torch.distributed calls. Under expert parallelism
+(`model.moe.ep_size` > 1) fusion/parallel.py slices `Experts` to this rank's experts and installs
+`MoE.dispatcher`, which carries the routed rows to their experts' ranks and back. Counts are
 all-reduced by the trainer, which then calls `MoE.update_bias`.
+
+Group-limited routing (DeepSeek-V3's node-limited routing): with `n_groups` > 1 the E experts form
+n_groups contiguous groups; each token first keeps its best `topk_groups` groups, then takes its
+top-k experts inside them. A group's score is the sum of its two best selection scores (logits
+plus bias for sigmoid routing, probabilities plus bias for softmax) as in DeepSeek-V3, or its best
+one when a group holds a single expert.
+
+Activation checkpointing (`run_checkpointed`) recomputes a block's forward during backward; the
+recompute is marked so that load counts are taken once (torchtitan #1593).
 
 Shape legend:
     B batch, T tokens per sequence, N = B*T flattened tokens (or the valid ones among them),
@@ -14,6 +25,8 @@ Shape legend:
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +55,7 @@ class Router(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
+        self.n_groups, self.topk_groups = cfg.n_groups, cfg.topk_groups
         self.gate = nn.Linear(dim, cfg.n_experts, bias=False)
         # fp32 whatever the model dtype: the bias moves by bias_rate (1e-3) steps, below bf16 resolution
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
@@ -53,6 +67,8 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
         scores = logits if cfg.score == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
         choice = scores + self.expert_bias.float() if cfg.balance == "bias" else scores
+        if self.n_groups > 1 and self.topk_groups < self.n_groups:
+            choice = self.limit_to_groups(choice)
         topk_idx = choice.topk(cfg.top_k, dim=-1).indices  # (N, K)
         chosen = scores.gather(-1, topk_idx)  # (N, K), raw scores: the bias never enters the gate
         if cfg.score == "sigmoid":
@@ -62,6 +78,18 @@ class Router(nn.Module):
             if cfg.norm_topk:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
         return topk_idx, gates, logits
+
+    def limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """(N, E) selection scores -> the same with experts outside each token's best topk_groups
+        groups set to -inf (DeepSeek-V3 node-limited routing)."""
+        N, E = choice.shape
+        grouped = choice.view(N, self.n_groups, E // self.n_groups)  # (N, G, E/G)
+        top = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values  # (N, G, 2)
+        group_score = top.sum(-1) if self.cfg.score == "sigmoid" else top[..., 0]  # (N, G)
+        keep = group_score.topk(self.topk_groups, dim=-1).indices  # (N, Gk)
+        mask = torch.zeros(N, self.n_groups, dtype=torch.bool, device=choice.device)
+        mask.scatter_(1, keep, True)
+        return grouped.masked_fill(~mask[..., None], float("-inf")).view(N, E)  # (N, E)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,13 +146,9 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, H, dim))  # down
         for p in (self.w1, self.w2, self.w3):
             nn.init.normal_(p, std=init_std)
-            # `expert` puts these in the optimizer's expert group (fusion/train.py). DeepSpeed's
-            # is_moe_param (allreduce=False) reduces a grad only over its expert-data-parallel group
-            # `group_name`; with ep_size 1 that group is every rank, which is exactly the ordinary
-            # all-reduce, so the flag is only set once experts are sharded over ranks.
+            # `expert` keeps these out of the DeepSpeed engine: fusion/parallel.py shards, reduces,
+            # steps and checkpoints them (dim 0 is the expert axis)
             p.expert = True
-            p.allreduce = cfg.ep_size == 1
-            p.group_name = f"ep_size_{cfg.ep_size}"
         self.impl = "auto"  # forward_grouped's kernel: "auto" | "grouped_mm" | "bmm"
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -196,9 +220,8 @@ class MoE(nn.Module):
         tokens; the caller multiplies by cfg.aux_coef / cfg.z_coef.
 
     Dropless: every valid token reaches its K experts; padding (valid False) is never dispatched.
-    The `load` buffer counts routed assignments per (modality, expert) in training mode.
-    Activation checkpointing re-runs forward and so counts twice (torchtitan #1593): skip the
-    layer's recompute or halve the counts in the trainer.
+    The `load` buffer counts routed assignments per (modality, expert) in training mode, once
+    per real forward: the recompute of activation checkpointing is not counted.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
@@ -214,6 +237,8 @@ class MoE(nn.Module):
         # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
         self.register_buffer("load", torch.zeros(N_MODALITIES, cfg.n_experts, dtype=torch.float64),
                              persistent=False)
+        self.dispatcher = None  # set by fusion/parallel.py under expert parallelism
+        self.recomputing = False  # set while activation checkpointing re-runs this layer
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -244,10 +269,10 @@ class MoE(nn.Module):
         if cfg.gate_on == "input":
             # Llama 4 scales the expert input, so the expert sees sigmoid(logit) * x
             routed_in = routed_in * pair_gate.to(routed_in.dtype)
-        if cfg.path == "loop":
-            routed_out = self.experts.forward_loop(routed_in, counts)  # (M, D)
+        if self.dispatcher is None:
+            routed_out = self.run_experts(routed_in, counts)  # (M, D)
         else:
-            routed_out = self.experts.forward_grouped(routed_in, counts)  # (M, D)
+            routed_out = self.dispatcher(routed_in, counts, self.run_experts)  # (M, D) via other ranks
         if cfg.gate_on == "output":
             routed_out = routed_out * pair_gate.to(routed_out.dtype)
 
@@ -260,9 +285,15 @@ class MoE(nn.Module):
 
         aux_loss = self._aux_loss(logits, counts, n_valid)
         z_loss = self._z_loss(logits, n_valid)
-        if self.training:
+        if self.training and not self.recomputing:
             self._count(topk_idx, tok, modality)
         return y, aux_loss, z_loss
+
+    def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts held here on rows sorted by expert. (M, D), (E_local,) -> (M, D)"""
+        if self.cfg.path == "loop":
+            return self.experts.forward_loop(x_sorted, counts)
+        return self.experts.forward_grouped(x_sorted, counts)
 
     # -- losses ------------------------------------------------------------------------------
 
@@ -316,3 +347,30 @@ class MoE(nn.Module):
         load = total_load.to(device=bias.device, dtype=torch.float32)
         bias += self.cfg.bias_rate * torch.sign(load.mean() - load)
         bias -= bias.mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _recomputing(block: nn.Module):
+    layers = [m for m in block.modules() if isinstance(m, MoE)]
+    for m in layers:
+        m.recomputing = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.recomputing = False
+
+
+def run_checkpointed(block: nn.Module, *args):
+    """block(*args) without keeping its activations: they are recomputed in backward. MoE layers
+    inside skip their load counts during the recompute, so router statistics count each token once
+    (the aux and z losses come from the first forward, like every other output)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(block, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _recomputing(block)))

@@ -1,0 +1,493 @@
+"""Expert parallelism: the one place where routed experts meet process groups (issue #6).
+
+Owns the expert-parallel groups, the all-to-all dispatcher that carries tokens to the rank holding
+their expert and back, and everything the trainer does to routed-expert parameters: their
+gradient reduction, their optimizer, their share of the gradient norm, and their checkpoint files.
+Model code stays single-device: `MoE.forward` calls `moe.dispatcher` when one is installed here.
+
+Layout (DeepSpeed's own groups, `deepspeed.utils.groups`): with W ranks and ep_size P, the
+expert-parallel groups are consecutive ranks [0..P-1], [P..2P-1], ...; rank r holds experts
+[(r % P) * E/P, (r % P + 1) * E/P) of every MoE layer; the expert-data-parallel group of r is
+{r % P, r % P + P, ...}, the ranks that hold the same experts.
+
+Why experts live outside the DeepSpeed engine. DeepSpeed 0.19.8 reduces `allreduce=False`
+parameters over expert groups only when it finds its own `deepspeed.moe.layer.MoE` modules; its
+expert checkpoint code assumes that module's per-expert layout and cannot reshard optimizer state
+across ep sizes, and it averages per-group gradient norms instead of summing squares. So:
+
+- DeepSpeed gets `EngineView(model)`: the model minus its routed-expert parameters. ZeRO 0/1/2,
+  bf16 and its checkpoints handle everything else, unchanged.
+- `ExpertParallel` keeps the expert parameters: it reduces their gradients over the
+  expert-data-parallel group (divided by the world size, like DeepSpeed's data-parallel mean),
+  steps them with its own AdamW (same hyperparameters and learning-rate schedule; fp32 master
+  weights when the model runs in bf16), and writes them, with their optimizer state, as
+  safetensors files inside the checkpoint directory, one per expert shard. Loading reads every
+  shard of the saved ep size, joins them along the expert axis and takes this rank's slice, so a
+  checkpoint resumes at any ep size.
+- Gradient clipping sees the true global norm: sqrt(|g_dense|^2 + sum over all expert shards of
+  |g_expert|^2). The expert part is summed over the expert-parallel group; it is added to the norm
+  DeepSpeed computes (ZeRO 1/2: `scaled_global_norm`; bf16 ZeRO 0: `get_grads_for_norm`) or, for
+  plain fp32 ZeRO 0 where the reduced gradients sit in `.grad`, computed and clipped here. The
+  experts are clipped with the same coefficient DeepSpeed applies to the rest.
+- The experts' optimizer state is sharded by expert parallelism only (ZeRO does not partition it).
+
+Router statistics need nothing here: each rank counts its own tokens' choices before dispatch and
+the trainer all-reduces the counts over all ranks.
+
+Shapes: M routed (token, expert) pairs on this rank, D dim, E experts, El = E / P local experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+EXPERT_FILE = "experts-{rank:05d}-of-{size:05d}.safetensors"
+_EXPERT_FILE_RE = re.compile(r"experts-(\d{5})-of-(\d{5})\.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# all-to-all dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with a backward: the gradient takes the same road in reverse."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+class ExpertDispatcher:
+    """Sends routed rows to the rank owning their expert, runs the local experts, sends them back.
+
+    Called by `MoE.forward` with rows already sorted by global expert id. Counts travel first
+    (each rank learns how many rows of each of its experts every other rank sends), then the rows.
+    """
+
+    def __init__(self, group, ep_size: int, n_experts: int):
+        self.group, self.ep_size, self.n_experts = group, ep_size, n_experts
+
+    def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                 run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        P, El = self.ep_size, self.n_experts // self.ep_size
+        # 1. counts: row (s, l) of recv_counts = rows source s sends to my local expert l
+        recv_counts = torch.empty_like(counts)  # (E,) = (P * El,)
+        dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
+        send_splits = counts.view(P, El).sum(1).tolist()  # rows for each destination rank
+        recv_splits = recv_counts.view(P, El).sum(1).tolist()  # rows from each source rank
+        # 2. rows: arrive grouped by source, then by local expert
+        recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group)  # (R, D)
+        local_expert = torch.arange(P * El, device=counts.device) % El  # (P*El,)
+        row_expert = torch.repeat_interleave(local_expert, recv_counts, output_size=recv.shape[0])  # (R,)
+        order = row_expert.argsort(stable=True)  # regroup by local expert, sources in rank order
+        out = run_local(recv[order], recv_counts.view(P, El).sum(0))  # (R, D)
+        out = out[order.argsort()]  # back to (source, expert) order
+        # 3. results go home
+        return _AllToAll.apply(out, send_splits, recv_splits, self.group)  # (M, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# what DeepSpeed sees
+# ---------------------------------------------------------------------------------------------
+
+
+class EngineView(nn.Module):
+    """The model without its routed-expert parameters, for `deepspeed.initialize`.
+
+    Parameters, state_dict and load_state_dict skip the experts, so DeepSpeed neither broadcasts,
+    reduces, casts, partitions nor checkpoints them. forward is the model's.
+    """
+
+    def __init__(self, model: nn.Module, expert_names: set[str]):
+        super().__init__()
+        self.model = model
+        self.expert_names = expert_names
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, p in self.model.named_parameters(recurse=recurse, remove_duplicate=remove_duplicate):
+            if name not in self.expert_names:
+                yield prefix + name, p
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        sd = self.model.state_dict(prefix=prefix, keep_vars=keep_vars)
+        for name in self.expert_names:
+            sd.pop(prefix + name, None)
+        if destination is not None:
+            destination.update(sd)
+            return destination
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = self.model.load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in self.expert_names]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, "
+                               f"unexpected {result.unexpected_keys}")
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's side of the experts
+# ---------------------------------------------------------------------------------------------
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if getattr(p, "expert", False)]
+
+
+class ExpertParallel:
+    """Shards the routed experts of `model` over `ep_size` ranks and trains them beside DeepSpeed.
+
+    Use (all ranks, in this order):
+        ep = ExpertParallel(model, ep_size)                # shards experts, installs dispatchers
+        engine = deepspeed.initialize(model=ep.engine_module(), optimizer=<non-expert params>)
+        ep.attach(engine, param_groups, lr, betas, eps, grad_clip)
+        per optimizer step: engine.backward(...) -> ep.reduce_grads() at the accumulation boundary
+                            -> engine.step() -> ep.step()
+    A model without routed experts passes through untouched.
+    """
+
+    def __init__(self, model: nn.Module, ep_size: int = 1):
+        self.model = model
+        self.ep_size = ep_size
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.world % ep_size:
+            raise ValueError(f"config key 'model.moe.ep_size': world size {self.world} is not divisible "
+                             f"by ep_size={ep_size}")
+        self.names = expert_parameter_names(model)
+        self.ep_rank = self.rank % ep_size
+        self.ep_group = self.ep_dp_group = None
+        self.n_experts = 0
+        if self.names:
+            self.n_experts = model.get_parameter(self.names[0]).shape[0]
+            if self.n_experts % ep_size:
+                raise ValueError(f"config key 'model.moe.ep_size': n_experts={self.n_experts} is not "
+                                 f"divisible by ep_size={ep_size}")
+        if self.names and self.world > 1:
+            from deepspeed.utils import groups
+
+            name = f"ep_size_{ep_size}"
+            if name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(ep_size)
+            self.ep_group = groups._get_expert_parallel_group(name)
+            self.ep_dp_group = groups._get_expert_data_parallel_group(name)
+        if ep_size > 1 and self.names:
+            self._shard()
+        self.params = [model.get_parameter(n) for n in self.names]
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.masters: list[torch.Tensor] | None = None
+        self.grad_clip = 0.0
+        self._expert_sq: torch.Tensor | None = None  # squared norm of all expert grads, all shards
+        self._norm: float | None = None  # global norm when computed here (fp32 ZeRO 0)
+        self.last_norm: float | None = None
+        self._engine = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    @property
+    def local_experts(self) -> tuple[int, int]:
+        """[lo, hi) global ids of the experts on this rank."""
+        El = self.n_experts // self.ep_size
+        return self.ep_rank * El, (self.ep_rank + 1) * El
+
+    def _shard(self) -> None:
+        lo, hi = self.local_experts
+        for name in self.names:
+            owner, attr = self._owner(name)
+            full = getattr(owner, attr)
+            local = nn.Parameter(full.detach()[lo:hi].clone())  # (El, ...)
+            local.expert = True
+            setattr(owner, attr, local)
+        for moe in self.model.moe_layers:
+            moe.dispatcher = ExpertDispatcher(self.ep_group, self.ep_size, self.n_experts)
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        path, _, attr = name.rpartition(".")
+        return self.model.get_submodule(path), attr
+
+    def engine_module(self) -> nn.Module:
+        """What to hand DeepSpeed: the model itself when it has no experts, else an EngineView."""
+        return EngineView(self.model, set(self.names)) if self.names else self.model
+
+    def attach(self, engine, param_groups: list[dict], betas, grad_clip: float = 0.0) -> None:
+        """After deepspeed.initialize: build the expert optimizer from `param_groups` (dicts with
+        params, weight_decay, lr_scale, name) and hook the experts into DeepSpeed's gradient norm."""
+        if not self.names:
+            return
+        self._engine = engine
+        self.grad_clip = grad_clip
+        dtype = next(p.dtype for p in engine.module.parameters())
+        if dtype != torch.float32:
+            # the model computes in bf16: experts follow, and keep fp32 master weights here
+            for p in self.params:
+                p.data = p.data.to(dtype)
+        groups = []
+        self.masters = []
+        by_id = {id(p): i for i, p in enumerate(self.params)}
+        for g in param_groups:
+            ps = []
+            for p in g["params"]:
+                i = by_id[id(p)]
+                ps.append(p if p.dtype == torch.float32 else self._master(i))
+            groups.append({**g, "params": ps})
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas))
+        self._hook_norm(engine)
+
+    def _master(self, i: int) -> torch.Tensor:
+        m = self.params[i].detach().float().clone().requires_grad_(True)
+        self.masters.append((self.params[i], m))
+        return m
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups if self.optimizer is not None else []
+
+    def _hook_norm(self, engine) -> None:
+        opt = engine.optimizer
+        if hasattr(opt, "scaled_global_norm"):  # ZeRO 1/2
+            base = opt.scaled_global_norm
+
+            def scaled_global_norm(norm_type=2):
+                dense = base(norm_type)
+                scale = float(getattr(opt, "loss_scale", 1.0))
+                return _combine(dense, self._expert_sq, scale)
+
+            opt.scaled_global_norm = scaled_global_norm
+        elif hasattr(opt, "get_grads_for_norm"):  # bf16 ZeRO 0 (BF16_Optimizer)
+            base = opt.get_grads_for_norm
+
+            def get_grads_for_norm(for_clipping=False):
+                out = base(for_clipping=for_clipping)
+                if for_clipping or self._expert_sq is None:
+                    return out
+                dense, expert = out
+                extra = self._expert_sq.sqrt().reshape(1).to(dense[0].device if dense else "cpu")
+                return [*dense, extra], expert
+
+            opt.get_grads_for_norm = get_grads_for_norm
+        elif engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() \
+                and not engine.fp16_enabled():
+            # plain fp32 data parallel: reduce_grads clips the dense grads with the global norm
+            engine.clip_fp32_gradients = lambda: None
+        else:
+            raise ValueError(f"routed experts: no way to add their gradient norm to DeepSpeed's "
+                             f"{type(opt).__name__} (use ZeRO 0/1/2 with fp32 or bf16)")
+
+    # -- per optimizer step -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """At the accumulation boundary, after engine.backward and before engine.step."""
+        if not self.names:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.ep_dp_group is not None:
+            grads = [p.grad for p in self.params]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat, group=self.ep_dp_group)
+            flat /= self.world  # the data-parallel mean, as DeepSpeed does for the rest
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        sq = torch.stack([p.grad.float().pow(2).sum() for p in self.params]).sum()
+        if self.ep_group is not None and self.ep_size > 1:
+            dist.all_reduce(sq, group=self.ep_group)  # every shard of every expert
+        self._expert_sq = sq
+        self._norm = None
+        engine = self._engine
+        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() \
+                and not engine.fp16_enabled():
+            dense = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            dense_sq = torch.stack([g.float().pow(2).sum() for g in dense]).sum() if dense else sq * 0
+            norm = float((dense_sq + sq).sqrt())
+            self._norm = norm
+            coef = self._clip_coef(norm)
+            if coef < 1.0:
+                for g in dense:
+                    g.mul_(coef)
+
+    def _clip_coef(self, norm: float) -> float:
+        if self.grad_clip <= 0 or not torch.isfinite(torch.tensor(norm)):
+            return 1.0
+        return min(1.0, self.grad_clip / (norm + 1e-6))
+
+    @torch.no_grad()
+    def step(self) -> float | None:
+        """After engine.step: clip the experts with the global norm and step them. Returns that norm
+        (None without experts). A non-finite norm skips the step, as DeepSpeed does."""
+        if not self.names:
+            return None
+        norm = self._norm
+        if norm is None:
+            reported = self._engine.get_global_grad_norm()
+            norm = float(reported) if reported is not None else float("nan")
+        self.last_norm = norm
+        if torch.isfinite(torch.tensor(norm)):
+            coef = self._clip_coef(norm)
+            for p in self.params:
+                p.grad.mul_(coef)
+            for p, m in self.masters:
+                m.grad = p.grad.float()
+            self.optimizer.step()
+            for p, m in self.masters:
+                p.copy_(m)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+        self._expert_sq = None
+        return norm
+
+    # -- checkpoints and export ---------------------------------------------------------------
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """This shard's weights (fp32 masters when present) and AdamW state, by parameter name."""
+        masters = {id(p): m for p, m in (self.masters or [])}
+        out = {}
+        for name, p in zip(self.names, self.params):
+            w = masters.get(id(p), p)
+            out[f"param/{name}"] = w.detach().float().cpu().contiguous()
+            st = self.optimizer.state.get(w, {}) if self.optimizer is not None else {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    out[f"{key}/{name}"] = st[key].detach().float().cpu().contiguous()
+            if "step" in st:
+                out[f"step/{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+        return out
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Collective. The ranks of the first expert-data-parallel replica each write their shard
+        into `directory` (a checkpoint step dir). Returns the files this rank wrote."""
+        if not self.names:
+            return []
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        written = []
+        if self.rank < self.ep_size:  # ranks 0..P-1: one of each shard
+            path = directory / EXPERT_FILE.format(rank=self.ep_rank, size=self.ep_size)
+            tmp = path.with_name(path.name + ".tmp")
+            meta = {"ep_size": str(self.ep_size), "ep_rank": str(self.ep_rank),
+                    "n_experts": str(self.n_experts), "names": ",".join(self.names)}
+            save_file(self._state_tensors(), str(tmp), metadata=meta)
+            tmp.replace(path)
+            written.append(path)
+        return written
+
+    def load(self, directory: str | Path) -> None:
+        """Load this rank's expert slice and its optimizer state from any saved ep size."""
+        if not self.names:
+            return
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        files = sorted(p for p in directory.iterdir() if _EXPERT_FILE_RE.fullmatch(p.name))
+        if not files:
+            raise FileNotFoundError(f"checkpoint {directory} has no expert files ({EXPERT_FILE.format(rank=0, size=1)}"
+                                    f" ...): it holds no routed-expert weights")
+        saved_size = int(_EXPERT_FILE_RE.fullmatch(files[0].name).group(2))
+        shards = [directory / EXPERT_FILE.format(rank=r, size=saved_size) for r in range(saved_size)]
+        for s in shards:
+            if not s.is_file():
+                raise FileNotFoundError(f"checkpoint {directory}: expert shard {s.name} is missing")
+        handles = [safe_open(str(s), framework="pt") for s in shards]
+        meta = handles[0].metadata()
+        if int(meta["n_experts"]) != self.n_experts:
+            raise ValueError(f"checkpoint {directory} has {meta['n_experts']} experts per layer, the model "
+                             f"has {self.n_experts} (config key 'model.moe.n_experts')")
+        lo, hi = self.local_experts
+        masters = {id(p): m for p, m in (self.masters or [])}
+        for name, p in zip(self.names, self.params):
+            def full(key):
+                if key not in handles[0].keys():
+                    return None
+                return torch.cat([h.get_tensor(key) for h in handles])  # (E, ...) every expert
+            w = full(f"param/{name}")
+            if w is None:
+                raise ValueError(f"checkpoint {directory}: no weights for expert parameter {name}")
+            if w.shape[0] != self.n_experts:
+                raise ValueError(f"checkpoint {directory}: {name} has {w.shape[0]} experts, expected "
+                                 f"{self.n_experts}")
+            target = masters.get(id(p), p)
+            with torch.no_grad():
+                target.copy_(w[lo:hi])
+                if target is not p:
+                    p.copy_(target)
+            if self.optimizer is None:
+                continue
+            state = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = full(f"{key}/{name}")
+                if t is not None:
+                    state[key] = t[lo:hi].clone().to(target.device)
+            if f"step/{name}" in handles[0].keys():
+                state["step"] = handles[0].get_tensor(f"step/{name}").reshape(())
+            if state:
+                self.optimizer.state[target] = state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective. The model's state_dict with every expert of every layer (gathered over the
+        expert-parallel group); on every rank."""
+        sd = {k: v.detach() for k, v in self.model.state_dict().items()}
+        if self.ep_size == 1 or not self.names:
+            return sd
+        for name, p in zip(self.names, self.params):
+            parts = [torch.empty_like(p) for _ in range(self.ep_size)]
+            dist.all_gather(parts, p.detach().contiguous(), group=self.ep_group)
+            sd[name] = torch.cat(parts)  # (E, ...)
+        return sd
+
+    def unsharded_copy(self) -> nn.Module:
+        """Collective. A single-device copy of the model holding every expert (for evaluation on
+        one rank); the model itself is unchanged."""
+        sd = self.full_state_dict()
+        layers = self.model.moe_layers
+        dispatchers = [m.dispatcher for m in layers]
+        for m in layers:
+            m.dispatcher = None  # process groups do not deep-copy
+        try:
+            clone = copy.deepcopy(self.model)
+        finally:
+            for m, d in zip(layers, dispatchers):
+                m.dispatcher = d
+        for name in self.names:
+            path, _, attr = name.rpartition(".")
+            full = nn.Parameter(sd[name].clone())
+            full.expert = True
+            setattr(clone.get_submodule(path), attr, full)
+        return clone
+
+
+def _combine(dense: torch.Tensor, expert_sq: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """sqrt(dense^2 + (scale * |experts|)^2), keeping DeepSpeed's -1 'invalid norm' sentinel."""
+    if expert_sq is None:
+        return dense
+    dense = torch.as_tensor(dense)
+    e = expert_sq.to(device=dense.device, dtype=torch.float32) * scale * scale
+    total = (dense.float().pow(2) + e).sqrt()
+    bad = (dense < 0) | ~torch.isfinite(total)
+    return torch.where(bad, torch.full_like(total, -1.0), total)
