@@ -1,0 +1,114 @@
+"""fusion-plan: counts equal the built model's, the published Llama 4 totals, FLOPs, memory, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusion.config import SIZES, load_config
+from fusion.data.tokenizer import ByteTokenizer
+from fusion.model.fusion import build_model
+from fusion.plan import (PARTS, active_parameters, count_parameters, count_parameters_of, flops_per_token,
+                         main, make_plan, memory_per_gpu)
+
+
+def built(size: str, *overrides, device="meta"):
+    cfg = load_config(None, [f"model.size={size}", *overrides])
+    with torch.device(device):
+        model = build_model(cfg.model, ByteTokenizer())
+    return cfg, model
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_counts_equal_the_built_model(size):
+    # the two small ones for real, the rest on the meta device (shapes only, no memory)
+    cfg, model = built(size, device="cpu" if size in ("debug", "demo") else "meta")
+    counted = count_parameters(cfg.model, model.vocab_size)
+    assert counted == count_parameters_of(model)
+    assert sum(counted.values()) == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".moe.experts." in n)
+    active = active_parameters(cfg.model, model.vocab_size)
+    assert active["routed_experts"] == experts * cfg.model.moe.top_k // cfg.model.moe.n_experts
+
+
+def test_counts_follow_options():
+    """Tied embeddings, a timm ViT, pixel-shuffle, dense layers: the analytic count keeps up."""
+    cfg, model = built("debug", "model.tie_embeddings=true", "model.moe.every=2", "model.n_layers=3",
+                       "model.vision.encoder=vit_tiny_patch16_224", "model.vision.img_size=32",
+                       "model.vision.patch_size=8", "model.vision.pixel_shuffle=true", "model.vision.temporal_merge=2")
+    assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
+
+
+@pytest.mark.parametrize("size,total,active", [("llama4-scout", 109e9, 17e9), ("llama4-maverick", 400e9, 17e9)])
+def test_llama4_totals_match_the_published_figures(size, total, active):
+    plan = make_plan(load_config(None, [f"model.size={size}"]))
+    assert plan["params"]["total"]["total"] == pytest.approx(total, rel=0.02)
+    assert plan["params"]["active"]["total"] == pytest.approx(active, rel=0.02)
+
+
+def test_flops_per_token_is_six_times_matmul_params_plus_attention():
+    cfg, model = built("debug", "model.n_layers=4", "model.moe.every=2", "model.moe.top_k=2",
+                       device="cpu")
+    m, V, T = cfg.model, model.vocab_size, 64
+    # independent count from the built model: every 2-D weight but the embedding lookup multiplies;
+    # routed experts by top_k / E; the vision tower is not part of a decoder token's cost
+    matmul = 0.0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name.startswith("vision.") or "tok_embeddings" in name:
+            continue
+        matmul += p.numel() * (m.moe.top_k / m.moe.n_experts if ".moe.experts." in name else 1)
+    attn = 6 * m.n_layers * m.dim * T
+    assert flops_per_token(m, V, T) == pytest.approx(6 * matmul + attn)
+    # chunked layers pay for their chunk only; NoPE layers keep the full context
+    chunked = load_config(None, ["model.size=debug", "model.n_layers=4", "model.moe.every=2",
+                                 "model.moe.top_k=2", "model.attn_chunk=16", "model.nope_every=4"]).model
+    assert flops_per_token(chunked, V, T) == pytest.approx(6 * matmul + 6 * m.dim * (3 * 16 + T))
+
+
+def test_train_logs_mfu_from_the_same_count():
+    from fusion.train import flops_per_token as train_flops
+
+    cfg, model = built("scout-mini", device="meta")
+    assert train_flops(model, cfg) == flops_per_token(cfg.model, model.vocab_size, cfg.train.seq_len)
+
+
+def test_memory_by_zero_stage_world_and_ep():
+    m = load_config(None, ["model.size=scout-mini"]).model
+    V = ByteTokenizer().vocab_size
+    n = sum(count_parameters(m, V).values())
+    one = memory_per_gpu(m, V, world=1, ep_size=1, micro_batch=2, seq_len=128, precision="bf16")
+    # one rank: nothing to split, 2 + 2 + 12 bytes per parameter
+    for stage in range(4):
+        assert one[stage]["weights"] == 2 * n and one[stage]["optimizer"] == 12 * n
+    eight = memory_per_gpu(m, V, world=8, ep_size=1, micro_batch=2, seq_len=128, precision="bf16")
+    assert eight[0]["total"] == one[0]["total"]
+    assert eight[1]["optimizer"] == pytest.approx(one[0]["optimizer"] / 8)
+    assert eight[2]["grads"] == pytest.approx(one[0]["grads"] / 8) and eight[1]["grads"] == one[0]["grads"]
+    assert eight[3]["weights"] == pytest.approx(one[0]["weights"] / 8)
+    totals = [eight[s]["total"] for s in range(4)]
+    assert totals == sorted(totals, reverse=True)
+    # experts sharded over 4 ranks: the expert weights a rank holds shrink by 4 at stage 0
+    ep = memory_per_gpu(m, V, world=8, ep_size=4, micro_batch=2, seq_len=128, precision="bf16")
+    experts = count_parameters(m, V)["routed_experts"]
+    assert one[0]["weights"] - ep[0]["weights"] == pytest.approx(2 * experts * 3 / 4)
+    # activations grow with the micro-batch; checkpointing keeps less
+    big = memory_per_gpu(m, V, world=8, ep_size=1, micro_batch=4, seq_len=128, precision="bf16")
+    assert big[0]["activations"] == pytest.approx(2 * eight[0]["activations"])
+    assert eight[0]["activations_ckpt"] < eight[0]["activations"]
+
+
+def test_cli_table_json_and_errors(capsys):
+    assert main(["model.size=llama4-maverick", "--world", "64", "--ep-size", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["params"]["total"]) == set(PARTS) | {"total"}
+    assert plan["memory"]["ep_size"] == 8 and set(plan["memory"]["bytes"]) == {"0", "1", "2", "3"}
+    assert main(["--config", "configs/demo.yaml", "--micro-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "routed_experts" in out and "training FLOPs per token" in out and "ZeRO" in out
+    assert main(["model.moe.n_expert=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.moe.n_expert" in err[0]
+    assert main(["model.size=debug", "--world", "6", "--ep-size", "4"]) == 2
+    assert "--ep-size" in capsys.readouterr().err
