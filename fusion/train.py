@@ -115,18 +115,11 @@ def lr_at(step: int, cfg) -> float:
 
 
 def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
-    """Training FLOPs per token: 6 x active matmul parameters + causal attention scores."""
-    m = cfg.model
-    active = 0
-    for name, p in model.named_parameters():
-        if "tok_embeddings" in name or p.dim() < 2:
-            continue
-        if getattr(p, "expert", False):
-            active += p.numel() * m.moe.top_k / m.moe.n_experts
-        else:
-            active += p.numel()
-    attn = 6 * m.n_layers * m.dim * cfg.train.seq_len  # 12 * L * D * T / 2 (causal)
-    return 6 * active + attn
+    """Training FLOPs per token, the count `fusion-plan` reports (formula in fusion/plan.py):
+    6 x active matmul parameters + causal attention scores (chunked layers over their chunk)."""
+    from fusion.plan import flops_per_token as planned
+
+    return planned(cfg.model, model.vocab_size, cfg.train.seq_len)
 
 
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
