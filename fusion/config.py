@@ -139,6 +139,9 @@ class TrainConfig:
     precision: str = "auto"        # "auto" (bf16 on a capable GPU, else fp32) | "fp32" | "bf16"
     ckpt_every: int = 0            # 0 = only at the end
     resume: str = "auto"           # "auto" (latest in run.dir), "none", or a checkpoint path
+    keep_checkpoints: int = 0      # keep the newest K checkpoints (0 = keep all)
+    max_nonfinite: int = 10        # stop after this many skipped (NaN/Inf) steps in a row (0 = never)
+    debug_log: bool = False        # RUN/debug/rank{r}.jsonl: sample keys + weight checksum per step
     log_every: int = 1
     eval_every: int = 0            # 0 = never during training
     peak_tflops: float = 0.0       # accelerator peak for MFU; 0 = look up a known GPU, else no MFU
@@ -427,6 +430,7 @@ def validate(cfg: Config) -> None:
     nonneg = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
               "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
               "train.ckpt_every", "train.log_every", "train.eval_every", "train.weight_decay",
+              "train.keep_checkpoints", "train.max_nonfinite",
               "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops", "data.eval_limit",
               "model.vision.width", "model.vision.lr_scale"]
     for key in nonneg:

@@ -8,10 +8,12 @@ Several (CPU or GPU): deepspeed --num_gpus 2 --module fusion.train --config conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -191,6 +193,144 @@ def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
         plot_expert_load(run_load.numpy(), layer_ids, run_dir / "plots" / "expert_load.png")
 
 
+# ---------------------------------------------------------------------------------------------
+# non-finite guard, fault injection and the per-rank debug log (issue #8)
+# ---------------------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def innermost_optimizer(optimizer):
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16): the one whose step() updates."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class NonFiniteGuard:
+    """Skips the optimizer update of a step whose loss or gradients are NaN/Inf on any rank.
+
+    Gradients are watched by a hook on every parameter as backward produces them (before DeepSpeed
+    reduces or partitions them, whatever the ZeRO stage): the squared norms are summed on this rank,
+    so the check costs no extra pass and no sync until `decide()`, which all-reduces one flag so
+    every rank skips alike. A skipped step still goes through `engine.step()` with the torch
+    optimizers' `step` made a no-op: DeepSpeed zeroes the gradients and advances its counters, while
+    the weights, the AdamW moments and AdamW's own step count stay as they were.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers: list, device: torch.device):
+        self.optimizers = [o for o in optimizers if o is not None]
+        self.device = device
+        self.total = 0         # skipped steps since this process started
+        self.in_a_row = 0
+        self._reset()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(self._watch)
+
+    def _reset(self) -> None:
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.grad_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def _watch(self, grad: torch.Tensor) -> None:
+        self.grad_sq = self.grad_sq + torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        self.bad_loss = self.bad_loss | ~torch.isfinite(loss.detach())
+
+    def decide(self) -> bool:
+        """Collective, at the accumulation boundary: True when any rank saw a non-finite loss or
+        gradient since the last decision."""
+        import torch.distributed as dist
+
+        flag = (self.bad_loss | ~torch.isfinite(self.grad_sq)).to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._reset()
+        return bool(flag.item())
+
+    def count(self, skipped: bool) -> None:
+        self.total += int(skipped)
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+
+    @contextlib.contextmanager
+    def suppress(self, active: bool):
+        """Within the block, the torch optimizers' step() does nothing (when `active`)."""
+        if active:
+            for opt in self.optimizers:
+                opt.step = lambda *args, **kwargs: None  # instance attribute shadows the method
+        try:
+            yield
+        finally:
+            if active:
+                for opt in self.optimizers:
+                    del opt.step
+
+
+class Faults:
+    """Test-only fault injection from the environment: FUSION_FAULTS="loss@3,grad@5:1,router@7"
+    makes step 3's loss NaN, one gradient of step 5 NaN on rank 1 only, and the router logits
+    (and gates) of step 7 NaN; without `:rank`, on every rank. Steps count from 1."""
+
+    KINDS = ("loss", "grad", "router")
+
+    def __init__(self, spec: str, rank: int, model: torch.nn.Module):
+        self.at: dict[str, set[int]] = {k: set() for k in self.KINDS}
+        self.step = 0
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            m = re.fullmatch(r"(loss|grad|router)@(\d+)(?::(\d+))?", item)
+            if m is None:
+                raise ValueError(f"FUSION_FAULTS: cannot read '{item}' (expected e.g. loss@3 or grad@5:1)")
+            if m.group(3) is None or int(m.group(3)) == rank:
+                self.at[m.group(1)].add(int(m.group(2)))
+        if self.at["grad"]:
+            # registered before NonFiniteGuard's hooks, so the guard sees the injected NaN
+            next(p for p in model.parameters() if p.requires_grad).register_hook(self._grad)
+        if self.at["router"]:
+            for layer in model.moe_layers:
+                layer.router.register_forward_hook(self._router)
+
+    def loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self.step in self.at["loss"] else loss
+
+    def _grad(self, grad: torch.Tensor):
+        return grad * float("nan") if self.step in self.at["grad"] else None
+
+    def _router(self, module, inputs, output):
+        if self.step not in self.at["router"]:
+            return None
+        topk_idx, gates, logits = output
+        return topk_idx, gates * float("nan"), logits * float("nan")
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Sum of every parameter and buffer of this rank's model, in float64 (equal on every rank of
+    a data-parallel run; unchanged by a skipped step)."""
+    with torch.no_grad():
+        return float(sum(v.detach().double().sum() for v in model.state_dict().values()
+                         if v.is_floating_point()))
+
+
+class DebugLog:
+    """`train.debug_log`: RUN/debug/rank{r}.jsonl, one line per step with the keys of the samples
+    this rank consumed and a checksum of its weights (for checking exact resume and that the ranks
+    agree). A resumed run appends: for a step written twice, the last line is the one that counts."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.file = None
+        if enabled:
+            (run_dir / "debug").mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "debug" / f"rank{rank}.jsonl", "a")
+
+    def log(self, step: int, keys: list[str], model: torch.nn.Module, skipped: bool) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, "keys": keys, "skipped": skipped,
+                                    "weights": weights_checksum(model)}) + "\n")
+        self.file.flush()
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
 
@@ -240,13 +380,16 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"fusion-train: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"fusion-train: error: {e}", file=sys.stderr)
+        return 1
 
 
 def train(cfg: Config) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from fusion.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, set_rng_state
+    from fusion.checkpoint import choose_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
     from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
     from fusion.model.fusion import build_model
@@ -279,13 +422,16 @@ def train(cfg: Config) -> int:
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
     moe_layers = model.moe_layers
     peak = peak_tflops(cfg, device)
+    # skip updates on NaN/Inf (faults first: its gradient hook must run before the guard's)
+    faults = Faults(os.environ.get("FUSION_FAULTS", ""), rank, model)
+    guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device)
 
     # ---- data ----
     batches = build_batches(cfg, tokenizer, rank, world)
 
     # ---- resume ----
     step = 0
-    resume_path = resolve_resume(t.resume, run_dir)
+    resume_path = choose_checkpoint(t.resume, run_dir, rank)  # verified against its manifest
     if resume_path is not None:
         state = load_checkpoint(engine, resume_path, rank, experts)
         step = state["step"]
@@ -295,6 +441,7 @@ def train(cfg: Config) -> int:
             print(f"resumed from {resume_path} at step {step}", flush=True)
 
     log = MetricsLog(run_dir, rank == 0)
+    debug = DebugLog(run_dir, rank, t.debug_log)
     run_load = None  # (L, 3, E) expert load summed over ranks, since the last heatmap
     last_saved = step if resume_path is not None else -1
     engine.train()
@@ -306,35 +453,43 @@ def train(cfg: Config) -> int:
 
         # ---- micro-steps: forward, backward, (DeepSpeed steps at the accumulation boundary) ----
         stats = torch.zeros(9, dtype=torch.float64)  # loss_sum[3], loss_count[3], aux, z, micro
-        grad_norm = None
+        grad_norm, skipped = None, False
+        faults.step = step + 1
         for _ in range(t.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             out = engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
                          doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
                          images=batch.get("images"), videos=batch.get("videos"))
-            engine.backward(out.loss)
+            loss = faults.loss(out.loss)
+            guard.observe_loss(loss)
+            engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
                 experts.reduce_grads()  # expert grads over their expert-data-parallel group
                 if t.zero_stage == 0 and not bf16 and not experts.names:
                     # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
                     grad_norm = grad_l2_norm(model)
-            engine.step()
-            if boundary and experts.names:
-                grad_norm = experts.step()  # clipped with, and returning, the global norm
+            if boundary:
+                skipped = guard.decide()  # all-reduced: every rank skips alike
+            with guard.suppress(boundary and skipped):  # no update; DeepSpeed's counters still move
+                engine.step()
+                if boundary and experts.names:
+                    grad_norm = experts.step()  # clipped with, and returning, the global norm
             stats[0:3] += out.loss_sum.double().cpu()
             stats[3:6] += out.loss_count.double().cpu()
             stats[6] += float(out.aux_loss)
             stats[7] += float(out.z_loss)
             stats[8] += 1
         step += 1
+        guard.count(skipped)
 
         # ---- router balancing: expert loads summed over ranks; aux-free bias update ----
         if moe_layers:
             load = torch.stack([layer.take_load() for layer in moe_layers]).to(torch.float64)  # (L, 3, E)
             dist.all_reduce(load)
             for layer, layer_load in zip(moe_layers, load):
-                layer.update_bias(layer_load.sum(0).to(device))
+                if not skipped:  # a skipped step leaves the router biases as they were too
+                    layer.update_bias(layer_load.sum(0).to(device))
             run_load = load if run_load is None else run_load + load
         dist.all_reduce(stats)
 
@@ -355,6 +510,7 @@ def train(cfg: Config) -> int:
             row["mfu"] = (fpt * tokens / elapsed / (peak * 1e12 * world)) if peak else None
             row["aux_loss"] = float(stats[6] / stats[8])
             row["z_loss"] = float(stats[7] / stats[8])
+            row["nonfinite_skips"] = guard.total
             if moe_layers:
                 row.update(router_metrics(load))
             for m, share in batches.shares().items():
@@ -366,6 +522,18 @@ def train(cfg: Config) -> int:
             if rank == 0:
                 print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} "
                       f"tok/s {row['tokens_per_s']:.0f}", flush=True)
+
+        debug.log(step, batches.take_keys(), model, skipped)
+        if skipped and rank == 0:
+            print(f"step {step}: non-finite loss or gradient, optimizer step skipped "
+                  f"({guard.in_a_row} in a row, {guard.total} in all)", flush=True)
+        if t.max_nonfinite and guard.in_a_row >= t.max_nonfinite:
+            last = choose_checkpoint("auto", run_dir, rank)
+            raise NonFiniteError(
+                f"{guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"(config key 'train.max_nonfinite'={t.max_nonfinite}); stopped at step {step}. "
+                f"The last checkpoint, {last or 'none'}, is intact: lower train.lr, check the data, "
+                f"or resume with train.resume=auto")
 
         # ---- evaluate (rank 0 scores the VQA sets; the others wait at the next collective) ----
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
