@@ -433,3 +433,122 @@ def test_z_loss_step_shrinks_logits():
     _, _, z1 = moe(x)
     assert z1.item() < 0.5 * z0.item(), (z0.item(), z1.item())
     assert size0 > 3.0 and logit_size() < 0.5 * size0, (size0, logit_size())
+
+
+# ---------------------------------------------------------------------------------------------
+# group-limited routing (DeepSeek-V3 node-limited)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score,k,topk_groups", [("sigmoid", 4, 2), ("softmax", 2, 1), ("sigmoid", 3, 4)])
+def test_group_limited_routing_keeps_each_token_in_its_best_groups(score, k, topk_groups):
+    """8 experts in 4 groups of 2: every token's experts lie in at most topk_groups groups, and
+    those are its best groups by the documented score (sigmoid: sum of the group's top-2 selection
+    scores; softmax: its best probability); inside them the top-k is exact."""
+    torch.manual_seed(0)
+    E, G = 8, 4
+    limited = Router(D, make_cfg(n_experts=E, top_k=k, score=score, n_groups=G, topk_groups=topk_groups,
+                                 balance="bias"))
+    with torch.no_grad():
+        limited.expert_bias.copy_(torch.randn(E) * 0.3)
+    free = copy.deepcopy(limited)
+    free.n_groups = free.topk_groups = 1
+    x = torch.randn(400, D) * 3
+    idx, gates, logits = limited(x)
+    groups_used = (idx // (E // G)).sort(-1).values
+    n_groups_used = (groups_used.diff(dim=-1) != 0).sum(-1) + 1  # (N,)
+    assert (n_groups_used <= topk_groups).all()
+
+    scores = logits if score == "sigmoid" else logits.softmax(-1)
+    choice = (scores + limited.expert_bias).view(-1, G, E // G)
+    group_score = choice.topk(2, -1).values.sum(-1) if score == "sigmoid" else choice.max(-1).values
+    best = group_score.topk(topk_groups, -1).indices.sort(-1).values  # (N, topk_groups)
+    for t in range(x.shape[0]):
+        assert set(groups_used[t].tolist()) <= set(best[t].tolist())
+        allowed = torch.cat([torch.arange(g * 2, g * 2 + 2) for g in best[t].tolist()])
+        expect = allowed[choice.view(-1, E)[t, allowed].topk(k).indices]
+        assert sorted(idx[t].tolist()) == sorted(expect.tolist())
+    # the gate is still the raw score of the chosen expert
+    expected_gate = scores.gather(-1, idx)
+    torch.testing.assert_close(gates, expected_gate.sigmoid() if score == "sigmoid" else expected_gate)
+    if topk_groups < G:  # the limit binds: unconstrained routing spans more groups for some tokens
+        free_groups = (free(x)[0] // (E // G)).sort(-1).values
+        assert ((free_groups.diff(dim=-1) != 0).sum(-1) + 1 > topk_groups).any()
+    else:  # all groups allowed: same as no grouping
+        torch.testing.assert_close(free(x)[0].sort(-1).values, idx.sort(-1).values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.moe.n_experts=8", "model.moe.n_groups=3"], "model.moe.n_groups"),
+    (["model.moe.n_groups=0"], "model.moe.n_groups"),
+    (["model.moe.n_experts=8", "model.moe.n_groups=4", "model.moe.topk_groups=5"], "model.moe.topk_groups"),
+    (["model.moe.n_experts=8", "model.moe.n_groups=4", "model.moe.topk_groups=0"], "model.moe.topk_groups"),
+    (["model.moe.n_experts=8", "model.moe.top_k=3", "model.moe.n_groups=4", "model.moe.topk_groups=1"],
+     "model.moe.topk_groups"),
+    (["model.moe.n_experts=4", "model.moe.ep_size=3"], "model.moe.ep_size"),
+    (["train.activation_checkpointing=-1"], "train.activation_checkpointing"),
+])
+def test_moe_parallel_and_group_keys_are_validated(overrides, key):
+    from fusion.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_ep_size_must_divide_the_world():
+    from fusion.config import ConfigError, finalize, load_config
+
+    cfg = load_config(None, ["model.moe.ep_size=2"])  # accepted: expert parallelism exists
+    assert finalize(cfg, 4).world_size == 4
+    with pytest.raises(ConfigError, match=r"model\.moe\.ep_size.*world size 3"):
+        finalize(cfg, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("every,early_stop", [(1, False), (2, True)])
+def test_activation_checkpointing_same_losses_grads_and_router_stats(every, early_stop):
+    """Recomputing layers in backward changes nothing a user sees: loss, every gradient, aux and
+    z losses, and the per-modality expert loads (counted once, not again on recompute). Without
+    early stop the recompute runs each layer to its end, load counting included."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    from fusion.config import load_config
+    from fusion.data.tokenizer import ByteTokenizer
+    from fusion.model.fusion import build_model
+
+    cfg = load_config(None, ["model.size=debug", "model.n_layers=3", "model.moe.top_k=2",
+                             "model.moe.balance=aux", "model.moe.path=loop"])
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, ByteTokenizer())
+    ckpt = copy.deepcopy(plain)
+    ckpt.decoder.checkpoint_every = every
+    ids = torch.randint(0, 256, (2, 24))
+    modality = torch.randint(0, 3, (2, 24))  # per-sample modality for the loss split
+
+    outs, grads, loads, calls = [], [], [], []
+    for model in (plain, ckpt):
+        n_calls = [0] * len(model.moe_layers)
+        for i, m in enumerate(model.moe_layers):
+            m.register_forward_pre_hook(lambda *_, i=i, n=n_calls: n.__setitem__(i, n[i] + 1))
+        calls.append(n_calls)
+        model.train()
+        with set_checkpoint_early_stop(early_stop):
+            out = model(ids, labels=ids.roll(-1, 1), sample_modality=modality)
+            out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        loads.append(torch.stack([m.take_load() for m in model.moe_layers]))
+    assert loads[0].sum() == 2 * 24 * 2 * len(plain.moe_layers)  # tokens x top_k, per layer
+    torch.testing.assert_close(loads[1], loads[0], rtol=0, atol=0)
+    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "loss_sum", "loss_count"):
+        torch.testing.assert_close(getattr(outs[1], key), getattr(outs[0], key), rtol=1e-6, atol=1e-7)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+    # the recompute really ran: checkpointed layers (0, every, 2*every, ...) ran forward twice
+    assert calls[0] == [1, 1, 1]
+    assert calls[1] == [2 if i % every == 0 else 1 for i in range(3)]
