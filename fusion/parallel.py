@@ -26,7 +26,7 @@ across ep sizes, and it averages per-group gradient norms instead of summing squ
   checkpoint resumes at any ep size.
 - Gradient clipping sees the true global norm: sqrt(|g_dense|^2 + sum over all expert shards of
   |g_expert|^2). The expert part is summed over the expert-parallel group; it is added to the norm
-  DeepSpeed computes (ZeRO 1/2: `scaled_global_norm`; bf16 ZeRO 0: `get_grads_for_norm`) or, for
+  DeepSpeed computes (ZeRO 1/2: `scaled_global_norm`; bf16 ZeRO 0: `unscale_and_clip_grads`) or, for
   plain fp32 ZeRO 0 where the reduced gradients sit in `.grad`, computed and clipped here. The
   experts are clipped with the same coefficient DeepSpeed applies to the rest.
 - The experts' optimizer state is sharded by expert parallelism only (ZeRO does not partition it).
@@ -275,18 +275,19 @@ class ExpertParallel:
                 return _combine(dense, self._expert_sq, scale)
 
             opt.scaled_global_norm = scaled_global_norm
-        elif hasattr(opt, "get_grads_for_norm"):  # bf16 ZeRO 0 (BF16_Optimizer)
-            base = opt.get_grads_for_norm
+        elif hasattr(opt, "unscale_and_clip_grads") and hasattr(opt, "fp32_groups"):
+            # bf16 ZeRO 0 with our optimizer (FP16_UnfusedOptimizer): it clips with the norm it
+            # passes here, and reports _global_grad_norm
+            base_clip = opt.unscale_and_clip_grads
 
-            def get_grads_for_norm(for_clipping=False):
-                out = base(for_clipping=for_clipping)
-                if for_clipping or self._expert_sq is None:
-                    return out
-                dense, expert = out
-                extra = self._expert_sq.sqrt().reshape(1).to(dense[0].device if dense else "cpu")
-                return [*dense, extra], expert
+            def unscale_and_clip_grads(total_norm, apply_scale=True):
+                scale = float(getattr(getattr(opt, "loss_scale_config", None), "cur_scale", 1.0))
+                combined = float(_combine(torch.tensor(float(total_norm)), self._expert_sq, scale))
+                combined = combined if combined >= 0 else float("nan")
+                opt._global_grad_norm = combined
+                return base_clip(combined, apply_scale)
 
-            opt.get_grads_for_norm = get_grads_for_norm
+            opt.unscale_and_clip_grads = unscale_and_clip_grads
         elif engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() \
                 and not engine.fp16_enabled():
             # plain fp32 data parallel: reduce_grads clips the dense grads with the global norm
