@@ -162,7 +162,7 @@ class ExpertParallel:
     Use (all ranks, in this order):
         ep = ExpertParallel(model, ep_size)                # shards experts, installs dispatchers
         engine = deepspeed.initialize(model=ep.engine_module(), optimizer=<non-expert params>)
-        ep.attach(engine, param_groups, lr, betas, eps, grad_clip)
+        ep.attach(engine, <expert param groups>, betas, grad_clip)
         per optimizer step: engine.backward(...) -> ep.reduce_grads() at the accumulation boundary
                             -> engine.step() -> ep.step()
     A model without routed experts passes through untouched.
