@@ -500,6 +500,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.eval_every' is set but 'data.eval' names no VQA set")
     if len(cfg.train.betas) != 2:
         raise ConfigError(f"config key 'train.betas': expected two values, got {cfg.train.betas}")
+    if not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"config key 'train.betas': each must be in [0, 1), got {cfg.train.betas}")
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
+    for key in ("model.norm_eps", "model.rope_theta", "model.init_std"):
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
     if cfg.train.zero_stage not in (0, 1, 2):
         raise ConfigError(f"config key 'train.zero_stage': must be 0, 1 or 2, got {cfg.train.zero_stage}")
     if cfg.train.resume not in ("auto", "none") and not cfg.train.resume:

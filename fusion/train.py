@@ -368,10 +368,35 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_inputs(cfg: Config) -> None:
+    """The files a run reads exist, checked before any process group or model is built: one
+    ConfigError naming the key."""
+    from fusion.data.shards import list_shards
+
+    used = [m for m in MODALITIES if getattr(cfg.data, m)]
+    if not used:
+        raise ConfigError("config keys 'data.text', 'data.image', 'data.video' are all empty: give at "
+                          "least one shard directory")
+    for m in used:
+        try:
+            list_shards(getattr(cfg.data, m))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config key 'data.{m}': {e}") from None
+    for name in filter(None, cfg.data.eval.split(",")):
+        if not Path(name).is_dir():
+            raise ConfigError(f"config key 'data.eval': no VQA set directory '{name}'")
+    if cfg.data.tokenizer not in ("", "byte") and not Path(cfg.data.tokenizer).is_file():
+        raise ConfigError(f"config key 'data.tokenizer': no tokenizer file '{cfg.data.tokenizer}' "
+                          "(give 'byte' or a local tokenizer.json)")
+    if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).exists():
+        raise ConfigError(f"config key 'train.resume': no checkpoint at {cfg.train.resume}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
     except ConfigError as e:
         print(f"fusion-train: error: {e}", file=sys.stderr)
         return 2

@@ -641,9 +641,15 @@ def checked_text(fields: dict, col: str, empty: str) -> str:
     return value
 
 
+MAX_MEDIA_TEXT = 1 << 16  # bytes of a caption or question; more is counted as text_too_long
+
+
 def media_text(fields: dict, col: str, empty: str) -> str:
-    """A caption or question, stripped (see `checked_text`)."""
-    return checked_text(fields, col, empty).strip()
+    """A caption or question, stripped (see `checked_text`); at most MAX_MEDIA_TEXT bytes."""
+    text = checked_text(fields, col, empty).strip()
+    if len(text) > MAX_MEDIA_TEXT // 4 and len(text.encode("utf-8")) > MAX_MEDIA_TEXT:
+        raise SampleError("text_too_long", f"column '{col}' holds {len(text.encode('utf-8')):,} bytes")
+    return text
 
 
 def read_media(value, base: str) -> bytes:

@@ -102,6 +102,8 @@ class SampleMaker:
                 out["images" if modality == 1 else "videos"] = [pixels]
                 return out
         else:
+            if len(raw.get("txt") or b"") > 16 * self.cfg.train.seq_len:  # can never fit a row
+                return self._fail("caption_too_long")
             caption = self._caption(raw)
             if caption is None:
                 return None

@@ -13,12 +13,14 @@ when complete, its stats file follows; members carry mtime 0, uid/gid 0, empty o
 give byte-identical tars (the same bytes tarfile writes in PAX format). A shard is complete when
 its tar AND its stats file exist.
 
-Reading (`iter_samples`) streams members as bytes through webdataset's tar iterator and never
-extracts to disk. Samples are grouped the way webdataset groups them: a member name splits at the
-first dot of its base name into key and extension, so `a.b.jpg` is key `a` with field `b.jpg`
-(webdataset #237); extensions are lower-cased; members whose base name has no dot and `__meta__`
-members are skipped. Shards written by other tools in the same layout (img2dataset, plain `tarfile`,
-GNU tar, compressed `.tar.gz`) read as they are.
+Reading (`iter_samples`) streams members as bytes and never extracts to disk. Samples are grouped
+the way webdataset groups them: a member name splits at the first dot of its base name into key and
+extension, so `a.b.jpg` is key `a` with field `b.jpg` (webdataset #237); extensions are lower-cased;
+members whose base name has no dot and `__meta__` members are skipped. Shards written by other tools
+in the same layout (img2dataset, plain `tarfile`, GNU tar, compressed `.tar.gz`) read as they are.
+A sample with a symlink, hardlink, device or fifo entry, or a member named outside the archive
+(`../x`, `/x`), is dropped and counted as `unsafe_member` (nothing is followed or written); a key
+that comes back later in the same shard is dropped and counted as `duplicate_key`.
 
 Errors never stop iteration when an `ErrorCounter` is given: an unreadable shard (missing, not a
 tar, truncated) is counted under the exception's class name (`ReadError`, `FileNotFoundError`) and
@@ -444,16 +446,39 @@ def _report(counter: ErrorCounter | None, exn: Exception, url: str) -> None:
     counter(exn, url)
 
 
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's `__key__`-style metadata members
+
+
+def _member_problem(info: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read as sample data (None: a regular file with a safe name).
+    Members are only ever read as bytes, so none of these could write or follow anything here;
+    they are refused because no shard writer produces them and a sample holding one is suspect."""
+    if not info.isreg():
+        kind = ("symlink" if info.issym() else "hardlink" if info.islnk() else
+                "device" if info.ischr() or info.isblk() else "fifo" if info.isfifo() else "special")
+        return f"{kind} entry"
+    name = info.name
+    if name.startswith("/") or ".." in name.split("/"):
+        return "path outside the archive"
+    return None
+
+
+def _tar_members(stream) -> Iterator[tarfile.TarInfo | tuple[str, bytes]]:
+    """The members of a tar stream in order: (name, bytes) for a regular file, the TarInfo itself
+    for anything else (directories are left out). Nothing is extracted."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        if info.isdir():
+            continue
+        if _member_problem(info) is not None:
+            yield info
+        else:
+            yield info.name, tar.extractfile(info).read()
+        tar.members = []  # a stream never seeks back: keep no index of what was read
+
+
 def _iter_shard(url: str, counter: ErrorCounter | None) -> Iterator[dict]:
     from webdataset.gopen import gopen  # imports torch: only when reading
-    from webdataset.tariterators import tar_file_iterator
-
-    member_errors: list[Exception] = []
-
-    def stop_shard(exn: Exception) -> bool:
-        # A member that cannot be read leaves the stream at an unknown position: end the shard.
-        member_errors.append(exn)
-        return False
 
     try:
         stream = _TailReader(gopen(url, "rb"), url)
@@ -461,25 +486,37 @@ def _iter_shard(url: str, counter: ErrorCounter | None) -> Iterator[dict]:
         _report(counter, exn, url)
         return
     current: dict | None = None
-    bad = False  # the sample in progress had a duplicate member: dropped when complete
+    bad = False      # the sample in progress is dropped when complete (reason already counted)
+    seen: set[str] = set()  # keys of this shard: a key that comes back later is a duplicate
     try:
-        for member in tar_file_iterator(stream, handler=stop_shard):
-            key, ext = split_member_name(member["fname"])
+        for member in _tar_members(stream):
+            name = member.name if isinstance(member, tarfile.TarInfo) else member[0]
+            if _META_MEMBER.match(name):
+                continue
+            key, ext = split_member_name(name)
             if key is None:
+                if isinstance(member, tarfile.TarInfo):
+                    _report(counter, SampleError("unsafe_member", f"{name!r}: {_member_problem(member)}"), url)
                 continue
             ext = ext.lower()
             if current is None or key != current["__key__"]:
                 if current is not None and not bad:
                     yield current
                 current, bad = {"__key__": key, "__url__": url}, False
-            if ext in current:
-                if not bad:
-                    _report(counter, SampleError("duplicate_member", f"{member['fname']} twice"), url)
+                if key in seen:
+                    _report(counter, SampleError("duplicate_key", f"key {key!r} again"), url)
+                    bad = True
+                seen.add(key)
+            if isinstance(member, tarfile.TarInfo):
+                _report(counter, SampleError("unsafe_member", f"{name!r}: {_member_problem(member)}"), url)
                 bad = True
                 continue
-            current[ext] = member["data"]
-        if member_errors:
-            raise member_errors[0]
+            if ext in current:
+                if not bad:
+                    _report(counter, SampleError("duplicate_member", f"{name} twice"), url)
+                bad = True
+                continue
+            current[ext] = member[1]
         stream.check_end()
         stream.close()  # a `pipe:` whose command failed says so here
     except Exception as exn:

@@ -445,13 +445,13 @@ def check_sets(vqa_dirs) -> list[str]:
 
 def load_for_eval(path, device=None) -> tuple[object, dict]:
     """(model, {"checkpoint", "step"}) from a run dir, checkpoints dir or step dir."""
-    from fusion.checkpoint import find_model_dir, load_model
+    from fusion.checkpoint import CheckpointError, find_model_dir, load_model
 
     try:
         model_dir = find_model_dir(path)
-    except FileNotFoundError as e:
+        model = load_model(model_dir, device or "cpu")
+    except (FileNotFoundError, CheckpointError) as e:
         raise EvalError(str(e)) from None
-    model = load_model(model_dir, device or "cpu")
     meta: dict = {"checkpoint": str(model_dir)}
     m = re.fullmatch(r"step_(\d+)", model_dir.name)
     if m:
