@@ -17,7 +17,7 @@ from fusion.data.samples import SampleMaker
 from fusion.data.shards import ErrorCounter, ShardWriter, iter_samples, list_shards
 from fusion.data.tokenizer import ByteTokenizer
 from tests.conftest import encode_mp4, square_frame
-from tests.unit.test_build_media import FITS, PDF, png_bomb
+from tests.unit.test_build_media import FITS, PDF, failures, members_by_key, png_bomb, write_jsonl
 
 TEN_MB = 10 * 1024 * 1024
 
@@ -116,3 +116,33 @@ def test_verify_survives_the_hostile_shards(hostile_dir, capsys):
     text = out.out + out.err
     for reason in ("unsafe_member", "duplicate_key", "ReadError", "too_many_pixels", "unsupported_format"):
         assert reason in text, (reason, text[-2000:])
+
+
+def test_builder_skips_and_counts_hostile_records(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"good.png": png(), "bomb.png": png_bomb(20000, 20000), "paper.jpg": PDF, "sky.jpg": FITS,
+             "empty.jpg": b""}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    records = [
+        {"id": "ok", "image": "good.png", "caption": "a red square"},
+        {"id": "a.b", "image": "good.png", "caption": "a key with a dot"},     # stored as a_b
+        {"id": "a_b", "image": "good.png", "caption": "the same key now"},     # duplicate_key
+        {"id": "ok", "image": "good.png", "caption": "again"},                 # duplicate_key
+        {"id": "long", "image": "good.png", "caption": "a" * TEN_MB},          # text_too_long
+        {"id": "bomb", "image": "bomb.png", "caption": "x"},                   # too_many_pixels
+        {"id": "pdf", "image": "paper.jpg", "caption": "x"},                   # unsupported_format
+        {"id": "fits", "image": "sky.jpg", "caption": "x"},                    # unsupported_format
+        {"id": "zero", "image": "empty.jpg", "caption": "x"},                  # empty_file
+        {"id": "../../escape", "image": "good.png", "caption": "a key that is a path"},
+    ]
+    out = tmp_path / "out"
+    assert fusion_data(["images", "--input", str(write_jsonl(src / "in.jsonl", records)), "--output",
+                        str(out), "--key-col", "id", "--workers", "1", "--no-progress"]) == 0
+    assert failures(out) == {"duplicate_key": 2, "text_too_long": 1, "too_many_pixels": 1,
+                             "unsupported_format": 2, "empty_file": 1}
+    assert sorted(members_by_key(out)) == ["______escape", "a_b", "ok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # nothing written outside
+    assert fusion_data(["verify", str(out)]) == 0
+    capsys.readouterr()
