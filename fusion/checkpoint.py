@@ -264,7 +264,7 @@ def choose_checkpoint(resume: str, run_dir: str | Path, rank: int) -> Path | Non
         data[4:4 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
     dist.broadcast(data, src=0)
     n = int.from_bytes(bytes(data[:4].tolist()), "little")
-    message = bytes(data[4:4 + n].tolist()).decode()
+    message = bytes(data[4:4 + n].tolist()).decode(errors="replace")  # a long message may be cut
     if message.startswith("err:"):
         kind, _, text = message[4:].partition(":")
         raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(text)
