@@ -48,7 +48,7 @@ class MoEConfig:
     aux_coef: float = 1e-2        # weight of the Switch load-balancing loss (balance=aux)
     z_coef: float = 1e-3          # weight of the router z-loss (any balance mode; 0 disables)
     bias_rate: float = 1e-3       # aux-free bias update step per optimizer step (balance=bias)
-    path: str = "grouped"         # expert compute: "loop" (reference) | "grouped" (fast / batched)
+    path: str = "grouped"         # expert compute: "loop" (reference) | "grouped" (fast / batched) | "fast" (no host sync; GPU)
     ep_size: int = 1              # expert-parallel degree: each layer's experts are split over this many ranks
     n_groups: int = 1             # group-limited routing: experts form n_groups contiguous groups (1 = off)
     topk_groups: int = 1          # ... and each token picks its top_k experts inside its best topk_groups groups
@@ -97,6 +97,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0   # wavelengths above rope_original_ctx / this are divided by rope_factor
     rope_high_freq_factor: float = 4.0  # wavelengths below rope_original_ctx / this are kept; between: blended
     rope_original_ctx: int = 8192  # context length the unscaled RoPE was trained for (tokens)
+    attn_impl: str = "sdpa"       # packed-sequence attention: "sdpa" (dense T x T bool mask, the reference)
+                                  # | "flex" (FlexAttention block masks, no dense mask; compiled on CUDA)
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -146,6 +148,7 @@ class TrainConfig:
     eval_every: int = 0            # 0 = never during training
     peak_tflops: float = 0.0       # accelerator peak for MFU; 0 = look up a known GPU, else no MFU
     activation_checkpointing: int = 0  # recompute decoder layers in backward: 0 off, k = layers 0, k, 2k, ... (1 = all)
+    compile: bool = False          # torch.compile each decoder block (best with model.moe.path=fast)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed keys merged into the generated JSON
 
 
@@ -398,7 +401,8 @@ _CHOICES = {
     "model.moe.score": ("sigmoid", "softmax"),
     "model.moe.gate_on": ("input", "output"),
     "model.moe.balance": ("aux", "bias", "none"),
-    "model.moe.path": ("loop", "grouped"),
+    "model.moe.path": ("loop", "grouped", "fast"),
+    "model.attn_impl": ("sdpa", "flex"),
     "train.precision": ("auto", "fp32", "bf16"),
     "data.caption": ("after", "before", "random"),
     "data.vqa_loss": ("answer", "all"),

@@ -433,6 +433,8 @@ def train(cfg: Config) -> int:
     model = build_model(cfg.model, tokenizer)
     model.tokenizer = tokenizer  # for in-training evaluation
     model.decoder.checkpoint_every = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        model.decoder.compile_blocks()  # torch.compile each block; compiles at the first step
     fpt = flops_per_token(model, cfg)  # before the experts are sharded over ranks
     bf16 = use_bf16(cfg.train.precision, device)
     t = cfg.train

@@ -16,11 +16,18 @@ Shapes: B batch, T tokens, D dim, Hq query heads, Hkv key/value heads, Dh head d
 Packed rows carry `doc_ids` (B, T): attention stays inside one document (block-diagonal causal
 mask) and `positions` (B, T) restart at 0 for each document, so chunks and temperatures are those
 the document would get alone.
+
+Two implementations of that masking (`model.attn_impl`, issue #7): "sdpa" builds dense (B, 1, T, T)
+bool masks, the readable reference; "flex" describes the same masks to FlexAttention as block masks
+(`document_block_mask`, `chunked_block_mask`), so no T x T tensor exists and blocks that are fully
+masked are skipped. On CUDA flex_attention is compiled into a fused kernel; elsewhere it runs
+PyTorch's unfused reference (correct, slow: for tests). `Decoder.compile_blocks` is `train.compile`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +127,49 @@ def chunked_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | No
     return (same & causal)[:, None]
 
 
+def document_block_mask(doc_ids: torch.Tensor):
+    """`document_mask` as a FlexAttention BlockMask (no dense T x T tensor on CUDA)."""
+    def mask_mod(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+    return _block_mask(mask_mod, doc_ids)
+
+
+def chunked_block_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | None = None):
+    """`chunked_mask` as a FlexAttention BlockMask."""
+    def mask_mod(b, h, q, kv):
+        keep = (positions[b, q] // chunk == positions[b, kv] // chunk) & (kv <= q)
+        if doc_ids is not None:
+            keep = keep & (doc_ids[b, q] == doc_ids[b, kv])
+        return keep
+
+    return _block_mask(mask_mod, positions)
+
+
+def _block_mask(mask_mod, like: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = like.shape
+    # compiled mask creation never materialises (B, T, T); the eager one does, by blocks of rows
+    return create_block_mask(mask_mod, B, None, T, T, device=like.device, _compile=like.is_cuda)
+
+
+_FLEX = {}
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa: bool):
+    """FlexAttention, compiled into one fused kernel on CUDA (the eager version materialises scores)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda:
+        if "compiled" not in _FLEX:
+            _FLEX["compiled"] = torch.compile(flex, dynamic=False)
+        return _FLEX["compiled"](q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():  # "called without torch.compile": intended off CUDA
+        warnings.filterwarnings("ignore", message=".*without torch.compile", category=UserWarning)
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 def attention_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
     """Llama 4's query scale on NoPE layers (arXiv 2501.19399): 1 + attn_scale * log(1 + floor((pos + 1)
     / floor_scale)); exactly 1 for the first floor_scale - 1 positions. (B, T) -> (B, 1, T, 1)"""
@@ -141,7 +191,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, q_scale=None):
-        """x (B, T, D); mask (B, 1, T, T) bool or None (= causal); q_scale (B, 1, T, 1) or None."""
+        """x (B, T, D); mask (B, 1, T, T) bool, a FlexAttention BlockMask, or None (= causal);
+        q_scale (B, 1, T, 1) or None."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, Dh)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -155,8 +206,10 @@ class Attention(nn.Module):
         gqa = self.n_heads != self.n_kv_heads
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            y = flex_attention(q, k, v, mask, gqa)  # (B, Hq, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -209,17 +262,29 @@ class Decoder(nn.Module):
             scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
             nn.init.normal_(p, 0.0, std * scale)
 
+    def compile_blocks(self, **options) -> None:
+        """`train.compile`: torch.compile each block in place (one graph, reused by every layer of
+        the same kind); `options` go to torch.compile. Graphs are static-shaped with
+        `model.moe.path=fast`; the other MoE paths index by data-dependent counts and break the
+        graph there."""
+        for layer in self.layers:
+            layer.compile(**options)
+
     @property
     def moe_layers(self) -> list[MoE]:
         return [b.moe for b in self.layers if b.moe is not None]
 
     def attention_inputs(self, positions, doc_ids):
-        """What the layers share: (full mask, chunked mask, NoPE query scale); None where unused."""
+        """What the layers share: (full mask, chunked mask, NoPE query scale); None where unused.
+        Masks are dense bool tensors (attn_impl "sdpa") or FlexAttention BlockMasks ("flex")."""
         cfg = self.cfg
-        full = None if doc_ids is None else document_mask(doc_ids)  # None: plain causal
+        flex = cfg.attn_impl == "flex"
+        full = None  # None: plain causal
+        if doc_ids is not None:
+            full = document_block_mask(doc_ids) if flex else document_mask(doc_ids)
         chunk = None
         if any(b.chunked for b in self.layers):
-            chunk = chunked_mask(positions, cfg.attn_chunk, doc_ids)
+            chunk = (chunked_block_mask if flex else chunked_mask)(positions, cfg.attn_chunk, doc_ids)
         q_scale = None
         if cfg.temp_tuning and not all(b.use_rope for b in self.layers):
             q_scale = attention_temperature(positions, cfg.floor_scale, cfg.attn_scale)
@@ -228,6 +293,9 @@ class Decoder(nn.Module):
     def forward(self, h, positions=None, doc_ids=None, valid=None, token_modality=None):
         """h (B, T, D) embeddings -> (logits (B, T, V), aux_loss, z_loss) means over MoE layers."""
         B, T, _ = h.shape
+        if self.cfg.attn_impl == "flex" and not h.is_cuda and torch.is_grad_enabled() and h.requires_grad:
+            raise ValueError("config key 'model.attn_impl': flex trains on CUDA only (PyTorch has no "
+                             "FlexAttention backward on this device); use model.attn_impl=sdpa")
         if positions is None:
             positions = torch.arange(T, device=h.device).expand(B, T)
         cos, sin = self.rotary(positions)

@@ -243,6 +243,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
+        if cfg.path == "fast" and self.dispatcher is None:
+            from fusion.model import grouped  # sync-free aligned dispatch (issue #7)
+
+            return grouped.forward(self, x, valid, modality)
         B, T, D = x.shape
         K = cfg.top_k
         xf = x.reshape(B * T, D)  # (N, D)
@@ -293,6 +297,10 @@ class MoE(nn.Module):
         """The experts held here on rows sorted by expert. (M, D), (E_local,) -> (M, D)"""
         if self.cfg.path == "loop":
             return self.experts.forward_loop(x_sorted, counts)
+        if self.cfg.path == "fast":
+            from fusion.model import grouped
+
+            return grouped.run_sorted(self.experts, x_sorted, counts)
         return self.experts.forward_grouped(x_sorted, counts)
 
     # -- losses ------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""The fast MoE path (`model.moe.path: fast`, issue #7): dispatch without host syncs, aligned
+token groups for `torch._grouped_mm`, a memory-saving SwiGLU, the shared expert beside the routed
+one on its own CUDA stream.
+
+What it changes against `MoE.forward`'s readable path (fusion/model/moe.py), and why:
+
+- No host-device synchronisation. Padding is not removed with `nonzero` (a sync): every token is
+  routed, and the (token, expert) pairs of padding tokens go to a trash row whose input is zero
+  and whose output is dropped. Counts come from `scatter_add_` (CUDA `bincount` syncs to size its
+  output). Every shape depends only on B, T, K and E, so the layer also compiles into one graph
+  under `train.compile` with no graph break and no recompilation when the padding changes.
+- Aligned groups. Each expert's rows start at a multiple of ALIGN and fill a whole number of ALIGN
+  rows (8 rows for bf16, as torchtitan aligns for this kernel); an expert that receives no token still
+  gets ALIGN zero rows, so the kernel never sees an empty group (pytorch #152668, torchtitan #1237).
+  The buffer has a fixed number of rows R = ceil((M + E * ALIGN + 1) / ALIGN) * ALIGN >= every
+  possible padded total; the slack (zero rows) belongs to the last expert so that offsets end at R
+  and no output row is left uninitialised (pytorch #154557). Zero rows add nothing to the output
+  (silu(0) * 0 = 0) or to any weight gradient.
+- Combine by gather. The rows come back in (token, k) order by gathering the destination rows, and
+  the K outputs of a token are summed with a reshape: no scatter-add in the forward pass.
+- SwiGLU that keeps only the gate and up projections for backward (`SwiGLU`): autograd would also
+  keep silu(gate), one more (rows x H) tensor per MoE layer. Under `train.compile` the
+  elementwise work fuses into one kernel.
+- On CUDA the shared expert runs on a side stream, overlapping the router, the permutation and the
+  grouped matmuls (autograd runs its backward on that stream too).
+- The router is the same module and scores in fp32; losses and load counts equal the readable
+  path's (padding excluded), computed with masks instead of indexing.
+
+Under expert parallelism (a dispatcher installed) `MoE.forward` keeps its own dispatch, whose
+all-to-all needs the counts on the host, and only the expert compute comes here (`run_sorted`).
+
+Shapes: B batch, T tokens, N = B*T, D dim, E experts, K top-k, M = N*K (token, expert) pairs,
+R rows of the aligned buffer, H expert hidden width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ALIGN = 8  # rows per alignment unit of a token group
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU that recomputes silu in backward
+# ---------------------------------------------------------------------------------------------
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(a) * b, saving a and b only (not silu(a))."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = torch.ops.aten.silu_backward(grad * b, a)
+        grad_b = grad * F.silu(a)
+        return grad_a, grad_b
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return SwiGLU.apply(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the aligned layout
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where each routed row goes in the aligned buffer, and the group ends for `_grouped_mm`."""
+
+    dest: torch.Tensor    # (M,) long: buffer row of each input row; padding pairs -> rows - 1
+    offs: torch.Tensor    # (E,) int32: cumulative group ends, offs[-1] == rows
+    counts: torch.Tensor  # (E,) long: real rows per expert
+    rows: int             # R, fixed by M, E and ALIGN alone
+
+
+def buffer_rows(m: int, n_experts: int, align: int = ALIGN) -> int:
+    """R: room for every padded group (each <= count + align) plus one trash row, in whole units."""
+    return -(-(m + n_experts * align + 1) // align) * align
+
+
+def layout_pairs(expert: torch.Tensor, keep: torch.Tensor | None, n_experts: int,
+                 align: int = ALIGN) -> Layout:
+    """Aligned layout of rows in any order. expert (M,) long, keep (M,) bool or None (all kept).
+
+    Rows of one expert keep their relative order (stable sort). Rows not kept all go to the last
+    buffer row, which no kept row uses and which holds zeros.
+    """
+    M, E = expert.shape[0], n_experts
+    R = buffer_rows(M, E, align)
+    key = expert if keep is None else torch.where(keep, expert, E)  # (M,) dropped rows sort last
+    counts_all = torch.zeros(E + 1, dtype=torch.long, device=expert.device)
+    counts_all.scatter_add_(0, key, torch.ones_like(key))  # (E+1,) no host sync (bincount has one)
+    counts = counts_all[:E]
+    padded = ((counts + align - 1) // align * align).clamp(min=align)  # (E,) every group non-empty
+    ends = padded.cumsum(0)  # (E,)
+    pad_start = torch.cat([ends - padded, ends.new_full((1,), R - 1)])  # (E+1,) dropped -> trash row
+    order = key.argsort(stable=True)  # (M,)
+    sorted_key = key[order]
+    start = counts_all.cumsum(0) - counts_all  # (E+1,) first sorted position of each key
+    rank = torch.arange(M, device=expert.device) - start[sorted_key]  # (M,) position inside its group
+    dest_sorted = torch.where(sorted_key < E, pad_start[sorted_key] + rank, R - 1)
+    dest = torch.empty_like(dest_sorted).scatter_(0, order, dest_sorted)  # (M,) back to input order
+    offs = torch.cat([ends[:-1], ends.new_full((1,), R)]).to(torch.int32)  # (E,) slack -> last expert
+    return Layout(dest=dest, offs=offs, counts=counts, rows=R)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert compute on the aligned buffer
+# ---------------------------------------------------------------------------------------------
+
+
+def _ragged_loop(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-expert matmuls over the aligned buffer, where `_grouped_mm` is not available."""
+    outs, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        xe = buf[start:end]
+        outs.append(swiglu(xe @ experts.w1[e], xe @ experts.w3[e]) @ experts.w2[e])
+        start = end
+    return torch.cat(outs)  # (R, D)
+
+
+def run_buffer(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The E SwiGLU experts on the aligned buffer. (R, D) -> (R, D)."""
+    from fusion.model.moe import _DenseGrad, grouped_mm_supported
+
+    # under torch.compile the kernel's meta function takes bf16/fp16 only: fp32 runs the loop there
+    compiled_fp32 = buf.dtype == torch.float32 and torch.compiler.is_compiling()
+    if compiled_fp32 or not grouped_mm_supported(buf, experts.w1):
+        return _ragged_loop(experts, buf, offs)
+    gate = torch._grouped_mm(buf, experts.w1, offs=offs)  # (R, H)
+    up = torch._grouped_mm(buf, experts.w3, offs=offs)  # (R, H)
+    h = swiglu(gate, up)  # (R, H)
+    return _DenseGrad.apply(torch._grouped_mm(h, experts.w2, offs=offs))  # (R, D)
+
+
+def run_rows(experts, rows: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Rows in any order through their experts via the aligned buffer. (M, D) -> (M, D)."""
+    buf = rows.new_zeros(layout.rows, rows.shape[-1]).index_put((layout.dest,), rows)  # (R, D)
+    return run_buffer(experts, buf, layout.offs)[layout.dest]  # (M, D)
+
+
+def run_sorted(experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`MoE.run_experts` for path "fast": rows sorted by expert, counts (E,). (M, D) -> (M, D)"""
+    E, M = counts.shape[0], x_sorted.shape[0]
+    expert = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=M)  # (M,)
+    return run_rows(experts, x_sorted, layout_pairs(expert, None, E))
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer's forward
+# ---------------------------------------------------------------------------------------------
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
+def overlaps_shared(moe, x: torch.Tensor) -> bool:
+    return (moe.shared is not None and x.is_cuda and getattr(moe, "overlap_shared", True)
+            and not torch.compiler.is_compiling())
+
+
+def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
+            modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`MoE.forward` for path "fast" without a dispatcher: same inputs, outputs, losses and counts."""
+    cfg = moe.cfg
+    B, T, D = x.shape
+    N, K, E = B * T, cfg.top_k, moe.experts.w1.shape[0]
+    xf = x.reshape(N, D)  # (N, D)
+    keep = None if valid is None else valid.reshape(N)  # (N,) bool
+
+    # the shared expert sees every token (padding included, as in the readable path)
+    shared_out, side = None, None
+    if overlaps_shared(moe, x):
+        main = torch.cuda.current_stream(x.device)
+        side = _side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared_out = moe.shared(xf)  # (N, D)
+    elif moe.shared is not None:
+        shared_out = moe.shared(xf)
+
+    topk_idx, gates, logits = moe.router(xf)  # (N, K) long, (N, K) fp32, (N, E) fp32
+    pair_keep = None if keep is None else keep[:, None].expand(N, K).reshape(N * K)  # (M,)
+    layout = layout_pairs(topk_idx.reshape(N * K), pair_keep, E)
+    rows = xf if K == 1 else xf[:, None].expand(N, K, D).reshape(N * K, D)  # (M, D) in (token, k) order
+    gate = gates.reshape(N * K, 1)  # (M, 1)
+    if cfg.gate_on == "input":
+        rows = rows * gate.to(rows.dtype)  # Llama 4 scales the expert input
+    if pair_keep is not None:
+        rows = torch.where(pair_keep[:, None], rows, 0)  # padding rows are exactly zero, even if non-finite
+    out = run_rows(moe.experts, rows, layout)  # (M, D)
+    if cfg.gate_on == "output":
+        out = out * gate.to(out.dtype)
+        if pair_keep is not None:
+            out = torch.where(pair_keep[:, None], out, 0)
+    y = out.view(N, K, D).sum(1) if K > 1 else out  # (N, D)
+
+    if side is not None:
+        main.wait_stream(side)
+        shared_out.record_stream(main)
+    if shared_out is not None:
+        y = y + shared_out
+    y = y.reshape(B, T, D).to(x.dtype)  # (B, T, D)
+
+    aux, z = losses(moe, logits, layout.counts, keep)
+    if moe.training and not moe.recomputing:
+        count_load(moe, topk_idx, keep, modality)
+    return y, aux, z
+
+
+def losses(moe, logits: torch.Tensor, counts: torch.Tensor,
+           keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Switch aux loss and the router z-loss over kept tokens, as `MoE._aux_loss` / `_z_loss`,
+    with masks instead of indexing (no sync; zero, still attached, when no token is kept)."""
+    cfg = moe.cfg
+    N = logits.shape[0]
+    if keep is None:
+        keep = torch.ones(N, dtype=torch.bool, device=logits.device)
+    logits = torch.where(keep[:, None], logits, 0.0)  # padding logits (maybe non-finite) never enter
+    n = keep.sum().to(torch.float32).clamp(min=1.0)
+    zero = logits.sum() * 0.0
+    if cfg.balance == "aux":
+        if cfg.score == "softmax":
+            probs = logits.softmax(dim=-1)  # (N, E)
+        else:
+            s = logits.sigmoid()
+            probs = s / s.sum(dim=-1, keepdim=True)  # (N, E)
+        f = counts.float() / (n * cfg.top_k)  # (E,) fraction of assignments, no gradient
+        p = torch.where(keep[:, None], probs, 0.0).sum(0) / n  # (E,)
+        aux = cfg.n_experts * (f * p).sum()
+    else:
+        aux = zero
+    if cfg.z_coef > 0:
+        lse = logits.logsumexp(dim=-1)  # (N,)
+        z = torch.where(keep, lse.square(), 0.0).sum() / n
+    else:
+        z = zero
+    return aux, z
+
+
+@torch.no_grad()
+def count_load(moe, topk_idx: torch.Tensor, keep: torch.Tensor | None,
+               modality: torch.Tensor | None) -> None:
+    """Add this forward's kept assignments to `moe.load` (modality x expert), without a sync."""
+    N, K = topk_idx.shape
+    expert = topk_idx.reshape(-1)  # (M,)
+    row = (torch.zeros_like(expert) if modality is None
+           else modality.reshape(N, 1).expand(N, K).reshape(-1))  # (M,)
+    ones = (torch.ones(N * K, dtype=moe.load.dtype, device=expert.device) if keep is None
+            else keep.reshape(N, 1).expand(N, K).reshape(-1).to(moe.load.dtype))  # (M,)
+    moe.load.index_put_((row, expert), ones, accumulate=True)
