@@ -535,6 +535,8 @@ def train(cfg: Config) -> int:
             row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
             row["tokens_per_s"] = tokens / elapsed
             row["mfu"] = (fpt * tokens / elapsed / (peak * 1e12 * world)) if peak else None
+            if device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
+                row["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             row["aux_loss"] = float(stats[6] / stats[8])
             row["z_loss"] = float(stats[7] / stats[8])
             row["nonfinite_skips"] = guard.total
