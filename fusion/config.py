@@ -99,6 +99,12 @@ class ModelConfig:
     rope_original_ctx: int = 8192  # context length the unscaled RoPE was trained for (tokens)
     attn_impl: str = "sdpa"       # packed-sequence attention: "sdpa" (dense T x T bool mask, the reference)
                                   # | "flex" (FlexAttention block masks, no dense mask; compiled on CUDA)
+    # research switches (issue #9)
+    fusion: str = "early"         # "early": media embeddings spliced into the token stream | "late":
+                                  # the decoder sees text only, media enter by gated cross-attention
+    xattn_every: int = 1          # late fusion: a gated cross-attention block before layers 0, k, 2k, ...
+    dense_baseline: bool = False  # every MoE layer becomes a dense SwiGLU of the same active width:
+                                  # (top_k + n_shared) * moe_ffn_dim (router excluded)
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -153,6 +159,13 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""              # run dir or checkpoint dir of a frozen teacher ("" = no distillation)
+    temperature: float = 1.0       # softmax temperature of the KL term (scaled back by T^2)
+    weight: float = 0.5            # loss = (1 - weight) * next-token loss + weight * T^2 * KL(teacher || student)
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
 
@@ -162,6 +175,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -403,6 +417,7 @@ _CHOICES = {
     "model.moe.balance": ("aux", "bias", "none"),
     "model.moe.path": ("loop", "grouped", "fast"),
     "model.attn_impl": ("sdpa", "flex"),
+    "model.fusion": ("early", "late"),
     "train.precision": ("auto", "fp32", "bf16"),
     "data.caption": ("after", "before", "random"),
     "data.vqa_loss": ("answer", "all"),
@@ -515,6 +530,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.zero_stage': must be 0, 1 or 2, got {cfg.train.zero_stage}")
     if cfg.train.resume not in ("auto", "none") and not cfg.train.resume:
         raise ConfigError("config key 'train.resume': give 'auto', 'none' or a checkpoint path")
+    if m.xattn_every <= 0:
+        raise ConfigError(f"config key 'model.xattn_every' must be positive, got {m.xattn_every}")
+    if m.dense_baseline and not m.moe.n_experts:
+        raise ConfigError("config key 'model.dense_baseline': the model has no MoE layers to replace "
+                          "(model.moe.n_experts=0)")
+    if cfg.distill.temperature <= 0:
+        raise ConfigError(f"config key 'distill.temperature' must be positive, got {cfg.distill.temperature}")
+    if not 0 <= cfg.distill.weight <= 1:
+        raise ConfigError(f"config key 'distill.weight' must be in [0, 1], got {cfg.distill.weight}")
 
 
 def moe_layer_ids(n_layers: int, every: int, n_experts: int) -> list[int]:
@@ -522,6 +546,13 @@ def moe_layer_ids(n_layers: int, every: int, n_experts: int) -> list[int]:
     if n_experts == 0:
         return []
     return list(range(every - 1, n_layers, every))
+
+
+def dense_baseline_ffn_dim(moe: MoEConfig) -> int:
+    """Width of the dense SwiGLU that replaces an MoE layer under `model.dense_baseline`: the hidden
+    width one token activates there, top_k routed + n_shared shared experts (the router's E x D gate
+    has no dense counterpart)."""
+    return (moe.top_k + moe.n_shared) * moe.moe_ffn_dim
 
 
 def tokens_per_image(v: VisionConfig) -> int:
@@ -565,7 +596,7 @@ def finalize(cfg: Config, world_size: int) -> Derived:
         global_batch=global_batch,
         tokens_per_step=global_batch * t.seq_len,
         head_dim=m.dim // m.n_heads,
-        moe_layers=moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts),
+        moe_layers=[] if m.dense_baseline else moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts),
         image_tokens=image_tokens,
         video_tokens=video_tokens,
     )

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.config import ModelConfig, moe_layer_ids
+from fusion.config import ModelConfig, dense_baseline_ffn_dim, moe_layer_ids
 from fusion.model.ffn import FeedForward
 from fusion.model.moe import MoE, run_checkpointed
 
@@ -222,9 +222,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, self.use_rope)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std) if is_moe else None
-        # dense layers have their own width (Llama 4: intermediate_size_mlp, twice an expert's)
-        self.ffn = None if is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+        self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std) if is_moe and not cfg.dense_baseline else None
+        # dense layers have their own width (Llama 4: intermediate_size_mlp, twice an expert's);
+        # model.dense_baseline puts a SwiGLU of the MoE layer's active width in its place (issue #9)
+        width = dense_baseline_ffn_dim(cfg.moe) if is_moe else cfg.ffn_dim
+        self.ffn = None if self.moe is not None else FeedForward(cfg.dim, width)
 
     def forward(self, x, cos, sin, mask, valid, token_modality, q_scale=None):
         """`mask` is the layer's own: chunked on chunked RoPE layers, full causal elsewhere."""
@@ -290,8 +292,9 @@ class Decoder(nn.Module):
             q_scale = attention_temperature(positions, cfg.floor_scale, cfg.attn_scale)
         return full, chunk, q_scale
 
-    def forward(self, h, positions=None, doc_ids=None, valid=None, token_modality=None):
-        """h (B, T, D) embeddings -> (logits (B, T, V), aux_loss, z_loss) means over MoE layers."""
+    def forward(self, h, positions=None, doc_ids=None, valid=None, token_modality=None, cross=None):
+        """h (B, T, D) embeddings -> (logits (B, T, V), aux_loss, z_loss) means over MoE layers.
+        `cross(i, h) -> h` runs before layer i (late fusion's cross-attention, fusion/model/late.py)."""
         B, T, _ = h.shape
         if self.cfg.attn_impl == "flex" and not h.is_cuda and torch.is_grad_enabled() and h.requires_grad:
             raise ValueError("config key 'model.attn_impl': flex trains on CUDA only (PyTorch has no "
@@ -303,6 +306,8 @@ class Decoder(nn.Module):
         aux_total = h.new_zeros((), dtype=torch.float32)
         z_total = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
+            if cross is not None:
+                h = cross(i, h)
             mask = chunk if layer.chunked else full
             args = (h, cos, sin, mask, valid, token_modality, q_scale)
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:

@@ -58,6 +58,11 @@ class FusionModel(nn.Module):
         self.vision = VisionTower(cfg.vision, cfg.dim)
         self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(3, 1, 1), persistent=False)
+        self.late = None  # model.fusion=late: gated cross-attention blocks (issue #9)
+        if cfg.fusion == "late":
+            from fusion.model.late import LateFusion
+
+            self.late = LateFusion(cfg)
 
     @property
     def moe_layers(self):
@@ -111,11 +116,14 @@ class FusionModel(nn.Module):
 
     def forward(self, input_ids, labels=None, positions=None, doc_ids=None, sample_modality=None,
                 images=None, videos=None, valid=None, return_logits=False):
-        h, token_modality = self.embed(input_ids, images, videos)
-        if valid is None and doc_ids is not None:
-            valid = doc_ids >= 0
-        logits, aux, z = self.decoder(h, positions=positions, doc_ids=doc_ids, valid=valid,
-                                      token_modality=token_modality)
+        if self.late is not None:  # the decoder reads text only; media by cross-attention
+            logits, aux, z = self.late(self, input_ids, positions, doc_ids, images, videos)
+        else:
+            h, token_modality = self.embed(input_ids, images, videos)
+            if valid is None and doc_ids is not None:
+                valid = doc_ids >= 0
+            logits, aux, z = self.decoder(h, positions=positions, doc_ids=doc_ids, valid=valid,
+                                          token_modality=token_modality)
         if labels is None:
             return logits
         return self.loss(logits, labels, aux, z, sample_modality, return_logits)
