@@ -12,7 +12,11 @@ output head counts once):
     shared_experts  the n_shared always-on experts of MoE layers (n_shared * moe_ffn_dim wide)
     routed_experts  the E routed experts of MoE layers (moe_ffn_dim wide each)
     vision          encoder, projector and frame positions
+    cross_attention late fusion's gated cross-attention blocks (model.fusion=late; 0 otherwise)
 Active parameters (per token): all of them except routed experts, of which top_k / E count.
+With model.dense_baseline the MoE layers are dense SwiGLUs of (top_k + n_shared) * moe_ffn_dim,
+counted under dense_ffn: the same active parameters as the MoE model except the router's E x D
+gate, which has no dense counterpart.
 
 Training FLOPs per decoder token (forward + backward = 3 x forward; the vision encoder excluded):
 
@@ -23,11 +27,17 @@ routed experts, the output head; not the embedding lookup or norms). The attenti
 the weighted sum AV cost 2 * n_heads * head_dim FLOPs per (query, key) each in forward; a causal
 query sees ctx / 2 keys on average, with ctx = seq_len on full-attention layers and
 min(attn_chunk, seq_len) on chunked ones: 3 * 2 * 2 * n_heads * head_dim * ctx / 2.
+Late fusion adds its cross-attention blocks' matmul parameters to N and, per block, the scores
+against one image's placeholder tokens P (no causal halving): 3 * 2 * 2 * n_heads * head_dim * P.
+Every sequence token is counted as a decoder token; under late fusion the placeholders skip the
+decoder, so this is an upper bound of a late-fusion model's cost on media-heavy rows.
 
 Memory per GPU, for ZeRO stages 0-3 on `world` ranks with experts sharded over `ep_size` of them
 (bytes per parameter: bf16 2 weights + 2 grads + 12 fp32 Adam (master, m, v); fp32 4 + 4 + 8):
-stage 1 splits optimizer states over the data-parallel ranks, 2 also gradients, 3 also weights;
-routed experts split over their expert-data-parallel group (world / ep_size ranks). Activations
+stage 1 splits optimizer states over the data-parallel ranks, 2 also gradients, 3 also weights.
+Routed experts are trained beside DeepSpeed, outside ZeRO (fusion/parallel.py): a rank holds the
+weights, gradients and optimizer state of its n_experts / ep_size local experts at every stage.
+Activations
 are an estimate of what autograd keeps per micro-batch (see `activation_bytes`), with and without
 activation checkpointing of every layer.
 """
@@ -39,10 +49,12 @@ import json
 import sys
 from dataclasses import dataclass
 
-from fusion.config import Config, ConfigError, ModelConfig, VisionConfig, load_config, moe_layer_ids
+from fusion.config import (Config, ConfigError, ModelConfig, VisionConfig, dense_baseline_ffn_dim,
+                           load_config, moe_layer_ids, tokens_per_image)
 from fusion.model.decoder import uses_rope
 
-PARTS = ("embeddings", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "vision")
+PARTS = ("embeddings", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "vision",
+         "cross_attention")
 GiB = 1024 ** 3
 
 
@@ -55,6 +67,8 @@ def part_of(name: str, moe_layers: set[int]) -> str:
     """The part a FusionModel parameter belongs to, by its name (the split `count_parameters` counts)."""
     if name.startswith("vision."):
         return "vision"
+    if name.startswith("late."):
+        return "cross_attention"
     if ".moe.experts." in name:
         return "routed_experts"
     if ".moe.shared." in name:
@@ -99,29 +113,44 @@ def vision_parameters(v: VisionConfig, dim: int) -> int:
     return encoder + projector + frame_pos
 
 
+def n_moe_layers(m: ModelConfig) -> int:
+    """MoE layers the built model has (none under model.dense_baseline)."""
+    return 0 if m.dense_baseline else len(moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts))
+
+
+def n_xattn_blocks(m: ModelConfig) -> int:
+    """Late fusion's cross-attention blocks: before layers 0, k, 2k, ... (fusion/model/late.py)."""
+    return len(range(0, m.n_layers, m.xattn_every)) if m.fusion == "late" else 0
+
+
 def count_parameters(m: ModelConfig, vocab_size: int) -> dict[str, int]:
     """Parameters by part, from the config alone."""
     D, L, E = m.dim, m.n_layers, m.moe.n_experts
     head_dim = D // m.n_heads
-    n_moe = len(moe_layer_ids(L, m.moe.every, E))
-    n_dense = L - n_moe
+    n_replaced = len(moe_layer_ids(L, m.moe.every, E)) if m.dense_baseline else 0
+    n_moe = n_moe_layers(m)
+    n_dense = L - n_moe - n_replaced
     attn = D * m.n_heads * head_dim * 2 + D * m.n_kv_heads * head_dim * 2 + D  # wq, wo, wk, wv, norm
     swiglu = 3 * D  # per unit of hidden width
+    # a gated xattn-dense block: attention + FFN (ffn_dim) + attention, media and FFN norms + 2 gates
+    xattn = (attn - D) + swiglu * m.ffn_dim + 3 * D + 2
     return {
         "embeddings": vocab_size * D * (1 if m.tie_embeddings else 2) + D,
         "attention": L * attn,
-        "dense_ffn": n_dense * (swiglu * m.ffn_dim + D),
+        "dense_ffn": n_dense * (swiglu * m.ffn_dim + D)
+                     + n_replaced * (swiglu * dense_baseline_ffn_dim(m.moe) + D),
         "router": n_moe * (E * D + D),
         "shared_experts": n_moe * swiglu * m.moe.n_shared * m.moe.moe_ffn_dim,
         "routed_experts": n_moe * E * swiglu * m.moe.moe_ffn_dim,
         "vision": vision_parameters(m.vision, D),
+        "cross_attention": n_xattn_blocks(m) * xattn,
     }
 
 
 def active_parameters(m: ModelConfig, vocab_size: int) -> dict[str, int]:
     total = count_parameters(m, vocab_size)
     active = dict(total)
-    if m.moe.n_experts:
+    if m.moe.n_experts and not m.dense_baseline:
         active["routed_experts"] = total["routed_experts"] * m.moe.top_k // m.moe.n_experts
     return active
 
@@ -134,10 +163,12 @@ def active_parameters(m: ModelConfig, vocab_size: int) -> dict[str, int]:
 def matmul_parameters(m: ModelConfig, vocab_size: int) -> float:
     """Active parameters that take part in a matmul per decoder token (no lookup, norms, vision)."""
     a = active_parameters(m, vocab_size)
-    n_moe = len(moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts))
+    n_moe = n_moe_layers(m)
     n_dense = m.n_layers - n_moe
+    n_x = n_xattn_blocks(m)
     return (a["attention"] - m.n_layers * m.dim + a["dense_ffn"] - n_dense * m.dim
             + a["router"] - n_moe * m.dim + a["shared_experts"] + a["routed_experts"]
+            + a["cross_attention"] - n_x * (3 * m.dim + 2)  # norms and gates do not multiply
             + vocab_size * m.dim)  # the output head (tied or not, it multiplies)
 
 
@@ -149,9 +180,15 @@ def attention_context(m: ModelConfig, seq_len: int) -> list[int]:
 
 def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per decoder token: 6 * N_matmul + 6 * sum_l(n_heads * head_dim * ctx_l)."""
+    return 6 * matmul_parameters(m, vocab_size) + attention_flops(m, seq_len)
+
+
+def attention_flops(m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of attention scores: causal self-attention on every layer, plus
+    late fusion's cross-attention to one image's placeholder tokens per block."""
     head_dim = m.dim // m.n_heads
     attn = 6 * m.n_heads * head_dim * sum(attention_context(m, seq_len))
-    return 6 * matmul_parameters(m, vocab_size) + attn
+    return attn + 12 * m.n_heads * head_dim * tokens_per_image(m.vision) * n_xattn_blocks(m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +227,15 @@ def activation_bytes(m: ModelConfig, vocab_size: int, micro_batch: int, seq_len:
     dkv = m.n_kv_heads * (D // m.n_heads)
     moe_ids = set(moe_layer_ids(m.n_layers, m.moe.every, E))
     attn = 4 * D + 4 * dkv
-    per_layer = [attn + (2 * D + 3 * K * D + 4 * K * H + 4 * S * H + 2 * E if i in moe_ids
-                         else 2 * D + 4 * m.ffn_dim) for i in range(m.n_layers)]
-    layers = (m.n_layers * D + max(per_layer)) if checkpointing else sum(per_layer)
+    if m.dense_baseline:
+        per_layer = [attn + 2 * D + 4 * (dense_baseline_ffn_dim(m.moe) if i in moe_ids else m.ffn_dim)
+                     for i in range(m.n_layers)]
+    else:
+        per_layer = [attn + (2 * D + 3 * K * D + 4 * K * H + 4 * S * H + 2 * E if i in moe_ids
+                             else 2 * D + 4 * m.ffn_dim) for i in range(m.n_layers)]
+    # late fusion: each cross-attention block keeps about what a dense layer does
+    per_layer += [attn + 2 * D + 4 * m.ffn_dim] * n_xattn_blocks(m)
+    layers = (len(per_layer) * D + max(per_layer)) if checkpointing else sum(per_layer)
     output = vocab_size * (1 + 4 / prec.activation)
     tokens = micro_batch * seq_len
     n_masks = 1 + (1 if m.attn_chunk and any(uses_rope(i, m.nope_every) for i in range(m.n_layers)) else 0)
@@ -209,15 +252,14 @@ def memory_per_gpu(m: ModelConfig, vocab_size: int, world: int, ep_size: int, mi
     experts = total["routed_experts"]
     replicated = sum(total.values()) - experts
     local_experts = experts / ep_size
-    dp, edp = world, world // ep_size  # ranks that share a replicated / an expert parameter
+    dp = world  # ranks that share a replicated parameter
     act = activation_bytes(m, vocab_size, micro_batch, seq_len, prec, checkpointing=False)
     act_ckpt = activation_bytes(m, vocab_size, micro_batch, seq_len, prec, checkpointing=True)
     stages = {}
     for stage in range(4):
         def held(split_at: int) -> float:  # parameters of one kind a rank holds at this stage
-            if stage >= split_at:
-                return replicated / dp + local_experts / edp
-            return replicated + local_experts
+            # ZeRO partitions only what DeepSpeed holds; the local experts are whole on every stage
+            return (replicated / dp if stage >= split_at else replicated) + local_experts
         row = {"weights": held(3) * prec.weight, "grads": held(2) * prec.grad,
                "optimizer": held(1) * prec.optimizer, "activations": act, "activations_ckpt": act_ckpt}
         states = row["weights"] + row["grads"] + row["optimizer"]
@@ -280,13 +322,16 @@ def format_plan(plan: dict, cfg: Config) -> str:
     lines = [f"fusion-plan: model.size={plan['size']}: dim {m.dim}, {m.n_layers} layers, "
              f"{m.n_heads}/{m.n_kv_heads} heads, vocab {plan['vocab_size']}, "
              + (f"{moe.n_experts} experts (top-{moe.top_k} + {moe.n_shared} shared) every {moe.every} layer(s)"
-                if moe.n_experts else "dense"), "",
+                if moe.n_experts and not m.dense_baseline else "dense")
+             + (f" (dense baseline: MoE layers are {dense_baseline_ffn_dim(moe)}-wide SwiGLUs)"
+                if m.dense_baseline else "")
+             + (f", late fusion: cross-attention before every {m.xattn_every} layer(s)"
+                if m.fusion == "late" else ""), "",
              f"{'parameters':<18}{'total':>14}{'active':>14}"]
     t, a = plan["params"]["total"], plan["params"]["active"]
     for part in PARTS + ("total",):
         lines.append(f"  {part:<16}{_b(t[part]):>14}{_b(a[part]):>14}")
-    head_dim = m.dim // m.n_heads
-    attn = 6 * m.n_heads * head_dim * sum(attention_context(m, plan["seq_len"]))
+    attn = attention_flops(m, plan["seq_len"])
     lines += ["", f"training FLOPs per token: {plan['flops_per_token']:.3e} = 6 x {_b(plan['matmul_params'])} "
               f"matmul params + {attn:.3e} attention (seq_len {plan['seq_len']}"
               + (f", {m.attn_chunk}-token chunks" if m.attn_chunk else "") + ")", ""]
@@ -299,7 +344,8 @@ def format_plan(plan: dict, cfg: Config) -> str:
     lines.append("  ZeRO" + "".join(f"{h:>11}" for h in heads))
     for stage, row in mem["bytes"].items():
         lines.append(f"  {stage:>4}" + "".join(f"{row[c] / GiB:>11.2f}" for c in cols))
-    if moe.n_experts:
+    if n_moe_layers(m):
+        lines.append("  (routed experts are outside ZeRO: each rank holds its local experts whole at every stage)")
         lines.append("  (stage 3 is listed for comparison: fusion trains MoE models with ZeRO 0-2)")
     return "\n".join(lines)
 
