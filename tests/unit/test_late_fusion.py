@@ -59,6 +59,19 @@ def test_blocks_sit_before_every_kth_layer():
     assert early.late is None
 
 
+@pytest.mark.parametrize("over", [[], ["model.xattn_every=2", "model.n_layers=3", "model.dense_baseline=true"]])
+def test_plan_counts_the_cross_attention_blocks(over):
+    from fusion.plan import count_parameters, count_parameters_of, make_plan
+
+    cfg, model = make(*over)
+    counted = count_parameters(cfg.model, model.vocab_size)
+    assert counted == count_parameters_of(model) and counted["cross_attention"] > 0
+    early_cfg, _ = make(*over, "model.fusion=early")
+    late, early = make_plan(cfg), make_plan(early_cfg)
+    assert late["params"]["total"]["total"] == early["params"]["total"]["total"] + counted["cross_attention"]
+    assert late["flops_per_token"] > early["flops_per_token"]
+
+
 @pytest.mark.parametrize("moe", ["moe", "dense"])
 def test_closed_gates_give_the_text_only_model(moe):
     """At init the late model's logits at every text position equal the decoder's on the same row
