@@ -418,6 +418,7 @@ def train(cfg: Config) -> int:
     from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
     from fusion.model.fusion import build_model
+    from fusion.distill import build_distiller
     from fusion.parallel import ExpertParallel
 
     rank, world, device = init_distributed()
@@ -437,6 +438,7 @@ def train(cfg: Config) -> int:
         model.decoder.compile_blocks()  # torch.compile each block; compiles at the first step
     fpt = flops_per_token(model, cfg)  # before the experts are sharded over ranks
     bf16 = use_bf16(cfg.train.precision, device)
+    distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process (issue #9)
     t = cfg.train
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel.py)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
@@ -486,8 +488,9 @@ def train(cfg: Config) -> int:
             batch = {k: v.to(device) for k, v in next(batches).items()}
             out = engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
                          doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
-                         images=batch.get("images"), videos=batch.get("videos"))
-            loss = faults.loss(out.loss)
+                         images=batch.get("images"), videos=batch.get("videos"),
+                         return_logits=distiller is not None)
+            loss = faults.loss(out.loss if distiller is None else distiller.mix(out, batch))
             guard.observe_loss(loss)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -539,6 +542,8 @@ def train(cfg: Config) -> int:
                 row["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             row["aux_loss"] = float(stats[6] / stats[8])
             row["z_loss"] = float(stats[7] / stats[8])
+            if distiller is not None:
+                row.update(distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
             row["nonfinite_skips"] = guard.total
             if moe_layers:
                 row.update(router_metrics(load))
