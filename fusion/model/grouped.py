@@ -143,10 +143,42 @@ def run_buffer(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return _DenseGrad.apply(torch._grouped_mm(h, experts.w2, offs=offs))  # (R, D)
 
 
+class _ToBuffer(torch.autograd.Function):
+    """rows (M, D) -> buffer (R, D) with buf[dest[i]] = rows[i], zeros elsewhere; backward a gather."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, dest: torch.Tensor, n_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(dest)
+        return rows.new_zeros(n_rows, rows.shape[-1]).index_put_((dest,), rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dest,) = ctx.saved_tensors
+        return grad[dest], None, None
+
+
+class _FromBuffer(torch.autograd.Function):
+    """buffer (R, D) -> rows (M, D) = buf[dest]; backward a plain scatter, not autograd's sorting
+    scatter-add: kept rows own their slot, and only dropped rows share one (the trash row, whose
+    input is zero, so what its gradient holds reaches no weight and no kept row)."""
+
+    @staticmethod
+    def forward(ctx, buf: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(dest)
+        ctx.n_rows = buf.shape[0]
+        return buf[dest]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dest,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n_rows, grad.shape[-1]).index_put_((dest,), grad), None
+
+
 def run_rows(experts, rows: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Rows in any order through their experts via the aligned buffer. (M, D) -> (M, D)."""
-    buf = rows.new_zeros(layout.rows, rows.shape[-1]).index_put((layout.dest,), rows)  # (R, D)
-    return run_buffer(experts, buf, layout.offs)[layout.dest]  # (M, D)
+    """Rows in any order through their experts via the aligned buffer. (M, D) -> (M, D).
+    Rows that share the trash row (rows - 1) must be zero."""
+    buf = _ToBuffer.apply(rows, layout.dest, layout.rows)  # (R, D)
+    return _FromBuffer.apply(run_buffer(experts, buf, layout.offs), layout.dest)  # (M, D)
 
 
 def run_sorted(experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
