@@ -590,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=16, metavar="N",
                    help="questions shown in SET.png (default 16; 0: no picture)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--quantize", choices=("int4",), default=None,
+                   help="also evaluate with weight-only int4 linear and expert weights (fusion/quant.py); "
+                        "SET.json gains an 'int4' section beside the unquantised result, with the weight "
+                        "memory of each")
+    p.add_argument("--group-size", type=int, default=64, metavar="G",
+                   help="--quantize: weights per int4 scale/offset group, along the input axis (even; default 64)")
     return p
 
 
@@ -604,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                                  ("--n-frames", args.n_frames, 1), ("--examples", args.examples, 0)):
             if value is not None and value < low:
                 raise EvalError(f"{flag} must be >= {low}, got {value}")
+        if args.quantize and (args.group_size < 2 or args.group_size % 2):
+            raise EvalError(f"--group-size must be an even number >= 2, got {args.group_size}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise EvalError("--device cuda: CUDA is not available")
@@ -618,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
                                generate=args.generate, blind=not args.no_blind,
                                n_frames=args.n_frames or run_n_frames(meta["checkpoint"]) or 8,
                                device=device, examples=args.examples, progress=not args.no_progress)
+        if args.quantize:  # the same sets again with int4 weights, written beside the result above
+            from fusion.quant import add_int4_results
+
+            add_int4_results(model, results, Path(args.out) if args.out else Path(args.run) / "eval",
+                             group_size=args.group_size, batch_size=args.batch_size, limit=args.limit,
+                             blind=not args.no_blind, device=device, progress=not args.no_progress)
     except _UsageError as e:
         print(f"fusion-eval: error: {e} (see --help)", file=sys.stderr)
         return 2
@@ -627,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "eval"
     for name, result in results.items():
         print(format_table(result))
+        if "int4" in result:
+            from fusion.quant import format_int4
+
+            print(format_int4(result))
         print(f"-> {out / (name + '.json')}\n")
     return 0
 
