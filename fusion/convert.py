@@ -271,6 +271,10 @@ def model_overrides_from_hf(tc: dict, path: Path) -> dict:
 def hf_config_from_model(m: ModelConfig, vocab_size: int, special) -> dict:
     """A transformers `Llama4TextConfig` dict for a fusion decoder (refuses what Llama 4 cannot hold)."""
     moe = m.moe
+    if m.fusion != "early" or m.dense_baseline:  # issue #9's research switches
+        key = "model.fusion" if m.fusion != "early" else "model.dense_baseline"
+        raise ConvertError(f"config key '{key}': a late-fusion or dense-baseline model has no Hugging Face "
+                           "Llama 4 text equivalent; to-hf converts early-fusion models as built")
     moe_ids = moe_layer_ids(m.n_layers, moe.every, moe.n_experts)
     if moe_ids:
         for key, value, want in (("score", moe.score, "sigmoid"), ("gate_on", moe.gate_on, "input"),

@@ -82,3 +82,16 @@ def test_dense_baseline_trains_and_needs_moe_layers():
     assert float(out.aux_loss) == 0 and float(out.z_loss) == 0
     with pytest.raises(ConfigError, match="model.dense_baseline"):
         load_config(None, ["model.dense_baseline=true", "model.moe.n_experts=0"])
+
+
+@pytest.mark.parametrize("switch,key", [("model.dense_baseline=true", "model.dense_baseline"),
+                                        ("model.fusion=late", "model.fusion")])
+def test_to_hf_refuses_the_research_switches(switch, key):
+    """A Hugging Face Llama 4 text model has neither: fusion-convert to-hf says so instead of
+    dropping weights."""
+    from fusion.convert import ConvertError, hf_config_from_model
+    from fusion.data.tokenizer import SpecialIds
+
+    cfg = load_config(None, ["model.size=debug", switch])
+    with pytest.raises(ConvertError, match=key):
+        hf_config_from_model(cfg.model, 265, SpecialIds.of(ByteTokenizer()))
