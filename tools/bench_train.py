@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     figures = []
 
     def fig(what, value, target=None, met=None):
+        if not cuda:  # the targets are for the GPU; a CPU run only shows that the tool works
+            target = met = None
         figures.append({"what": what, "value": value, "target": target, "met": met})
 
     if moe["mfu"] is not None:
