@@ -95,6 +95,9 @@ def train_run(name: str, overrides: list[str], workdir: Path, env: dict) -> dict
         tail = (run_dir.parent / f"{name}.log").read_text()[-3000:]
         raise RuntimeError(f"run {name} exited {rc}:\n{tail}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs for `small`; not needed here
     return {"name": name, "command": shlex.join(cmd), "rows": [r for r in rows if "loss" in r],
             "seconds": round(seconds, 1)}
 
@@ -231,6 +234,8 @@ def main(argv=None) -> int:
         s["plan_gib"] = plan_memory_gib(ov)
         results[name] = s
         print(f"  {s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)  # partial results, should a later run not finish
+        out.write_text(json.dumps({**rep, "partial": True, "runs": list(results.values())}, indent=1) + "\n")
 
     print("loader alone ...", flush=True)
     loader_bps = loader_rate(common, args.loader_batches or (10 if args.tiny else 60))

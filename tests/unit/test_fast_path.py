@@ -95,6 +95,27 @@ def test_fast_with_no_valid_token():
     assert all(torch.isfinite(v).all() for v in f[4].values())
 
 
+def test_fast_bf16_close_to_fp32_reference():
+    """In bf16 (the GPU dtype; `_grouped_mm` takes it on CPU too) fast stays as close to the fp32
+    loop as the bf16 loop does, gradients included."""
+    ref, fast = make_pair(top_k=2, gate_on="output", score="softmax")
+    loop16 = copy.deepcopy(ref).to(torch.bfloat16)
+    fast = fast.to(torch.bfloat16)
+    x = torch.randn(2, 16, D)
+    valid = torch.rand(2, 16) > 0.2
+    g = torch.randn(2, 16, D)
+    r = run(ref, x, valid, None, g)
+    a = run(loop16, x.bfloat16(), valid, None, g.bfloat16())
+    f = run(fast, x.bfloat16(), valid, None, g.bfloat16())
+    for i in (0, 3):  # y, x.grad
+        err_loop, err_fast = (a[i].float() - r[i]).abs().max(), (f[i].float() - r[i]).abs().max()
+        assert f[i].dtype == torch.bfloat16 and err_fast <= 2 * err_loop + 1e-2
+    for name, gr in r[4].items():
+        err_loop = (a[4][name].float() - gr).abs().max()
+        err_fast = (f[4][name].float() - gr).abs().max()
+        assert err_fast <= 2 * err_loop + 1e-2 * gr.abs().max(), name
+
+
 def test_non_finite_padding_changes_nothing():
     """Padding rows are never dispatched: garbage (inf, nan) there leaves every real output,
     the losses and the counts as they were."""
