@@ -7,8 +7,9 @@ What it changes against `MoE.forward`'s readable path (fusion/model/moe.py), and
 - No host-device synchronisation. Padding is not removed with `nonzero` (a sync): every token is
   routed, and the (token, expert) pairs of padding tokens go to a trash row whose input is zero
   and whose output is dropped. Counts come from `scatter_add_` (CUDA `bincount` syncs to size its
-  output). Every shape depends only on B, T, K and E, so the layer also compiles into one graph
-  under `train.compile` with no graph break and no recompilation when the padding changes.
+  output). Every shape depends only on B, T, K and E, so in bf16 the layer also compiles into one
+  graph under `train.compile` with no graph break and no recompilation when the padding changes
+  (in fp32 `_grouped_mm` cannot be compiled and a per-expert loop runs there instead).
 - Aligned groups. Each expert's rows start at a multiple of ALIGN and fill a whole number of ALIGN
   rows (8 rows for bf16, as torchtitan aligns for this kernel); an expert that receives no token still
   gets ALIGN zero rows, so the kernel never sees an empty group (pytorch #152668, torchtitan #1237).

@@ -60,6 +60,8 @@ def test_fast_bf16_matches_fp32_reference_with_grads(gate_on, k):
         assert (w[[5, 7]] == 0).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="torch._grouped_mm needs sm90+ (elsewhere fast falls back to a per-expert loop)")
 def test_fast_forward_has_no_host_sync():
     moe = moe_layer("fast", torch.bfloat16).train()
     x = torch.randn(2, 256, 256, device=DEV, dtype=torch.bfloat16)
@@ -109,7 +111,7 @@ def test_flex_attention_matches_dense_masks_with_grads():
     h, pos, doc, valid = packed(256, torch.float32)
     g = torch.randn(*h.shape[:2], 128, device=DEV)
     for a, b in zip(run_decoder(dense, h, pos, doc, valid, g), run_decoder(flex, h, pos, doc, valid, g)):
-        torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-3)
+        assert (b - a).abs().max() <= 1e-3 * a.abs().max().clamp(min=1e-6)
 
 
 def test_train_compile_with_inductor_matches_eager():
