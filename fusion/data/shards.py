@@ -463,10 +463,70 @@ def _member_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
+def _plain_member(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a ustar header for a regular file with a safe, short name and a valid
+    checksum, as writers of shards produce; None for anything else, which tarfile then reads."""
+    if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar" or header[345] != 0:
+        return None  # another type, a v7 or unknown header, or a name continued in the prefix
+    try:
+        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size_field = header[124:136]
+        if size_field[0] & 0x80:  # base-256 size
+            return None
+        size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+        return None
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if not name or name.endswith("/") or name.startswith("/") or ".." in name.split("/"):
+        return None
+    return name, size
+
+
+class _Replay:
+    """A stream that first gives back bytes already read from `raw`, then the rest of `raw`."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.raw.read(n)
+        if n < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        data, self.head = self.head[:n], self.head[n:]
+        return data + (self.raw.read(n - len(data)) if len(data) < n else b"")
+
+
 def _tar_members(stream) -> Iterator[tarfile.TarInfo | tuple[str, bytes]]:
     """The members of a tar stream in order: (name, bytes) for a regular file, the TarInfo itself
-    for anything else (directories are left out). Nothing is extracted."""
-    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for anything else (directories are left out). Nothing is extracted.
+
+    Plain regular-file headers of an uncompressed tar are read here (tarfile's header parsing
+    costs about as much as decoding a small picture); from the first header of any other kind
+    (compressed stream, PAX or GNU extensions, links, a bad checksum, a short read at the start)
+    on, tarfile reads the rest of the stream, so every unusual case behaves as tarfile makes it.
+    """
+    header = stream.read(tarfile.BLOCKSIZE)
+    first = True
+    while not header.startswith(_TailReader._COMPRESSED):
+        if len(header) < tarfile.BLOCKSIZE and not first:
+            return  # cut short: `_TailReader.check_end` reports it
+        if header.count(0) == tarfile.BLOCKSIZE:
+            return  # end-of-archive blocks
+        plain = _plain_member(header) if len(header) == tarfile.BLOCKSIZE else None
+        if plain is None:
+            break
+        name, size = plain
+        data = stream.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        yield name, data
+        stream.read(-size % tarfile.BLOCKSIZE)
+        header, first = stream.read(tarfile.BLOCKSIZE), False
+    tar = tarfile.open(fileobj=_Replay(header, stream), mode="r|*")
     for info in tar:
         if info.isdir():
             continue
