@@ -16,14 +16,21 @@ A row is `seq_len` tokens, so this balances tokens, not samples (a video costs f
 a caption). The plan depends on row counts only: every rank draws the same modalities at every step,
 so no rank waits on a module another rank never used.
 
-**Resume.** The DataLoader hands out worker outputs round-robin, so the number of samples the main
-process has consumed fixes how many each worker yielded and whose turn is next. Resume replays each
-worker's stream and skips that many raw samples without decoding them; the packers' partial rows and the plan's counts
-are saved too. The sequence after resume equals the uninterrupted one.
+**Workers.** With `data.num_workers = 0` the stream runs in the main process, without a
+DataLoader. With workers, each one sends its samples in chunks of `ModalityRows.CHUNK` (one
+inter-process message per chunk rather than per sample: for small pictures the message costs more
+than the decode, docs/benchmarks.md); the main process unpacks them in order.
+
+**Resume.** The DataLoader hands out worker chunks round-robin, so the number of samples the main
+process has consumed fixes how many each worker yielded, whose turn is next and how far into its
+chunk. Resume replays each worker's stream and skips that many raw samples without decoding them;
+the worker whose turn is next first sends the rest of its interrupted chunk. The packers' partial
+rows and the plan's counts are saved too. The sequence after resume equals the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -72,6 +79,8 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.decode = seed, shuffle_buffer, decode
         self.skip_per_worker: list[int] = []   # indexed by the worker's role (see __iter__)
         self.role_offset = 0
+        self.chunk = 1          # samples per yielded item; above 1, items are lists of samples
+        self.first_chunk = 0    # size of loader worker 0's first chunk when resuming mid-chunk
 
     def __iter__(self):
         info = get_worker_info()
@@ -79,6 +88,16 @@ class ShardStream(IterableDataset):
         # A fresh DataLoader starts its round-robin at its worker 0; on resume that must be the
         # worker whose turn was next, so loader worker i plays role (i + role_offset) % W.
         worker = (loader_worker + self.role_offset) % n_workers
+        samples = self._samples(worker, n_workers)
+        if self.chunk == 1:
+            yield from samples
+            return
+        size = (self.first_chunk or self.chunk) if loader_worker == 0 else self.chunk
+        while True:
+            yield list(itertools.islice(samples, size))  # the stream is endless: always full
+            size = self.chunk
+
+    def _samples(self, worker: int, n_workers: int):
         sid, n_sub = self.rank * n_workers + worker, self.world * n_workers
         skip = self.skip_per_worker[worker] if worker < len(self.skip_per_worker) else 0
         counter = ErrorCounter()
@@ -129,6 +148,7 @@ class ModalityRows:
 
     # a stream that yields nothing usable for this many samples in a row is broken, not unlucky
     MAX_FAILURES_IN_A_ROW = 10_000
+    CHUNK = 8  # samples per message from a DataLoader worker
 
     def __init__(self, stream: ShardStream, seq_len: int, pad_id: int, num_workers: int):
         self.stream, self.num_workers = stream, num_workers
@@ -138,16 +158,27 @@ class ModalityRows:
         self.keys: list[str] = []              # keys started since the last `take_keys()`
         self._it = None
 
+    def _role(self, n: int) -> int:
+        """The worker role that produced sample number `n` (0 without workers)."""
+        return (n // self.CHUNK) % self.num_workers if self.num_workers else 0
+
     def _iterator(self):
-        W = max(self.num_workers, 1)
-        # round-robin: the worker in role w has yielded ceil((consumed - w) / W) of the consumed
-        # samples, and the next sample is role (consumed % W)'s
-        self.stream.skip_per_worker = [max(0, -(-(self.consumed - w) // W)) for w in range(W)]
-        self.stream.role_offset = self.consumed % W
-        loader = DataLoader(self.stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                            persistent_workers=self.num_workers > 0,
-                            prefetch_factor=4 if self.num_workers > 0 else None)
-        return iter(loader)
+        stream = self.stream
+        if self.num_workers == 0:  # the main process reads: no DataLoader in between
+            stream.skip_per_worker, stream.role_offset = [self.consumed], 0
+            stream.chunk, stream.first_chunk = 1, 0
+            return iter(stream)
+        W, k = self.num_workers, self.CHUNK
+        # round-robin over chunks of k samples: `full` whole chunks and `off` samples of the next
+        # one are consumed; the role in turn w has sent ceil((full - w) / W) of the whole chunks
+        full, off = divmod(self.consumed, k)
+        skip = [k * max(0, -(-(full - w) // W)) for w in range(W)]
+        skip[full % W] += off
+        stream.skip_per_worker, stream.role_offset = skip, full % W
+        stream.chunk, stream.first_chunk = k, k - off
+        loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=W,
+                            persistent_workers=True, prefetch_factor=2)
+        return itertools.chain.from_iterable(loader)
 
     def next_row(self) -> dict:
         if self._it is None:
@@ -155,7 +186,7 @@ class ModalityRows:
         failures = 0
         while not self.packer.ready:
             sample = next(self._it)
-            self.errors[self.consumed % max(self.num_workers, 1)] = sample["__errors__"]
+            self.errors[self._role(self.consumed)] = sample["__errors__"]
             self.consumed += 1
             if sample.get("__failed__"):
                 failures += 1
@@ -192,10 +223,10 @@ class ModalityRows:
         self._it = None
 
 
-def _as_is(sample: dict) -> dict:
-    """The DataLoader's default per-sample conversion walks every token list item by item
-    (~40% of an image sample's loading time, tools/bench_data.py); samples are ready as they are."""
-    return sample
+def _as_is(chunk: list[dict]) -> list[dict]:
+    """The DataLoader's default conversion walks every token list item by item (~40% of an image
+    sample's loading time, tools/bench_data.py); samples are ready as they are."""
+    return chunk
 
 
 def plan_next(probs: dict[str, float], rows: dict[str, int]) -> str:

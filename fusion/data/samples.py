@@ -35,23 +35,54 @@ def vqa_answer(answer: str) -> str:
     return f" {answer.strip()}"
 
 
+def crop_box(width: int, height: int, size: int, train: bool,
+             rng: random.Random) -> tuple[float, float, float, float]:
+    """The source region (left, top, right, bottom) that becomes the `size` x `size` square: the
+    shorter side scaled to `size`, then the centre (or, when training, a random offset along the
+    longer side). Offsets are drawn in the scaled picture's whole pixels."""
+    scale = size / min(width, height)
+    nw, nh = max(size, round(width * scale)), max(size, round(height * scale))
+    x0 = rng.randint(0, nw - size) if train else (nw - size) // 2
+    y0 = rng.randint(0, nh - size) if train else (nh - size) // 2
+    sx, sy = width / nw, height / nh  # scaled pixels -> source pixels
+    return (x0 * sx, y0 * sy, (x0 + size) * sx, (y0 + size) * sy)
+
+
+def _square(img, size: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """uint8 (S, S, 3) of `box` resized to size x size: one bicubic pass over the kept region (no
+    full-picture resize, no crop copy); a box already size x size is cut out unchanged."""
+    from PIL import Image
+
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    left, top, right, bottom = box
+    if right - left == size and bottom - top == size and float(left).is_integer() \
+            and float(top).is_integer():
+        img = img.crop((int(left), int(top), int(right), int(bottom)))
+    else:
+        img = img.resize((size, size), Image.BICUBIC, box=box)
+    return np.asarray(img, dtype=np.uint8)  # (S, S, 3)
+
+
 def square_pixels(img, size: int, train: bool, rng: random.Random) -> np.ndarray:
     """PIL image -> uint8 (3, size, size): shorter side to `size`, then a centre crop (or, when
     training, a crop at a random offset along the longer side). numpy, not torch: a DataLoader
     worker sends every torch tensor through its own shared-memory segment, which costs more than
     decoding a small picture (docs/benchmarks.md)."""
+    box = crop_box(img.width, img.height, size, train, rng)
+    return np.ascontiguousarray(_square(img, size, box).transpose(2, 0, 1))  # (3, S, S)
+
+
+def square_frames(frames: np.ndarray, size: int, train: bool, rng: random.Random) -> np.ndarray:
+    """uint8 (F, H, W, 3) frames -> (F, 3, size, size), every frame cut from the same region."""
     from PIL import Image
 
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
-    x0 = rng.randint(0, nw - size) if train else (nw - size) // 2
-    y0 = rng.randint(0, nh - size) if train else (nh - size) // 2
-    arr = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)), dtype=np.uint8)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+    n, height, width = frames.shape[:3]
+    box = crop_box(width, height, size, train, rng)
+    out = np.empty((n, 3, size, size), dtype=np.uint8)
+    for i in range(n):
+        out[i] = _square(Image.fromarray(frames[i]), size, box).transpose(2, 0, 1)
+    return out  # (F, 3, S, S)
 
 
 @dataclass
@@ -145,8 +176,6 @@ class SampleMaker:
         return ("image", tokens_per_image(self.cfg.model.vision)), pixels, 1
 
     def video(self, data: bytes, meta: dict | None, rng: random.Random):
-        from PIL import Image
-
         from fusion.data.sampling import FrameSampling, VideoMeta, sample_frame_indices
         from fusion.data.video import VideoDecodeError, decode
 
@@ -171,10 +200,6 @@ class SampleMaker:
         if len(frames) != d.n_frames:
             return self._fail("video_frame_count")
         crop_rng = random.Random(rng.random())  # one crop for every frame of the clip
-        state = crop_rng.getstate()
-        pixels = []
-        for frame in frames:
-            crop_rng.setstate(state)
-            pixels.append(square_pixels(Image.fromarray(frame), v.img_size, self.train, crop_rng))
+        pixels = square_frames(np.asarray(frames), v.img_size, self.train, crop_rng)
         groups = d.n_frames // v.temporal_merge
-        return ("video", groups, tokens_per_image(v)), np.stack(pixels), 2  # (F, 3, S, S)
+        return ("video", groups, tokens_per_image(v)), pixels, 2  # (F, 3, S, S)
