@@ -175,7 +175,8 @@ def test_fusion_train_late_on_the_toy_world_and_reload(toy_world, tmp_path):
     r = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml", "model.fusion=late",
                  "model.xattn_every=1", f"data.text={toy_world / 'text'}",
                  f"data.image={toy_world / 'vqa_image_train'}", "data.weights=[0.2,1.0,0.0]",
-                 "data.num_workers=0", "train.steps=25", "train.seq_len=96", "train.log_every=1",
+                 "data.num_workers=0", "train.steps=12", "train.seq_len=96", "train.log_every=1",
+                 "train.lr=1e-2", "train.warmup=2", "model.moe.path=loop",
                  "model.vision.img_size=32", "model.vision.patch_size=8", f"run.dir={run_dir}"],
                 env={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
