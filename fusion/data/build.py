@@ -657,9 +657,10 @@ def read_media(value, base: str) -> bytes:
     file's directory). SampleError('missing_file' | 'unreadable_file')."""
     if not isinstance(value, str) or not value.strip():
         raise SampleError("missing_file", f"no path (got {value!r})")
-    path = Path(base) / value
+    path = os.path.join(base, value)  # not pathlib: its parsing shows beside a small picture
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise SampleError("missing_file", f"no such file: '{path}'") from None
     except OSError as exn:

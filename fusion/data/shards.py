@@ -207,21 +207,23 @@ def _member_header(name: str, size: int) -> bytes:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    header = b"".join([
-        raw.ljust(100, b"\0"),        # name
-        b"0000644\0",                  # mode
-        b"0000000\0", b"0000000\0",    # uid, gid
-        b"%011o\0" % size,             # size
-        b"00000000000\0",              # mtime
-        b" " * 8,                      # checksum, counted as spaces
-        b"0",                          # type: regular file
-        b"\0" * 100,                   # linkname
-        b"ustar\x0000",                # magic, version
-        b"\0" * 64,                    # uname, gname
-        b"\0" * 16,                    # devmajor, devminor: empty for a regular file
-        b"\0" * 155,                   # prefix
-    ]).ljust(512, b"\0")
-    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+    size_field = b"%011o\0" % size
+    checksum = _HEADER_SUM + sum(raw) + sum(size_field)
+    return b"".join([raw.ljust(100, b"\0"), _HEADER_IDS, size_field, _HEADER_MTIME,
+                     b"%06o\0 " % checksum, _HEADER_REST])
+
+
+_HEADER_IDS = b"0000644\0" b"0000000\0" b"0000000\0"    # mode, uid, gid
+_HEADER_MTIME = b"00000000000\0"                         # mtime 0
+_HEADER_REST = (b"0"                                      # type: regular file
+                + b"\0" * 100                            # linkname
+                + b"ustar\x0000"                         # magic, version
+                + b"\0" * 64                             # uname, gname
+                + b"\0" * 16                             # devmajor, devminor: empty
+                + b"\0" * 155                            # prefix
+                ).ljust(512 - 156, b"\0")
+# the checksum counts its own 8 bytes as spaces; name and size are added per header
+_HEADER_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_REST)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
