@@ -23,6 +23,7 @@ Shapes: K input features, N output features, G group size, E experts.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -190,7 +191,6 @@ def add_int4_results(model, results: dict[str, dict], out_dir: Path, *, group_si
     the same model unquantised); each SET.json gains "weight_bytes" and "dtype" of the original and
     an "int4" section {group_size, overall, by_type, weight_bytes, quantized, seconds}."""
     from fusion.eval.vqa import run_evaluation, write_atomic
-    import json
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     before = weight_bytes(model)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -141,8 +142,6 @@ def train(grid: Grid, run: dict, toy: Path, work: Path) -> float:
            f"train.eval_every={eval_every}", "train.ckpt_every=0", "train.resume=none",
            f"run.dir={run_dir}"]
     if run_dir.exists():  # an unfinished run: start it again from scratch
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fusion.checkpoint import export_model
 from fusion.config import ConfigError, load_config

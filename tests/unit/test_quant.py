@@ -14,8 +14,7 @@ from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import vqa
 from fusion.model.fusion import IGNORE, build_model
-from fusion.model.moe import Experts
-from fusion.quant import (Int4Experts, Int4Linear, Int4Weight, dequantize_int4, quantize_int4, quantize_model,
+from fusion.quant import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
                           weight_bytes)
 
 TOK = ByteTokenizer()
