@@ -370,7 +370,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     training checkpoint, checked against its manifest first)."""
     from safetensors.torch import load_file
 
-    from fusion.config import Config, ModelConfig, load_config
+    from fusion.config import Config, ModelConfig, load_config, model_overrides
     from fusion.data.tokenizer import build_tokenizer
     from fusion.model.fusion import build_model
 
@@ -378,7 +378,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if (model_dir / MANIFEST).is_file():
         verify_checkpoint(model_dir, only=["model.safetensors", "model.json"])
     meta = json.loads((model_dir / "model.json").read_text())
-    overrides = [f"model.{k}={json.dumps(v)}" for k, v in _flat(meta["model"]).items()]
+    overrides = model_overrides(meta["model"])
     tok_spec = meta["tokenizer"]
     if tok_spec not in ("", "byte") and (model_dir / tok_spec).is_file():
         tok_spec = str(model_dir / tok_spec)  # a tokenizer.json kept beside the weights (fusion-convert)
@@ -389,16 +389,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     model.tokenizer = tokenizer
     return model.to(device).eval()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_checkpoint(engine, path: Path, rank: int, experts=None) -> dict:

@@ -241,6 +241,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def model_overrides(model: dict) -> list[str]:
+    """A model section as a dict (e.g. from model.json) -> `model.key=value` overrides for load_config."""
+    return [f"model.{k}={json.dumps(v)}" for k, v in _flatten(model).items()]
+
+
 def _resolve(key: str) -> tuple[Any, str, Any] | None:
     """Walk `key` through the dataclass tree; return (owner class, leaf name, leaf type) or None."""
     cls: Any = Config

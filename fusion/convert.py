@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from fusion.config import ModelConfig, moe_layer_ids
+from fusion.config import ModelConfig, model_overrides, moe_layer_ids
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -488,7 +488,7 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
                            f"appended) but vocab_size is {values['vocab_size']}"
                            + ("" if tok_spec != "byte" else "; add the checkpoint's tokenizer.json"))
 
-    overrides = [f"model.{k}={json.dumps(v)}" for k, v in _flat(values).items()]
+    overrides = model_overrides(values)
     try:
         cfg = load_config(None, overrides)
     except ConfigError as e:
@@ -553,7 +553,7 @@ def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: 
     except FileNotFoundError as e:
         raise ConvertError(str(e)) from None
     meta = json.loads((model_dir / "model.json").read_text())
-    overrides = [f"model.{k}={json.dumps(v)}" for k, v in _flat(meta["model"]).items()]
+    overrides = model_overrides(meta["model"])
     try:
         cfg = load_config(None, overrides)
     except ConfigError as e:
@@ -592,16 +592,6 @@ def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: 
     note = f"; {n_vision} vision tensors not exported (text decoder only)" if n_vision else ""
     log(f"to-hf: {model_dir} -> {out_dir}: Llama4ForCausalLM, {m.n_layers} layers, {n_hf} routed experts{note}")
     return out_dir
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
