@@ -79,7 +79,7 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.decode = seed, shuffle_buffer, decode
         self.skip_per_worker: list[int] = []   # indexed by the worker's role (see __iter__)
         self.role_offset = 0
-        self.chunk = 1          # samples per yielded item; above 1, items are lists of samples
+        self.chunk = 0          # 0: yield samples; n: yield lists of n samples (worker messages)
         self.first_chunk = 0    # size of loader worker 0's first chunk when resuming mid-chunk
 
     def __iter__(self):
@@ -89,7 +89,7 @@ class ShardStream(IterableDataset):
         # worker whose turn was next, so loader worker i plays role (i + role_offset) % W.
         worker = (loader_worker + self.role_offset) % n_workers
         samples = self._samples(worker, n_workers)
-        if self.chunk == 1:
+        if self.chunk == 0:
             yield from samples
             return
         size = (self.first_chunk or self.chunk) if loader_worker == 0 else self.chunk
@@ -166,7 +166,7 @@ class ModalityRows:
         stream = self.stream
         if self.num_workers == 0:  # the main process reads: no DataLoader in between
             stream.skip_per_worker, stream.role_offset = [self.consumed], 0
-            stream.chunk, stream.first_chunk = 1, 0
+            stream.chunk, stream.first_chunk = 0, 0
             return iter(stream)
         W, k = self.num_workers, self.CHUNK
         # round-robin over chunks of k samples: `full` whole chunks and `off` samples of the next
