@@ -1,10 +1,21 @@
 """Data-pipeline throughput as ratios to plain loops doing the same work, measured in one run.
 
-    python tools/bench_data.py --n-images 2000 --n-videos 200 --processes 1 --out runs/bench_data/results.json
+    python tools/bench_data.py --inputs toy      # 64 px toy pictures: the worst case
+    python tools/bench_data.py --inputs photo    # photo-like JPEGs and textured clips
 
-Inputs are built first (toy image and video shards from `fusion-data toy`, and the toy pictures
-written out as files listed in a jsonl); they are kept in --workdir and reused when the settings
-match. Then, on the same samples and on the same CPUs:
+Inputs are built first and kept in --workdir (reused when the settings match):
+- `toy` (default): the toy image and video shards of `fusion-data toy` at --image-size (64 px:
+  flat shapes, a few hundred bytes of PNG, 0.4 ms of decoding each), the pictures also written
+  out as PNG files listed in a jsonl;
+- `photo`: what users bring: JPEG (q90) pictures whose shorter side is --image-size (384) and
+  longer side 4/3 of it, landscape and portrait alternating, with texture and sensor-like noise
+  so they do not compress to nothing (~55 KB at 512x384); H.264 clips (crf 23, a keyframe every
+  8 frames, as `fusion-data videos` stores them) of 48 frames at 24 fps whose shorter side is
+  --video-size (256), a textured scene panning under noise. Both go into shards written by
+  `ShardWriter` in the layout `fusion-data images|videos` writes, the pictures also as files
+  listed in a jsonl.
+
+Then, on the same samples and on the same CPUs:
 
 | what    | subject                                      | reference (a plain loop)                        | target |
 |---------|----------------------------------------------|-------------------------------------------------|--------|
@@ -15,15 +26,22 @@ match. Then, on the same samples and on the same CPUs:
 Same process count: with `--processes P` the whole benchmark is pinned to P CPUs
 (`sched_setaffinity`) and each side runs P processes. The loader's main process counts as one of
 them (it packs rows and collates; workers read, decode and tokenise), so `data.num_workers = P - 1`,
-and 0 (everything in the main process) for P = 1. The builder gets `--workers P` (in-process for
-P = 1; its process pool starts inside the timed run, as it does for a user). References with P > 1
-split the shards (files) round-robin over P processes started before timing. Videos use
-`data.frame_strategy=segment_middle` so that the reference can decode the very same frames.
+and 0 (everything in the main process) for P = 1; `--loader-workers N` measures another count on
+the same P CPUs (e.g. P workers, the main process then mostly waiting). The builder gets
+`--workers P` (in-process for P = 1; its process pool starts inside the timed run, as it does for
+a user). References with P > 1 split the shards (files) round-robin over P processes started
+before timing. Videos use `data.frame_strategy=segment_middle` so that the reference can decode
+the very same frames.
 
 Each measurement is warmed up, then the subject and its reference alternate `--repeats` times (so
 both see the same background load); the best rate of each is kept and the ratio is subject / reference.
+The CPU time of each run is recorded too, summed over the process tree (this process with its
+threads, DataLoader workers, pools; from /proc): `cpu ratio` compares samples per CPU-second, the
+work each side spends on a sample. It hardly moves with other programs sharing the CPUs; with one
+process it approximates the ratio on an idle machine, with more it leaves out waiting (an idle
+main process, an idle worker) and is not a throughput.
 The loader is timed on windows of `--n-images` (`--n-videos`) samples taken from one persistent
-iterator, counted where the packer takes them from the DataLoader. Timing is never a test.
+iterator, counted where the packer takes them from the stream. Timing is never a test.
 """
 
 from __future__ import annotations
@@ -49,7 +67,16 @@ TARGETS = {"images": 0.8, "videos": 0.7, "builder": 0.8}
 SAMPLES_PER_SHARD = 50      # toy shards: enough shards to split over workers without overlap
 JPEG_QUALITY = 90
 N_FRAMES = 8                # frames per video for the loader and the reference (data.n_frames)
-PATCH = 8                   # model.vision.patch_size
+PHOTO_FRAMES, PHOTO_FPS = 48, 24   # photo-like clips: 2 s
+DEFAULTS = {  # per --inputs: image side, video side, images, videos, loader/builder crop
+    "toy": {"image_size": 64, "video_size": None, "n_images": 2000, "n_videos": 200, "crop": None},
+    "photo": {"image_size": 384, "video_size": 256, "n_images": 500, "n_videos": 100, "crop": 224},
+}
+
+
+def patch_size(crop: int) -> int:
+    """model.vision.patch_size: 8 for toy crops (as configs/demo.yaml), 16 from 128 px up (a ViT-B/16)."""
+    return 16 if crop >= 128 and crop % 16 == 0 else 8
 
 
 # ---------------------------------------------------------------- the references (plain loops)
@@ -145,18 +172,19 @@ class Reference:
 class Loader:
     """Windows of `n` samples from one persistent `build_batches` iterator over one modality."""
 
-    def __init__(self, modality: str, spec: str, n: int, processes: int, img_size: int):
+    def __init__(self, modality: str, spec: str, n: int, num_workers: int, img_size: int):
         from fusion.config import load_config, tokens_per_video
         from fusion.data.mixing import build_batches
         from fusion.data.tokenizer import ByteTokenizer
 
-        self.num_workers = 0 if processes == 1 else processes - 1
+        self.num_workers = num_workers
+        patch = patch_size(img_size)
         overrides = [f"data.{modality}={spec}", f"data.num_workers={self.num_workers}",
-                     f"model.vision.img_size={img_size}", f"model.vision.patch_size={PATCH}",
+                     f"model.vision.img_size={img_size}", f"model.vision.patch_size={patch}",
                      f"data.n_frames={N_FRAMES}", "data.frame_strategy=segment_middle",
                      "train.micro_batch=8"]
         probe = load_config(None, [f"model.vision.img_size={img_size}",
-                                   f"model.vision.patch_size={PATCH}"]).model.vision
+                                   f"model.vision.patch_size={patch}"]).model.vision
         # as configs/demo.yaml (256 at 32 px): a row holds one video and the start of its caption
         seq_len = -(-(tokens_per_video(probe, N_FRAMES) + 64) // 256) * 256
         self.cfg = load_config(None, overrides + [f"train.seq_len={seq_len}"])
@@ -177,7 +205,8 @@ class Loader:
         d = self.cfg.data
         return (f"build_batches, {self.modality} only, num_workers={self.num_workers}, "
                 f"seq_len={self.cfg.train.seq_len}, micro_batch={self.cfg.train.micro_batch}, "
-                f"img_size={self.cfg.model.vision.img_size}"
+                f"img_size={self.cfg.model.vision.img_size}, "
+                f"patch_size={self.cfg.model.vision.patch_size}"
                 + (f", {d.n_frames} frames {d.frame_strategy}, backend {d.video_backend}"
                    if self.modality == "video" else ""))
 
@@ -223,85 +252,194 @@ class Builder:
 
 # ---------------------------------------------------------------- inputs
 
-def make_inputs(workdir: Path, n_images: int, n_videos: int, image_size: int) -> dict:
-    """Toy shards (reused when toy.json says the same settings) and the pictures as files."""
+def make_inputs(workdir: Path, kind: str, n_images: int, n_videos: int, image_size: int,
+                video_size: int) -> dict:
+    """Shards and image files of one input kind, kept in WORKDIR/KIND-IMAGE[-VIDEO] and reused
+    when its `inputs.json` records the same settings."""
+    root = workdir / (f"toy-{image_size}" if kind == "toy" else f"photo-{image_size}-{video_size}")
+    want = {"kind": kind, "image_size": image_size, "video_size": video_size,
+            "n_images": n_images, "n_videos": n_videos, "samples_per_shard": SAMPLES_PER_SHARD}
+    manifest = root / "inputs.json"
+    t0 = time.perf_counter()
+    reused = manifest.is_file() and json.loads(manifest.read_text()) == want
+    if not reused:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        if kind == "toy":
+            _toy_inputs(root, n_images, n_videos, image_size)
+        else:
+            _photo_inputs(root, n_images, n_videos, image_size, video_size)
+        manifest.write_text(json.dumps(want) + "\n")
+    jsonl = root / "images.jsonl"
+    image_files = [str(root / json.loads(line)["image"]) for line in jsonl.read_text().splitlines()]
+    return {"root": root,
+            "image_shards": sorted(str(p) for p in (root / "image").glob("*.tar")),
+            "video_shards": sorted(str(p) for p in (root / "video").glob("*.tar")),
+            "jsonl": jsonl, "image_files": image_files,
+            "image_bytes": sum(os.path.getsize(f) for f in image_files) // max(1, len(image_files)),
+            "seconds": round(time.perf_counter() - t0, 1), "reused": reused}
+
+
+def _toy_inputs(root: Path, n_images: int, n_videos: int, image_size: int) -> None:
     from fusion.data.build import main as fusion_data
 
-    toy = workdir / "toy"
-    manifest = toy / "toy.json"
-    want = {"image_size": image_size, "samples_per_shard": SAMPLES_PER_SHARD,
-            "n_image": n_images, "n_video": n_videos}
-    have = None
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        have = {"image_size": m.get("image_size"), "samples_per_shard": m.get("samples_per_shard"),
-                "n_image": m.get("counts", {}).get("n_image"), "n_video": m.get("counts", {}).get("n_video")}
-    t0 = time.perf_counter()
-    if have != want:
-        shutil.rmtree(workdir / "files", ignore_errors=True)
-        zero = [f"--{k}" for k in ("n-text", "n-vqa-train", "n-vqa-test", "n-vqa-compositional",
-                                     "n-video-vqa-train", "n-video-vqa-test")]
-        argv = ["toy", "--output", str(toy), "--image-size", str(image_size),
-                "--n-image", str(n_images), "--n-video", str(n_videos),
-                "--samples-per-shard", str(SAMPLES_PER_SHARD), "--workers", str(os.cpu_count() or 1)]
-        for flag in zero:
-            argv += [flag, "0"]
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            rc = fusion_data(argv)
-        if rc != 0:
-            raise RuntimeError(f"fusion-data toy exited {rc}: {log.getvalue()}")
-    image_shards = sorted(str(p) for p in (toy / "image").glob("*.tar"))
-    video_shards = sorted(str(p) for p in (toy / "video").glob("*.tar"))
-
-    files, jsonl = workdir / "files", workdir / "images.jsonl"
-    if not jsonl.is_file():
-        files.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for shard in image_shards:
-            for key, sample in ((s["__key__"], s) for s in _keyed(shard)):
-                (files / f"{key}.png").write_bytes(sample["png"])
-                lines.append(json.dumps({"image": f"files/{key}.png",
-                                         "caption": sample["txt"].decode()}))
-        tmp = jsonl.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, jsonl)
-    image_files = [str(workdir / json.loads(line)["image"]) for line in jsonl.read_text().splitlines()]
-    return {"image_shards": image_shards, "video_shards": video_shards, "jsonl": jsonl,
-            "image_files": image_files, "seconds": round(time.perf_counter() - t0, 1),
-            "reused": have == want}
+    zero = [f"--{k}" for k in ("n-text", "n-vqa-train", "n-vqa-test", "n-vqa-compositional",
+                                 "n-video-vqa-train", "n-video-vqa-test")]
+    argv = ["toy", "--output", str(root), "--image-size", str(image_size),
+            "--n-image", str(n_images), "--n-video", str(n_videos),
+            "--samples-per-shard", str(SAMPLES_PER_SHARD), "--workers", str(os.cpu_count() or 1)]
+    for flag in zero:
+        argv += [flag, "0"]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        rc = fusion_data(argv)
+    if rc != 0:
+        raise RuntimeError(f"fusion-data toy exited {rc}: {log.getvalue()}")
+    files, lines = root / "files", []
+    files.mkdir()
+    for shard in sorted((root / "image").glob("*.tar")):
+        for sample in tar_samples(str(shard)):
+            key = f"{len(lines):06d}"
+            (files / f"{key}.png").write_bytes(sample["png"])
+            lines.append(json.dumps({"image": f"files/{key}.png", "caption": sample["txt"].decode()}))
+    (root / "images.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def _keyed(shard: str):
-    with tarfile.open(shard) as tar:
-        current: dict = {}
-        for member in tar:
-            key, _, ext = os.path.basename(member.name).partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext] = tar.extractfile(member).read()
-        if current:
-            yield current
+WORDS = ("a red car parked by the old stone wall near a tree in the evening light two people "
+         "walking their dog along the beach at sunset with waves and clouds over the hills").split()
+
+
+def _caption(rng: np.random.Generator) -> str:
+    return " ".join(rng.choice(WORDS, int(rng.integers(8, 25))))
+
+
+def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """float (H, W, 3) in 0..255: smooth colour regions, edges and fine texture, like a photograph."""
+    out = np.zeros((height, width, 3))
+    for cells, amp in ((3, 90.0), (12, 45.0), (48, 25.0)):  # large shapes down to fine texture
+        coarse = rng.uniform(-1, 1, (cells, cells * 4 // 3 + 1, 3)).astype(np.float32)
+        img = Image.fromarray(((coarse + 1) * 127.5).astype(np.uint8)).resize(
+            (width, height), Image.BICUBIC)
+        out += (np.asarray(img, dtype=np.float32) / 127.5 - 1) * amp
+    return out + rng.uniform(60, 190, 3)
+
+
+def _noisy(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def _photo_inputs(root: Path, n_images: int, n_videos: int, image_size: int, video_size: int) -> None:
+    from fusion.data.shards import ShardWriter, write_index
+    from fusion.data.toy import video_meta
+    from fusion.data.video import encode_frames, encoded_size
+
+    rng = np.random.default_rng(0)
+    files, lines = root / "files", []
+    files.mkdir()
+    long_side = image_size * 4 // 3
+    for i in range(n_images):
+        w, h = (long_side, image_size) if i % 2 == 0 else (image_size, long_side)
+        buf = io.BytesIO()
+        Image.fromarray(_noisy(rng, _texture(rng, h, w))).save(buf, "JPEG", quality=JPEG_QUALITY)
+        (files / f"p{i:06d}.jpg").write_bytes(buf.getvalue())
+        lines.append(json.dumps({"image": f"files/p{i:06d}.jpg", "caption": _caption(rng)}))
+    (root / "images.jsonl").write_text("\n".join(lines) + "\n")
+    for start in range(0, n_images, SAMPLES_PER_SHARD):
+        with ShardWriter(root / "image", start // SAMPLES_PER_SHARD) as writer:
+            for i in range(start, min(n_images, start + SAMPLES_PER_SHARD)):
+                record = json.loads(lines[i])
+                data = (root / record["image"]).read_bytes()
+                with Image.open(io.BytesIO(data)) as im:
+                    size = {"width": im.width, "height": im.height}
+                writer.write(f"p{i:06d}", {"jpg": data, "txt": record["caption"],
+                                           "json": {**size, "source": record["image"]}})
+    write_index(root / "image", "image")
+    vw, vh = encoded_size(video_size * 4 // 3, video_size, 0)
+    for start in range(0, n_videos, SAMPLES_PER_SHARD):
+        with ShardWriter(root / "video", start // SAMPLES_PER_SHARD) as writer:
+            for i in range(start, min(n_videos, start + SAMPLES_PER_SHARD)):
+                scene = _texture(rng, vh + PHOTO_FRAMES * 2, vw + PHOTO_FRAMES * 3)
+                frames = np.stack([_noisy(rng, scene[2 * t: 2 * t + vh, 3 * t: 3 * t + vw])
+                                   for t in range(PHOTO_FRAMES)])        # (F, H, W, 3): a pan
+                data = encode_frames(frames, PHOTO_FPS, crf=23, keyframe_interval=8)
+                writer.write(f"v{i:06d}", {"mp4": data, "txt": _caption(rng),
+                                           "json": video_meta(data)})
+    write_index(root / "video", "video")
 
 
 # ---------------------------------------------------------------- measuring
 
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process (every thread), its reaped children and every live
+    descendant (DataLoader workers, process pools), from /proc (without /proc: this process and
+    its reaped children only)."""
+    t = os.times()  # children: clock ticks; this process: process_time, finer
+    total = time.process_time() + t.children_user + t.children_system
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return total
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)"
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(entry)], stats[int(entry)] = int(fields[1]), fields
+    tick = os.sysconf("SC_CLK_TCK")
+    mine = {os.getpid()}
+    added = True
+    while added:
+        added = False
+        for pid, ppid in parents.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                added = True
+    for pid in mine - {os.getpid()}:
+        total += sum(int(x) for x in stats[pid][11:15]) / tick  # utime stime cutime cstime
+    return total
+
+
+def timed(fn) -> tuple[int, float, float]:
+    """(samples, wall seconds, CPU seconds of this process tree) of one run of `fn`."""
+    cpu = tree_cpu()
+    n, seconds = fn()
+    return n, seconds, tree_cpu() - cpu
+
+
 def measure(subject, reference, warmup, repeats: int) -> dict:
-    """Warm both up, then alternate reference and subject; best rate of each."""
+    """Warm both up, then alternate reference and subject; best rate of each, by wall clock and by
+    CPU time of the whole process tree."""
     warmup()
     reference()
     subj, ref = [], []
     for _ in range(repeats):
-        ref.append(reference())
-        subj.append(subject())
-    def best(runs):
-        return max(n / s for n, s in runs)
+        ref.append(timed(reference))
+        subj.append(timed(subject))
 
-    return {"subject_rate": best(subj), "reference_rate": best(ref),
-            "subject_runs": [[n, round(s, 4)] for n, s in subj],
-            "reference_runs": [[n, round(s, 4)] for n, s in ref]}
+    def best(runs, i):
+        return max(r[0] / r[i] for r in runs)
+
+    out = {"subject_rate": best(subj, 1), "reference_rate": best(ref, 1),
+           "subject_runs": [[n, round(s, 4)] for n, s, _ in subj],
+           "reference_runs": [[n, round(s, 4)] for n, s, _ in ref],
+           "spread": {"subject": _spread(subj), "reference": _spread(ref),
+                      "ratio_of_paired_runs": [round((a[0] / a[1]) / (b[0] / b[1]), 3)
+                                               for a, b in zip(subj, ref)]}}
+    if all(r[2] > 0 for r in subj + ref):
+        out.update(subject_cpu_rate=best(subj, 2), reference_cpu_rate=best(ref, 2),
+                   cpu_ratio=best(subj, 2) / best(ref, 2))
+    return out
+
+
+def _spread(runs) -> list[float]:
+    """[slowest, fastest] rate of the timed runs."""
+    rates = [n / s for n, s, _ in runs]
+    return [round(min(rates), 1), round(max(rates), 1)]
 
 
 def pin_cpus(processes: int) -> list[int] | None:
@@ -339,15 +477,19 @@ def machine_info() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'what':<9}{'subject':<28}{'reference':<26}{'subject/s':>10}{'ref/s':>9}{'ratio':>7}{'target':>8}"
+    head = (f"{'what':<9}{'subject':<28}{'reference':<28}{'subject/s':>10}{'ref/s':>9}{'ratio':>7}"
+            f"{'cpu ratio':>10}{'target':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['what']:<9}{r['subject_short']:<28}{r['reference_short']:<26}"
+        cpu = f"{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "-"
+        lines.append(f"{r['what']:<9}{r['subject_short']:<28}{r['reference_short']:<28}"
                      f"{r['subject_rate']:>10,.0f}{r['reference_rate']:>9,.0f}{r['ratio']:>7.2f}"
-                     f"{'>= ' + format(r['target'], '.1f'):>8}" + ("" if r["met"] else "  missed"))
+                     f"{cpu:>10}{'>= ' + format(r['target'], '.1f'):>8}"
+                     + ("" if r["met"] else "  missed"))
     lines.append("")
     for r in results:
-        lines.append(f"{r['what']}: {r['subject']}\n{' ' * len(r['what'])}  vs {r['reference']}")
+        lines.append(f"{r['what']}: {r['subject']}\n{' ' * len(r['what'])}  vs {r['reference']}\n"
+                     f"{' ' * len(r['what'])}  paired-run ratios {r['spread']['ratio_of_paired_runs']}")
     return "\n".join(lines)
 
 
@@ -355,34 +497,70 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", choices=sorted(DEFAULTS), default="toy",
+                   help="toy: 64 px toy pictures and clips, the worst case for fixed per-sample "
+                        "costs; photo: photo-like JPEGs and textured H.264 clips (default toy)")
     p.add_argument("--workdir", default="runs/bench_data",
-                   help="inputs and scratch output; inputs are reused when the settings match "
-                        "(default: runs/bench_data)")
-    p.add_argument("--n-images", type=int, default=2000, help="image samples (default 2000)")
-    p.add_argument("--n-videos", type=int, default=200, help="video samples, 8-16 frames (default 200)")
+                   help="inputs (one folder per input kind and size, reused when the settings "
+                        "match) and scratch output (default: runs/bench_data)")
+    p.add_argument("--n-images", type=int, default=None,
+                   help="image samples (default 2000 toy, 500 photo)")
+    p.add_argument("--n-videos", type=int, default=None,
+                   help="video samples (default 200 toy, 100 photo)")
     p.add_argument("--processes", type=int, default=1,
                    help="processes (and CPUs) given to each side (default 1)")
-    p.add_argument("--image-size", type=int, default=64,
-                   help="side of the toy pictures and video frames; the loader crops to half of it "
-                        "(a multiple of 8) and the builder stores that size (default 64)")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="data.num_workers of the loader (default processes - 1: the main process "
+                        "is one of the processes)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="toy: side of the pictures and video frames (default 64); photo: shorter "
+                        "side of the pictures, the longer one is 4/3 of it (default 384)")
+    p.add_argument("--video-size", type=int, default=None,
+                   help="photo: shorter side of the clips, 4:3 (default 256); toy clips have "
+                        "--image-size")
+    p.add_argument("--crop", type=int, default=None,
+                   help="side of the square the loader crops (model.vision.img_size) and the "
+                        "builder stores (default: half of --image-size, a multiple of 8, for toy; "
+                        "224 for photo)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each side (default 3)")
-    p.add_argument("--out", default=None, help="JSON results (default: WORKDIR/results.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON results (default: WORKDIR/results-INPUTS-pP[-wN].json)")
     args = p.parse_args(argv)
+    d = DEFAULTS[args.inputs]
+    for key in ("n_images", "n_videos", "image_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, d[key])
+    if args.inputs == "toy":
+        args.video_size = args.image_size
+    elif args.video_size is None:
+        args.video_size = d["video_size"]
+    if args.loader_workers is None:
+        args.loader_workers = args.processes - 1
     if min(args.n_images, args.n_videos, args.processes, args.repeats) < 1:
         p.error("--n-images, --n-videos, --processes and --repeats must be >= 1")
+    if args.loader_workers < 0:
+        p.error("--loader-workers must be >= 0")
+    if args.inputs == "photo" and min(args.image_size, args.video_size) < 16:
+        p.error("--image-size and --video-size must be >= 16")
     command = "python tools/bench_data.py" + "".join(
         " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    crop = max(PATCH, args.image_size // 2 // PATCH * PATCH)
+    crop = args.crop or d["crop"] or max(8, args.image_size // 2 // 8 * 8)
+    if crop % patch_size(crop):
+        p.error(f"--crop {crop} must be a multiple of {patch_size(crop)}")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) if args.out else workdir / "results.json"
+    workers = "" if args.loader_workers == args.processes - 1 else f"-w{args.loader_workers}"
+    out = Path(args.out) if args.out else \
+        workdir / f"results-{args.inputs}-p{args.processes}{workers}.json"
 
     started = datetime.datetime.now().astimezone()
     load_before = os.getloadavg()
-    print(f"inputs: {args.n_images} images, {args.n_videos} videos at {args.image_size} px "
-          f"in {workdir} ...", flush=True)
-    inputs = make_inputs(workdir, args.n_images, args.n_videos, args.image_size)
-    print(f"inputs {'reused' if inputs['reused'] else 'built'} in {inputs['seconds']} s", flush=True)
+    print(f"inputs: {args.inputs}, {args.n_images} images at {args.image_size} px, "
+          f"{args.n_videos} videos at {args.video_size} px in {workdir} ...", flush=True)
+    inputs = make_inputs(workdir, args.inputs, args.n_images, args.n_videos, args.image_size,
+                         args.video_size)
+    print(f"inputs {'reused' if inputs['reused'] else 'built'} in {inputs['seconds']} s "
+          f"({inputs['root']}, {inputs['image_bytes']:,} bytes per picture)", flush=True)
 
     import torch
 
@@ -399,7 +577,7 @@ def main(argv=None) -> int:
     try:
         # 1. images: loader vs tar read + Pillow decode + resize/crop
         loader = Loader("image", str(Path(inputs["image_shards"][0]).parent), args.n_images,
-                        args.processes, crop)
+                        args.loader_workers, crop)
         ref = Reference(raw_images, inputs["image_shards"], args.processes, pool, size=crop)
         print("measuring images ...", flush=True)
         r = measure(loader, ref, lambda: loader.take(max(300, args.n_images // 4)), args.repeats)
@@ -412,7 +590,7 @@ def main(argv=None) -> int:
 
         # 2. videos: loader vs tar read + decord get_batch of the same indices + resize/crop
         loader = Loader("video", str(Path(inputs["video_shards"][0]).parent), args.n_videos,
-                        args.processes, crop)
+                        args.loader_workers, crop)
         ref = Reference(raw_videos, inputs["video_shards"], args.processes, pool, size=crop,
                         n_frames=N_FRAMES)
         print("measuring videos ...", flush=True)
@@ -454,11 +632,12 @@ def main(argv=None) -> int:
         "machine": {**machine_info(), "pinned_cpus": cpus,
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"n_images": args.n_images, "n_videos": args.n_videos,
-                     "processes": args.processes, "image_size": args.image_size, "crop": crop,
+        "settings": {"inputs": args.inputs, "n_images": args.n_images, "n_videos": args.n_videos,
+                     "processes": args.processes, "loader_workers": args.loader_workers,
+                     "image_size": args.image_size, "video_size": args.video_size, "crop": crop,
+                     "patch_size": patch_size(crop), "bytes_per_picture": inputs["image_bytes"],
                      "repeats": args.repeats, "statistic": "best of repeats",
-                     "toy_samples_per_shard": SAMPLES_PER_SHARD,
-                     "inputs_reused": inputs["reused"]},
+                     "samples_per_shard": SAMPLES_PER_SHARD, "inputs_reused": inputs["reused"]},
         "results": results,
     }
     print()
