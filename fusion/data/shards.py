@@ -502,6 +502,21 @@ class _Replay:
         return data + (self.raw.read(n - len(data)) if len(data) < n else b"")
 
 
+def _read_full(stream, n: int) -> bytes:
+    """n bytes, fewer only at the end of the stream (a pipe may return less than asked)."""
+    data = stream.read(n)
+    if len(data) == n or not data:
+        return data
+    parts, have = [data], len(data)
+    while have < n:
+        more = stream.read(n - have)
+        if not more:
+            break
+        parts.append(more)
+        have += len(more)
+    return b"".join(parts)
+
+
 def _tar_members(stream) -> Iterator[tarfile.TarInfo | tuple[str, bytes]]:
     """The members of a tar stream in order: (name, bytes) for a regular file, the TarInfo itself
     for anything else (directories are left out). Nothing is extracted.
@@ -511,7 +526,7 @@ def _tar_members(stream) -> Iterator[tarfile.TarInfo | tuple[str, bytes]]:
     (compressed stream, PAX or GNU extensions, links, a bad checksum, a short read at the start)
     on, tarfile reads the rest of the stream, so every unusual case behaves as tarfile makes it.
     """
-    header = stream.read(tarfile.BLOCKSIZE)
+    header = _read_full(stream, tarfile.BLOCKSIZE)
     first = True
     while not header.startswith(_TailReader._COMPRESSED):
         if len(header) < tarfile.BLOCKSIZE and not first:
@@ -522,12 +537,12 @@ def _tar_members(stream) -> Iterator[tarfile.TarInfo | tuple[str, bytes]]:
         if plain is None:
             break
         name, size = plain
-        data = stream.read(size)
+        data = _read_full(stream, size)
         if len(data) < size:
             raise tarfile.ReadError("unexpected end of data")
         yield name, data
-        stream.read(-size % tarfile.BLOCKSIZE)
-        header, first = stream.read(tarfile.BLOCKSIZE), False
+        _read_full(stream, -size % tarfile.BLOCKSIZE)
+        header, first = _read_full(stream, tarfile.BLOCKSIZE), False
     tar = tarfile.open(fileobj=_Replay(header, stream), mode="r|*")
     for info in tar:
         if info.isdir():

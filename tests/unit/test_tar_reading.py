@@ -100,3 +100,24 @@ def test_a_damaged_header_in_the_middle_is_counted(tmp_path):
     keys = [s["__key__"] for s in iter_samples(str(path), counter)]
     assert keys == ["s0"]  # s1 was in progress when the error came: not trusted
     assert counter.counts == {"ReadError": 1}
+
+
+class Trickle:
+    """A stream that returns at most 100 bytes per read, as a pipe or socket may."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        n = 100 if n < 0 else min(n, 100)
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def test_short_reads_are_not_taken_for_the_end(tmp_path):
+    from fusion.data.shards import _tar_members
+
+    path = tmp_path / "a.tar"
+    write_tar(path, SAMPLES)
+    got = [m for m in _tar_members(Trickle(path.read_bytes()))]
+    assert [(name, data) for name, data in got] == [(n, d) for n, d in SAMPLES]
