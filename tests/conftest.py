@@ -33,6 +33,41 @@ def toy_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def text_rows(tokenizer, n: int = 8, T: int = 48, seed: int = 0):
+    """(input_ids, labels) of n byte-tokenised toy sentences, one per row; padding has label -100."""
+    import torch
+
+    from fusion.model.fusion import IGNORE
+
+    ids = torch.full((n, T), tokenizer.pad_id)
+    labels = torch.full((n, T), IGNORE)
+    for i, text in enumerate(toy_sentences(n, seed)):
+        t = ([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id])[:T]
+        ids[i, :len(t)] = torch.tensor(t)
+        labels[i, :len(t) - 1] = torch.tensor(t[1:])
+    return ids, labels
+
+
+def random_pixels(*shape, seed: int = 0):
+    """uint8 pixels of `shape`, reproducible per seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+
+
+def packed_batch(tokenizer, samples, seq_len: int):
+    """Collated rows of `samples` [(parts, modality, media kwargs)] packed to seq_len."""
+    from fusion.data.sequence import Packer, build_sample, collate
+
+    p = Packer(seq_len, tokenizer.pad_id)
+    for parts, modality, media in samples:
+        tokens, mask, min_pairs = build_sample(tokenizer, parts)
+        p.add(tokens, modality, mask, min_pairs=min_pairs, **media)
+    p.flush()
+    return collate(p.ready)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from fusion.config import ConfigError, load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.distill import Distiller, kl_divergence, load_teacher
 from fusion.model.fusion import IGNORE, build_model
-from tests.conftest import BIN, run_cli, toy_sentences
+from tests.conftest import BIN, run_cli, text_rows
 
 TOK = ByteTokenizer()
 
@@ -28,12 +28,7 @@ def model_of(*overrides, seed=0):
 
 def rows(n=8, T=48, seed=0):
     """Byte-tokenised toy sentences, one per row, padded with IGNORE labels."""
-    ids = torch.full((n, T), TOK.pad_id)
-    labels = torch.full((n, T), IGNORE)
-    for i, text in enumerate(toy_sentences(n, seed)):
-        t = ([TOK.bos_id] + TOK.encode(text) + [TOK.eos_id])[:T]
-        ids[i, :len(t)] = torch.tensor(t)
-        labels[i, :len(t) - 1] = torch.tensor(t[1:])
+    ids, labels = text_rows(TOK, n, T, seed)
     return {"input_ids": ids, "labels": labels}
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fusion.config import load_config, tokens_per_image, tokens_per_video
-from fusion.data.sequence import Packer, build_sample, collate
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model, media_slots
+from tests.conftest import packed_batch, random_pixels
 
 TOK = ByteTokenizer()
 
@@ -23,17 +23,11 @@ def make(*overrides):
 
 
 def pixels(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    return random_pixels(*shape, seed=seed)
 
 
 def packed(samples, seq_len=160):
-    p = Packer(seq_len, TOK.pad_id)
-    for parts, modality, media in samples:
-        tokens, mask, min_pairs = build_sample(TOK, parts)
-        p.add(tokens, modality, mask, min_pairs=min_pairs, **media)
-    p.flush()
-    return collate(p.ready)
+    return packed_batch(TOK, samples, seq_len)
 
 
 def run(model, b, **kw):

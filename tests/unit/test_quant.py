@@ -14,6 +14,7 @@ from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import vqa
 from fusion.model.fusion import IGNORE, build_model
+from tests import conftest
 from fusion.quant import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
                           weight_bytes)
 
@@ -60,15 +61,7 @@ def make(*overrides, seed=0):
 
 
 def text_rows(n=8, T=48, seed=0):
-    from tests.conftest import toy_sentences
-
-    ids = torch.full((n, T), TOK.pad_id)
-    labels = torch.full((n, T), IGNORE)
-    for i, text in enumerate(toy_sentences(n, seed)):
-        t = ([TOK.bos_id] + TOK.encode(text) + [TOK.eos_id])[:T]
-        ids[i, :len(t)] = torch.tensor(t)
-        labels[i, :len(t) - 1] = torch.tensor(t[1:])
-    return ids, labels
+    return conftest.text_rows(TOK, n, T, seed)
 
 
 TRAINED: dict = {}
