@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion.data.shards import write_atomic
+
 
 def rng_state() -> dict:
     py = random.getstate()
@@ -132,7 +134,7 @@ def write_manifest(directory: Path, step: int, world_size: int) -> dict:
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": 1, "step": step, "world_size": world_size,
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
-    _write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -168,15 +170,6 @@ def verify_checkpoint(directory: str | Path, only: list[str] | None = None) -> d
         if extra:
             raise CheckpointError(f"{where}: file {extra[0]} is not in {MANIFEST}")
     return manifest
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -298,7 +291,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
     if rank == 0 and cfg is not None:
         export_model(model, cfg, path, tensors)
     state = {"step": step, "data": data_state, "rng": rng_state()}
-    _write_atomic(path / f"rank{rank}.json", json.dumps(state).encode())
+    write_atomic(path / f"rank{rank}.json", json.dumps(state).encode())
     engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
     if distributed:
         dist.barrier()  # every rank's files are on disk
@@ -312,7 +305,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
             shutil.rmtree(old, ignore_errors=True)
         os.replace(path, final)
         _fsync_dir(root)
-        _write_atomic(root / LATEST, tag.encode())
+        write_atomic(root / LATEST, tag.encode())
         _fsync_dir(root)
         keep = getattr(getattr(cfg, "train", None), "keep_checkpoints", 0)
         if keep:

@@ -226,7 +226,8 @@ _HEADER_REST = (b"0"                                      # type: regular file
 _HEADER_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_REST)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a fsynced temporary file and a rename: never half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -313,7 +314,7 @@ class ShardWriter:
             "seconds": round(time.perf_counter() - self._t0, 3),
             **self.extra_stats,
         }
-        _write_atomic(self.stats_path, (json.dumps(self.stats, indent=1) + "\n").encode())
+        write_atomic(self.stats_path, (json.dumps(self.stats, indent=1) + "\n").encode())
         return self.stats
 
     def abort(self) -> None:
@@ -891,7 +892,7 @@ def write_index(directory: str | os.PathLike, modality: str, *, names: Iterable[
         shards.append({"name": name, "n_samples": int(n), "bytes": path.stat().st_size,
                        "sha256": sha256_file(path)})
     index = {"modality": modality, "n_samples": sum(s["n_samples"] for s in shards), "shards": shards}
-    _write_atomic(directory / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
+    write_atomic(directory / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
     return index
 
 
