@@ -56,10 +56,11 @@ class MoEConfig:
 
 @dataclass
 class VisionConfig:
-    encoder: str = "patch-linear"  # a timm ViT name, or "patch-linear" (Fuyu-style, no ViT)
+    encoder: str = "patch-linear"  # a timm ViT name, "patch-linear" (Fuyu-style, no ViT) or
+                                   # "conv-stem" (strided 3x3 convolutions, total stride patch_size)
     img_size: int = 32
     patch_size: int = 8
-    width: int = 0                 # patch-linear output width; 0 = the decoder dim
+    width: int = 0                 # patch-linear / conv-stem output width; 0 = the decoder dim
     pixel_shuffle: bool = False    # Llama 4 pixel-shuffle (ratio 0.5: 4x fewer tokens, 4x channels)
     temporal_merge: int = 1        # video: features of k consecutive frames merged into one group
     max_frames: int = 32           # size of the learned frame-position table

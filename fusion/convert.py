@@ -503,7 +503,7 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
 
     # the vision tower has no Hugging Face counterpart here: fresh weights, seeded
     torch.manual_seed(seed)
-    tower = VisionTower(m.vision, m.dim)
+    tower = VisionTower(m.vision, m.dim, m.init_std)
     for k, v in tower.state_dict().items():
         makers[f"vision.{k}"] = lambda v=v: v
     missing = sorted(k for k in expected if k not in makers)

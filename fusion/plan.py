@@ -99,6 +99,13 @@ def vision_parameters(v: VisionConfig, dim: int) -> int:
         width = v.width or dim
         n_patches = (v.img_size // v.patch_size) ** 2
         encoder = (3 * v.patch_size ** 2 + 1) * width + n_patches * width  # Linear + bias, positions
+    elif v.encoder == "conv-stem":
+        from fusion.model.vision import conv_stem_channels
+
+        width = v.width or dim
+        channels = conv_stem_channels(v.patch_size, width)
+        encoder = sum((9 * c_in + 1) * c_out for c_in, c_out in zip([3] + channels[:-1], channels))
+        encoder += (v.img_size // v.patch_size) ** 2 * width  # positions
     else:  # a timm ViT: instantiate its modules on the meta device (no memory, no weights) to count
         import timm
         import torch

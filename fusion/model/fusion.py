@@ -55,7 +55,7 @@ class FusionModel(nn.Module):
         self.vocab_size = vocab_size
         self.special = special
         self.decoder = Decoder(cfg, vocab_size)
-        self.vision = VisionTower(cfg.vision, cfg.dim)
+        self.vision = VisionTower(cfg.vision, cfg.dim, cfg.init_std)
         self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(3, 1, 1), persistent=False)
         self.late = None  # model.fusion=late: gated cross-attention blocks (issue #9)

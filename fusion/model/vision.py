@@ -1,7 +1,7 @@
 """The vision path: image / video pixels -> embeddings of the decoder width, ready to splice.
 
-Owns the two encoders (`TimmEncoder`: any timm ViT, patch tokens only; `PatchLinear`: Fuyu-style,
-no transformer), Llama 4's `pixel_shuffle` (and its inverse), the `Projector` adapter, and the
+Owns the three encoders (`TimmEncoder`: any timm ViT, patch tokens only; `PatchLinear`: Fuyu-style,
+no transformer; `ConvStem`: a small stack of strided 3x3 convolutions, no transformer), Llama 4's `pixel_shuffle` (and its inverse), the `Projector` adapter, and the
 `VisionTower` that chains them and does video temporal merging and frame positions. Pixels arrive
 normalised by the loader (`VisionConfig.mean` / `std`); nothing here downloads weights.
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PATCH_LINEAR = "patch-linear"
+CONV_STEM = "conv-stem"
 SHUFFLE_RATIO = 0.5  # Llama 4: 2x2 neighbouring patches become one token with 4x the channels
 
 
@@ -55,6 +56,48 @@ class PatchLinear(nn.Module):
         x = x.permute(0, 2, 4, 1, 3, 5).flatten(3)  # (N, g, g, 3*p*p)
         x = x.flatten(1, 2)  # (N, P, 3*p*p), patches in row-major order
         return self.proj(x) + self.pos_embed  # (N, P, C)
+
+
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+    """Output channels of each `ConvStem` convolution: one stride-1 conv, then log2(patch_size)
+    stride-2 convs doubling the channels up to `width` (the last one always gives `width`)."""
+    n_down = patch_size.bit_length() - 1
+    if patch_size < 2 or 1 << n_down != patch_size:
+        raise ValueError(f"vision.encoder {CONV_STEM!r} needs a patch_size that is a power of 2 "
+                         f"(its total stride), got {patch_size}")
+    first = max(16, width >> n_down)  # the full-resolution conv is the costly one: keep it narrow
+    return [min(width, first << k) for k in range(n_down)] + [width]
+
+
+class ConvStem(nn.Module):
+    """A convolutional stem in place of a ViT (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"): 3x3 convolutions with GELU between them, one at stride 1 and then
+    log2(patch_size) at stride 2, so one output position covers a patch_size x patch_size patch as a
+    patch-linear token does, but each token sees about 4 patch_size pixels around it: a small object
+    cut by a patch border still lands whole in one token's view. Plus a learned position per token.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, width: int, in_chans: int = 3):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        channels = conv_stem_channels(patch_size, width)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid = img_size // patch_size
+        self.n_patches = self.grid ** 2
+        self.width = width
+        layers: list[nn.Module] = []
+        for k, (c_in, c_out) in enumerate(zip([in_chans] + channels[:-1], channels)):
+            if k:
+                layers.append(nn.GELU())
+            layers.append(nn.Conv2d(c_in, c_out, 3, stride=1 if k == 0 else 2, padding=1))
+        self.convs = nn.Sequential(*layers)
+        self.pos_embed = nn.Parameter(torch.randn(self.n_patches, width) * 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.convs(images.contiguous(memory_format=torch.channels_last))  # (N, C, g, g), NHWC
+        return x.flatten(2).transpose(1, 2) + self.pos_embed  # (N, P, C), row-major
 
 
 class TimmEncoder(nn.Module):
@@ -237,16 +280,17 @@ class VisionTower(nn.Module):
     `projector.*`, and `frame_pos` (None when off).
     """
 
-    def __init__(self, cfg, dim: int):
+    def __init__(self, cfg, dim: int, init_std: float = 0.02):
         super().__init__()
-        if cfg.encoder == PATCH_LINEAR:
+        if cfg.encoder in (PATCH_LINEAR, CONV_STEM):
             if cfg.checkpoint:
                 raise ValueError(f"vision.checkpoint {cfg.checkpoint!r} is set but vision.encoder is "
-                                 f"{PATCH_LINEAR!r}, which has no checkpoint to load")
+                                 f"{cfg.encoder!r}, which has no checkpoint to load")
             if cfg.freeze:
-                raise ValueError(f"vision.freeze with vision.encoder={PATCH_LINEAR!r} would freeze "
-                                 "random patch weights; freeze applies to a timm encoder")
-            self.encoder = PatchLinear(cfg.img_size, cfg.patch_size, cfg.width or dim)
+                raise ValueError(f"vision.freeze with vision.encoder={cfg.encoder!r} would freeze "
+                                 "random weights; freeze applies to a timm encoder")
+            own = PatchLinear if cfg.encoder == PATCH_LINEAR else ConvStem
+            self.encoder = own(cfg.img_size, cfg.patch_size, cfg.width or dim)
         else:
             self.encoder = TimmEncoder(cfg.encoder, cfg.img_size, cfg.patch_size,
                                        checkpoint=cfg.checkpoint, freeze=cfg.freeze)
@@ -273,6 +317,31 @@ class VisionTower(nn.Module):
         else:
             self.register_parameter("frame_pos", None)
         self.dim = dim
+        self.reset_parameters(init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float) -> None:
+        """Initialise for scale, so pixels reach the decoder as loudly as words do: every layer of
+        our own encoders and of the projector keeps its input's scale (He init: std sqrt(2 / fan_in)
+        before a GELU, 1 / sqrt(fan_in) at the encoder's output), and the projector's last layer
+        gives embeddings of about `init_std`, the scale of the decoder's token embeddings. With
+        PyTorch's default init instead, shrinking layers left image embeddings about 15x quieter
+        than token embeddings, and a small decoder took hundreds of steps to start looking at them.
+        A timm encoder keeps timm's own init (or its checkpoint)."""
+        layers = []
+        if isinstance(self.encoder, ConvStem):
+            layers += [m for m in self.encoder.convs if isinstance(m, nn.Conv2d)]
+        elif isinstance(self.encoder, PatchLinear):
+            layers.append(self.encoder.proj)
+        for k, layer in enumerate(layers):
+            gain = 1.0 if k == len(layers) - 1 else 2.0  # GELU follows all but the last
+            fan_in = layer.weight[0].numel()
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(gain / fan_in))
+            nn.init.zeros_(layer.bias)
+        for layer in (self.projector.fc1, self.projector.fc2):
+            nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / layer.in_features))
+        proj = self.projector.proj
+        nn.init.normal_(proj.weight, 0.0, init_std / math.sqrt(proj.in_features))
 
     # ---- token counts: what the sequence builder must reserve --------------------------------
 

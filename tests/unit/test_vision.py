@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion.config import VisionConfig
-from fusion.model.vision import (PatchLinear, Projector, TimmEncoder, VisionTower, load_encoder_weights,
-                                 pixel_shuffle, pixel_unshuffle)
+from fusion.model.vision import (ConvStem, PatchLinear, Projector, TimmEncoder, VisionTower,
+                                 conv_stem_channels, load_encoder_weights, pixel_shuffle, pixel_unshuffle)
 
 VIT = "vit_tiny_patch16_224"  # built at img_size 32, patch_size 8: a 4x4 grid, width 192
 DIM = 32
@@ -74,6 +74,45 @@ def test_patch_linear_is_a_strided_conv_plus_position():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_conv_stem_tokens_see_across_patch_borders():
+    """One token per patch_size x patch_size cell, like patch-linear, but a token also sees the
+    pixels just across its cell's border (a small shape cut by the border lands whole in one token's
+    view), while a far corner stays out of a token's receptive field."""
+    torch.manual_seed(0)
+    enc = ConvStem(img_size=32, patch_size=8, width=24)
+    assert [m.stride[0] for m in enc.convs if isinstance(m, torch.nn.Conv2d)] == [1, 2, 2, 2]
+    x = images(1)
+    out = enc(x)
+    assert out.shape == (1, 16, 24) and (enc.grid, enc.n_patches, enc.width) == (4, 16, 24)
+    y = x.clone()
+    y[..., 8, 8] += 1.0  # the first pixel of cell (1, 1): token 0's cell ends one pixel before it
+    changed = (enc(y) - out).abs().amax(-1)[0].view(4, 4)
+    assert changed[0, 0] > 0 and changed[1, 1] > 0
+    assert changed[3, 3] == 0  # 24+ pixels away
+    torch.testing.assert_close(enc(x) - enc.pos_embed, enc.convs(x).flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("encoder", ["patch-linear", "conv-stem"])
+def test_image_embeddings_start_at_the_token_embedding_scale(encoder):
+    """At init an image embedding is about as large as a token embedding (std init_std): within 4x
+    either way on noise pixels (the PyTorch default init left it ~15x smaller)."""
+    for init_std in (0.02, 0.088):
+        torch.manual_seed(0)
+        t = VisionTower(vcfg(encoder=encoder), 128, init_std)
+        rms = t.encode_images(images(8)).pow(2).mean().sqrt().item()
+        assert init_std / 4 < rms < init_std * 4, (init_std, rms)
+
+
+def test_conv_stem_channels_and_bad_patch_sizes():
+    assert conv_stem_channels(8, 128) == [16, 32, 64, 128]
+    assert conv_stem_channels(2, 64) == [32, 64]
+    assert conv_stem_channels(16, 32) == [16, 32, 32, 32, 32]
+    assert conv_stem_channels(4, 256) == [64, 128, 256]
+    for bad in (1, 6, 12):
+        with pytest.raises(ValueError, match=f"conv-stem.*power of 2.*got {bad}"):
+            tower(encoder="conv-stem", img_size=24 if bad != 1 else 32, patch_size=bad)
+
+
 def test_patch_linear_width_defaults_to_decoder_dim():
     assert tower(width=0).encoder.width == DIM
     assert tower(width=12).encoder.width == 12
@@ -115,7 +154,8 @@ def test_pixel_shuffle_rejects_odd_or_non_square_grids():
 
 @pytest.mark.parametrize("encoder, shuffle, merge", [
     ("patch-linear", False, 1), ("patch-linear", True, 1), ("patch-linear", False, 2),
-    ("patch-linear", True, 2), (VIT, False, 1), (VIT, True, 2)])
+    ("patch-linear", True, 2), ("conv-stem", False, 1), ("conv-stem", True, 2), (VIT, False, 1),
+    (VIT, True, 2)])
 def test_tower_shapes_match_token_counts(encoder, shuffle, merge):
     t = tower(encoder=encoder, pixel_shuffle=shuffle, temporal_merge=merge)
     tpi = 4 if shuffle else 16
@@ -202,11 +242,12 @@ def test_unfrozen_encoder_trains():
     assert all(p.grad is not None for p in t.encoder.parameters())
 
 
-def test_patch_linear_rejects_checkpoint_and_freeze():
-    with pytest.raises(ValueError, match="no checkpoint"):
-        tower(checkpoint="x.pt")
+@pytest.mark.parametrize("encoder", ["patch-linear", "conv-stem"])
+def test_own_encoders_reject_checkpoint_and_freeze(encoder):
+    with pytest.raises(ValueError, match=f"{encoder}.*no checkpoint"):
+        tower(encoder=encoder, checkpoint="x.pt")
     with pytest.raises(ValueError, match="freeze"):
-        tower(freeze=True)
+        tower(encoder=encoder, freeze=True)
 
 
 # ---- local checkpoints ----------------------------------------------------------------------
