@@ -66,6 +66,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"     # a run's tokenizer file, copied into every model export
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"step_(\d+)")
 
@@ -340,8 +341,12 @@ def export_model(model, cfg, path: Path, tensors: dict | None = None) -> None:
                for k, v in (model.state_dict() if tensors is None else tensors).items()}
     save_file(tensors, str(path / "model.safetensors.tmp"))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-    meta = {"model": to_dict(cfg)["model"], "tokenizer": cfg.data.tokenizer,
-            "vocab_size": model.vocab_size}
+    tok_spec = cfg.data.tokenizer
+    if tok_spec not in ("", "byte"):  # a tokenizer.json travels with the weights that need it
+        if Path(tok_spec).resolve() != (path / TOKENIZER).resolve():
+            write_atomic(path / TOKENIZER, Path(tok_spec).read_bytes())
+        tok_spec = TOKENIZER
+    meta = {"model": to_dict(cfg)["model"], "tokenizer": tok_spec, "vocab_size": model.vocab_size}
     (path / "model.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -369,7 +374,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     model_dir = find_model_dir(path)
     if (model_dir / MANIFEST).is_file():
-        verify_checkpoint(model_dir, only=["model.safetensors", "model.json"])
+        verify_checkpoint(model_dir, only=["model.safetensors", "model.json"]
+                          + ([TOKENIZER] if (model_dir / TOKENIZER).is_file() else []))
     meta = json.loads((model_dir / "model.json").read_text())
     overrides = model_overrides(meta["model"])
     tok_spec = meta["tokenizer"]

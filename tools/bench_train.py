@@ -54,7 +54,7 @@ def make_toy(workdir: Path, tiny: bool) -> Path:
     from fusion.data.build import main as fusion_data
 
     toy = workdir / "toy"
-    if (toy / "toy.json").is_file():
+    if (toy / "toy.json").is_file() and (toy / "tokenizer.json").is_file():
         return toy
     n = (200, 200, 40) if tiny else (4000, 4000, 600)
     argv = ["toy", "--output", str(toy), "--n-text", str(n[0]), "--n-image", str(n[1]),
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     started = datetime.datetime.now().astimezone()
     toy = make_toy(workdir, args.tiny)
     data = [f"data.text={toy / 'text'}", f"data.image={toy / 'image'}", f"data.video={toy / 'video'}",
-            "data.eval=", "train.eval_every=0", "train.ckpt_every=0", "train.log_every=1",
+            f"data.tokenizer={toy / 'tokenizer.json'}", "data.eval=", "train.eval_every=0", "train.ckpt_every=0", "train.log_every=1",
             f"train.steps={steps}", f"train.warmup={min(steps, 10)}"]
     common = (TINY if args.tiny else []) + data + list(args.overrides)
     base_cfg = load_config(ROOT / "configs" / "small.yaml", common)

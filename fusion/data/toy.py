@@ -631,13 +631,53 @@ def count_types(split: Split, n: int) -> dict[str, int]:
 
 
 def write_toy_shard(world: World, output: str, split_name: str, shard: int, start: int,
-                    stop: int) -> int:
-    """Samples [start, stop) of a split into shard `shard` of DIR/split; returns the count."""
+                    stop: int) -> set[str]:
+    """Samples [start, stop) of a split into shard `shard` of DIR/split; returns the words of
+    their text (captions, questions, answers, choices) for the toy tokenizer."""
     split = SPLITS_BY_NAME[split_name]
+    words: set[str] = set()
     with ShardWriter(Path(output) / split.name, shard, extra_stats={"source": "toy"}) as writer:
         for i in range(start, stop):
-            writer.write(sample_key(split.name, i), split.make(world, split.name, i))
-    return stop - start
+            sample = split.make(world, split.name, i)
+            words.update(text_words(sample))
+            writer.write(sample_key(split.name, i), sample)
+    return words
+
+
+# The toy tokenizer's pre-tokenizer: runs of word characters, or of punctuation (as the
+# `tokenizers` Whitespace pre-tokenizer splits), so "triangle?" is two tokens.
+_WORD = re.compile(r"\w+|[^\w\s]+")
+TOKENIZER_FILE = "tokenizer.json"
+UNKNOWN_WORD = "<|unk|>"
+
+
+def text_words(sample: dict) -> set[str]:
+    """Every word of a toy sample's text: the caption, and a VQA question, answer and choices."""
+    meta = sample.get("json") or {}
+    texts = [sample.get("txt", ""), meta.get("question", ""), meta.get("answer", ""),
+             *meta.get("choices", ())]
+    return {w for text in texts for w in _WORD.findall(text)}
+
+
+def write_toy_tokenizer(path: Path, words: set[str]) -> None:
+    """A word-level Hugging Face tokenizer.json over the toy world's words: one token per word or
+    punctuation run (a VQA answer is one token), anything else the unknown token, and fusion's
+    special tokens stored in it so their ids are fixed. Same words, same bytes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fusion.data.tokenizer import SPECIAL_TOKENS
+
+    fixed = {w for t in QUESTIONS.values() for w in _WORD.findall(t.format(color="", shape=""))}
+    fixed |= {w for choices in CHOICES.values() for w in choices} | set(COLOR_NAMES) | set(SHAPES)
+    vocab = {UNKNOWN_WORD: 0}
+    for w in sorted(words | fixed | {str(d) for d in range(10)}):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN_WORD))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tmp = path.with_name(path.name + ".tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
 
 
 _SHARD_FILE = re.compile(r"^(\d{6})(\.tar|_stats\.json)$")
@@ -746,15 +786,17 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
                   for k in range(n_shards)]
     # Videos are the slow part: start them first so the workers finish together.
     tasks.sort(key=lambda t: t[0] not in VIDEO_SPLITS)
+    words: set[str] = set()
     if workers > 1 and len(tasks) > 1:
         # spawn, not fork: the caller may hold threads (torch, a DataLoader) that fork would copy
         context = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
             for future in [pool.submit(write_toy_shard, world, str(output), *t) for t in tasks]:
-                future.result()
+                words |= future.result()
     else:
         for t in tasks:
-            write_toy_shard(world, str(output), *t)
+            words |= write_toy_shard(world, str(output), *t)
+    write_toy_tokenizer(output / TOKENIZER_FILE, words)
 
     splits = {}
     for split in SPLITS:
@@ -780,6 +822,7 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
         "questions": QUESTIONS,
         "choices": CHOICES,
         "splits": splits,
+        "tokenizer": TOKENIZER_FILE,
     }
     # The manifest is written last and holds no timing: same flags, same bytes.
     tmp = output / "toy.json.tmp"

@@ -23,6 +23,36 @@ def test_export_then_load_model_gives_the_same_logits(tmp_path):
     assert loaded.cfg.vision.pixel_shuffle and loaded.cfg.dim == 48
 
 
+def test_a_tokenizer_file_travels_with_the_export(tmp_path):
+    """A run trained with a tokenizer.json exports a copy beside its weights: the checkpoint still
+    loads, with the same vocabulary, after the original file is gone and the run is moved."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fusion.data.tokenizer import build_tokenizer
+
+    tok_path = tmp_path / "words" / "tokenizer.json"
+    tok_path.parent.mkdir()
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "red": 1, "circle": 2, "?": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tok_path))
+    cfg = load_config(None, [f"data.tokenizer={tok_path}", "model.dim=32"])
+    tok = build_tokenizer(str(tok_path))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tok).eval()
+    export_model(model, cfg, tmp_path / "run" / "step_1")
+    assert json.loads((tmp_path / "run" / "step_1" / "model.json").read_text())["tokenizer"] == "tokenizer.json"
+    shutil.rmtree(tok_path.parent)
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    loaded = fusion.load_model(tmp_path / "moved" / "step_1")
+    assert loaded.tokenizer.encode("red circle ?") == [1, 2, 3]
+    assert loaded.vocab_size == model.vocab_size == tok.vocab_size
+    x = torch.tensor([[tok.bos_id, 1, 2, 3]])
+    assert torch.equal(model(x), loaded(x))
+
+
 def test_rng_state_roundtrip():
     import random
 

@@ -189,6 +189,7 @@ def test_same_seed_same_bytes_other_seed_differs(toy_dir, tmp_path):
                              for a in SPLIT_COUNTS.values())
     assert first == second
     assert (toy_dir / "toy.json").read_bytes() == (again / "toy.json").read_bytes()
+    assert (toy_dir / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
     for split in SPLIT_COUNTS:
         assert (toy_dir / split / "index.json").read_bytes() == \
             (again / split / "index.json").read_bytes()
@@ -279,6 +280,38 @@ def test_text_qa_lines_use_the_templates(samples):
         qtype, _ = parse_question(m.group(1))
         assert qtype == s["meta"]["type"] and m.group(2) == s["meta"]["answer"]
         assert m.group(2) in CHOICES[qtype]
+
+
+def test_word_tokenizer_covers_every_text_and_answers_are_one_token(toy_dir, samples, tmp_path):
+    """DIR/tokenizer.json: every caption, question, answer and choice of every split encodes without
+    the unknown token, a VQA answer is a single token, the special tokens have fixed ids inside the
+    file, and a word from outside the toy world still encodes (as the unknown token)."""
+    from fusion.data.samples import vqa_answer, vqa_prompt
+    from fusion.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
+
+    path = toy_dir / "tokenizer.json"
+    assert json.loads((toy_dir / "toy.json").read_text())["tokenizer"] == "tokenizer.json"
+    tok = build_tokenizer(str(path))
+    unk = tok._tok.token_to_id(toy.UNKNOWN_WORD)
+    stored = {t["content"]: t["id"] for t in json.loads(path.read_text())["added_tokens"]}
+    assert all(stored[t] == tok.special_ids[t] for t in SPECIAL_TOKENS)
+    n = 0
+    for split, rows in samples.items():
+        for s in rows:
+            meta = s.get("meta") or {}
+            texts = [s["txt"].decode()] if "txt" in s else []
+            if "question" in meta:
+                texts += [vqa_prompt(meta["question"])]
+                texts += [vqa_answer(c) for c in meta.get("choices", [meta["answer"]])]
+                assert len(tok.encode(vqa_answer(meta["answer"]))) == 1, meta
+            for text in texts:
+                ids = tok.encode(text)
+                assert ids and unk not in ids, (split, text)
+                n += 1
+    assert n > 500
+    assert tok.encode("a zebra") == [tok.encode("a")[0], unk]
+    assert tok.decode(tok.encode(" Q: What color is the circle? A: red")) == \
+        "Q : What color is the circle ? A : red"
 
 
 # ---------------------------------------------------------------- pixels
