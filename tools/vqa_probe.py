@@ -1,18 +1,17 @@
-"""Toy-VQA learning-rate probe: the fusion model and loader in ONE process (no DeepSpeed), plain
-AdamW with linear warmup, evaluated with fusion-eval's scorer on 300 test questions.
+"""Toy-VQA learning probe: the fusion model and loader in ONE process (no DeepSpeed), plain AdamW
+with linear warmup and no decay, evaluated with fusion-eval's scorer on 300 test questions, for
+studying what makes the demo learn without paying for a 2-rank run each time.
 
     python tools/vqa_probe.py STEPS [key=value overrides of configs/demo.yaml ...]
     env: TEST (VQA test dir, default data/toy/vqa_image_test), EVERY (eval interval, default 250),
          LOGE (log interval, default 50)
 
-The README's "What was ruled out" table came from (toy sets from `fusion-data toy`; the 30,000
-question set from `fusion-data toy --output /tmp/toy60 --n-vqa-train 30000 ...`):
+Image questions and captions only, the demo's model, one row of 256 tokens = ~7 samples:
 
-    A="data.text= data.video= data.weights=[0,1,0] train.micro_batch=16"
-    python tools/vqa_probe.py 1500 $A data.image=data/toy/vqa_image_train
-    python tools/vqa_probe.py 1500 $A data.image=/tmp/toy60/vqa_image_train
-    python tools/vqa_probe.py 500 $A data.image=/tmp/toy60/vqa_image_train train.lr=1e-2
-    python tools/vqa_probe.py 500 $A data.image=/tmp/toy60/vqa_image_train model.vision.patch_size=4
+    A="data.text= data.video= data.weights=[0,1,0] train.micro_batch=8"
+    python tools/vqa_probe.py 500 $A
+    python tools/vqa_probe.py 500 $A model.init_std=0.02       # the decoder's default init
+    python tools/vqa_probe.py 500 $A data.image=data/toy/vqa_image_train    # questions only
 """
 import sys, time, torch
 from fusion.config import load_config, finalize

@@ -39,6 +39,9 @@ def test_counts_follow_options():
                        "model.vision.encoder=vit_tiny_patch16_224", "model.vision.img_size=32",
                        "model.vision.patch_size=8", "model.vision.pixel_shuffle=true", "model.vision.temporal_merge=2")
     assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
+    cfg, model = built("demo", "model.vision.encoder=conv-stem", "model.vision.width=48",
+                       "model.vision.patch_size=4", "model.vision.temporal_merge=2")
+    assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
 
 
 @pytest.mark.parametrize("size,total,active", [("llama4-scout", 109e9, 17e9), ("llama4-maverick", 400e9, 17e9)])
@@ -114,7 +117,11 @@ def test_cli_table_json_and_errors(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert set(plan["params"]["total"]) == set(PARTS) | {"total"}
     assert plan["memory"]["ep_size"] == 8 and set(plan["memory"]["bytes"]) == {"0", "1", "2", "3"}
-    assert main(["--config", "configs/demo.yaml", "--micro-batch", "2"]) == 0
+    # configs/demo.yaml names the toy world's tokenizer, which `fusion-data toy` writes: without it
+    # the plan says which file is missing; with the byte tokenizer it plans the same model
+    assert main(["--config", "configs/demo.yaml", "data.tokenizer=missing/tokenizer.json"]) == 2
+    assert "missing/tokenizer.json" in capsys.readouterr().err
+    assert main(["--config", "configs/demo.yaml", "data.tokenizer=byte", "--micro-batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "routed_experts" in out and "training FLOPs per token" in out and "ZeRO" in out
     assert main(["model.moe.n_expert=4"]) == 2
