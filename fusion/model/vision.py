@@ -325,7 +325,7 @@ class VisionTower(nn.Module):
         our own encoders and of the projector keeps its input's scale (He init: std sqrt(2 / fan_in)
         before a GELU, 1 / sqrt(fan_in) at the encoder's output), and the projector's last layer
         gives embeddings of about `init_std`, the scale of the decoder's token embeddings. With
-        PyTorch's default init instead, shrinking layers left image embeddings about 15x quieter
+        PyTorch's default init instead, shrinking layers left image embeddings an order of magnitude quieter
         than token embeddings, and a small decoder took hundreds of steps to start looking at them.
         A timm encoder keeps timm's own init (or its checkpoint)."""
         layers = []

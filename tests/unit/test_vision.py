@@ -95,7 +95,7 @@ def test_conv_stem_tokens_see_across_patch_borders():
 @pytest.mark.parametrize("encoder", ["patch-linear", "conv-stem"])
 def test_image_embeddings_start_at_the_token_embedding_scale(encoder):
     """At init an image embedding is about as large as a token embedding (std init_std): within 4x
-    either way on noise pixels (the PyTorch default init left it ~15x smaller)."""
+    either way on noise pixels (the PyTorch default init left it an order of magnitude smaller)."""
     for init_std in (0.02, 0.088):
         torch.manual_seed(0)
         t = VisionTower(vcfg(encoder=encoder), 128, init_std)
