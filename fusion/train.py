@@ -61,6 +61,7 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cpu":
+        release_shm_buffer()
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:
             # ranks on one host share its cores; oversubscribed intra-op threads spin and crawl
@@ -70,6 +71,30 @@ def init_distributed():
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(), local_rank)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def release_shm_buffer(shm_dir: str = "/dev/shm") -> Path | None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer once every local rank has mapped it.
+
+    On CPU, DeepSpeed maps a 66 MiB shared-memory file per rank, named after MASTER_ADDR and
+    MASTER_PORT, and never removes it: every run on a new port would leave 66 MiB per rank in
+    /dev/shm (RAM) until reboot. The peers open each other's files during init_distributed, so
+    after a barrier the names are no longer needed; the memory is freed when the last rank exits,
+    even if it crashes. Returns the path removed, if any.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    dist.barrier()
+    path = Path(shm_dir) / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+        dist.get_rank())
+    try:
+        path.unlink()
+    except FileNotFoundError:  # ranks on several hosts, or no shm op: no buffer
+        return None
+    return path
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

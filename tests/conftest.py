@@ -74,6 +74,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def leaked_shm_buffers(cmd: list[str]) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers still in /dev/shm for the --master_port of launcher `cmd`."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def run_cli(args: list[str], timeout: float = 600, env: dict | None = None, cwd=ROOT):
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fusion.checkpoint import verify_checkpoint
-from tests.conftest import BIN, ROOT, free_port, run_cli
+from tests.conftest import BIN, ROOT, free_port, leaked_shm_buffers, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +70,7 @@ def kill_when_logged(cmd, run_dir, step: int, timeout: float = 600) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, (run_dir.parent / "killed.log").read_text()[-3000:]
+    assert leaked_shm_buffers(cmd) == []  # unlinked at start-up, so a kill leaves no RAM behind
 
 
 @pytest.fixture(scope="module")
