@@ -31,14 +31,12 @@ SHUFFLE_RATIO = 0.5  # Llama 4: 2x2 neighbouring patches become one token with 4
 # ---------------------------------------------------------------------------------------------
 
 
-class PatchLinear(nn.Module):
-    """Fuyu-style encoder: cut non-overlapping patches, one Linear each, plus a learned position.
+class PatchGrid(nn.Module):
+    """Base of our own encoders: a grid of patch_size x patch_size tokens and a learned position
+    per token. Subclasses build their layers, then call `_add_positions()` (last, so the order of
+    random draws, and with it a seeded model's initial weights, does not depend on this base)."""
 
-    The patch is flattened in (channel, row, column) order, so the Linear is the same map as a
-    Conv2d with kernel = stride = patch_size whose weight is `linear.weight.view(width, 3, p, p)`.
-    """
-
-    def __init__(self, img_size: int, patch_size: int, width: int, in_chans: int = 3):
+    def __init__(self, img_size: int, patch_size: int, width: int):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
@@ -47,8 +45,22 @@ class PatchLinear(nn.Module):
         self.grid = img_size // patch_size
         self.n_patches = self.grid ** 2
         self.width = width
+
+    def _add_positions(self) -> None:
+        self.pos_embed = nn.Parameter(torch.randn(self.n_patches, self.width) * 0.02)
+
+
+class PatchLinear(PatchGrid):
+    """Fuyu-style encoder: cut non-overlapping patches, one Linear each, plus a learned position.
+
+    The patch is flattened in (channel, row, column) order, so the Linear is the same map as a
+    Conv2d with kernel = stride = patch_size whose weight is `linear.weight.view(width, 3, p, p)`.
+    """
+
+    def __init__(self, img_size: int, patch_size: int, width: int, in_chans: int = 3):
+        super().__init__(img_size, patch_size, width)
         self.proj = nn.Linear(in_chans * patch_size ** 2, width)
-        self.pos_embed = nn.Parameter(torch.randn(self.n_patches, width) * 0.02)
+        self._add_positions()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         p, g = self.patch_size, self.grid
@@ -69,7 +81,7 @@ def conv_stem_channels(patch_size: int, width: int) -> list[int]:
     return [min(width, first << k) for k in range(n_down)] + [width]
 
 
-class ConvStem(nn.Module):
+class ConvStem(PatchGrid):
     """A convolutional stem in place of a ViT (Xiao et al. 2021, "Early Convolutions Help
     Transformers See Better"): 3x3 convolutions with GELU between them, one at stride 1 and then
     log2(patch_size) at stride 2, so one output position covers a patch_size x patch_size patch as a
@@ -78,22 +90,15 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, img_size: int, patch_size: int, width: int, in_chans: int = 3):
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        super().__init__(img_size, patch_size, width)
         channels = conv_stem_channels(patch_size, width)
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid = img_size // patch_size
-        self.n_patches = self.grid ** 2
-        self.width = width
         layers: list[nn.Module] = []
         for k, (c_in, c_out) in enumerate(zip([in_chans] + channels[:-1], channels)):
             if k:
                 layers.append(nn.GELU())
             layers.append(nn.Conv2d(c_in, c_out, 3, stride=1 if k == 0 else 2, padding=1))
         self.convs = nn.Sequential(*layers)
-        self.pos_embed = nn.Parameter(torch.randn(self.n_patches, width) * 0.02)
+        self._add_positions()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.convs(images.contiguous(memory_format=torch.channels_last))  # (N, C, g, g), NHWC
