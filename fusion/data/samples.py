@@ -149,7 +149,9 @@ class SampleMaker:
     def _caption(self, raw: dict) -> str | None:
         data = raw.get("txt")
         if data is None:
-            return self._fail("missing_caption")
+            from fusion.data.shards import missing
+
+            return self._fail(missing(raw, "txt", "missing_caption"))
         try:
             text = data.decode("utf-8").strip()
         except UnicodeDecodeError:

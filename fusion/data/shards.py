@@ -170,6 +170,15 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
     return match.group(1), match.group(2)
 
 
+def missing(sample: Mapping[str, Any], ext: str | Iterable[str], reason: str) -> str:
+    """The reason a sample lacks its `ext` member: `reason`, or `dotted_key` when a member such as
+    `a.b.ext` carries it (a dotted key, which webdataset splits as key `a`, member `b.ext`)."""
+    exts = (ext,) if isinstance(ext, str) else tuple(ext)
+    dotted = any(isinstance(name, str) and not name.startswith("__") and "." in name
+                 and name.rsplit(".", 1)[1] in exts for name in sample)
+    return "dotted_key" if dotted else reason
+
+
 def _natural(name: str) -> list:
     # 000999.tar < 001000.tar < 1000000.tar: compare digit runs as numbers.
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -701,7 +710,7 @@ def iter_texts(urls: str | Iterable[str], counter: ErrorCounter) -> Iterator[tup
     for sample in iter_samples(urls, counter):
         data = sample.get("txt")
         if data is None:
-            counter("missing_txt")
+            counter(missing(sample, "txt", "missing_txt"))
             continue
         try:
             yield sample["__key__"], decode_text(data)
@@ -795,7 +804,7 @@ def check_sample(sample: Mapping[str, Any], modality: str, max_pixels: int | Non
 
     def need_txt():
         if "txt" not in sample:
-            problems.append("missing_txt")
+            problems.append(missing(sample, "txt", "missing_txt"))
             return
         try:
             decode_text(sample["txt"])
@@ -816,8 +825,10 @@ def check_sample(sample: Mapping[str, Any], modality: str, max_pixels: int | Non
             if reason:
                 problems.append(reason)
             return {"n_frames": n_frames} if n_frames is not None else {}
-        problems.append({(True, False): "missing_image", (False, True): "missing_mp4"}
-                        .get((allow_image, allow_video), "missing_media"))
+        problems.append(missing(
+            sample, (IMAGE_EXTS if allow_image else ()) + (VIDEO_EXTS if allow_video else ()),
+            {(True, False): "missing_image", (False, True): "missing_mp4"}
+            .get((allow_image, allow_video), "missing_media")))
         return {}
 
     def compare(meta: dict, measured: dict):

@@ -104,7 +104,7 @@ def test_loader_skips_and_counts_every_hostile_case(hostile_dir, monkeypatch):
     assert made["lies"]["videos"][0].shape == (4, 3, 32, 32)  # indices past the real 8 frames clamped
     counts = dict(counter.counts)
     assert counts == {"empty_file": 1, "too_many_pixels": 1, "unsupported_format": 2,
-                      "caption_too_long": 1, "missing_caption": 1, "duplicate_key": 1,
+                      "caption_too_long": 1, "dotted_key": 1, "duplicate_key": 1,
                       "unsafe_member": 5, "ReadError": 2}, counts
     assert not (hostile_dir.parent / "outside").exists()
     assert seconds < 30, seconds  # generous: a pixel bomb or the 10 MB caption is never decoded whole
@@ -114,7 +114,8 @@ def test_verify_survives_the_hostile_shards(hostile_dir, capsys):
     assert fusion_data(["verify", str(hostile_dir), "--modality", "image", "--workers", "1"]) != 0
     out = capsys.readouterr()
     text = out.out + out.err
-    for reason in ("unsafe_member", "duplicate_key", "ReadError", "too_many_pixels", "unsupported_format"):
+    for reason in ("unsafe_member", "duplicate_key", "ReadError", "too_many_pixels", "unsupported_format",
+                   "dotted_key"):
         assert reason in text, (reason, text[-2000:])
 
 

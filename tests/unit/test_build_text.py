@@ -330,7 +330,7 @@ def test_verify_names_bad_samples_and_duplicate_keys(tmp_path, capsys):
     with ShardWriter(d, 1) as w:
         w.write("a", {"txt": "same key again"})
         w.write("c", {"txt": "ok", "json": b"{broken"})
-    # A hand-made shard with a dotted name (key 'd', field 'x.txt'): no .txt member.
+    # A hand-made shard with a dotted name (key 'd', field 'x.txt'): named as a dotted key.
     with tarfile.open(d / "000002.tar", "w") as tar:
         info = tarfile.TarInfo("d.x.txt")
         info.size = 1
@@ -340,7 +340,7 @@ def test_verify_names_bad_samples_and_duplicate_keys(tmp_path, capsys):
     assert "000000.tar: key b: bad_utf8" in report
     assert "000001.tar: key a: duplicate_key (also in 000000.tar)" in report
     assert "000001.tar: key c: bad_json" in report
-    assert "000002.tar: key d: missing_txt" in report
+    assert "000002.tar: key d: dotted_key" in report
     assert read_index(d)["modality"] == "text"  # guessed from the members
 
 

@@ -192,6 +192,8 @@ def test_img2dataset_layout_written_by_plain_tarfile(tmp_path):
     assert samples[1]["jpg"] == jpg and samples[1]["txt"] == b"caption 1"
     # webdataset's rule: the key ends at the first dot, extensions are lower-cased.
     assert samples[3]["seg.png"] == b"mask"
+    # ... so a lone dotted name is diagnosed as one, not as a sample that merely lacks its image
+    assert check_sample(samples[3], "image")[:2] == ["dotted_key", "missing_txt"]
     assert check_sample(samples[0], "image") == []
     assert guess_modality(samples[0]) == "image"
 
