@@ -21,17 +21,25 @@ tar and stats exist (and whose stats `input_sha256`, a digest of the shard's rec
 settings, still matches) and rebuilds the rest byte-identically. A malformed input file stops the build
 with one error naming the file and line; shards already complete stay, and no index is written.
 The digest covers the records, not the media files they name: after editing a picture in place,
-build into a fresh directory.
+build into a fresh directory (or pass --overwrite).
+
+An output directory holds one build: one modality from one input file, whose resolved path every
+shard's stats record (`modality`, `input`). Before writing anything, a build refuses a directory
+holding shards of any other build (another input, `fusion-data toy`, img2dataset, plain `tar`),
+naming it; `--overwrite` deletes them (and index.json) first. A re-run of the same input reuses
+what it can, rewrites the rest, and removes its own shards beyond the input's last one, so
+index.json lists exactly the shards a reader of the directory sees.
 
 Media builders (`images`, `videos`, `vqa`) read the files a record names (paths relative to the
 input file) inside the workers, decode every one completely, and count a bad record by reason in
 the shard's stats instead of stopping: missing_file, unreadable_file, empty_file, bad_image,
 too_many_pixels, unsupported_format, corrupt_video, no_video_stream, zero_frames, empty_caption,
 not_text, bad_utf8, duplicate_key; vqa adds empty_question, bad_choices, answer_not_in_choices,
-ambiguous_media. Images go through `fusion.data.images`; videos are re-encoded by
-`fusion.data.video.transcode` (libx264, one thread, fixed options: deterministic, so a resumed
-build is byte-identical) and their `n_frames` is PyAV's decoded count of the stored bytes
-(`fusion.data.video.probe`).
+ambiguous_media. A vqa record's media is whichever of the image and video columns it fills, and
+its pictures are stored as jpg or png only (SPEC §4). Images go through `fusion.data.images`;
+videos are re-encoded by `fusion.data.video.transcode` (libx264, one thread, fixed options:
+deterministic, so a resumed build is byte-identical) and their `n_frames` is PyAV's decoded
+count of the stored bytes (`fusion.data.video.probe`).
 
 Adding a builder: a sample function `make_sample(key, fields, meta) -> {ext: bytes | str | dict}`
 that raises `SampleError(reason)` for a bad record, a `configure(parser)` that calls
@@ -43,12 +51,15 @@ worker processes: a module-level function, or a `functools.partial` of one.
 from __future__ import annotations
 
 import argparse
+import codecs
 import concurrent.futures as cf
 import csv
 import functools
 import hashlib
+import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -68,6 +79,7 @@ from fusion.data.images import (
     resize,
 )
 from fusion.data.shards import (
+    INDEX_NAME,
     MODALITIES,
     VIDEO_FAILURES,
     ErrorCounter,
@@ -83,6 +95,7 @@ from fusion.data.shards import (
     sanitize_key,
     shards_in_dir,
     shard_name,
+    stats_name,
     write_index,
 )
 from fusion.data.video import (
@@ -201,14 +214,17 @@ class Record:
     fields: dict  # column -> value; text never fails to decode here (see read_records)
 
 
-def read_records(path: str | os.PathLike, text_col: str, columns: Sequence[str] = ()
-                 ) -> Iterator[Record]:
+def read_records(path: str | os.PathLike, text_col: str, columns: Sequence[str] = (),
+                 one_of: Sequence[str] = ()) -> Iterator[Record]:
     """Records of a .jsonl / .txt / .csv / .parquet file, in order.
 
-    `text_col` and `columns` must exist in every record (a .txt line is `{text_col: line}`);
-    a missing column, an invalid JSON line, a ragged CSV row or an unreadable file raises
-    InputError naming the file and line. Bytes that are not UTF-8 do not: they come through as
-    lone surrogates (`surrogateescape`), and the sample function counts them as `bad_utf8`.
+    `text_col` and `columns` must exist in every record (a .txt line is `{text_col: line}`), and
+    at least one of `one_of` (vqa: the image or the video column). A JSONL record is checked on
+    its own keys; a CSV file on its header row, a parquet file on its schema. A missing column, an
+    invalid JSON line, a ragged CSV row or an unreadable file raises InputError naming the file
+    and line. Bytes that are not UTF-8 do not: they come through as lone surrogates
+    (`surrogateescape`), and the sample function counts them as `bad_utf8`. A UTF-8 byte order
+    mark opening the file (Excel's "CSV UTF-8") is skipped.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -217,29 +233,36 @@ def read_records(path: str | os.PathLike, text_col: str, columns: Sequence[str] 
     if suffix not in readers:
         raise InputError(path, None, f"unknown input format '{suffix or path.name}' "
                          f"(expected {', '.join(INPUT_FORMATS)})")
-    if suffix == ".txt" and len(required) > 1:
+    if suffix == ".txt" and (len(required) > 1 or one_of):
+        extra = [*required[1:], " or ".join(one_of)] if one_of else required[1:]
         raise InputError(path, None, f"a .txt input has one column per line; "
-                         f"column(s) {', '.join(required[1:])} need .jsonl, .csv or .parquet")
+                         f"column(s) {', '.join(extra)} need .jsonl, .csv or .parquet")
     try:
-        yield from readers[suffix](path, required)
+        yield from readers[suffix](path, required, tuple(one_of))
     except InputError:
         raise
     except OSError as exn:
         raise InputError(path, None, f"cannot read: {exn.strerror or exn}") from exn
 
 
-def _missing(path, line, fields: Iterable[str], required: Sequence[str], what: str):
+def _missing(path, line, fields: Iterable[str], required: Sequence[str], what: str,
+             one_of: Sequence[str] = ()):
     have = list(fields)
+    shown = ", ".join(map(str, have[:10])) + (", ..." if len(have) > 10 else "")
     for col in required:
         if col not in have:
-            shown = ", ".join(map(str, have[:10])) + (", ..." if len(have) > 10 else "")
             raise InputError(path, line, f"missing column '{col}' in {what} (has: {shown or 'none'})")
+    if one_of and not any(col in have for col in one_of):
+        wanted = " or ".join(f"'{col}'" for col in one_of)
+        raise InputError(path, line, f"missing column {wanted} in {what} (has: {shown or 'none'})")
 
 
-def _read_jsonl(path: Path, required: Sequence[str]) -> Iterator[Record]:
+def _read_jsonl(path: Path, required: Sequence[str], one_of: Sequence[str]) -> Iterator[Record]:
     index = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             text = raw.decode("utf-8", "surrogateescape").strip()
             if not text:
                 continue
@@ -249,15 +272,17 @@ def _read_jsonl(path: Path, required: Sequence[str]) -> Iterator[Record]:
                 raise InputError(path, line_no, f"invalid JSON: {exn}") from None
             if not isinstance(obj, dict):
                 raise InputError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-            _missing(path, line_no, obj, required, "record")
+            _missing(path, line_no, obj, required, "record", one_of)
             yield Record(index, line_no, obj)
             index += 1
 
 
-def _read_txt(path: Path, required: Sequence[str]) -> Iterator[Record]:
+def _read_txt(path: Path, required: Sequence[str], one_of: Sequence[str]) -> Iterator[Record]:
     index = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             text = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
             if not text.strip():
                 continue
@@ -265,17 +290,18 @@ def _read_txt(path: Path, required: Sequence[str]) -> Iterator[Record]:
             index += 1
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> Iterator[Record]:
+def _read_csv(path: Path, required: Sequence[str], one_of: Sequence[str]) -> Iterator[Record]:
     old_limit = csv.field_size_limit()
     csv.field_size_limit(2**31 - 1)  # documents are longer than the 128 KiB default
     try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        # utf-8-sig: a leading byte order mark is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             reader = csv.reader(f)
             try:
                 header = next(reader, None)
                 if header is None:
                     raise InputError(path, 1, "empty file: expected a header row")
-                _missing(path, 1, header, required, "header")
+                _missing(path, 1, header, required, "header", one_of)
                 index, start = 0, reader.line_num + 1
                 for row in reader:
                     if not row or all(not c.strip() for c in row):
@@ -291,7 +317,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> Iterator[Record]:
         csv.field_size_limit(old_limit)
 
 
-def _read_parquet(path: Path, required: Sequence[str]) -> Iterator[Record]:
+def _read_parquet(path: Path, required: Sequence[str], one_of: Sequence[str]) -> Iterator[Record]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -301,7 +327,7 @@ def _read_parquet(path: Path, required: Sequence[str]) -> Iterator[Record]:
         pf = pq.ParquetFile(path)
     except Exception as exn:  # pyarrow raises its own error types for a bad file
         raise InputError(path, None, f"not a readable parquet file: {exn}") from None
-    _missing(path, None, pf.schema_arrow.names, required, "schema")
+    _missing(path, None, pf.schema_arrow.names, required, "schema", one_of)
     index = 0
     for batch in pf.iter_batches():
         for row in batch.to_pylist():
@@ -373,9 +399,13 @@ def fingerprint(items: Sequence[Item], recipe: str) -> str:
 
 
 def write_shard(output: str | os.PathLike, index: int, items: Sequence[Item], make_sample: SampleFn,
-                input_sha256: str | None = None) -> dict:
-    """Write shard `index` from its items; a SampleError skips one item, counted by reason."""
-    extra = {"input_sha256": input_sha256} if input_sha256 else None
+                input_sha256: str | None = None, provenance: dict | None = None) -> dict:
+    """Write shard `index` from its items; a SampleError skips one item, counted by reason.
+
+    The stats file records `input_sha256` (see `fingerprint`) and `provenance` ({modality, input}:
+    which build the shard belongs to, see `foreign_shards`)."""
+    extra = {"input_sha256": input_sha256} if input_sha256 else {}
+    extra.update(provenance or {})
     with ShardWriter(output, index, extra_stats=extra) as writer:
         for item in items:
             if item.failure:
@@ -400,7 +430,7 @@ class BuildResult:
 
 def build_shards(items: Iterable[Item], make_sample: SampleFn, output: Path, *,
                  samples_per_shard: int, workers: int, progress: bool = True,
-                 desc: str = "") -> BuildResult:
+                 desc: str = "", provenance: dict | None = None) -> BuildResult:
     """Write every shard of `items` that is not already complete; whole shards per worker.
 
     An exception while reading the items (InputError) or writing a shard stops new work, lets the
@@ -443,14 +473,14 @@ def build_shards(items: Iterable[Item], make_sample: SampleFn, output: Path, *,
                 bar.update(len(batch))
                 continue
             if workers == 1:
-                stats[index] = write_shard(output, index, batch, make_sample, digest)
+                stats[index] = write_shard(output, index, batch, make_sample, digest, provenance)
                 written, records_written = written + 1, records_written + len(batch)
                 bar.update(len(batch))
                 continue
             if executor is None:
                 executor = cf.ProcessPoolExecutor(max_workers=workers)
-            pending[executor.submit(write_shard, output, index, batch, make_sample, digest)] = \
-                (index, len(batch))
+            pending[executor.submit(write_shard, output, index, batch, make_sample, digest,
+                                    provenance)] = (index, len(batch))
             if len(pending) >= 2 * workers:  # bound the records held in memory
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 finish(done)
@@ -482,7 +512,9 @@ def add_build_arguments(p: argparse.ArgumentParser, *, text_col: str = "text",
     p.add_argument("--input", required=True, metavar="FILE",
                    help=f"input records: {', '.join(INPUT_FORMATS)} (.parquet needs pyarrow)")
     p.add_argument("--output", required=True, metavar="DIR",
-                   help="dataset directory for the shards (created; one modality per directory)")
+                   help="dataset directory for the shards (created): one modality from one input "
+                        "file; the same command again resumes, another input there is refused "
+                        "(see --overwrite)")
     p.add_argument(text_flag, dest="text_col", default=text_col, metavar="COL",
                    help=f"{text_help} (default: {text_col}"
                         + ("; ignored by .txt input)" if text_flag == "--text-col" else ")"))
@@ -496,6 +528,10 @@ def add_build_arguments(p: argparse.ArgumentParser, *, text_col: str = "text",
                    help="worker processes, each writing whole shards (default: CPUs, at most 8)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the shards and index.json already in --output, whatever built "
+                        "them, then build anew (without it, a directory holding shards of another "
+                        "input is refused, and one holding shards of this input is resumed)")
 
 
 def _summary_line(modality: str, source: str, output: Path, result: BuildResult) -> str:
@@ -516,10 +552,20 @@ def _summary_line(modality: str, source: str, output: Path, result: BuildResult)
 
 
 def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
-              columns: Sequence[str] = ()) -> int:
+              columns: Sequence[str] = (), *, one_of: Sequence[str] = (),
+              inspect: Callable[[Record], None] | None = None) -> int:
     """Read --input, write the shards of `modality` into --output, write index.json, summarise.
 
-    `columns`: extra columns each record must have (the text column always must).
+    `columns`: extra columns each record must have (the text column always must); `one_of`:
+    columns of which each record must have at least one (see `read_records`). `inspect(record)`
+    sees every record in the main process, in file order, and may raise InputError.
+
+    --output holds the shards of one build: this modality from this input file (its resolved
+    path, recorded in every shard's stats). Shards of any other build there are refused before
+    anything is written, unless --overwrite deletes them first; shards of this build are reused
+    when their records and settings are unchanged, rewritten otherwise, and those beyond the
+    input's last shard (a longer earlier version of the file) removed, so that index.json lists
+    exactly the shards a reader of the directory sees.
     """
     source = Path(args.input)
     output = Path(args.output)
@@ -529,39 +575,118 @@ def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
         raise CliError(f"--input: unknown format '{source.name}' (expected {', '.join(INPUT_FORMATS)})")
     if output.exists() and not output.is_dir():
         raise CliError(f"--output: '{output}' exists and is not a directory")
+    overwrite = getattr(args, "overwrite", False)
     try:
-        index = read_index(output) if output.is_dir() else None
+        index = read_index(output) if output.is_dir() and not overwrite else None
     except ValueError as exn:
-        raise CliError(str(exn)) from None
+        raise CliError(f"{exn}; or pass --overwrite to replace it") from None
     if index is not None and index.get("modality") != modality:
         raise CliError(f"--output: '{output}' holds {index.get('modality')} shards (index.json); "
-                       f"give another directory for {modality}")
+                       f"give another directory for {modality}, or --overwrite to replace them")
     key_cols = [args.key_col] if args.key_col else []
-    records = read_records(source, args.text_col, [*columns, *key_cols])
-    # Read the first record before creating anything, so a bad input leaves no empty directory.
+    records = read_records(source, args.text_col, [*columns, *key_cols], one_of)
+    # Read the first record before creating or deleting anything, so a bad input leaves the
+    # directory as it was (and creates no empty one).
     first = next(records, None)
     if first is None:
         raise InputError(source, None, "no records")
+    provenance = {"modality": modality, "input": str(source.resolve())}
+    if overwrite:
+        removed = remove_shards(output)
+        if removed:
+            print(f"{PROG} {modality}: --overwrite: removed {removed} shard(s) from {output}",
+                  file=sys.stderr)
+    else:
+        foreign = foreign_shards(output, lambda stats: all(stats.get(k) == v
+                                                           for k, v in provenance.items()))
+        if foreign:
+            names = ", ".join(n for n, _ in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CliError(f"--output: '{output}' already holds {len(foreign)} shard(s) not built "
+                           f"from this input ({names}: {shard_origin(foreign[0][1])}); give another "
+                           f"--output, or pass --overwrite to delete them and build anew")
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob("*.tmp"):  # left by an interrupted run
         stale.unlink()
 
     def all_records():
-        yield first
-        yield from records
+        for rec in itertools.chain([first], records):
+            if inspect is not None:
+                inspect(rec)
+            yield rec
 
     result = build_shards(plan_items(all_records(), source.name, args.key_col), make_sample, output,
                           samples_per_shard=args.samples_per_shard, workers=args.workers,
-                          progress=not args.no_progress, desc=f"{modality} -> {output}")
-    extra = sorted(set(os.path.basename(p) for p in shards_in_dir(str(output))) - set(result.names))
-    if extra:
-        print(f"{PROG}: warning: {output} also holds {len(extra)} shard(s) this input did not "
-              f"produce ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); readers of the "
-              f"directory will see them: remove them", file=sys.stderr)
+                          progress=not args.no_progress, desc=f"{modality} -> {output}",
+                          provenance=provenance)
+    # Every other shard here is this input's too (see above): left from a longer earlier file.
+    surplus = sorted(set(os.path.basename(p) for p in shards_in_dir(str(output))) - set(result.names))
+    for name in surplus:
+        _remove_shard(output, name)
+    if surplus:
+        print(f"{PROG} {modality}: removed {len(surplus)} shard(s) left by an earlier, longer build "
+              f"of this input ({', '.join(surplus[:3])}{', ...' if len(surplus) > 3 else ''})",
+              file=sys.stderr)
     write_index(output, modality, names=result.names,
                 counts={n: s["successes"] for n, s in zip(result.names, result.stats)})
     print(_summary_line(modality, source.name, output, result))
     return 0
+
+
+# ---------------------------------------------------------------- whose shards are in a directory
+
+_BUILT_SHARD = re.compile(r"\d{6}\.tar")   # the names ShardWriter gives
+
+
+def foreign_shards(directory: Path, is_ours: Callable[[dict], bool]) -> list[tuple[str, dict | None]]:
+    """(name, stats or None) of the `*.tar` shards in `directory` that `is_ours(stats)` does not
+    claim, in natural order.
+
+    A shard without a stats file is ours when it has a NNNNNN.tar name and the directory holds
+    a shard that is ours: ShardWriter deletes a shard's stats before rewriting it, so an
+    interrupted rewrite leaves exactly that. Otherwise it is foreign (img2dataset, `tarfile`).
+    """
+    if not directory.is_dir():
+        return []
+    shards = [(os.path.basename(p), read_shard_stats(p)) for p in shards_in_dir(directory)]
+    any_ours = any(stats is not None and is_ours(stats) for _, stats in shards)
+    return [(name, stats) for name, stats in shards
+            if (stats is None and not (any_ours and _BUILT_SHARD.fullmatch(name)))
+            or (stats is not None and not is_ours(stats))]
+
+
+def shard_origin(stats: dict | None) -> str:
+    """Who wrote a shard, in words, from its stats file (for error messages)."""
+    if stats is None:
+        return "no stats file: written by another tool or interrupted"
+    if stats.get("input"):
+        return f"{stats.get('modality', 'shards')} built from {stats['input']}"
+    if stats.get("source") == "toy":
+        return "written by fusion-data toy"
+    if "input_sha256" in stats:
+        return "built by an older fusion-data that did not record its input"
+    return "written by another tool"
+
+
+def _remove_shard(directory: Path, name: str) -> None:
+    """Delete a shard's stats file, then the tar: never a stats file that vouches for no tar."""
+    (directory / stats_name(name)).unlink(missing_ok=True)
+    (directory / name).unlink(missing_ok=True)
+
+
+def remove_shards(directory: Path) -> int:
+    """`--overwrite`: delete every `*.tar` in `directory` with its stats, stats files of our
+    NNNNNN naming left without a tar, temporary files of an interrupted write, and index.json;
+    other files stay. Returns the number of tars deleted."""
+    if not directory.is_dir():
+        return 0
+    names = [os.path.basename(p) for p in shards_in_dir(directory)]
+    (directory / INDEX_NAME).unlink(missing_ok=True)   # first: it must not list deleted shards
+    for name in names:
+        _remove_shard(directory, name)
+    for path in directory.iterdir():
+        if path.name.endswith(".tmp") or re.fullmatch(r"\d{6}_stats\.json", path.name):
+            path.unlink()
+    return len(names)
 
 
 # ---------------------------------------------------------------- text
@@ -667,16 +792,19 @@ def read_media(value, base: str) -> bytes:
         raise SampleError("unreadable_file", f"'{path}': {exn.strerror or exn}") from None
 
 
-def store_image(data: bytes, opts: ImageOptions) -> tuple[str, bytes, dict]:
+def store_image(data: bytes, opts: ImageOptions, formats: Sequence[str] = ENCODINGS
+                ) -> tuple[str, bytes, dict]:
     """An image file -> (extension, bytes to store, {width, height} of the stored image).
 
-    The file is always decoded completely (so a bad one fails here, not in training). With
-    `--format keep` the original bytes are stored when nothing changes: a JPEG, PNG or WEBP, not
-    resized, without an EXIF rotation; GIF and BMP become PNG.
+    The file is always decoded completely (so a bad one fails here, not in training). `formats`:
+    the extensions the modality may store (image: jpg, png, webp; vqa: jpg, png). With
+    `--format keep` the original bytes are stored when nothing changes: a JPEG, PNG (or WEBP,
+    when allowed), not resized, without an EXIF rotation; other formats become PNG (lossless).
     """
     decoded = read_image(data, opts.max_pixels)
     img = resize(decoded.image, opts.max_side, opts.resize_mode)
     source_ext = EXTENSION.get(decoded.format)
+    source_ext = source_ext if source_ext in formats else None
     fmt = opts.format
     if fmt == "keep":
         if img is decoded.image and source_ext and not decoded.rotated:
@@ -772,15 +900,25 @@ def parse_choices(value) -> list[str]:
     return choices
 
 
+VQA_IMAGE_FORMATS = ("jpg", "png")   # SPEC §4: a vqa sample's picture is .jpg or .png
+
+
+def _filled(fields: dict, col: str | None) -> bool:
+    """The record names a file in `col`: a non-blank string."""
+    return col is not None and isinstance(fields.get(col), str) and fields[col].strip() != ""
+
+
 def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, answer_col: str,
                     choices_col: str, type_col: str | None, image_col: str | None,
                     video_col: str | None, base: str, image: ImageOptions,
                     video: VideoOptions) -> dict:
-    """A VQA record -> {jpg|png|webp or mp4, json: {question, answer, choices, type, source,
+    """A VQA record -> {jpg|png or mp4, json: {question, answer, choices, type, source,
     width, height [, fps, n_frames, duration]}}.
 
-    The media column is `image_col` or `video_col`, whichever the record fills (both filled:
-    `ambiguous_media`). The answer must be one of the choices (`answer_not_in_choices`).
+    The media column is `image_col` or `video_col`, whichever this record fills (both filled:
+    `ambiguous_media`; neither: `missing_file`). Pictures are stored as jpg or png only (WEBP,
+    GIF... become png). The type is the record's `type_col` value, or 'default' when it has none.
+    The answer must be one of the choices (`answer_not_in_choices`).
     """
     question = media_text(fields, question_col, "empty_question")
     answer = fields.get(answer_col)
@@ -791,17 +929,14 @@ def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, an
         raise SampleError("answer_not_in_choices", f"answer {answer!r} not in {choices}")
     qtype = fields.get(type_col) if type_col else None
     qtype = str(qtype).strip() if qtype is not None and str(qtype).strip() else "default"
-
-    def filled(col):
-        return col is not None and isinstance(fields.get(col), str) and fields[col].strip() != ""
-
-    if filled(image_col) and filled(video_col):
+    if _filled(fields, image_col) and _filled(fields, video_col):
         raise SampleError("ambiguous_media", f"both '{image_col}' and '{video_col}' are set")
     info = {"question": question, "answer": answer.strip(), "choices": choices, "type": qtype}
-    if filled(video_col) or image_col is None:
+    if _filled(fields, video_col) or image_col is None:
         data, measured = store_video(read_media(fields.get(video_col), base), video)
         return {"mp4": data, "json": {**info, "source": fields[video_col], **measured}}
-    ext, data, measured = store_image(read_media(fields.get(image_col), base), image)
+    ext, data, measured = store_image(read_media(fields.get(image_col), base), image,
+                                      VQA_IMAGE_FORMATS)
     return {ext: data, "json": {**info, "source": fields[image_col], **measured}}
 
 
@@ -826,18 +961,23 @@ def _fps(text: str) -> float:
 
 def _add_media_path_arguments(p: argparse.ArgumentParser, image: bool, video: bool,
                               either: bool = False) -> None:
-    note = " (the media column is whichever of --image-col / --video-col the input has)" if either else ""
+    note = "; each record's media is whichever of --image-col / --video-col it fills" if either else ""
     if image:
         p.add_argument("--image-col", default="image", metavar="COL",
                        help="column with the image file path, relative to the input file's "
-                            f"directory (default: image){note}")
+                            f"directory (default: image{note})")
     if video:
         p.add_argument("--video-col", default="video", metavar="COL",
                        help="column with the video file path, relative to the input file's "
-                            f"directory (default: video){note}")
+                            f"directory (default: video{note})")
 
 
-def _add_image_arguments(p: argparse.ArgumentParser) -> None:
+EXTENSION_NAMES = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def _add_image_arguments(p: argparse.ArgumentParser, formats: Sequence[str] = ENCODINGS) -> None:
+    kept = "/".join(EXTENSION_NAMES[f] for f in formats)
+    converted = "GIF, BMP -> png" if "webp" in formats else "WEBP, GIF, BMP -> png, lossless"
     g = p.add_argument_group("images")
     g.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="images whose header says more pixels fail as too_many_pixels before "
@@ -847,12 +987,13 @@ def _add_image_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep_ratio: longer side <= --max-side, never enlarged; center_crop / pad: "
                         "exactly --max-side squared (cropped / padded with white); none: as is "
                         "(default: keep_ratio)")
-    g.add_argument("--format", choices=("keep", *ENCODINGS), default="keep",
-                   help="stored image format; keep stores the original bytes of an unchanged "
-                        "JPEG/PNG/WEBP and re-encodes the rest in their format (GIF, BMP -> png) "
-                        "(default: keep)")
+    g.add_argument("--format", choices=("keep", *formats), default="keep",
+                   help=f"stored image format, one of {', '.join(formats)}; keep stores the "
+                        f"original bytes of an unchanged {kept} and re-encodes the rest in their "
+                        f"format ({converted}) (default: keep)")
     g.add_argument("--quality", type=_quality, default=90, metavar="Q",
-                   help="JPEG/WEBP quality 1-100 when encoding (default: 90)")
+                   help=f"{'/'.join(EXTENSION_NAMES[f] for f in formats if f != 'png')} quality "
+                        f"1-100 when encoding (default: 90)")
 
 
 def _add_video_arguments(p: argparse.ArgumentParser) -> None:
@@ -887,12 +1028,12 @@ def _image_options(args) -> ImageOptions:
                         resize_mode=args.resize_mode, format=args.format, quality=args.quality)
 
 
-def _video_options(args) -> VideoOptions:
-    if args.reencode and not encoder_available("libx264"):
-        raise CliError("--reencode needs PyAV built with libx264 (pip install av); "
-                       "or store the files as they are with --copy")
+def _video_options(args, check_encoder: bool = True) -> VideoOptions:
     if args.crf > 51:
         raise CliError(f"--crf: must be <= 51, got {args.crf}")
+    if check_encoder and args.reencode and not encoder_available("libx264"):
+        raise CliError("--reencode needs PyAV built with libx264 (pip install av); "
+                       "or store the files as they are with --copy")
     return VideoOptions(reencode=args.reencode, fps=args.fps, max_side=args.max_side,
                         keyframe_interval=args.keyframe_interval, crf=args.crf, preset=args.preset)
 
@@ -949,42 +1090,50 @@ def _configure_vqa(p: argparse.ArgumentParser) -> None:
     p.add_argument("--choices-col", default="choices", metavar="COL",
                    help="column holding the choices: a JSON list or 'a|b|c' (default: choices)")
     p.add_argument("--type-col", default="type", metavar="COL",
-                   help="column holding the question type, used to group accuracy; when the "
-                        "input has no such column every question has type 'default' "
-                        "(default: type)")
+                   help="column holding the question type, used to group accuracy; a record "
+                        "without it (or with it empty) has type 'default' (default: type)")
     _add_media_path_arguments(p, image=True, video=True, either=True)
     _add_max_side(p, "images: as for `fusion-data images`; videos: as for `fusion-data videos`")
-    _add_image_arguments(p)
+    _add_image_arguments(p, VQA_IMAGE_FORMATS)
     _add_video_arguments(p)
 
 
-@register("vqa", "build VQA shards (KEY.jpg|png|webp or KEY.mp4 + KEY.json {question, answer, "
+@register("vqa", "build VQA shards (KEY.jpg|png or KEY.mp4 + KEY.json {question, answer, "
           "choices, type}) from .jsonl/.csv/.parquet", _configure_vqa)
 def run_vqa(args: argparse.Namespace) -> int:
+    # Each record decides for itself: its media is whichever of --image-col / --video-col it
+    # fills (a JSONL record needs one of the two keys; a CSV header or parquet schema one of the
+    # two columns), its type is its --type-col value or 'default'.
     source = Path(args.input)
-    if not source.is_file():
-        raise CliError(f"--input: no such file: '{source}'")
-    # The first record says which optional columns the file has: the media column(s) and the type.
-    first = next(read_records(source, args.text_col), None)
-    have = set(first.fields) if first is not None else {args.image_col}
-    image_col = args.image_col if args.image_col in have else None
-    video_col = args.video_col if args.video_col in have else None
-    if first is not None and image_col is None and video_col is None:
-        raise InputError(source, first.line, f"missing column '{args.image_col}' or "
-                         f"'{args.video_col}' (has: {', '.join(map(str, first.fields))})")
-    type_col = args.type_col if args.type_col in have else None
-    if first is not None and type_col is None:
-        print(f"{PROG} vqa: note: no '{args.type_col}' column in {source.name}: every question "
-              f"has type 'default'", file=sys.stderr)
-    if video_col:
-        _require_pyav("fusion-data vqa with videos")
+    untyped = total = 0
+    video_checked = False
+
+    def inspect(rec: Record) -> None:
+        nonlocal untyped, total, video_checked
+        total += 1
+        value = rec.fields.get(args.type_col)
+        untyped += value is None or not str(value).strip()
+        if not video_checked and _filled(rec.fields, args.video_col):
+            # Only an input with videos needs PyAV: checked at its first video, named by line.
+            try:
+                _require_pyav("fusion-data vqa with videos")
+                _video_options(args)
+            except CliError as exn:
+                raise InputError(source, rec.line, f"a video question, but {exn}") from None
+            video_checked = True
+
     make = functools.partial(
         make_vqa_sample, question_col=args.text_col, answer_col=args.answer_col,
-        choices_col=args.choices_col, type_col=type_col, image_col=image_col, video_col=video_col,
-        base=_input_base(args), image=_image_options(args),
-        video=_video_options(args) if video_col else VideoOptions())
-    columns = [args.answer_col, args.choices_col, *(c for c in (type_col, image_col, video_col) if c)]
-    return run_build(args, "vqa", make, columns)
+        choices_col=args.choices_col, type_col=args.type_col, image_col=args.image_col,
+        video_col=args.video_col, base=_input_base(args), image=_image_options(args),
+        video=_video_options(args, check_encoder=False))
+    status = run_build(args, "vqa", make, [args.answer_col, args.choices_col],
+                       one_of=[args.image_col, args.video_col], inspect=inspect)
+    if untyped:
+        print(f"{PROG} vqa: note: {untyped:,} of {total:,} records in {source.name} have no "
+              f"'{args.type_col}' column or leave it empty: their type is 'default'",
+              file=sys.stderr)
+    return status
 
 
 # ---------------------------------------------------------------- toy

@@ -65,7 +65,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fusion.data.build import CliError, default_workers, int_at_least
+from fusion.data.build import CliError, default_workers, foreign_shards, int_at_least, shard_origin
 from fusion.data.shards import ShardWriter, shard_name, write_index
 from fusion.data.video import (
     DECORD_BAD_WIDTHS,
@@ -630,13 +630,17 @@ def count_types(split: Split, n: int) -> dict[str, int]:
     return {t: len(range(k, n, len(split.types))) for k, t in enumerate(split.types)}
 
 
+STATS_SOURCE = "toy"   # in every toy shard's stats: what marks a shard as this generator's
+
+
 def write_toy_shard(world: World, output: str, split_name: str, shard: int, start: int,
                     stop: int) -> set[str]:
     """Samples [start, stop) of a split into shard `shard` of DIR/split; returns the words of
     their text (captions, questions, answers, choices) for the toy tokenizer."""
     split = SPLITS_BY_NAME[split_name]
     words: set[str] = set()
-    with ShardWriter(Path(output) / split.name, shard, extra_stats={"source": "toy"}) as writer:
+    stats = {"source": STATS_SOURCE}
+    with ShardWriter(Path(output) / split.name, shard, extra_stats=stats) as writer:
         for i in range(start, stop):
             sample = split.make(world, split.name, i)
             words.update(text_words(sample))
@@ -693,6 +697,31 @@ def _remove_stale_shards(directory: Path, n_shards: int) -> None:
             path.unlink()
     if n_shards == 0:
         (directory / "index.json").unlink(missing_ok=True)
+
+
+def check_toy_output(output: Path) -> None:
+    """ValueError, before anything is written, when `output` holds files a toy run would overwrite
+    or delete that this generator did not write: shards in a split directory whose stats lack
+    `source: toy` (a `fusion-data text` build, img2dataset, a plain tar), or a tokenizer.json
+    that is not a toy word-level tokenizer. A toy world of any seed and size is fine."""
+    for split in SPLITS:
+        directory = output / split.name
+        foreign = foreign_shards(directory, lambda stats: stats.get("source") == STATS_SOURCE)
+        if foreign:
+            names = ", ".join(n for n, _ in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(f"'{directory}' holds {len(foreign)} shard(s) the toy generator did "
+                             f"not write ({names}: {shard_origin(foreign[0][1])}); give another "
+                             f"--output, or move them away")
+    tokenizer = output / TOKENIZER_FILE
+    if tokenizer.exists():
+        try:
+            model = json.loads(tokenizer.read_text())["model"]
+            ours = model["type"] == "WordLevel" and model["unk_token"] == UNKNOWN_WORD
+        except (OSError, ValueError, LookupError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"'{tokenizer}' is not a toy tokenizer and would be overwritten; "
+                             f"give another --output, or move it away")
 
 
 # ---------------------------------------------------------------- checks
@@ -760,7 +789,9 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
 
     The defaults take about 20 s on 2 cores at 32 px (workers=2). `n_vqa_compositional` defaults
     to `n_vqa_test`. `workers` > 1 writes shards in that many processes; the output is the same.
-    Existing shards of these splits are overwritten, surplus ones from a larger run removed.
+    Toy shards already there (any seed, size or counts) are overwritten, surplus ones from a larger
+    run removed; anything else a run would overwrite or delete makes it raise ValueError first
+    (`check_toy_output`).
     Summary: {seed, image_size, n_frames, fps, samples_per_shard, held_out_pairs,
     splits: {name: {dir, modality, n_samples, shards, by_type}}, seconds}.
     """
@@ -773,6 +804,7 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
     n_frames = (int(n_frames[0]), int(n_frames[1]))
     _check_counts(counts, samples_per_shard, n_frames)
     output = Path(output)
+    check_toy_output(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "toy.json").unlink(missing_ok=True)     # written last: it marks a complete set
     world = World(seed=seed, size=image_size, held_out=choose_held_out(seed), n_frames=n_frames)
@@ -864,7 +896,8 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="directory for the toy datasets (one shard directory per split, "
-                             "plus toy.json); existing toy shards there are overwritten")
+                             "plus toy.json); toy shards already there are overwritten, a split "
+                             "directory holding other shards is refused")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed: scenes, captions and the held-out colour-shape pairs; "
                              "the same seed and flags give byte-identical shards (default 0)")

@@ -452,6 +452,83 @@ def test_vqa_images_and_videos_with_choice_validation(image_dir, video_dir, tmp_
     assert (meta["answer"], meta["choices"], meta["type"]) == ("2", ["1", "2", "3"], "default")
 
 
+def test_vqa_jsonl_decides_media_and_type_per_record(image_dir, video_dir, tmp_path, capsys):
+    (video_dir / "pic.jpg").write_bytes((image_dir / "sub/good.jpg").read_bytes())
+    qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"]}
+    src = write_jsonl(video_dir / "mixed.jsonl", [
+        {"image": "pic.jpg", **qa},                          # no type, no video column
+        {"video": "clip.mp4", **qa, "type": "motion"},       # no image column
+        {"image": "pic.jpg", **qa, "type": "color"},
+        {"video": "clip.mp4", "image": None, **qa},          # both columns, one filled
+        {"image": "pic.jpg", "video": "clip.mp4", **qa},     # both filled: ambiguous_media
+    ])
+    out = tmp_path / "mixed"
+    assert build("vqa", src, out, "--workers", "1") == 0
+    assert "3 of 5 records in mixed.jsonl have no 'type' column" in capsys.readouterr().err
+    assert failures(out) == {"ambiguous_media": 1}
+    got = members_by_key(out)
+    kinds = {k: next(e for e in v if e != "json") for k, v in got.items()}
+    types = {k: json.loads(v["json"])["type"] for k, v in got.items()}
+    assert kinds == {"000000000": "jpg", "000000001": "mp4", "000000002": "jpg", "000000003": "mp4"}
+    assert types == {"000000000": "default", "000000001": "motion", "000000002": "color",
+                     "000000003": "default"}
+    assert main(["verify", str(out)]) == 0
+
+    # A record naming no media column at all is a malformed input, named by file and line.
+    src = write_jsonl(video_dir / "nomedia.jsonl", [{"image": "pic.jpg", **qa},
+                                                    {"picture": "pic.jpg", **qa}])
+    assert build("vqa", src, tmp_path / "bad") == 1
+    err = capsys.readouterr().err
+    assert "nomedia.jsonl:2: missing column 'image' or 'video'" in err and len(err.splitlines()) == 1
+    csv_src = video_dir / "nomedia.csv"
+    csv_src.write_text("picture,question,answer,choices\npic.jpg,Q?,a,a|b\n")
+    assert build("vqa", csv_src, tmp_path / "bad") == 1
+    assert "nomedia.csv:1: missing column 'image' or 'video' in header" in capsys.readouterr().err
+
+
+def test_vqa_needs_pyav_only_for_its_first_video(image_dir, tmp_path, capsys, monkeypatch):
+    import fusion.data.build as build_module
+
+    monkeypatch.setattr(build_module, "backend_available", lambda backend: False)
+    qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"]}
+    src = write_jsonl(image_dir / "novideo.jsonl", [{"image": "sub/good.jpg", **qa}])
+    assert build("vqa", src, tmp_path / "images", "--workers", "1") == 0
+    src = write_jsonl(image_dir / "withvideo.jsonl", [{"image": "sub/good.jpg", **qa},
+                                                      {"video": "clip.mp4", **qa}])
+    assert build("vqa", src, tmp_path / "mixed", "--workers", "1") == 1
+    err = capsys.readouterr().err
+    assert "withvideo.jsonl:2: a video question, but fusion-data vqa with videos needs PyAV" in err
+
+
+def test_vqa_stores_jpg_or_png_only(image_dir, tmp_path):
+    records = [{"image": f"sub/{n}", "question": "Q?", "answer": "a", "choices": "a|b", "type": "t"}
+               for n in ("wide.webp", "good.jpg", "alpha.png", "anim.gif")]
+    src = write_jsonl(image_dir / "formats.jsonl", records)
+    out = tmp_path / "keep"
+    assert build("vqa", src, out, "--workers", "1") == 0
+    got = members_by_key(out)
+    assert {k: sorted(v) for k, v in got.items()} == {
+        "000000000": ["json", "png"], "000000001": ["jpg", "json"], "000000002": ["json", "png"],
+        "000000003": ["json", "png"]}
+    webp = Image.open(image_dir / "sub/wide.webp").convert("RGB")
+    stored = Image.open(io.BytesIO(got["000000000"]["png"]))
+    assert stored.size == (64, 32) and np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(webp))
+    assert got["000000001"]["jpg"] == (image_dir / "sub/good.jpg").read_bytes()
+    assert main(["verify", str(out)]) == 0
+    assert build("vqa", src, tmp_path / "webp", "--format", "webp") == 2     # not a vqa format
+    out = tmp_path / "resized"
+    assert build("vqa", src, out, "--max-side", "16", "--workers", "1") == 0
+    assert [next(e for e in v if e != "json") for v in members_by_key(out).values()] == \
+        ["png", "jpg", "png", "png"]
+
+
+def test_vqa_bom_csv(image_dir, tmp_path):
+    src = image_dir / "excel.csv"
+    src.write_bytes("\ufeffimage,question,answer,choices,type\nsub/good.jpg,Q?,a,a|b,t\n".encode())
+    assert build("vqa", src, tmp_path / "out") == 0
+    assert len(members_by_key(tmp_path / "out")) == 1
+
+
 def test_verify_detects_wrong_metadata(tmp_path, capsys):
     jpg = image_bytes("JPEG")
     clip = videos.encode_video(n_frames=6, height=32, width=40, fps=10)

@@ -272,21 +272,86 @@ def test_parquet_needs_pyarrow(tmp_path, capsys):
     assert len(samples_by_key(tmp_path / "o")) == 2
 
 
-def test_shards_left_from_a_longer_input_are_reported(tmp_path, capsys):
+def test_shards_left_from_a_longer_build_of_the_same_input_are_removed(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
     out = tmp_path / "out"
-    assert build(write_jsonl(tmp_path / "d.jsonl", docs(30)), out, "--samples-per-shard", "10") == 0
-    assert build(write_jsonl(tmp_path / "d.jsonl", docs(12)), out, "--samples-per-shard", "10") == 0
-    assert "also holds 1 shard(s) this input did not produce (000002.tar)" in capsys.readouterr().err
+    assert build(write_jsonl(src, docs(30)), out, "--samples-per-shard", "10") == 0
+    assert build(write_jsonl(src, docs(12)), out, "--samples-per-shard", "10") == 0
+    assert "removed 1 shard(s) left by an earlier, longer build of this input (000002.tar)" \
+        in capsys.readouterr().err
     assert [e["name"] for e in read_index(out)["shards"]] == ["000000.tar", "000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000000_stats.json", "000001.tar",
+                                                     "000001_stats.json", "index.json"]
+    assert len(samples_by_key(out)) == 12                  # what training reads == index.json
 
 
-def test_output_holding_another_modality_is_refused(tmp_path, capsys):
+def test_another_input_into_an_output_with_shards_is_refused(tmp_path, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", docs(25))
+    b = write_jsonl(tmp_path / "b.jsonl", docs(8, start=100))
+    out = tmp_path / "out"
+    assert build(a, out, "--samples-per-shard", "10") == 0      # 3 shards
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    assert build(b, out, "--samples-per-shard", "10") == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"--output: '{out}' already holds 3 shard(s) not built from this input" in err
+    assert str(a.resolve()) in err and "another --output" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before       # nothing touched
+
+    # --overwrite: the old shards go (the stale 000001 and 000002 too); index and directory agree.
+    assert build(b, out, "--samples-per-shard", "10", "--overwrite") == 0
+    assert "--overwrite: removed 3 shard(s)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000000_stats.json", "index.json"]
+    assert [e["name"] for e in read_index(out)["shards"]] == ["000000.tar"]
+    assert list(samples_by_key(out)) == [f"{i:09d}" for i in range(8)]
+    assert samples_by_key(out)["000000000"]["txt"].decode() == docs(1, start=100)[0]["text"]
+
+    # The same input again resumes: everything reused.
+    assert build(b, out, "--samples-per-shard", "10") == 0
+    assert "0 written, 1 reused" in capsys.readouterr().out
+
+
+def test_shards_of_another_tool_are_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    with ShardWriter(out, 0) as w:          # a plain shard: no record of the input behind it
+        w.write("mine", {"txt": "keep me"})
+    with tarfile.open(out / "000001.tar", "w"):    # a plain tarfile, no stats at all
+        pass
+    src = write_jsonl(tmp_path / "d.jsonl", docs(3))
+    assert build(src, out) == 1
+    err = capsys.readouterr().err
+    assert "already holds 2 shard(s) not built from this input" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000000_stats.json", "000001.tar"]
+    assert build(src, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000000_stats.json", "index.json"]
+    assert len(samples_by_key(out)) == 3
+
+
+def test_output_holding_another_modality_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "index.json").write_text(json.dumps({"modality": "image", "n_samples": 0, "shards": []}))
     src = write_jsonl(tmp_path / "d.jsonl", docs(2))
     assert build(src, out) == 1
-    assert "holds image shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds image shards" in err and "--overwrite" in err
+    assert build(src, out, "--overwrite") == 0
+    assert read_index(out)["modality"] == "text"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", '\ufeff{"text": "first doc"}\n{"text": "second doc"}\n'),
+    ("bom.csv", '\ufefftext,lang\nfirst doc,en\nsecond doc,en\n'),
+    ("bom.txt", '\ufefffirst doc\nsecond doc\n'),
+])
+def test_utf8_bom_at_the_start_is_skipped(tmp_path, name, content):
+    src = tmp_path / name
+    src.write_bytes(content.encode("utf-8"))              # Excel's "CSV UTF-8" starts so
+    assert build(src, tmp_path / "out", "--workers", "1") == 0
+    got = samples_by_key(tmp_path / "out")
+    assert [s["txt"] for s in got.values()] == [b"first doc", b"second doc"]
 
 
 def test_every_flag_has_help():

@@ -175,6 +175,45 @@ def test_rerun_with_fewer_samples_drops_surplus_shards(tmp_path):
     assert read_index(tmp_path / "text")["n_samples"] == 4
 
 
+def test_shards_the_toy_generator_did_not_write_are_refused(tmp_path, capsys):
+    from fusion.data.build import main as fusion_data
+    from fusion.data.shards import ShardWriter
+
+    small = dict(n_text=4, n_image=0, n_video=0, n_vqa_train=0, n_vqa_test=0,
+                 n_video_vqa_train=0, n_video_vqa_test=0, samples_per_shard=2)
+    with ShardWriter(tmp_path / "image", 0) as w:        # the user's own image shards
+        w.write("mine", {"txt": "keep me"})
+    mine = (tmp_path / "image" / "000000.tar").read_bytes()
+    with pytest.raises(ValueError, match=r"holds 1 shard\(s\) the toy generator did not write"):
+        toy.generate_toy(tmp_path, **small)               # n_image=0 would have deleted them
+    assert (tmp_path / "image" / "000000.tar").read_bytes() == mine
+    assert not (tmp_path / "text").exists() and not (tmp_path / "toy.json").exists()
+
+    src = tmp_path / "docs.txt"
+    src.write_text("a document\nanother\n")
+    assert fusion_data(["text", "--input", str(src), "--output", str(tmp_path / "w" / "text"),
+                        "--no-progress"]) == 0
+    text = (tmp_path / "w" / "text" / "000000.tar").read_bytes()
+    assert fusion_data(["toy", "--output", str(tmp_path / "w"), "--n-text", "4", "--n-image", "0",
+                        "--n-video", "0", "--n-vqa-train", "0", "--n-vqa-test", "0",
+                        "--n-video-vqa-train", "0", "--n-video-vqa-test", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 'w' / 'text'}' holds 1 shard(s) the toy generator did not write" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "w" / "text" / "000000.tar").read_bytes() == text
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')   # the user's
+    with pytest.raises(ValueError, match="is not a toy tokenizer"):
+        toy.generate_toy(tmp_path / "tok", **small)
+    assert not (tmp_path / "tok" / "text").exists()
+
+    # A toy world is regenerated over itself, with other settings too.
+    toy.generate_toy(tmp_path / "t", **small)
+    toy.generate_toy(tmp_path / "t", **{**small, "n_text": 2}, seed=3)
+    assert read_index(tmp_path / "t" / "text")["n_samples"] == 2
+
+
 # ---------------------------------------------------------------- determinism
 
 def _tars(directory: Path) -> dict[str, bytes]:
