@@ -231,14 +231,50 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; dict-typed fields (train.deepspeed) stay whole."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; dict-typed fields (train.deepspeed) stay whole. A section
+    left empty in YAML (`train:` with every key commented out) is no override."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and _field_type(key) is not dict:
+        ftype = _field_type(key)
+        if v is None and dataclasses.is_dataclass(ftype):
+            continue
+        if isinstance(v, dict) and ftype is not dict:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+def _dict_field(key: str) -> str | None:
+    """'train.deepspeed.zero_optimization.stage' -> 'train.deepspeed' (a dict-typed field)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if _field_type(".".join(parts[:i])) is dict:
+            return ".".join(parts[:i])
+    return None
+
+
+def _nest(flat: dict[str, Any], source: str) -> dict[str, Any]:
+    """Fold `field.sub.key=value` for dict-typed fields into one dict per field, so DeepSpeed keys
+    can be given one at a time on the command line (train.deepspeed.zero_optimization.stage=2)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        field = _dict_field(key)
+        if field is None:
+            if isinstance(value, dict) and isinstance(out.get(key), dict):  # a whole dict field
+                value = _merge(out[key], value)
+            out[key] = value
+            continue
+        tree = out.setdefault(field, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config key '{key}' in {source}: '{field}' is not a mapping")
+        *path, leaf = key[len(field) + 1:].split(".")
+        for part in path:
+            tree = tree.setdefault(part, {})
+            if not isinstance(tree, dict):
+                raise ConfigError(f"config key '{key}' in {source}: '{part}' is not a mapping")
+        tree[leaf] = value
     return out
 
 
@@ -376,9 +412,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults -> named size -> YAML file -> `key=value` overrides, all checked."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
-        layers.append((str(path), _flatten(_read_yaml(path))))
+        data = _read_yaml(path)
+        data.pop(META, None)  # a run's own config.yaml: its provenance is not a setting
+        layers.append((str(path), _nest(_flatten(data), str(path))))
     cli = dict(_parse_override(o) for o in (overrides or []))
-    layers.append(("the command line", cli))
+    layers.append(("the command line", _nest(cli, "the command line")))
 
     # every key is checked before anything is applied, so the first error is the one reported
     for source, flat in layers:
@@ -399,8 +437,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     for source, flat in layers:
         for key, value in flat.items():
-            if key == "train.deepspeed":
-                _set(cfg, key, _coerce(key, value, dict, source))
+            if _field_type(key) is dict:  # merged into what earlier layers gave, key by key
+                _set(cfg, key, _merge(_get(cfg, key), _coerce(key, value, dict, source)))
                 continue
             _set(cfg, key, _coerce(key, value, _field_type(key), source))
     validate(cfg)
@@ -448,13 +486,13 @@ def validate(cfg: Config) -> None:
                 "model.moe.every", "model.moe.moe_ffn_dim", "model.moe.ep_size",
                 "model.vision.img_size", "model.vision.patch_size", "model.vision.temporal_merge",
                 "model.vision.max_frames", "data.n_frames", "data.max_pixels", "data.decode_timeout",
-                "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len"]
+                "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len", "train.log_every"]
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
     nonneg = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
               "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
-              "train.ckpt_every", "train.log_every", "train.eval_every", "train.weight_decay",
+              "train.ckpt_every", "train.eval_every", "train.weight_decay",
               "train.keep_checkpoints", "train.max_nonfinite",
               "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops", "data.eval_limit",
               "model.vision.width", "model.vision.lr_scale"]
@@ -638,8 +676,11 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+META = "_meta"  # provenance section of a run's config.yaml (git sha, versions); ignored on load
+
+
 def dump_yaml(cfg: Config, extra: dict | None = None) -> str:
     d = to_dict(cfg)
     if extra:
-        d = {**d, "_meta": extra}
+        d = {**d, META: extra}
     return yaml.safe_dump(json.loads(json.dumps(d)), sort_keys=False)

@@ -107,12 +107,12 @@ def vision_parameters(v: VisionConfig, dim: int) -> int:
         encoder = sum((9 * c_in + 1) * c_out for c_in, c_out in zip([3] + channels[:-1], channels))
         encoder += (v.img_size // v.patch_size) ** 2 * width  # positions
     else:  # a timm ViT: instantiate its modules on the meta device (no memory, no weights) to count
-        import timm
         import torch
 
+        from fusion.model.vision import create_timm_vit
+
         with torch.device("meta"):
-            vit = timm.create_model(v.encoder, pretrained=False, num_classes=0, img_size=v.img_size,
-                                    patch_size=v.patch_size, dynamic_img_size=False)
+            vit = create_timm_vit(v.encoder, v.img_size, v.patch_size)
         encoder, width = sum(p.numel() for p in vit.parameters()), vit.num_features
     channels = width * (4 if v.pixel_shuffle else 1) * v.temporal_merge
     projector = channels * dim + dim * dim + dim * dim  # fc1, fc2, proj (no biases)
@@ -369,7 +369,7 @@ def parse_args(argv):
     p.add_argument("--ep-size", type=int, default=None,
                    help="ranks that share one MoE layer's experts (default: model.moe.ep_size)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, counts) instead of a table")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow overrides
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from fusion.config import (MODALITIES, Config, ConfigError, deepspeed_config, dump_yaml, finalize,
                            load_config)
+from fusion.data.mixing import NoDataError
 
 
 def parse_args(argv):
@@ -34,7 +35,7 @@ def parse_args(argv):
                    help="set by the DeepSpeed launcher; not for users")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, applied after the YAML file (e.g. train.steps=50)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow overrides
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,13 +194,20 @@ def router_metrics(load: torch.Tensor) -> dict:
 
 def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
     """Toy-VQA accuracy of the live model on `data.eval` sets -> metrics `eval/acc/{type}` (first
-    set holding that type) and `eval/{set}/acc`, `eval/{set}/blind_acc`; files in eval/step_N/."""
+    set holding that type) and `eval/{set}/acc`, `eval/{set}/blind_acc`; files in eval/step_N/,
+    copied to eval/ (SET.json there is always the latest)."""
     from fusion.eval.vqa import evaluate_run
 
+    import shutil
+
     sets = [s for s in cfg.data.eval.split(",") if s]
-    results = evaluate_run(run_dir, sets, model=model, out_dir=run_dir / "eval" / f"step_{step}",
+    out_dir = run_dir / "eval" / f"step_{step}"
+    results = evaluate_run(run_dir, sets, model=model, out_dir=out_dir,
                            step=step, limit=cfg.data.eval_limit or None, n_frames=cfg.data.n_frames,
                            examples=8, progress=False)
+    for path in out_dir.iterdir():  # eval/SET.json (and SET.png): the latest evaluation
+        if path.is_file():
+            shutil.copy2(path, run_dir / "eval" / path.name)
     row: dict = {}
     for name, res in results.items():
         row[f"eval/{name}/acc"] = res["overall"]["acc"]
@@ -357,16 +365,36 @@ class DebugLog:
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
+    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere.
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    A run that starts at `start_step` (0, or the step it resumed from) repeats the steps after it,
+    so rows logged past it by an earlier attempt move to metrics.replaced.jsonl (appended; nothing
+    is lost) and TensorBoard purges its events past it: metrics.jsonl keeps one row per step.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():
+            keep, replaced = [], []
+            for line in path.read_text().splitlines(keepends=True):
+                try:
+                    row_step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    row_step = None  # a line cut short by a crash
+                (keep if isinstance(row_step, int) and row_step <= start_step else replaced).append(line)
+            if replaced:
+                with open(run_dir / "metrics.replaced.jsonl", "a") as out:
+                    out.writelines(l if l.endswith("\n") else l + "\n" for l in replaced)
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(keep))
+                os.replace(tmp, path)
+        self.file = open(path, "a")
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -433,6 +461,9 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         print(f"fusion-train: error: {e}", file=sys.stderr)
         return 1
+    except NoDataError as e:
+        print(f"fusion-train: error: {NoDataError.one_line(e)}", file=sys.stderr)
+        return 1
 
 
 def train(cfg: Config) -> int:
@@ -494,19 +525,24 @@ def train(cfg: Config) -> int:
         if rank == 0:
             print(f"resumed from {resume_path} at step {step}", flush=True)
 
-    log = MetricsLog(run_dir, rank == 0)
+    log = MetricsLog(run_dir, rank == 0, start_step=step)
     debug = DebugLog(run_dir, rank, t.debug_log)
     run_load = None  # (L, 3, E) expert load summed over ranks, since the last heatmap
     last_saved = step if resume_path is not None else -1
+    # sums over the steps since the last logged row: a row reports the whole interval
+    interval = torch.zeros(12, dtype=torch.float64)
+    interval_steps, interval_seconds, interval_load = 0, 0.0, None
     engine.train()
     while step < t.steps:
         t0 = time.perf_counter()
+        tokens_before = dict(batches.tokens)
         lr = lr_at(step, cfg)
         for group in [*optimizer.param_groups, *experts.param_groups]:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
         # ---- micro-steps: forward, backward, (DeepSpeed steps at the accumulation boundary) ----
-        stats = torch.zeros(9, dtype=torch.float64)  # loss_sum[3], loss_count[3], aux, z, micro
+        # loss_sum[3], loss_count[3], aux, z, micro-steps, non-padding tokens[3] (per modality)
+        stats = torch.zeros(12, dtype=torch.float64)
         grad_norm, skipped = None, False
         faults.step = step + 1
         for _ in range(t.grad_accum):
@@ -545,39 +581,56 @@ def train(cfg: Config) -> int:
             for layer, layer_load in zip(moe_layers, load):
                 if not skipped:  # a skipped step leaves the router biases as they were too
                     layer.update_bias(layer_load.sum(0).to(device))
-            run_load = load if run_load is None else run_load + load
+            interval_load = load if interval_load is None else interval_load + load
+        for i, name in enumerate(MODALITIES):
+            stats[9 + i] = batches.tokens[name] - tokens_before[name]
         dist.all_reduce(stats)
+        interval += stats
+        interval_steps += 1
+        interval_seconds += time.perf_counter() - t0
 
-        # ---- log ----
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - t0
-            tokens = derived.tokens_per_step
-            row = {"step": step, "loss": float(stats[0:3].sum() / stats[3:6].sum().clamp(min=1)),
+        # ---- evaluate (rank 0 scores the VQA sets; the others wait at the barrier) ----
+        eval_row = {}
+        evaluate_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
+        if evaluate_now:
+            # sharded experts: every rank gathers them, rank 0 scores an unsharded copy
+            eval_model = model if cfg.model.moe.ep_size == 1 else experts.unsharded_copy()
+            if rank == 0:
+                eval_row = evaluate_in_training(eval_model, cfg, run_dir, step)
+            dist.barrier()
+
+        # ---- log: one row per logged step, averages over the steps since the last row ----
+        if step % t.log_every == 0 or step == t.steps or evaluate_now:
+            n, seconds = interval_steps, interval_seconds
+            tokens = derived.tokens_per_step * n
+            row = {"step": step, "loss": float(interval[0:3].sum() / interval[3:6].sum().clamp(min=1)),
                    "lr": lr}
             for i, name in enumerate(MODALITIES):
-                if stats[3 + i] > 0:
-                    row[f"loss/{name}"] = float(stats[i] / stats[3 + i])
-                row[f"tokens/{name}"] = int(stats[3 + i])
+                if interval[3 + i] > 0:
+                    row[f"loss/{name}"] = float(interval[i] / interval[3 + i])
+                row[f"tokens/{name}"] = round(float(interval[9 + i]) / n)  # per step, all ranks
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()
             row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-            row["tokens_per_s"] = tokens / elapsed
-            row["mfu"] = (fpt * tokens / elapsed / (peak * 1e12 * world)) if peak else None
+            row["tokens_per_s"] = tokens / seconds
+            row["mfu"] = (fpt * tokens / seconds / (peak * 1e12 * world)) if peak else None
             if device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
                 row["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            row["aux_loss"] = float(stats[6] / stats[8])
-            row["z_loss"] = float(stats[7] / stats[8])
+            row["aux_loss"] = float(interval[6] / interval[8])
+            row["z_loss"] = float(interval[7] / interval[8])
             if distiller is not None:
                 row.update(distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
             row["nonfinite_skips"] = guard.total
             if moe_layers:
-                row.update(router_metrics(load))
+                row.update(router_metrics(interval_load))
             for m, share in batches.shares().items():
                 row[f"data/share/{m}"] = share
                 row[f"data/target/{m}"] = batches.probs[m]
-            for reason, n in batches.failures().items():
-                row[f"data/failed/{reason}"] = n
-            log.log(row)
+            for reason, count in batches.failures().items():
+                row[f"data/failed/{reason}"] = count
+            log.log({**row, **eval_row})
+            interval.zero_()
+            interval_steps, interval_seconds, interval_load = 0, 0.0, None
             if rank == 0:
                 print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} "
                       f"tok/s {row['tokens_per_s']:.0f}", flush=True)
@@ -593,14 +646,6 @@ def train(cfg: Config) -> int:
                 f"(config key 'train.max_nonfinite'={t.max_nonfinite}); stopped at step {step}. "
                 f"The last checkpoint, {last or 'none'}, is intact: lower train.lr, check the data, "
                 f"or resume with train.resume=auto")
-
-        # ---- evaluate (rank 0 scores the VQA sets; the others wait at the next collective) ----
-        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            # sharded experts: every rank gathers them, rank 0 scores an unsharded copy
-            eval_model = model if cfg.model.moe.ep_size == 1 else experts.unsharded_copy()
-            if rank == 0:
-                log.log({"step": step, **evaluate_in_training(eval_model, cfg, run_dir, step)})
-            dist.barrier()
 
         # ---- checkpoint ----
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:

@@ -42,7 +42,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fusion.config import MODALITIES
 from fusion.data.sequence import Packer, collate
-from fusion.data.shards import ErrorCounter, iter_samples, list_shards
+from fusion.data.shards import ErrorCounter, iter_samples, list_shards, read_shard_stats
+
+
+class NoDataError(RuntimeError):
+    """A stream that cannot go on: no readable sample at all, or only unusable ones."""
+
+    @staticmethod
+    def one_line(exc: BaseException) -> str:
+        """The one-line message, also when a DataLoader worker re-raised it inside a traceback."""
+        lines = [l for l in str(exc).strip().splitlines() if l.strip()]
+        last = lines[-1] if lines else type(exc).__name__
+        return last.split("NoDataError: ", 1)[-1]
 
 
 
@@ -113,8 +124,9 @@ class ShardStream(IterableDataset):
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(raw)
                     continue
-                j = rng.randrange(len(buffer))
-                buffer[j], raw = raw, buffer[j]
+                if buffer:  # shuffle_buffer 0: samples in shard order (shards are still shuffled)
+                    j = rng.randrange(len(buffer))
+                    buffer[j], raw = raw, buffer[j]
                 if skip > 0:
                     skip -= 1
                 else:
@@ -126,7 +138,7 @@ class ShardStream(IterableDataset):
                 else:
                     yield self._emit(raw, counter)
             if produced == 0:
-                raise RuntimeError(f"no readable samples for rank {self.rank} worker {worker} in "
+                raise NoDataError(f"no readable samples for rank {self.rank} worker {worker} in "
                                    f"'{self.spec}' (failures: {dict(counter.counts)})")
             epoch += 1
 
@@ -198,7 +210,7 @@ class ModalityRows:
                                 min_pairs=sample.get("min_pairs", 0))
                 failures = failures + 1 if self.packer.dropped > dropped else 0
             if failures >= self.MAX_FAILURES_IN_A_ROW:
-                raise RuntimeError(f"{failures} unusable samples in a row from '{self.stream.spec}' "
+                raise NoDataError(f"{failures} unusable samples in a row from '{self.stream.spec}' "
                                    f"(failures: {self.failures()})")
         return self.packer.ready.pop(0)
 
@@ -236,25 +248,51 @@ def plan_next(probs: dict[str, float], rows: dict[str, int]) -> str:
 
 
 def target_shares(specs: dict[str, str], weights: dict[str, float], alpha: float) -> dict[str, float]:
-    """p_m ~ w_m * n_m^alpha over the modalities in use (n_m from index.json, else shard count)."""
-    raw = {}
-    for m, spec in specs.items():
-        n = dataset_size(spec) if alpha else 1
-        raw[m] = weights[m] * n ** alpha
+    """p_m ~ w_m * n_m^alpha over the modalities in use (n_m: `dataset_sizes`)."""
+    sizes = dataset_sizes(specs)[0] if alpha else {m: 1 for m in specs}
+    raw = {m: weights[m] * sizes[m] ** alpha for m in specs}
     total = sum(raw.values())
     if total <= 0:
         raise ValueError("config key 'data.weights': every modality in use has weight 0")
     return {m: v / total for m, v in raw.items() if v > 0}
 
 
-def dataset_size(spec: str) -> int:
-    index = Path(spec) / "index.json"
-    if index.is_file():
-        try:
-            return int(json.loads(index.read_text())["n_samples"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    return len(list_shards(spec))
+def dataset_sizes(specs: dict[str, str]) -> tuple[dict[str, int], str]:
+    """Size of each modality's data, and its unit: "samples" when every modality's count is known
+    (from index.json, or the shards' *_stats.json, for a directory, a brace pattern or a list
+    alike; shards without either are estimated from the others), else "shards" for all, so that
+    data.alpha never compares samples with shards."""
+    samples = {m: dataset_samples(spec) for m, spec in specs.items()}
+    if all(n is not None for n in samples.values()):
+        return samples, "samples"
+    return {m: len(list_shards(spec)) for m, spec in specs.items()}, "shards"
+
+
+def dataset_samples(spec: str) -> int | None:
+    """Samples in the shards `spec` names, or None when no shard's count is recorded."""
+    indexes: dict[Path, dict[str, int]] = {}
+    counts = []
+    for shard in list_shards(spec):
+        path = Path(shard)
+        if path.parent not in indexes:
+            indexes[path.parent] = _index_counts(path.parent)
+        n = indexes[path.parent].get(path.name)
+        if n is None:
+            stats = read_shard_stats(shard)
+            n = stats.get("successes") if stats else None
+        counts.append(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None)
+    known = [n for n in counts if n is not None]
+    if not known:
+        return None
+    return round(sum(known) * len(counts) / len(known))  # unknown shards: the mean of the known
+
+
+def _index_counts(directory: Path) -> dict[str, int]:
+    try:
+        index = json.loads((directory / "index.json").read_text())
+        return {e["name"]: e["n_samples"] for e in index["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 class Batches:
@@ -325,6 +363,9 @@ def build_batches(cfg, tokenizer, rank: int, world: int, train: bool = True) -> 
                          "give at least one shard directory")
     weights = dict(zip(MODALITIES, d.weights))
     probs = target_shares(specs, weights, d.alpha)
+    if d.alpha and rank == 0 and dataset_sizes(specs)[1] == "shards":
+        print("data.alpha: some modality's sample count is unknown (no index.json or shard stats, "
+              "e.g. remote shards): sizes are counted in shards for every modality", flush=True)
     sources = {}
     for m in probs:
         stream = ShardStream(specs[m], rank, world, t.seed + MODALITIES.index(m), d.shuffle_buffer,

@@ -83,7 +83,11 @@ class HFTokenizer(_Specials):
         if not path.is_file():
             raise FileNotFoundError(f"data.tokenizer: tokenizer file not found: {path}")
         self.name = str(path)
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise ValueError(f"data.tokenizer: {path} is not a tokenizer.json the tokenizers "
+                             f"library can read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:

@@ -105,6 +105,33 @@ class ConvStem(PatchGrid):
         return x.flatten(2).transpose(1, 2) + self.pos_embed  # (N, P, C), row-major
 
 
+def create_timm_vit(name: str, img_size: int, patch_size: int) -> nn.Module:
+    """A timm ViT by name, without pretrained weights (nothing is downloaded), with a square patch
+    grid of img_size / patch_size; ValueError naming `vision.encoder` for anything else. Under
+    `torch.device("meta")` it allocates nothing (fusion-plan counts parameters this way)."""
+    import timm  # imported here: a text-only or own-encoder run does not pay for it
+
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
+                                  patch_size=patch_size, dynamic_img_size=False)
+    except TypeError as e:
+        raise ValueError(
+            f"timm model {name!r} does not take img_size / patch_size / dynamic_img_size ({e}); "
+            "vision.encoder must be a ViT-style timm model such as 'vit_tiny_patch16_224', "
+            f"or {PATCH_LINEAR!r} / {CONV_STEM!r}") from e
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"vision.encoder {name!r} is not a timm model name ({e})") from e
+        raise
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(f"timm model {name!r} has no patch_embed.grid_size / num_prefix_tokens: "
+                         "vision.encoder must be a ViT-style model")
+    if grid[0] != grid[1]:
+        raise ValueError(f"timm model {name!r} has a non-square patch grid {grid[0]}x{grid[1]}")
+    return model
+
+
 class TimmEncoder(nn.Module):
     """A timm ViT that returns patch tokens only (CLS / register prefix tokens dropped).
 
@@ -116,27 +143,8 @@ class TimmEncoder(nn.Module):
     def __init__(self, name: str, img_size: int, patch_size: int, checkpoint: str = "",
                  freeze: bool = False):
         super().__init__()
-        import timm  # imported here: a text-only or patch-linear run does not pay for it
-
-        try:
-            self.model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
-                                           patch_size=patch_size, dynamic_img_size=False)
-        except TypeError as e:
-            raise ValueError(
-                f"timm model {name!r} does not take img_size / patch_size / dynamic_img_size ({e}); "
-                "vision.encoder must be a ViT-style timm model such as 'vit_tiny_patch16_224', "
-                f"or {PATCH_LINEAR!r}") from e
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"vision.encoder {name!r} is not a timm model name ({e})") from e
-            raise
-        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
-        if grid is None or not hasattr(self.model, "num_prefix_tokens"):
-            raise ValueError(f"timm model {name!r} has no patch_embed.grid_size / num_prefix_tokens: "
-                             "vision.encoder must be a ViT-style model")
-        gh, gw = grid
-        if gh != gw:
-            raise ValueError(f"timm model {name!r} has a non-square patch grid {gh}x{gw}")
+        self.model = create_timm_vit(name, img_size, patch_size)
+        gh, gw = self.model.patch_embed.grid_size
         self.name = name
         self.img_size = img_size
         self.patch_size = patch_size

@@ -12,6 +12,7 @@ from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval.vqa import main as fusion_eval
 from fusion.model.fusion import build_model
 from fusion.train import main as fusion_train
+from tests.conftest import BIN, run_cli
 
 
 def one_line(text: str) -> str:
@@ -63,6 +64,21 @@ def test_fusion_train_refuses_before_starting(overrides, message, text_shards, t
     line = one_line(capsys.readouterr().err)
     assert line.startswith("fusion-train: error: ") and message in line, line
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fusion_train_on_unreadable_shards_stops_with_one_line(workers, tmp_path):
+    """Shards that exist but hold no readable sample (checked only once reading starts, also inside
+    a DataLoader worker, whose traceback is not shown)."""
+    shards = tmp_path / "garbage"
+    shards.mkdir()
+    (shards / "000000.tar").write_bytes(b"\x89 not a tar" * 300)
+    r = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml", f"data.text={shards}",
+                 "train.steps=2", f"data.num_workers={workers}", f"run.dir={tmp_path / 'run'}"], timeout=300)
+    assert r.returncode == 1
+    line = one_line("\n".join(l for l in r.stderr.splitlines() if "error" in l.lower()))
+    assert line.startswith("fusion-train: error: no readable samples") and str(shards) in line, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv, message", [

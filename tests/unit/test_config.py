@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from fusion.config import SIZES, ConfigError, deepspeed_config, finalize, load_config
+from fusion.config import SIZES, ConfigError, deepspeed_config, dump_yaml, finalize, load_config
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -75,6 +75,7 @@ def test_wrong_types_name_the_key(override, key):
     ("model.size=huge", "model.size"),
     ("train.zero_stage=3", "train.zero_stage"),
     ("data.weights=[1,2]", "data.weights"),
+    ("train.log_every=0", "train.log_every"),
 ])
 def test_nonsense_values_rejected(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -108,6 +109,27 @@ def test_derived_and_deepspeed_json():
     ds = deepspeed_config(cfg, 4, bf16=False)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 0, "reduce_bucket_size": 7}
+
+
+def test_deepspeed_keys_one_at_a_time_merge_with_the_yaml(tmp_path):
+    path = write(tmp_path, "train:\n  deepspeed:\n    zero_optimization: {overlap_comm: false, reduce_bucket_size: 7}\n")
+    cfg = load_config(path, ["train.deepspeed.zero_optimization.overlap_comm=true",
+                             "train.deepspeed.wall_clock_breakdown=true",
+                             "train.deepspeed={zero_optimization: {contiguous_gradients: true}}"])
+    assert cfg.train.deepspeed == {"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 7,
+                                                         "contiguous_gradients": True},
+                                   "wall_clock_breakdown": True}
+    with pytest.raises(ConfigError, match="train.deepspeed.a.b"):
+        load_config(None, ["train.deepspeed.a=1", "train.deepspeed.a.b=2"])
+
+
+def test_a_runs_config_yaml_loads_back_and_empty_sections_are_no_override(tmp_path):
+    cfg = load_config("configs/debug.yaml", ["train.steps=7", "train.deepspeed.steps_per_print=5"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg, {"git_sha": "abc", "versions": {"torch": "x"}}))
+    assert load_config(path) == cfg  # the provenance section is not a setting
+    empty = write(tmp_path, "train:\n  # steps: 3\nmodel:\n  size: debug\n")
+    assert load_config(empty).train == load_config(None).train
 
 
 def test_wrong_key_fails_fast_with_one_line():

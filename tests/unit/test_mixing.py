@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fusion.config import ConfigError, load_config
-from fusion.data.mixing import build_batches, plan_next, target_shares
+from fusion.data.mixing import build_batches, dataset_sizes, plan_next, target_shares
 from fusion.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -43,6 +43,34 @@ def test_target_shares_temperature(text_shards, image_shards):
     assert target_shares(specs, w, 0.0) == {"text": 0.5, "image": 0.5}
     p = target_shares(specs, w, 1.0)  # 400 vs 60 samples
     assert p["text"] == pytest.approx(400 / 460)
+
+
+def test_alpha_counts_samples_for_lists_patterns_and_copied_shards(text_shards, image_shards, tmp_path):
+    """data.alpha sizes are samples however the shards are named, and never samples for one
+    modality against shards for another."""
+    import shutil
+
+    shards = sorted(p.name for p in image_shards.glob("*.tar"))
+    assert len(shards) >= 2
+    listed = ",".join(f"{image_shards}/{n}" for n in shards)          # a list of shard files
+    both = f"{image_shards},{image_shards}"                            # a list of directories
+    assert dataset_sizes({"text": str(text_shards), "image": listed}) == ({"text": 400, "image": 60}, "samples")
+    assert dataset_sizes({"image": both})[0] == {"image": 120}
+    # shards copied without index.json: counts from their *_stats.json; one without either is
+    # estimated from the others
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in image_shards.iterdir():
+        if p.name != "index.json":
+            shutil.copy(p, copy / p.name)
+    assert dataset_sizes({"image": str(copy)})[0] == {"image": 60}
+    stats = sorted(copy.glob("*_stats.json"))
+    stats[0].unlink()
+    assert dataset_sizes({"image": str(copy)})[0]["image"] == pytest.approx(60, abs=60 / len(shards))
+    for p in stats[1:]:
+        p.unlink()
+    assert dataset_sizes({"text": str(text_shards), "image": str(copy)}) == (
+        {"text": len(list(text_shards.glob("*.tar"))), "image": len(shards)}, "shards")
 
 
 def keys_of(cfg, rank, world, n_batches, workers):
@@ -143,3 +171,13 @@ def _png():
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_shuffle_buffer_zero_reads_each_shard_in_order(text_shards):
+    cfg = cfg_for(text=text_shards, shuffle_buffer=0)
+    cfg.train.seq_len = 16
+    keys = keys_of(cfg, 0, 1, 30, workers=0)
+    assert len(keys) > 10 and len(set(keys)) == len(keys)
+    # without a buffer, samples of a shard come in the shard's order (shards are still shuffled)
+    runs = sum(1 for a, b in zip(keys, keys[1:]) if b < a)
+    assert runs <= len(list(text_shards.glob("*.tar"))), keys

@@ -129,3 +129,19 @@ def test_cli_table_json_and_errors(capsys):
     assert len(err) == 1 and "model.moe.n_expert" in err[0]
     assert main(["model.size=debug", "--world", "6", "--ep-size", "4"]) == 2
     assert "--ep-size" in capsys.readouterr().err
+    # options may follow overrides
+    assert main(["model.size=debug", "--world", "2", "train.seq_len=64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["world"] == 2
+
+
+@pytest.mark.parametrize("override, names", [
+    ("model.vision.encoder=not_a_model", "'not_a_model' is not a timm model name"),
+    ("model.vision.encoder=resnet18", "must be a ViT-style timm model"),
+    ("data.tokenizer=BAD", "is not a tokenizer.json"),
+])
+def test_cli_bad_encoder_or_tokenizer_is_one_line(override, names, tmp_path, capsys):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"vocab": {"a": 1')
+    assert main(["model.size=debug", override.replace("BAD", str(bad))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and names in err[0], err
