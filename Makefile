@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's JIT-built ops live with the venv: two checkouts sharing ~/.cache would rebuild in turn
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 TOY := data/toy
 DEMO_RUN := runs/demo
