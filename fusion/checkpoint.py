@@ -363,12 +363,66 @@ def find_model_dir(path: str | Path) -> Path:
                             f"or a checkpoints/step_N dir)")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Build the model a checkpoint describes and load its weights (safetensors + JSON only; in a
-    training checkpoint, checked against its manifest first)."""
+def read_model_json(model_dir: Path) -> dict:
+    """model.json of a model directory: {"model": {...}, "tokenizer": str, ...}; CheckpointError
+    naming the file and what is wrong with it otherwise."""
+    path = model_dir / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (it says what model the weights in "
+                              f"model.safetensors belong to)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in (("model", dict), ("tokenizer", str)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: key '{key}' is missing or not a "
+                                  f"{'JSON object' if kind is dict else 'string'}")
+    return meta
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from fusion.config import Config, ModelConfig, load_config, model_overrides
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_weight_shapes(path: Path, found: dict[str, tuple], expected: dict[str, tuple]) -> None:
+    """CheckpointError unless the weights in file `path` (name -> shape) are exactly the model's
+    (`expected`): one line naming the first two of each kind of mismatch, with their count."""
+    def some(items: list[str]) -> str:
+        return ", ".join(items[:2]) + (f" and {len(items) - 2} more" if len(items) > 2 else "")
+
+    problems = []
+    shapes = [f"{k} {tuple(found[k])} (model: {tuple(v)})"
+              for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
+    if shapes:
+        problems.append(f"{len(shapes)} weight(s) of the wrong shape: {some(shapes)}")
+    missing = [k for k in expected if k not in found]
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing: {some(missing)}")
+    extra = [k for k in found if k not in expected]
+    if extra:
+        problems.append(f"{len(extra)} unexpected weight(s): {some(extra)}")
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model model.json describes: "
+                              + "; ".join(problems))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model a checkpoint describes and load its weights (safetensors + JSON only; in a
+    training checkpoint, checked against its manifest first). A model directory that cannot be
+    loaded raises CheckpointError (FileNotFoundError when there is none at `path`), in one line
+    naming the file and the problem."""
+    from fusion.config import Config, ConfigError, ModelConfig, load_config, model_overrides
     from fusion.data.tokenizer import build_tokenizer
     from fusion.model.fusion import build_model
 
@@ -376,18 +430,44 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if (model_dir / MANIFEST).is_file():
         verify_checkpoint(model_dir, only=["model.safetensors", "model.json"]
                           + ([TOKENIZER] if (model_dir / TOKENIZER).is_file() else []))
-    meta = json.loads((model_dir / "model.json").read_text())
-    overrides = model_overrides(meta["model"])
+    meta = read_model_json(model_dir)
+    where = model_dir / "model.json"
     tok_spec = meta["tokenizer"]
     if tok_spec not in ("", "byte") and (model_dir / tok_spec).is_file():
         tok_spec = str(model_dir / tok_spec)  # a tokenizer.json kept beside the weights (fusion-convert)
-    cfg: Config = load_config(None, overrides + [f"data.tokenizer={tok_spec}"])
-    assert isinstance(cfg.model, ModelConfig)
-    tokenizer = build_tokenizer(tok_spec)
-    model = build_model(cfg.model, tokenizer)
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+    try:
+        # the vision tower's weights are in model.safetensors: its pretrained file (maybe gone,
+        # maybe a pickle) is not read again
+        overrides = model_overrides(meta["model"]) + ['model.vision.checkpoint=""']
+        cfg: Config = load_config(None, overrides + [f"data.tokenizer={tok_spec}"], source="it")
+        assert isinstance(cfg.model, ModelConfig)
+        tokenizer = build_tokenizer(tok_spec)
+        model = build_model(cfg.model, tokenizer)
+    except (ConfigError, ValueError, OSError) as e:  # a bad key or value, the tokenizer file
+        raise CheckpointError(f"{where}: {e}") from None
+    weights = model_dir / "model.safetensors"
+    tensors = _load_weights(weights)
+    check_weight_shapes(weights, {k: v.shape for k, v in tensors.items()},
+                        {k: v.shape for k, v in model.state_dict().items()})
+    model.load_state_dict(tensors, strict=True)
     model.tokenizer = tokenizer
     return model.to(device).eval()
+
+
+def checkpoint_covering(path: str | Path) -> Path | None:
+    """The checkpoint directory at or above `path` whose manifest.json lists its files (so that a
+    file added under it makes `verify_checkpoint` refuse the checkpoint), or None."""
+    path = Path(path).resolve()
+    for directory in (path, *path.parents):
+        manifest = directory / MANIFEST
+        if manifest.is_file():
+            try:
+                files = json.loads(manifest.read_text()).get("files")
+            except (ValueError, OSError, AttributeError):
+                continue
+            if isinstance(files, dict):
+                return directory
+    return None
 
 
 def load_checkpoint(engine, path: Path, rank: int, experts=None) -> dict:

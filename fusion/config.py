@@ -408,15 +408,17 @@ def _read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults -> named size -> YAML file -> `key=value` overrides, all checked."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                source: str = "the command line") -> Config:
+    """Defaults -> named size -> YAML file -> `key=value` overrides, all checked. Errors name the
+    overrides' `source` (e.g. the model.json they were read from)."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
         data = _read_yaml(path)
         data.pop(META, None)  # a run's own config.yaml: its provenance is not a setting
         layers.append((str(path), _nest(_flatten(data), str(path))))
     cli = dict(_parse_override(o) for o in (overrides or []))
-    layers.append(("the command line", _nest(cli, "the command line")))
+    layers.append((source, _nest(cli, source)))
 
     # every key is checked before anything is applied, so the first error is the one reported
     for source, flat in layers:

@@ -544,32 +544,49 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
 def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: bool = False,
           ignore_router_bias: bool = False, log=print) -> Path:
     """A fusion model directory (or run / checkpoints dir) -> Hugging Face `Llama4ForCausalLM` dir."""
-    from fusion.checkpoint import find_model_dir
+    from fusion.checkpoint import (MANIFEST, TOKENIZER, CheckpointError, check_weight_shapes,
+                                   find_model_dir, read_model_json, verify_checkpoint)
     from fusion.config import ConfigError, load_config
     from fusion.data.tokenizer import SpecialIds, build_tokenizer
+    from fusion.model.fusion import FusionModel
 
     try:
         model_dir = find_model_dir(run_or_ckpt)
-    except FileNotFoundError as e:
+        if (model_dir / MANIFEST).is_file():  # a training checkpoint: its files as saved
+            verify_checkpoint(model_dir, only=[WEIGHTS, "model.json", TOKENIZER])
+        meta = read_model_json(model_dir)
+    except (FileNotFoundError, CheckpointError) as e:
         raise ConvertError(str(e)) from None
-    meta = json.loads((model_dir / "model.json").read_text())
-    overrides = model_overrides(meta["model"])
+    where = model_dir / "model.json"
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise ConvertError(f"{where}: key 'vocab_size' is missing or not a positive integer")
     try:
-        cfg = load_config(None, overrides)
+        # the vision tower's pretrained file is neither exported nor needed
+        cfg = load_config(None, model_overrides(meta["model"]) + ['model.vision.checkpoint=""'], source="it")
     except ConfigError as e:
-        raise ConvertError(f"{model_dir / 'model.json'}: {e}") from None
+        raise ConvertError(f"{where}: {e}") from None
     m = cfg.model
     tok_spec = meta["tokenizer"]
     tok_path = None
     if tok_spec not in ("", "byte"):
         tok_path = model_dir / tok_spec if (model_dir / tok_spec).is_file() else Path(tok_spec)
         if not tok_path.is_file():
-            raise ConvertError(f"{model_dir / 'model.json'}: tokenizer {tok_spec} not found")
-    tokenizer = build_tokenizer(str(tok_path) if tok_path else "byte")
-    vocab = meta["vocab_size"]
+            raise ConvertError(f"{where}: tokenizer {tok_spec} not found")
+    try:
+        tokenizer = build_tokenizer(str(tok_path) if tok_path else "byte")
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from None
     hf_cfg = hf_config_from_model(m, vocab, SpecialIds.of(tokenizer))
 
     src = SafeTensorsDir(model_dir)
+    with torch.device("meta"):  # the shapes model.json promises, without allocating them
+        skeleton = FusionModel(m, vocab, SpecialIds.of(tokenizer))
+    try:
+        check_weight_shapes(model_dir / WEIGHTS, {k: src.shape(k) for k in src.keys()},
+                            {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
     biased = [k for k in src.keys() if k.endswith("router.expert_bias") and src.get(k).abs().max() > 0]
     if biased and not ignore_router_bias:
         raise ConvertError(f"{model_dir}: {len(biased)} MoE layers carry a trained aux-loss-free routing bias "
@@ -620,14 +637,22 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     try:
-        if args.cmd == "from-hf":
-            from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, seed=args.seed, force=args.force)
-        else:
-            to_hf(args.src, args.out_dir, dtype=args.dtype, force=args.force,
-                  ignore_router_bias=args.ignore_router_bias)
-    except (ConvertError, FileNotFoundError) as e:
+        try:
+            args = parse_args(argv)
+            if args.cmd == "from-hf":
+                from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, seed=args.seed, force=args.force)
+            else:
+                to_hf(args.src, args.out_dir, dtype=args.dtype, force=args.force,
+                      ignore_router_bias=args.ignore_router_bias)
+        finally:
+            sys.stdout.flush()  # a reader gone shows here, inside the handler, not at exit
+    except BrokenPipeError:  # `fusion-convert ... | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)  # nor one when exit flushes what is left
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return 141  # what a tool killed by SIGPIPE returns (128 + 13)
+    except (ConvertError, OSError) as e:  # OSError: e.g. a missing file, no permission
         print(f"fusion-convert: error: {e}", file=sys.stderr)
         return 2
     return 0

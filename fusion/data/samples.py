@@ -3,8 +3,12 @@
 One function per kind, chosen by the members a sample holds (SPEC §4):
 - text:          `.txt`                              -> the document
 - image-caption: `.jpg|.png|.webp` + `.txt`          -> caption after (or before) the image
-- video-caption: `.mp4` + `.txt` + `.json` (n_frames) -> caption after (or before) the frames
+- video-caption: `.mp4` + `.txt` [+ `.json`]         -> caption after (or before) the frames
 - vqa:           media + `.json` {question, answer}  -> media, then "Q: {question} A: {answer}"
+
+A video's frame count, fps, duration and size come from its `.json` when that holds all five
+(VIDEO_FIELDS, as the video builder writes them); otherwise the video is probed (`video.probe`,
+the configured backend): a vqa `.json` carries none of them, nor need a shard written elsewhere.
 
 A sample that cannot be used returns None (the stream counts it); the reason goes to the counter.
 Pixels stay uint8 numpy arrays (3, S, S) / (F, 3, S, S) until collation makes tensors and the
@@ -24,6 +28,8 @@ from fusion.config import Config, tokens_per_image
 from fusion.data.sequence import build_sample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# what a video .json says about its clip (SPEC §4 video); missing from it -> probed
+VIDEO_FIELDS = ("n_frames", "fps", "duration", "width", "height")
 
 
 def vqa_prompt(question: str) -> str:
@@ -179,11 +185,17 @@ class SampleMaker:
 
     def video(self, data: bytes, meta: dict | None, rng: random.Random):
         from fusion.data.sampling import FrameSampling, VideoMeta, sample_frame_indices
-        from fusion.data.video import VideoDecodeError, decode
+        from fusion.data.video import VideoDecodeError, decode, probe
 
         d, v = self.cfg.data, self.cfg.model.vision
+        meta = meta or {}
         try:
-            vmeta = VideoMeta.from_json(meta or {})
+            if all(f in meta for f in VIDEO_FIELDS):
+                vmeta = VideoMeta.from_json(meta)
+            else:  # a vqa .json (SPEC §4) has none; a plain-tarfile shard may lack some
+                vmeta = probe(data, backend=d.video_backend, timeout=d.decode_timeout)
+        except VideoDecodeError as e:
+            return self._fail(f"video_{e.reason}")
         except ValueError:
             return self._fail("bad_video_json")
         strategy = d.frame_strategy

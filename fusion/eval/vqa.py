@@ -49,6 +49,7 @@ import torch
 
 GREY = 128            # the blind baseline's pixel value (uint8)
 MAX_NEW_TOKENS = 8    # --generate stops here if no eos came first
+DEFAULT_TYPE = "default"  # a question without a type (the shard builder's word for it)
 
 
 class EvalError(ValueError):
@@ -131,8 +132,14 @@ def make_question(raw: dict, maker) -> Question | None:
         return None
     part, pixels, modality = media
     return Question(key=key, question=meta["question"].strip(), answer=answer, choices=choices,
-                    type=str(meta.get("type") or "untyped"), part=part,
+                    type=question_type(meta), part=part,
                     pixels=torch.as_tensor(pixels), modality=modality)
+
+
+def question_type(meta: dict) -> str:
+    """The `type` of a VQA sample, "default" when it has none (as `fusion-data vqa` writes it)."""
+    qtype = meta.get("type")
+    return str(qtype).strip() if qtype is not None and str(qtype).strip() else DEFAULT_TYPE
 
 
 def iter_questions(vqa_dir: str | Path, maker) -> Iterator[Question]:
@@ -330,7 +337,7 @@ def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = 
     total = set_size(vqa_dir)
     if limit is not None:
         total = min(total, limit) if total is not None else limit
-    name = Path(vqa_dir).resolve().name
+    name = set_name(vqa_dir)
     was_training = model.training
     model.eval()
     rows: list[dict] = []
@@ -395,15 +402,15 @@ def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: i
                  blind: bool = True, n_frames: int | None = None, device=None, examples: int = 16,
                  progress: bool = False, score_fn: ScoreFn | None = None) -> dict[str, dict]:
     """Evaluate on each VQA set and write OUT/SET.json and OUT/SET.png (OUT = `out_dir`, default
-    RUN/eval). `model=None` loads the run's latest checkpoint; the trainer passes its live model
-    (put back in training mode afterwards) and may say which `step` / `checkpoint` it is, recorded
-    in the JSON. `n_frames=None`: the run's `data.n_frames`, else 8. Returns {set name: result}."""
+    `default_out_dir`: RUN/eval). `run_dir` may also be a checkpoints dir, a step dir or a model
+    dir. `model=None` loads its latest checkpoint; the trainer passes its live model (put back in
+    training mode afterwards) and may say which `step` / `checkpoint` it is, recorded in the JSON.
+    `n_frames=None`: the run's `data.n_frames`, else 8. Returns {set name: result}. Nothing is
+    ever written inside a checkpoint directory (EvalError)."""
     if not vqa_dirs:
         raise EvalError("--vqa: give at least one VQA set directory")
-    if out_dir is None:
-        if run_dir is None:
-            raise EvalError("--out is required without --run")
-        out_dir = Path(run_dir) / "eval"
+    if out_dir is None and run_dir is None:
+        raise EvalError("--out is required without --run")
     names = check_sets(vqa_dirs)
     meta: dict = {"checkpoint": str(checkpoint)} if checkpoint else {}
     if model is None:
@@ -415,7 +422,9 @@ def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: i
         meta["step"] = step
     if n_frames is None:
         n_frames = run_n_frames(meta.get("checkpoint") or run_dir) or 8
-    out_dir = Path(out_dir)
+    if out_dir is None:
+        out_dir = default_out_dir(meta.get("checkpoint") or run_dir)
+    out_dir = check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, vqa_dir in zip(names, vqa_dirs):
@@ -431,16 +440,57 @@ def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: i
     return results
 
 
+def set_name(vqa_dir: str | Path) -> str:
+    """SET: the VQA directory's name as the user wrote it (a symlink keeps its own name), trailing
+    slashes ignored; `.` or `..` name the directory they stand for."""
+    name = Path(vqa_dir).name
+    return name if name not in ("", ".", "..") else Path(vqa_dir).resolve().name
+
+
 def check_sets(vqa_dirs) -> list[str]:
     """Set names (directory names), after checking each set has shards and names are unique."""
     names = []
     for d in vqa_dirs:
         set_shards(d)
-        name = Path(d).resolve().name
+        name = set_name(d)
         if name in names:
             raise EvalError(f"--vqa {d}: two sets named '{name}' would write the same {name}.json")
         names.append(name)
     return names
+
+
+def default_out_dir(path: str | Path) -> Path:
+    """Where SET.json goes without --out, for a model at `path` (a run, checkpoints, step or model
+    dir): the run's eval/ for RUN, RUN/checkpoints or RUN/checkpoints/step_N; beside any other
+    checkpoint (a dir with manifest.json, whose files it covers: an added one would make resuming
+    refuse the checkpoint); DIR/eval for any other model dir (e.g. `fusion-convert from-hf` OUT)."""
+    from fusion.checkpoint import LATEST, MANIFEST, TAG_PATTERN
+
+    path = Path(os.path.abspath(path))  # "." and ".." have no name to go by
+
+    def is_checkpoints(p: Path) -> bool:
+        return p.name == "checkpoints" or (p / LATEST).is_file()
+
+    if TAG_PATTERN.fullmatch(path.name) and is_checkpoints(path.parent):
+        return path.parent.parent / "eval"
+    if is_checkpoints(path):
+        return path.parent / "eval"
+    if (path / MANIFEST).is_file():
+        return path.parent / "eval"
+    return path / "eval"
+
+
+def check_out_dir(out_dir: str | Path, flag: str = "--out") -> Path:
+    """`out_dir`, unless it lies inside a checkpoint (EvalError: the checkpoint's manifest lists
+    every file under it, so an eval file there would make `train.resume` refuse it)."""
+    from fusion.checkpoint import checkpoint_covering
+
+    ckpt = checkpoint_covering(out_dir)
+    if ckpt is not None:
+        raise EvalError(f"{flag} {out_dir}: inside checkpoint {ckpt}, whose manifest.json lists every "
+                        f"file there (an eval file would make resuming refuse it); write elsewhere, "
+                        f"e.g. {default_out_dir(ckpt)}")
+    return Path(out_dir)
 
 
 def load_for_eval(path, device=None) -> tuple[object, dict]:
@@ -569,12 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", metavar="RUN_DIR",
                      help="run directory: evaluates its latest checkpoint, writes RUN_DIR/eval/SET.json")
     src.add_argument("--checkpoint", metavar="DIR",
-                     help="a checkpoints/ dir (its latest) or a checkpoints/step_N dir; needs --out")
+                     help="a checkpoints/ dir (its latest), a checkpoints/step_N dir or a model dir "
+                          "(fusion-convert from-hf OUT)")
     p.add_argument("--vqa", nargs="+", required=True, metavar="DIR",
                    help="VQA shard directories (SPEC §4 vqa); each writes SET.json and SET.png, "
                         "SET being the directory's name")
     p.add_argument("--out", metavar="OUT_DIR",
-                   help="where SET.json / SET.png go (default with --run: RUN_DIR/eval)")
+                   help="where SET.json / SET.png go (default: the run's eval/ for a run, its "
+                        "checkpoints/ or a step_N dir; DIR/eval for another model dir; never inside "
+                        "a checkpoint)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="(question, choice) rows per forward pass (default 16)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
@@ -600,12 +653,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader gone shows here, inside the handler, not at exit
+    except BrokenPipeError:  # `fusion-eval ... | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)  # nor one when exit flushes what is left
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return 141  # what a tool killed by SIGPIPE returns (128 + 13)
+
+
+def _main(argv: list[str] | None) -> int:
     from fusion.config import ConfigError
 
     try:
         args = build_parser().parse_args(argv)
-        if args.checkpoint and not args.out:
-            raise EvalError("--out is required with --checkpoint (or give --run)")
         for flag, value, low in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
                                  ("--n-frames", args.n_frames, 1), ("--examples", args.examples, 0)):
             if value is not None and value < low:
@@ -619,8 +683,10 @@ def main(argv: list[str] | None = None) -> int:
         source = args.run or args.checkpoint
         if not Path(source).exists():
             raise EvalError(f"{'--run' if args.run else '--checkpoint'} {source}: no such directory")
+        out = check_out_dir(args.out) if args.out else None
         model, meta = load_for_eval(source, device)
-        results = evaluate_run(args.run, args.vqa, model=model, out_dir=args.out or None,
+        out = out or default_out_dir(meta["checkpoint"])
+        results = evaluate_run(args.run, args.vqa, model=model, out_dir=out,
                                step=meta.get("step"), checkpoint=meta["checkpoint"],
                                batch_size=args.batch_size, limit=args.limit,
                                generate=args.generate, blind=not args.no_blind,
@@ -629,16 +695,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.quantize:  # the same sets again with int4 weights, written beside the result above
             from fusion.quant import add_int4_results
 
-            add_int4_results(model, results, Path(args.out) if args.out else Path(args.run) / "eval",
+            add_int4_results(model, results, out,
                              group_size=args.group_size, batch_size=args.batch_size, limit=args.limit,
                              blind=not args.no_blind, device=device, progress=not args.no_progress)
+    except BrokenPipeError:
+        raise
     except _UsageError as e:
         print(f"fusion-eval: error: {e} (see --help)", file=sys.stderr)
         return 2
-    except (EvalError, ConfigError, FileNotFoundError) as e:
+    except (EvalError, ConfigError, OSError) as e:  # OSError: e.g. a missing file, no permission
         print(f"fusion-eval: error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out) if args.out else Path(args.run) / "eval"
     for name, result in results.items():
         print(format_table(result))
         if "int4" in result:

@@ -63,3 +63,25 @@ def test_rng_state_roundtrip():
     set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_a_model_started_from_a_local_vit_file_loads_and_converts_without_it(tmp_path):
+    """The vision tower's weights travel in model.safetensors: loading (or converting) the export
+    never reads `model.vision.checkpoint` again, which may be gone, or a pickle."""
+    from safetensors.torch import save_file
+
+    from fusion.convert import main as convert
+
+    vit = ["model.vision.encoder=vit_tiny_patch16_224", "model.vision.img_size=32",
+           "model.vision.patch_size=8", "model.dim=32"]
+    torch.manual_seed(0)
+    model = build_model(load_config(None, vit).model, ByteTokenizer()).eval()
+    weights = tmp_path / "vit.safetensors"  # as if the run had started from these ViT weights
+    save_file({k: v.contiguous() for k, v in model.vision.encoder.model.state_dict().items()}, str(weights))
+    cfg = load_config(None, vit + [f"model.vision.checkpoint={weights}"])
+    export_model(model, cfg, tmp_path / "step_1")
+    weights.unlink()
+    loaded = fusion.load_model(tmp_path / "step_1")
+    x = torch.randint(0, 256, (1, 6))
+    assert torch.equal(model(x), loaded(x))
+    assert convert(["to-hf", str(tmp_path / "step_1"), str(tmp_path / "hf")]) == 0

@@ -169,3 +169,42 @@ def test_bad_inputs_get_one_clear_error(tmp_path, capsys):
     assert "--ignore-router-bias" in error(["to-hf", str(tmp_path / "biased"), str(tmp_path / "o3")])
     assert main(["to-hf", str(tmp_path / "biased"), str(tmp_path / "o3"), "--ignore-router-bias"]) == 0
     assert "dropping the routing bias" in capsys.readouterr().out
+
+
+def test_to_hf_of_a_broken_model_dir_is_one_error_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.size=debug"])
+    export_model(build_model(cfg.model, ByteTokenizer()), cfg, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    wider = {**meta, "model": {**meta["model"], "dim": 2 * meta["model"]["dim"]}}
+    no_vocab = {k: v for k, v in meta.items() if k != "vocab_size"}
+    for text, file, needle in ((json.dumps(meta)[:-20], "model.json", "not valid JSON"),
+                               ("[1, 2]", "model.json", "JSON object"),
+                               (json.dumps(no_vocab), "model.json", "'vocab_size'"),
+                               (json.dumps(wider), "model.safetensors", "wrong shape")):
+        (tmp_path / "m" / "model.json").write_text(text)
+        assert main(["to-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and file in lines[0] and needle in lines[0], lines
+    assert not (tmp_path / "hf").exists()
+
+
+def test_to_hf_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`fusion-convert ... | head` whose reader has gone: the files are written, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.size=debug"])
+    export_model(build_model(cfg.model, ByteTokenizer()), cfg, tmp_path / "m")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "fusion.convert", "to-hf", str(tmp_path / "m"),
+                            str(tmp_path / "hf")], stdout=write, stderr=subprocess.PIPE, text=True,
+                           timeout=300)
+    finally:
+        os.close(write)
+    assert r.stderr == "" and r.returncode == 141, r.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()

@@ -198,7 +198,6 @@ def test_unusable_inputs_are_one_line_errors(run_dir, vqa_set, tmp_path, capsys)
     cases = [
         (["--run", str(run_dir), "--vqa", str(tmp_path / "nope")], "nope"),
         (["--run", str(tmp_path), "--vqa", str(root)], "model.safetensors"),
-        (["--checkpoint", str(run_dir), "--vqa", str(root)], "--out"),
     ]
     empty = tmp_path / "empty_set"
     with ShardWriter(empty, 0) as w:

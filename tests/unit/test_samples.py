@@ -33,3 +33,19 @@ def test_vqa_loss_on_the_answer_only_by_default():
         else:
             assert trained == text
         assert len(s["images"]) == 1 and s["images"][0].shape == (3, 32, 32)
+
+
+def test_video_without_metadata_in_its_json_is_probed():
+    """A vqa `.json` (SPEC §4) holds no fps / n_frames / size: the video itself says them; a video
+    that does not open is counted as such, not as a bad json."""
+    from tests.conftest import encode_mp4, square_frame
+
+    cfg = load_config(None, ["data.n_frames=2", "model.vision.img_size=32", "model.vision.patch_size=8"])
+    reasons = []
+    maker = SampleMaker(cfg, TOK, counter=reasons.append)
+    meta = json.dumps({"question": "Which way?", "answer": "left", "choices": ["left", "right"]}).encode()
+    frames = [square_frame("red", 20 - 4 * i, 8) for i in range(5)]
+    s = maker({"__key__": "v", "mp4": encode_mp4(frames), "json": meta})
+    assert s is not None and s["modality"] == 2 and s["videos"][0].shape == (2, 3, 32, 32)
+    assert maker({"__key__": "w", "mp4": b"not a video", "json": meta}) is None
+    assert reasons == ["video_unreadable"]
