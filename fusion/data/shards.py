@@ -939,9 +939,16 @@ def collect_stats(directory: str | os.PathLike) -> dict:
         if stats is None:
             without.append(os.path.basename(path))
             continue
+        if "seconds" not in stats and "duration" in stats:  # img2dataset's name for it
+            stats = {**stats, "seconds": stats["duration"]}
         for k in total:
-            total[k] += stats.get(k, 0)
-        failures.update(stats.get("failures", {}))
+            v = stats.get(k, 0)
+            total[k] += v if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+        found = stats.get("failures")
+        if not isinstance(found, dict):  # img2dataset counts failures as failed_to_download, ...
+            found = {k: v for k, v in stats.items() if k.startswith("failed_to_")}
+        failures.update({str(k): v for k, v in found.items()
+                         if isinstance(v, int) and not isinstance(v, bool) and v > 0})
     index = read_index(directory)
     return {
         "dir": str(directory),

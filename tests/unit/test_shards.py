@@ -338,6 +338,16 @@ def test_write_index_and_collect_stats(tmp_path):
         write_index(tmp_path, "audio")
 
 
+def test_collect_stats_reads_img2dataset_counts(tmp_path):
+    write_text_shard(tmp_path, 0, [("a", "x")])
+    (tmp_path / "000000_stats.json").write_text(json.dumps(
+        {"count": 5, "successes": 3, "failed_to_download": 1, "failed_to_resize": 1, "duration": 2.5,
+         "status_dict": {"success": 3}, "start_time": "yesterday"}))
+    s = collect_stats(tmp_path)
+    assert (s["count"], s["successes"], s["seconds"]) == (5, 3, 2.5)
+    assert s["failures"] == {"failed_to_download": 1, "failed_to_resize": 1}
+
+
 def test_check_sample_by_modality():
     pytest.importorskip("av")
     try:
