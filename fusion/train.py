@@ -581,6 +581,7 @@ def train(cfg: Config) -> int:
             for layer, layer_load in zip(moe_layers, load):
                 if not skipped:  # a skipped step leaves the router biases as they were too
                     layer.update_bias(layer_load.sum(0).to(device))
+            run_load = load if run_load is None else run_load + load
             interval_load = load if interval_load is None else interval_load + load
         for i, name in enumerate(MODALITIES):
             stats[9 + i] = batches.tokens[name] - tokens_before[name]
