@@ -637,21 +637,21 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    from fusion.cli import pipe_safe
+
+    return pipe_safe(lambda: _main(argv))  # `fusion-convert ... | head`: no traceback
+
+
+def _main(argv) -> int:
     try:
-        try:
-            args = parse_args(argv)
-            if args.cmd == "from-hf":
-                from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, seed=args.seed, force=args.force)
-            else:
-                to_hf(args.src, args.out_dir, dtype=args.dtype, force=args.force,
-                      ignore_router_bias=args.ignore_router_bias)
-        finally:
-            sys.stdout.flush()  # a reader gone shows here, inside the handler, not at exit
-    except BrokenPipeError:  # `fusion-convert ... | head`: the reader left; no traceback
-        devnull = os.open(os.devnull, os.O_WRONLY)  # nor one when exit flushes what is left
-        os.dup2(devnull, sys.stdout.fileno())
-        os.dup2(devnull, sys.stderr.fileno())
-        return 141  # what a tool killed by SIGPIPE returns (128 + 13)
+        args = parse_args(argv)
+        if args.cmd == "from-hf":
+            from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, seed=args.seed, force=args.force)
+        else:
+            to_hf(args.src, args.out_dir, dtype=args.dtype, force=args.force,
+                  ignore_router_bias=args.ignore_router_bias)
+    except BrokenPipeError:  # an OSError too: for pipe_safe
+        raise
     except (ConvertError, OSError) as e:  # OSError: e.g. a missing file, no permission
         print(f"fusion-convert: error: {e}", file=sys.stderr)
         return 2

@@ -373,6 +373,12 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    from fusion.cli import pipe_safe
+
+    return pipe_safe(lambda: _main(argv))  # `fusion-plan ... | head`: no traceback
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

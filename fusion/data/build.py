@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fusion.cli import pipe_safe
+
+    return pipe_safe(lambda: _main(argv))  # `fusion-data stats D | head`: no traceback
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)

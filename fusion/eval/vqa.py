@@ -653,16 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # a reader gone shows here, inside the handler, not at exit
-    except BrokenPipeError:  # `fusion-eval ... | head`: the reader left; no traceback
-        devnull = os.open(os.devnull, os.O_WRONLY)  # nor one when exit flushes what is left
-        os.dup2(devnull, sys.stdout.fileno())
-        os.dup2(devnull, sys.stderr.fileno())
-        return 141  # what a tool killed by SIGPIPE returns (128 + 13)
+    from fusion.cli import pipe_safe
+
+    return pipe_safe(lambda: _main(argv))  # `fusion-eval ... | head`: no traceback
 
 
 def _main(argv: list[str] | None) -> int:

@@ -145,3 +145,17 @@ def test_cli_bad_encoder_or_tokenizer_is_one_line(override, names, tmp_path, cap
     assert main(["model.size=debug", override.replace("BAD", str(bad))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and names in err[0], err
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("fusion.plan", ["model.size=llama4-maverick", "--world", "64"]),
+    ("fusion.data.build", ["stats", "STATS_DIR"]),
+])
+def test_output_into_a_closed_pipe_is_no_traceback(module, argv, text_shards):
+    import sys
+
+    from tests.unit.test_eval_cli import run_into_closed_pipe
+
+    argv = [str(text_shards) if a == "STATS_DIR" else a for a in argv]
+    r = run_into_closed_pipe([sys.executable, "-m", module, *argv])
+    assert r.stderr == "" and r.returncode == 141, r.stderr
