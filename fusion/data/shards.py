@@ -475,6 +475,23 @@ def _member_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
+_SPECIAL_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE,
+                  tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)
+
+
+def _other_member(header: bytes) -> tarfile.TarInfo | None:
+    """The TarInfo of a ustar header `_plain_member` declines that still needs no look-ahead: a
+    link, device, directory or fifo entry, or a regular file with an unsafe name. Reading these
+    here keeps the fast path for the rest of the shard (a hostile member no longer hands every
+    later one to tarfile). None for anything else: extensions, prefixes, bad checksums."""
+    if header[156:157] not in _SPECIAL_TYPES or header[257:262] != b"ustar" or header[345] != 0:
+        return None
+    try:
+        return tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+
+
 def _plain_member(header: bytes) -> tuple[str, int] | None:
     """(name, size) of a ustar header for a regular file with a safe, short name and a valid
     checksum, as writers of shards produce; None for anything else, which tarfile then reads."""
@@ -543,9 +560,19 @@ def _tar_members(stream) -> Iterator[tarfile.TarInfo | tuple[str, bytes]]:
             return  # cut short: `_TailReader.check_end` reports it
         if header.count(0) == tarfile.BLOCKSIZE:
             return  # end-of-archive blocks
-        plain = _plain_member(header) if len(header) == tarfile.BLOCKSIZE else None
-        if plain is None:
+        if len(header) < tarfile.BLOCKSIZE:
             break
+        plain = _plain_member(header)
+        if plain is None:
+            other = _other_member(header)
+            if other is None:
+                break
+            if not other.isdir():
+                yield other  # refused by the caller (`_member_problem`), never read
+            if other.isreg():  # tarfile skips data blocks only for regular files
+                _read_full(stream, other.size + (-other.size % tarfile.BLOCKSIZE))
+            header, first = _read_full(stream, tarfile.BLOCKSIZE), False
+            continue
         name, size = plain
         data = _read_full(stream, size)
         if len(data) < size:

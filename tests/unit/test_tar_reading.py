@@ -87,6 +87,38 @@ def test_a_link_after_plain_members_is_still_refused(tmp_path):
     assert counter.counts == {"unsafe_member": 1}
 
 
+def test_hostile_entries_are_refused_without_leaving_the_fast_path(tmp_path, monkeypatch):
+    """Links, devices, directories and unsafe names between samples are counted, and the samples
+    after them are read by the plain-header path (tarfile is never opened: it parses headers at
+    the cost of decoding a small picture, so one hostile entry would slow the rest of a shard)."""
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        def add(name, data=None, kind=tarfile.REGTYPE, **attrs):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            for k, v in attrs.items():
+                setattr(info, k, v)
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+        add(*SAMPLES[0]), add(*SAMPLES[1])
+        add("evil.txt", kind=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add("hard.txt", kind=tarfile.LNKTYPE, linkname="s0.txt")
+        add("dev.txt", kind=tarfile.CHRTYPE, devmajor=1, devminor=3)
+        add("subdir", kind=tarfile.DIRTYPE)
+        add("../up.txt", b"outside")
+        add("/abs.txt", b"absolute")
+        for name, data in SAMPLES[2:]:
+            add(name, data)
+    want = [m for m in members_by_tarfile(path) if m[0] not in ("..", "/abs", "../up")]
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("left the fast path"))
+    counter = ErrorCounter()
+    got = members_by_us(path, counter)
+    assert got == sorted(m for m in want if m[0].startswith("s")) and len(got) == len(SAMPLES)
+    assert counter.counts == {"unsafe_member": 5}
+
+
 def test_a_damaged_header_in_the_middle_is_counted(tmp_path):
     # tarfile alone ends a stream quietly at a bad header after the first; the rest of the shard
     # would be lost without a word. It is counted, and the samples before it are kept.
