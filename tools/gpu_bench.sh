@@ -2,7 +2,7 @@
 # Issue #7 on a GPU machine in one command: the GPU tests, then every benchmark; JSON, tables and
 # logs under $OUT (default runs/gpu_bench). See docs/benchmarks.md.
 #
-#   ../shared/device/carry.sh                 # once per checkout, on the CPU machine: wheels -> .whl/
+#   ../shared/device/carry.sh --av            # once per checkout, on the CPU machine: wheels -> .whl/
 #   bash tools/gpu_bench.sh                   # on the GPU machine (carry .whl); or name stages:
 #   bash tools/gpu_bench.sh tests moe         # stages: tests moe train data (default: all, in this order)
 #

@@ -3,7 +3,7 @@ learned: image-VQA rows only, 4 pre-LayerNorm layers of width 128, learned absol
 Linear per PATCH-px patch, byte-level text, batch 64, AdamW lr 1e-3, loss on the answer bytes;
 accuracy by length-normalised choice likelihood on 300 test questions, beside grey-image (blind).
 
-    python tools/vqa_reference.py PATCH STEPS THREADS      # README figure: 8 1500 1 (eval at 500)
+    python tools/vqa_reference.py PATCH STEPS THREADS      # README figure: 8 1500 2 (eval at 500)
 """
 import io, json, sys, tarfile, time, glob, math
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F

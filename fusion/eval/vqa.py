@@ -1,7 +1,7 @@
 """Toy-VQA evaluation: multiple-choice scoring by likelihood, a blind baseline, optional greedy
 generation, `eval/SET.json` (SPEC §6) and a picture of examples.
 
-    fusion-eval --run runs/demo --vqa toy/vqa_image_test toy/vqa_video_test
+    fusion-eval --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test
 
 A question is a VQA shard sample (SPEC §4): media + {question, answer, choices, type}. Its prompt is
 built by the training code itself (`build_sample` with the media run and `vqa_prompt`), so the model
@@ -614,7 +614,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fusion-eval", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="example:\n  fusion-eval --run runs/demo --vqa toy/vqa_image_test toy/vqa_video_test")
+                epilog="example:\n  fusion-eval --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR",
                      help="run directory: evaluates its latest checkpoint, writes RUN_DIR/eval/SET.json")
