@@ -178,7 +178,7 @@ def default_workers() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Build, verify and summarise WebDataset shards "
-                     "(one modality per directory; see SPEC §4 for the format).")
+                     "(one modality per directory; README.md, \"Preparing data\", gives the format).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)

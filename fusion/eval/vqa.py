@@ -1,5 +1,5 @@
 """Toy-VQA evaluation: multiple-choice scoring by likelihood, a blind baseline, optional greedy
-generation, `eval/SET.json` (SPEC §6) and a picture of examples.
+generation, `eval/SET.json` ({overall, by_type}: acc, n, chance, blind_acc) and a picture of examples.
 
     fusion-eval --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test
 
@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a checkpoints/ dir (its latest), a checkpoints/step_N dir or a model dir "
                           "(fusion-convert from-hf OUT)")
     p.add_argument("--vqa", nargs="+", required=True, metavar="DIR",
-                   help="VQA shard directories (SPEC §4 vqa); each writes SET.json and SET.png, "
+                   help="VQA shard directories (media + .json {question, answer, choices, type}); each writes SET.json and SET.png, "
                         "SET being the directory's name")
     p.add_argument("--out", metavar="OUT_DIR",
                    help="where SET.json / SET.png go (default: the run's eval/ for a run, its "
