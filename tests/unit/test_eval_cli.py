@@ -21,6 +21,7 @@ from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import vqa
 from fusion.model.fusion import build_model
 from tests.conftest import encode_mp4, square_frame
+from tests.unit.test_eval import png
 
 SMALL = ["model.vision.img_size=32", "model.vision.patch_size=8"]
 FAST = ["--limit", "2", "--no-blind", "--examples", "0", "--no-progress"]
@@ -42,14 +43,6 @@ def run(tmp_path_factory):
     write_manifest(step, 2, 1)
     (run / "checkpoints" / "latest").write_text("step_2")
     return run
-
-
-def png(pixels) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
