@@ -247,9 +247,14 @@ def plan_next(probs: dict[str, float], rows: dict[str, int]) -> str:
     return max(probs, key=lambda m: (probs[m] * total - rows[m], -MODALITIES.index(m)))
 
 
-def target_shares(specs: dict[str, str], weights: dict[str, float], alpha: float) -> dict[str, float]:
-    """p_m ~ w_m * n_m^alpha over the modalities in use (n_m: `dataset_sizes`)."""
-    sizes = dataset_sizes(specs)[0] if alpha else {m: 1 for m in specs}
+def target_shares(specs: dict[str, str], weights: dict[str, float], alpha: float,
+                  sizes: dict[str, int] | None = None) -> dict[str, float]:
+    """p_m ~ w_m * n_m^alpha over the modalities in use (n_m: `sizes`, by default
+    `dataset_sizes`; not read when alpha is 0)."""
+    if not alpha:
+        sizes = {m: 1 for m in specs}
+    elif sizes is None:
+        sizes = dataset_sizes(specs)[0]
     raw = {m: weights[m] * sizes[m] ** alpha for m in specs}
     total = sum(raw.values())
     if total <= 0:
@@ -362,8 +367,9 @@ def build_batches(cfg, tokenizer, rank: int, world: int, train: bool = True) -> 
         raise ValueError("config keys 'data.text', 'data.image', 'data.video' are all empty: "
                          "give at least one shard directory")
     weights = dict(zip(MODALITIES, d.weights))
-    probs = target_shares(specs, weights, d.alpha)
-    if d.alpha and rank == 0 and dataset_sizes(specs)[1] == "shards":
+    sizes, unit = dataset_sizes(specs) if d.alpha else (None, "samples")
+    probs = target_shares(specs, weights, d.alpha, sizes)
+    if unit == "shards" and rank == 0:
         print("data.alpha: some modality's sample count is unknown (no index.json or shard stats, "
               "e.g. remote shards): sizes are counted in shards for every modality", flush=True)
     sources = {}
