@@ -96,6 +96,7 @@ from fusion.data.shards import (
     shards_in_dir,
     shard_name,
     stats_name,
+    vqa_type,
     write_index,
 )
 from fusion.data.video import (
@@ -933,8 +934,7 @@ def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, an
     choices = parse_choices(fields.get(choices_col))
     if not isinstance(answer, str) or answer.strip() not in choices:
         raise SampleError("answer_not_in_choices", f"answer {answer!r} not in {choices}")
-    qtype = fields.get(type_col) if type_col else None
-    qtype = str(qtype).strip() if qtype is not None and str(qtype).strip() else "default"
+    qtype = vqa_type(fields.get(type_col) if type_col else None)
     if _filled(fields, image_col) and _filled(fields, video_col):
         raise SampleError("ambiguous_media", f"both '{image_col}' and '{video_col}' are set")
     info = {"question": question, "answer": answer.strip(), "choices": choices, "type": qtype}

@@ -179,6 +179,16 @@ def missing(sample: Mapping[str, Any], ext: str | Iterable[str], reason: str) ->
     return "dotted_key" if dotted else reason
 
 
+DEFAULT_VQA_TYPE = "default"  # the question type of a VQA sample that names none
+
+
+def vqa_type(value: Any) -> str:
+    """A VQA sample's question type: `value` stripped, or DEFAULT_VQA_TYPE when blank or None
+    (what the vqa builder stores and evaluation scores by)."""
+    text = str(value).strip() if value is not None else ""
+    return text or DEFAULT_VQA_TYPE
+
+
 def _natural(name: str) -> list:
     # 000999.tar < 001000.tar < 1000000.tar: compare digit runs as numbers.
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

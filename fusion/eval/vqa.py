@@ -49,7 +49,6 @@ import torch
 
 GREY = 128            # the blind baseline's pixel value (uint8)
 MAX_NEW_TOKENS = 8    # --generate stops here if no eos came first
-DEFAULT_TYPE = "default"  # a question without a type (the shard builder's word for it)
 
 
 class EvalError(ValueError):
@@ -97,7 +96,7 @@ def make_sample_maker(model, n_frames: int, counter=None):
 def make_question(raw: dict, maker) -> Question | None:
     """A raw VQA shard sample -> Question, or None (the reason goes to `maker.counter`)."""
     from fusion.data.samples import IMAGE_EXTS
-    from fusion.data.shards import SampleError, decode_json
+    from fusion.data.shards import SampleError, decode_json, vqa_type
 
     def skip(reason):
         if maker.counter is not None:
@@ -132,14 +131,8 @@ def make_question(raw: dict, maker) -> Question | None:
         return None
     part, pixels, modality = media
     return Question(key=key, question=meta["question"].strip(), answer=answer, choices=choices,
-                    type=question_type(meta), part=part,
+                    type=vqa_type(meta.get("type")), part=part,
                     pixels=torch.as_tensor(pixels), modality=modality)
-
-
-def question_type(meta: dict) -> str:
-    """The `type` of a VQA sample, "default" when it has none (as `fusion-data vqa` writes it)."""
-    qtype = meta.get("type")
-    return str(qtype).strip() if qtype is not None and str(qtype).strip() else DEFAULT_TYPE
 
 
 def iter_questions(vqa_dir: str | Path, maker) -> Iterator[Question]:
