@@ -240,9 +240,9 @@ def resolve_resume(resume: str, run_dir: str | Path, log=print) -> Path | None:
 def choose_checkpoint(resume: str, run_dir: str | Path, rank: int) -> Path | None:
     """Collective `resolve_resume`: rank 0 verifies (hashing once, not once per rank) and tells the
     others the result, or the error every rank then raises."""
-    import torch.distributed as dist
+    from fusion import dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist.world() == 1:
         return resolve_resume(resume, run_dir)
     message = ""
     if rank == 0:
@@ -251,14 +251,7 @@ def choose_checkpoint(resume: str, run_dir: str | Path, rank: int) -> Path | Non
             message = "ok:" + (str(path) if path is not None else "")
         except (CheckpointError, FileNotFoundError) as e:
             message = f"err:{type(e).__name__}:{e}"
-    data = torch.zeros(1 << 16, dtype=torch.uint8)
-    if rank == 0:
-        raw = message.encode()[: data.numel() - 4]
-        data[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
-        data[4:4 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    dist.broadcast(data, src=0)
-    n = int.from_bytes(bytes(data[:4].tolist()), "little")
-    message = bytes(data[4:4 + n].tolist()).decode(errors="replace")  # a long message may be cut
+    message = dist.broadcast_bytes(message.encode() if rank == 0 else None, src=0).decode(errors="replace")
     if message.startswith("err:"):
         kind, _, text = message[4:].partition(":")
         raise (FileNotFoundError if kind == "FileNotFoundError" else CheckpointError)(text)
@@ -272,10 +265,9 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
     exported model, each rank's JSON state, DeepSpeed's files. Then rank 0 writes the manifest,
     renames the directory to `step_N/`, moves `latest` and keeps the newest
     `train.keep_checkpoints` (cfg); the other ranks wait for it."""
-    import torch.distributed as dist
+    from fusion import dist
 
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
+    world = dist.world()
     root = checkpoint_root(run_dir)
     tag = f"step_{step}"
     final, path = root / tag, root / f".{tag}.tmp"
@@ -283,8 +275,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
         for stale in root.glob(".step_*.tmp"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
         path.mkdir(parents=True)
-    if distributed:
-        dist.barrier()
+    dist.barrier()
     model, tensors = engine.module, None
     if experts is not None and experts.names:
         experts.save(path)
@@ -294,8 +285,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
     state = {"step": step, "data": data_state, "rng": rng_state()}
     write_atomic(path / f"rank{rank}.json", json.dumps(state).encode())
     engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
-    if distributed:
-        dist.barrier()  # every rank's files are on disk
+    dist.barrier()  # every rank's files are on disk
     if rank == 0:
         write_manifest(path, step, world)
         _fsync_dir(path)
@@ -311,8 +301,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
         keep = getattr(getattr(cfg, "train", None), "keep_checkpoints", 0)
         if keep:
             prune_checkpoints(root, keep)
-    if distributed:
-        dist.barrier()  # nobody goes on (or exits) before `latest` has moved
+    dist.barrier()  # nobody goes on (or exits) before `latest` has moved
     return final
 
 

@@ -34,12 +34,12 @@ IGNORE = -100  # fusion/model/fusion.py's label value with no loss
 def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                   temperature: float) -> torch.Tensor:
     """Mean over the masked positions of KL(softmax(teacher / T) || softmax(student / T)).
-    student, teacher (B, T, V); mask (B, T) bool. A fp32 scalar (0, attached, with no position)."""
-    s = student[mask].float() / temperature  # (N, V)
-    t = teacher[mask].float() / temperature  # (N, V)
-    if s.shape[0] == 0:
-        return student.sum() * 0.0
-    return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
+    student, teacher (B, T, V); mask (B, T) bool. A fp32 scalar (0, attached, with no position).
+    Masked by multiplication, not indexing: no host sync."""
+    s = (student.float() / temperature).log_softmax(-1)  # (B, T, V)
+    t = (teacher.float() / temperature).log_softmax(-1)  # (B, T, V)
+    per_pos = (t.exp() * (t - s)).sum(-1)  # (B, T)
+    return (per_pos * mask).sum() / mask.sum().clamp(min=1)
 
 
 class Distiller:
@@ -49,7 +49,7 @@ class Distiller:
         self.teacher = teacher
         self.temperature = temperature
         self.weight = weight
-        self._kl_sum = 0.0
+        self._kl_sum: torch.Tensor | None = None  # on the device: no host read per micro-step
         self._n = 0
 
     @torch.no_grad()
@@ -68,23 +68,26 @@ class Distiller:
         kl = kl_divergence(out.logits, self.teacher_logits(batch), mask, self.temperature)
         # out.loss holds the next-token loss with its gradient; its detached value is out.lm_loss.
         # Recompute it with a gradient to move W of its weight onto the KL term.
-        lm = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        lm = lm if bool(mask.any()) else lm.nan_to_num(0.0)
-        self._kl_sum += float(kl.detach())
+        lm = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                             reduction="sum") / mask.sum().clamp(min=1)  # 0 with no label, never NaN
+        kl_det = kl.detach().double()
+        self._kl_sum = kl_det if self._kl_sum is None else self._kl_sum + kl_det
         self._n += 1
         return out.loss + self.weight * (self.temperature ** 2 * kl - lm)
 
     def take_metrics(self) -> dict:
         """{"distill/kl": mean KL over this rank's micro-steps since the last call, averaged over
         ranks}. Collective when a process group is up: call it on every rank."""
-        import torch.distributed as dist
+        from fusion import dist
 
-        device = next(self.teacher.parameters()).device
-        t = torch.tensor([self._kl_sum, float(self._n)], dtype=torch.float64, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        self._kl_sum, self._n = 0.0, 0
-        return {"distill/kl": float(t[0] / t[1].clamp(min=1))}
+        t = dist.zeros(2, dtype=torch.float64)
+        if self._kl_sum is not None:
+            t[0] = self._kl_sum.to(t.device)
+        t[1] = self._n
+        dist.all_reduce(t)
+        self._kl_sum, self._n = None, 0
+        kl_sum, n = dist.fetch(t, "logging: distill/kl").tolist()
+        return {"distill/kl": kl_sum / max(n, 1.0)}
 
 
 def load_teacher(path: str, student, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

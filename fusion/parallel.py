@@ -5,7 +5,7 @@ their expert and back, and everything the trainer does to routed-expert paramete
 gradient reduction, their optimizer, their share of the gradient norm, and their checkpoint files.
 Model code stays single-device: `MoE.forward` calls `moe.dispatcher` when one is installed here.
 
-Layout (DeepSpeed's own groups, `deepspeed.utils.groups`): with W ranks and ep_size P, the
+Layout (`fusion.dist.expert_groups`, DeepSpeed's layout): with W ranks and ep_size P, the
 expert-parallel groups are consecutive ranks [0..P-1], [P..2P-1], ...; rank r holds experts
 [(r % P) * E/P, (r % P + 1) * E/P) of every MoE layer; the expert-data-parallel group of r is
 {r % P, r % P + P, ...}, the ranks that hold the same experts.
@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from fusion import dist
 
 EXPERT_FILE = "experts-{rank:05d}-of-{size:05d}.safetensors"
 _EXPERT_FILE_RE = re.compile(r"experts-(\d{5})-of-(\d{5})\.safetensors")
@@ -64,22 +65,23 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return dist.all_to_all(out, x, out_splits, in_splits, group=group)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        return dist.all_to_all(back, grad, in_splits, out_splits, group=ctx.group), None, None, None
 
 
 class ExpertDispatcher:
     """Sends routed rows to the rank owning their expert, runs the local experts, sends them back.
 
-    Called by `MoE.forward` with rows already sorted by global expert id. Counts travel first
-    (each rank learns how many rows of each of its experts every other rank sends), then the rows.
+    Called by `MoE.forward` with rows sorted by global expert id; rows past sum(counts) (padding
+    pairs the fast path sorts last) are not sent. Counts travel first (each rank learns how many
+    rows of each of its experts every other rank sends), then the rows. The all-to-all needs the
+    row counts on the host: one host read per call, the only one in a MoE layer under expert
+    parallelism (in a dry run the counts read as an even split).
     """
 
     def __init__(self, group, ep_size: int, n_experts: int):
@@ -90,9 +92,13 @@ class ExpertDispatcher:
         P, El = self.ep_size, self.n_experts // self.ep_size
         # 1. counts: row (s, l) of recv_counts = rows source s sends to my local expert l
         recv_counts = torch.empty_like(counts)  # (E,) = (P * El,)
-        dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
-        send_splits = counts.view(P, El).sum(1).tolist()  # rows for each destination rank
-        recv_splits = recv_counts.view(P, El).sum(1).tolist()  # rows from each source rank
+        dist.all_to_all(recv_counts, counts, group=self.group)
+        both = torch.stack([counts, recv_counts]).view(2, P, El).sum(2)  # (2, P) rows per rank
+        rows = x_sorted.shape[0]
+        host = dist.fetch(both, "expert parallelism: rows per rank for the all-to-all",
+                          stand_in=lambda: even_split(rows, P).expand(2, P))
+        send_splits, recv_splits = host.tolist()  # rows for each destination / from each source rank
+        x_sorted = x_sorted[:sum(send_splits)]  # padding pairs stay home
         # 2. rows: arrive grouped by source, then by local expert
         recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group)  # (R, D)
         local_expert = torch.arange(P * El, device=counts.device) % El  # (P*El,)
@@ -102,6 +108,13 @@ class ExpertDispatcher:
         out = out[order.argsort()]  # back to (source, expert) order
         # 3. results go home
         return _AllToAll.apply(out, send_splits, recv_splits, self.group)  # (M, D)
+
+
+def even_split(n: int, parts: int) -> torch.Tensor:
+    """(parts,) long: n rows dealt out as evenly as possible (the dry run's stand-in counts)."""
+    base = torch.full((parts,), n // parts, dtype=torch.long)
+    base[: n % parts] += 1
+    return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +184,8 @@ class ExpertParallel:
     def __init__(self, model: nn.Module, ep_size: int = 1):
         self.model = model
         self.ep_size = ep_size
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.world()
+        self.rank = dist.rank()
         if self.world % ep_size:
             raise ValueError(f"config key 'model.moe.ep_size': world size {self.world} is not divisible "
                              f"by ep_size={ep_size}")
@@ -186,13 +199,7 @@ class ExpertParallel:
                 raise ValueError(f"config key 'model.moe.ep_size': n_experts={self.n_experts} is not "
                                  f"divisible by ep_size={ep_size}")
         if self.names and self.world > 1:
-            from deepspeed.utils import groups
-
-            name = f"ep_size_{ep_size}"
-            if name not in groups._get_expert_parallel_group_dict():
-                groups._create_expert_and_data_parallel(ep_size)
-            self.ep_group = groups._get_expert_parallel_group(name)
-            self.ep_dp_group = groups._get_expert_data_parallel_group(name)
+            self.ep_group, self.ep_dp_group = dist.expert_groups(ep_size)
         if ep_size > 1 and self.names:
             self._shard()
         self.params = [model.get_parameter(n) for n in self.names]
@@ -457,9 +464,7 @@ class ExpertParallel:
         if self.ep_size == 1 or not self.names:
             return sd
         for name, p in zip(self.names, self.params):
-            parts = [torch.empty_like(p) for _ in range(self.ep_size)]
-            dist.all_gather(parts, p.detach().contiguous(), group=self.ep_group)
-            sd[name] = torch.cat(parts)  # (E, ...)
+            sd[name] = torch.cat(dist.all_gather(p.detach(), group=self.ep_group))  # (E, ...)
         return sd
 
     def unsharded_copy(self) -> nn.Module:

@@ -8,23 +8,26 @@ Several (CPU or GPU): deepspeed --num_gpus 2 --module fusion.train --config conf
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from fusion import dist
 from fusion.config import (MODALITIES, Config, ConfigError, deepspeed_config, dump_yaml, finalize,
                            load_config)
 from fusion.data.mixing import NoDataError
+from fusion.faults import Faults
+from fusion.guard import NonFiniteError, NonFiniteGuard, innermost_optimizer
+from fusion.metrics import DebugLog, MetricsLog, StepStats, router_metrics
 
 
 def parse_args(argv):
@@ -71,7 +74,8 @@ def init_distributed():
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(), local_rank)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    dist.setup(device)  # the communication device: collectives take tensors there
+    return dist.rank(), dist.world(), device
 
 
 def release_shm_buffer(shm_dir: str = "/dev/shm") -> Path | None:
@@ -83,14 +87,12 @@ def release_shm_buffer(shm_dir: str = "/dev/shm") -> Path | None:
     after a barrier the names are no longer needed; the memory is freed when the last rank exits,
     even if it crashes. Returns the path removed, if any.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if dist.world() == 1:
         return None
     dist.barrier()
     path = Path(shm_dir) / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-        dist.get_rank())
+        dist.rank())
     try:
         path.unlink()
     except FileNotFoundError:  # ranks on several hosts, or no shm op: no buffer
@@ -127,9 +129,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: f
     return list(groups.values())
 
 
-def grad_l2_norm(model: torch.nn.Module) -> float:
+def grad_l2_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of every gradient of `model`, a device scalar (read at logging)."""
     grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def lr_at(step: int, cfg) -> float:
@@ -176,22 +179,6 @@ def run_metadata() -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def router_metrics(load: torch.Tensor) -> dict:
-    """load (L, 3, E) routed assignments of one step, summed over ranks.
-    max_load: the largest expert load over the mean load of its layer; dead: experts with none."""
-    out = {}
-    per_expert = load.sum(1)  # (L, E)
-    mean = per_expert.mean(1, keepdim=True).clamp(min=1e-9)
-    out["router/max_load"] = float((per_expert / mean).max())
-    out["router/dead_experts"] = int((per_expert == 0).sum())
-    for i, name in enumerate(MODALITIES):
-        mod = load[:, i]  # (L, E)
-        if mod.sum() > 0:
-            mod_mean = mod.mean(1, keepdim=True).clamp(min=1e-9)
-            out[f"router/max_load/{name}"] = float((mod / mod_mean).max())
-    return out
-
-
 def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
     """Toy-VQA accuracy of the live model on `data.eval` sets -> metrics `eval/acc/{type}` (first
     set holding that type) and `eval/{set}/acc`, `eval/{set}/blind_acc`; files in eval/step_N/,
@@ -223,197 +210,8 @@ def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
     log.flush()
     plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
     if run_load is not None:
-        plot_expert_load(run_load.numpy(), layer_ids, run_dir / "plots" / "expert_load.png")
-
-
-# ---------------------------------------------------------------------------------------------
-# non-finite guard, fault injection and the per-rank debug log (issue #8)
-# ---------------------------------------------------------------------------------------------
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-def innermost_optimizer(optimizer):
-    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16): the one whose step() updates."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-class NonFiniteGuard:
-    """Skips the optimizer update of a step whose loss or gradients are NaN/Inf on any rank.
-
-    Gradients are watched by a hook on every parameter as backward produces them (before DeepSpeed
-    reduces or partitions them, whatever the ZeRO stage): the squared norms are summed on this rank,
-    so the check costs no extra pass and no sync until `decide()`, which all-reduces one flag so
-    every rank skips alike. A skipped step still goes through `engine.step()` with the torch
-    optimizers' `step` made a no-op: DeepSpeed zeroes the gradients and advances its counters, while
-    the weights, the AdamW moments and AdamW's own step count stay as they were.
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizers: list, device: torch.device):
-        self.optimizers = [o for o in optimizers if o is not None]
-        self.device = device
-        self.total = 0         # skipped steps since this process started
-        self.in_a_row = 0
-        self._reset()
-        for p in model.parameters():
-            if p.requires_grad:
-                p.register_hook(self._watch)
-
-    def _reset(self) -> None:
-        self.bad_loss = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.grad_sq = torch.zeros((), dtype=torch.float32, device=self.device)
-
-    def _watch(self, grad: torch.Tensor) -> None:
-        self.grad_sq = self.grad_sq + torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2
-
-    def observe_loss(self, loss: torch.Tensor) -> None:
-        self.bad_loss = self.bad_loss | ~torch.isfinite(loss.detach())
-
-    def decide(self) -> bool:
-        """Collective, at the accumulation boundary: True when any rank saw a non-finite loss or
-        gradient since the last decision."""
-        import torch.distributed as dist
-
-        flag = (self.bad_loss | ~torch.isfinite(self.grad_sq)).to(torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._reset()
-        return bool(flag.item())
-
-    def count(self, skipped: bool) -> None:
-        self.total += int(skipped)
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
-
-    @contextlib.contextmanager
-    def suppress(self, active: bool):
-        """Within the block, the torch optimizers' step() does nothing (when `active`)."""
-        if active:
-            for opt in self.optimizers:
-                opt.step = lambda *args, **kwargs: None  # instance attribute shadows the method
-        try:
-            yield
-        finally:
-            if active:
-                for opt in self.optimizers:
-                    del opt.step
-
-
-class Faults:
-    """Test-only fault injection from the environment: FUSION_FAULTS="loss@3,grad@5:1,router@7"
-    makes step 3's loss NaN, one gradient of step 5 NaN on rank 1 only, and the router logits
-    (and gates) of step 7 NaN; without `:rank`, on every rank. Steps count from 1."""
-
-    KINDS = ("loss", "grad", "router")
-
-    def __init__(self, spec: str, rank: int, model: torch.nn.Module):
-        self.at: dict[str, set[int]] = {k: set() for k in self.KINDS}
-        self.step = 0
-        for item in filter(None, (s.strip() for s in spec.split(","))):
-            m = re.fullmatch(r"(loss|grad|router)@(\d+)(?::(\d+))?", item)
-            if m is None:
-                raise ValueError(f"FUSION_FAULTS: cannot read '{item}' (expected e.g. loss@3 or grad@5:1)")
-            if m.group(3) is None or int(m.group(3)) == rank:
-                self.at[m.group(1)].add(int(m.group(2)))
-        if self.at["grad"]:
-            # registered before NonFiniteGuard's hooks, so the guard sees the injected NaN
-            next(p for p in model.parameters() if p.requires_grad).register_hook(self._grad)
-        if self.at["router"]:
-            for layer in model.moe_layers:
-                layer.router.register_forward_hook(self._router)
-
-    def loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * float("nan") if self.step in self.at["loss"] else loss
-
-    def _grad(self, grad: torch.Tensor):
-        return grad * float("nan") if self.step in self.at["grad"] else None
-
-    def _router(self, module, inputs, output):
-        if self.step not in self.at["router"]:
-            return None
-        topk_idx, gates, logits = output
-        return topk_idx, gates * float("nan"), logits * float("nan")
-
-
-def weights_checksum(model: torch.nn.Module) -> float:
-    """Sum of every parameter and buffer of this rank's model, in float64 (equal on every rank of
-    a data-parallel run; unchanged by a skipped step)."""
-    with torch.no_grad():
-        return float(sum(v.detach().double().sum() for v in model.state_dict().values()
-                         if v.is_floating_point()))
-
-
-class DebugLog:
-    """`train.debug_log`: RUN/debug/rank{r}.jsonl, one line per step with the keys of the samples
-    this rank consumed and a checksum of its weights (for checking exact resume and that the ranks
-    agree). A resumed run appends: for a step written twice, the last line is the one that counts."""
-
-    def __init__(self, run_dir: Path, rank: int, enabled: bool):
-        self.file = None
-        if enabled:
-            (run_dir / "debug").mkdir(parents=True, exist_ok=True)
-            self.file = open(run_dir / "debug" / f"rank{rank}.jsonl", "a")
-
-    def log(self, step: int, keys: list[str], model: torch.nn.Module, skipped: bool) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps({"step": step, "keys": keys, "skipped": skipped,
-                                    "weights": weights_checksum(model)}) + "\n")
-        self.file.flush()
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere.
-
-    A run that starts at `start_step` (0, or the step it resumed from) repeats the steps after it,
-    so rows logged past it by an earlier attempt move to metrics.replaced.jsonl (appended; nothing
-    is lost) and TensorBoard purges its events past it: metrics.jsonl keeps one row per step.
-    """
-
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        path = run_dir / "metrics.jsonl"
-        if path.is_file():
-            keep, replaced = [], []
-            for line in path.read_text().splitlines(keepends=True):
-                try:
-                    row_step = json.loads(line)["step"]
-                except (ValueError, KeyError, TypeError):
-                    row_step = None  # a line cut short by a crash
-                (keep if isinstance(row_step, int) and row_step <= start_step else replaced).append(line)
-            if replaced:
-                with open(run_dir / "metrics.replaced.jsonl", "a") as out:
-                    out.writelines(l if l.endswith("\n") else l + "\n" for l in replaced)
-                tmp = path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(keep))
-                os.replace(tmp, path)
-        self.file = open(path, "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
-
-    def log(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.tb.add_scalar(key, value, row["step"])
-
-    def flush(self) -> None:
-        if self.enabled:
-            self.file.flush()
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
+        load = dist.fetch(run_load, "checkpoint: the expert-load heatmap").numpy()
+        plot_expert_load(load, layer_ids, run_dir / "plots" / "expert_load.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,15 +264,145 @@ def main(argv=None) -> int:
         return 1
 
 
+# ---------------------------------------------------------------------------------------------
+# one optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepParts:
+    """What an optimizer step works with. `engine` is DeepSpeed's (or the dry run's stand-in with
+    the same calls: __call__, backward, is_gradient_accumulation_boundary, step,
+    get_global_grad_norm, zero_optimization_stage, bfloat16_enabled, module)."""
+
+    cfg: Config
+    engine: Any
+    optimizer: torch.optim.Optimizer   # the non-expert parameters' (its groups take the lr)
+    experts: Any                       # fusion.parallel.ExpertParallel
+    guard: NonFiniteGuard
+    faults: Faults
+    distiller: Any                     # fusion.distill.Distiller or None
+    model: torch.nn.Module
+    device: torch.device
+    bf16: bool
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch on the compute device; pinned host memory lets the copy overlap compute."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(p: StepParts, batches, step: int) -> StepStats:
+    """Optimizer step `step` (counted from 0): `grad_accum` micro-steps of forward and backward,
+    the expert gradients' reduction, the non-finite decision, DeepSpeed's and the experts' update,
+    and the routers' balancing. Host reads only at the accumulation boundary (the skip decision;
+    DeepSpeed's own) and, under expert parallelism, the all-to-all's row counts."""
+    cfg, t = p.cfg, p.cfg.train
+    lr = lr_at(step, cfg)
+    for group in [*p.optimizer.param_groups, *p.experts.param_groups]:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    stats = StepStats.zeros(p.device)
+    p.faults.step = step + 1
+    skipped, grad_norm = False, None
+    for _ in range(t.grad_accum):
+        batch = to_device(next(batches), p.device)
+        out = p.engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
+                       doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
+                       images=batch.get("images"), videos=batch.get("videos"),
+                       return_logits=p.distiller is not None)
+        loss = p.faults.loss(out.loss if p.distiller is None else p.distiller.mix(out, batch))
+        p.guard.observe_loss(loss)
+        p.engine.backward(loss)
+        stats.add_micro(out, batch)
+        boundary = p.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            p.experts.reduce_grads()  # expert grads over their expert-data-parallel group
+            if t.zero_stage == 0 and not p.bf16 and not p.experts.names:
+                # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
+                grad_norm = grad_l2_norm(p.model)
+            skipped = p.guard.decide()  # all-reduced: every rank skips alike
+        with p.guard.suppress(boundary and skipped):  # no update; DeepSpeed's counters still move
+            p.engine.step()
+            if boundary and p.experts.names:
+                grad_norm = p.experts.step()  # clipped with, and returning, the global norm
+    p.guard.count(skipped)
+    stats.load = balance_routers(p.model.moe_layers, skipped)
+    stats.steps, stats.skipped = 1, int(skipped)
+    stats.lr, stats.grad_norm = lr, grad_norm
+    return stats
+
+
+def balance_routers(moe_layers, skipped: bool) -> torch.Tensor | None:
+    """Expert loads of this step summed over ranks (one all-reduce, on the device), and the
+    aux-loss-free bias update from them. -> (L, 3, E) float64, or None without MoE layers."""
+    if not moe_layers:
+        return None
+    load = torch.stack([layer.take_load() for layer in moe_layers]).to(dist.comm_device())  # (L, 3, E)
+    dist.all_reduce(load)
+    if not skipped:  # a skipped step leaves the router biases as they were too
+        for layer, layer_load in zip(moe_layers, load):
+            layer.update_bias(layer_load.sum(0))
+    return load
+
+
+def log_row(reduced: dict, stats: StepStats, step: int, parts: StepParts, derived, batches,
+            fpt: float, peak: float | None) -> dict:
+    """The metrics.jsonl row of a logging interval (figures already reduced over ranks)."""
+    n, seconds = stats.steps, max(stats.seconds, 1e-9)
+    tokens = derived.tokens_per_step * n
+    count = reduced["loss_count"]
+    row = {"step": step, "loss": float(reduced["loss_sum"].sum() / count.sum().clamp(min=1)),
+           "lr": stats.lr}
+    for i, name in enumerate(MODALITIES):
+        if count[i] > 0:
+            row[f"loss/{name}"] = float(reduced["loss_sum"][i] / count[i])
+        row[f"tokens/{name}"] = round(float(reduced["tokens"][i]) / n)  # per step, all ranks
+    grad_norm = stats.grad_norm
+    if grad_norm is None:
+        grad_norm = parts.engine.get_global_grad_norm()
+    if isinstance(grad_norm, torch.Tensor):
+        grad_norm = dist.fetch_float(grad_norm, "logging: grad_norm")
+    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    row["tokens_per_s"] = tokens / seconds
+    row["mfu"] = (fpt * tokens / seconds / (peak * 1e12 * dist.world())) if peak else None
+    if parts.device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
+        row["mem/peak_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2 ** 30
+    row["aux_loss"], row["z_loss"] = reduced["aux"], reduced["z"]
+    if parts.distiller is not None:
+        row.update(parts.distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
+    row["nonfinite_skips"] = parts.guard.total
+    if reduced["load"] is not None:
+        row.update(router_metrics(reduced["load"]))
+    for m, share in batches.shares().items():
+        row[f"data/share/{m}"] = share
+        row[f"data/target/{m}"] = batches.probs[m]
+    for reason, count in batches.failures().items():
+        row[f"data/failed/{reason}"] = count
+    return row
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+
 def train(cfg: Config) -> int:
     import deepspeed
-    import torch.distributed as dist
 
     from fusion.checkpoint import choose_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
     from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
-    from fusion.model.fusion import build_model
     from fusion.distill import build_distiller
+    from fusion.model.fusion import build_model
     from fusion.parallel import ExpertParallel
 
     rank, world, device = init_distributed()
@@ -494,7 +422,7 @@ def train(cfg: Config) -> int:
         model.decoder.compile_blocks()  # torch.compile each block; compiles at the first step
     fpt = flops_per_token(model, cfg)  # before the experts are sharded over ranks
     bf16 = use_bf16(cfg.train.precision, device)
-    distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process (issue #9)
+    distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process
     t = cfg.train
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel.py)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
@@ -505,11 +433,12 @@ def train(cfg: Config) -> int:
     engine, optimizer, _, _ = deepspeed.initialize(model=experts.engine_module(), optimizer=optimizer,
                                                    config=ds_config)
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
-    moe_layers = model.moe_layers
     peak = peak_tflops(cfg, device)
     # skip updates on NaN/Inf (faults first: its gradient hook must run before the guard's)
     faults = Faults(os.environ.get("FUSION_FAULTS", ""), rank, model)
     guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device)
+    parts = StepParts(cfg=cfg, engine=engine, optimizer=optimizer, experts=experts, guard=guard,
+                      faults=faults, distiller=distiller, model=model, device=device, bf16=bf16)
 
     # ---- data ----
     batches = build_batches(cfg, tokenizer, rank, world)
@@ -527,68 +456,19 @@ def train(cfg: Config) -> int:
 
     log = MetricsLog(run_dir, rank == 0, start_step=step)
     debug = DebugLog(run_dir, rank, t.debug_log)
-    run_load = None  # (L, 3, E) expert load summed over ranks, since the last heatmap
+    run_load = None  # (L, 3, E) expert load summed over ranks since the start, on the device
     last_saved = step if resume_path is not None else -1
-    # sums over the steps since the last logged row: a row reports the whole interval
-    interval = torch.zeros(12, dtype=torch.float64)
-    interval_steps, interval_seconds, interval_load = 0, 0.0, None
+    interval: StepStats | None = None  # the steps since the last logged row
+    first_step, started = step, time.perf_counter()
     engine.train()
     while step < t.steps:
         t0 = time.perf_counter()
-        tokens_before = dict(batches.tokens)
-        lr = lr_at(step, cfg)
-        for group in [*optimizer.param_groups, *experts.param_groups]:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
-        # ---- micro-steps: forward, backward, (DeepSpeed steps at the accumulation boundary) ----
-        # loss_sum[3], loss_count[3], aux, z, micro-steps, non-padding tokens[3] (per modality)
-        stats = torch.zeros(12, dtype=torch.float64)
-        grad_norm, skipped = None, False
-        faults.step = step + 1
-        for _ in range(t.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            out = engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
-                         doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
-                         images=batch.get("images"), videos=batch.get("videos"),
-                         return_logits=distiller is not None)
-            loss = faults.loss(out.loss if distiller is None else distiller.mix(out, batch))
-            guard.observe_loss(loss)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            if boundary:
-                experts.reduce_grads()  # expert grads over their expert-data-parallel group
-                if t.zero_stage == 0 and not bf16 and not experts.names:
-                    # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
-                    grad_norm = grad_l2_norm(model)
-            if boundary:
-                skipped = guard.decide()  # all-reduced: every rank skips alike
-            with guard.suppress(boundary and skipped):  # no update; DeepSpeed's counters still move
-                engine.step()
-                if boundary and experts.names:
-                    grad_norm = experts.step()  # clipped with, and returning, the global norm
-            stats[0:3] += out.loss_sum.double().cpu()
-            stats[3:6] += out.loss_count.double().cpu()
-            stats[6] += float(out.aux_loss)
-            stats[7] += float(out.z_loss)
-            stats[8] += 1
+        stats = train_step(parts, batches, step)
         step += 1
-        guard.count(skipped)
-
-        # ---- router balancing: expert loads summed over ranks; aux-free bias update ----
-        if moe_layers:
-            load = torch.stack([layer.take_load() for layer in moe_layers]).to(torch.float64)  # (L, 3, E)
-            dist.all_reduce(load)
-            for layer, layer_load in zip(moe_layers, load):
-                if not skipped:  # a skipped step leaves the router biases as they were too
-                    layer.update_bias(layer_load.sum(0).to(device))
-            run_load = load if run_load is None else run_load + load
-            interval_load = load if interval_load is None else interval_load + load
-        for i, name in enumerate(MODALITIES):
-            stats[9 + i] = batches.tokens[name] - tokens_before[name]
-        dist.all_reduce(stats)
-        interval += stats
-        interval_steps += 1
-        interval_seconds += time.perf_counter() - t0
+        if stats.load is not None:
+            run_load = stats.load if run_load is None else run_load + stats.load
+        stats.seconds = time.perf_counter() - t0
+        interval = stats if interval is None else interval.merge(stats)
 
         # ---- evaluate (rank 0 scores the VQA sets; the others wait at the barrier) ----
         eval_row = {}
@@ -600,44 +480,20 @@ def train(cfg: Config) -> int:
                 eval_row = evaluate_in_training(eval_model, cfg, run_dir, step)
             dist.barrier()
 
-        # ---- log: one row per logged step, averages over the steps since the last row ----
+        # ---- log: one row per logged step, figures over the steps since the last row ----
         if step % t.log_every == 0 or step == t.steps or evaluate_now:
-            n, seconds = interval_steps, interval_seconds
-            tokens = derived.tokens_per_step * n
-            row = {"step": step, "loss": float(interval[0:3].sum() / interval[3:6].sum().clamp(min=1)),
-                   "lr": lr}
-            for i, name in enumerate(MODALITIES):
-                if interval[3 + i] > 0:
-                    row[f"loss/{name}"] = float(interval[i] / interval[3 + i])
-                row[f"tokens/{name}"] = round(float(interval[9 + i]) / n)  # per step, all ranks
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-            row["tokens_per_s"] = tokens / seconds
-            row["mfu"] = (fpt * tokens / seconds / (peak * 1e12 * world)) if peak else None
-            if device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
-                row["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            row["aux_loss"] = float(interval[6] / interval[8])
-            row["z_loss"] = float(interval[7] / interval[8])
-            if distiller is not None:
-                row.update(distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
-            row["nonfinite_skips"] = guard.total
-            if moe_layers:
-                row.update(router_metrics(interval_load))
-            for m, share in batches.shares().items():
-                row[f"data/share/{m}"] = share
-                row[f"data/target/{m}"] = batches.probs[m]
-            for reason, count in batches.failures().items():
-                row[f"data/failed/{reason}"] = count
+            row = log_row(interval.reduce(), interval, step, parts, derived, batches, fpt, peak)
             log.log({**row, **eval_row})
-            interval.zero_()
-            interval_steps, interval_seconds, interval_load = 0, 0.0, None
+            interval = None
             if rank == 0:
-                print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {lr:.2e} "
-                      f"tok/s {row['tokens_per_s']:.0f}", flush=True)
+                elapsed = time.perf_counter() - started
+                eta = elapsed / (step - first_step) * (t.steps - step)
+                print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                      f"tok/s {row['tokens_per_s']:.0f} elapsed {format_duration(elapsed)} "
+                      f"eta {format_duration(eta)}", flush=True)
 
-        debug.log(step, batches.take_keys(), model, skipped)
-        if skipped and rank == 0:
+        debug.log(step, batches.take_keys(), model, bool(stats.skipped))
+        if stats.skipped and rank == 0:
             print(f"step {step}: non-finite loss or gradient, optimizer step skipped "
                   f"({guard.in_a_row} in a row, {guard.total} in all)", flush=True)
         if t.max_nonfinite and guard.in_a_row >= t.max_nonfinite:

@@ -25,6 +25,7 @@ from fusion.data.tokenizer import SpecialIds
 from fusion.model.decoder import Decoder
 
 IGNORE = -100  # label value with no loss: padding, placeholders, media markers
+N_MODALITIES = 3  # text, image, video
 
 
 @dataclass
@@ -36,6 +37,22 @@ class ModelOutput:
     loss_sum: torch.Tensor             # (3,) summed token losses per sample modality (detached)
     loss_count: torch.Tensor           # (3,) labelled tokens per sample modality
     logits: torch.Tensor | None = None
+
+
+def check_count(slots: torch.Tensor, n_feats: int, kind: str, given: bool = True) -> None:
+    """The placeholders in `slots` (B, T) bool number `n_feats` (the embeddings' count, a shape,
+    known on the host). On the CPU: a ValueError with both numbers. On an accelerator the count
+    lives on the device and reading it would stall every step, so the device asserts it instead
+    (the error names the embeddings' count; `check_count` on CPU copies of the inputs gives both)."""
+    what = f"{n_feats} {kind} embeddings from the vision tower" if given else \
+        f"0 {kind} embeddings (no {kind}s were given)"
+    if slots.device.type == "cpu":
+        n_slots = int(slots.sum())
+        if n_slots != n_feats:
+            raise ValueError(f"{n_slots} {kind} placeholder tokens in input_ids but {what}")
+    else:
+        torch._assert_async(slots.sum() == n_feats,
+                            f"the number of {kind} placeholder tokens in input_ids is not {n_feats}: {what}")
 
 
 def media_slots(input_ids: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,18 +118,13 @@ class FusionModel(nn.Module):
 
     @staticmethod
     def _splice(h, slots, feats, kind):
-        n_slots, n_feats = int(slots.sum()), feats.shape[0]
-        if n_slots != n_feats:
-            raise ValueError(f"{n_slots} {kind} placeholder tokens in input_ids but {n_feats} {kind} "
-                             f"embeddings from the vision tower")
+        check_count(slots, feats.shape[0], kind)
         # row-major order of placeholders == order of media in the batch
         return h.masked_scatter(slots[..., None], feats.to(h.dtype))
 
     @staticmethod
     def _check_empty(slots, kind):
-        if slots.any():
-            raise ValueError(f"{int(slots.sum())} {kind} placeholder tokens in input_ids but 0 {kind} "
-                             f"embeddings (no {kind}s were given)")
+        check_count(slots, 0, kind, given=False)
 
     def forward(self, input_ids, labels=None, positions=None, doc_ids=None, sample_modality=None,
                 images=None, videos=None, valid=None, return_logits=False):
@@ -131,14 +143,16 @@ class FusionModel(nn.Module):
     def loss(self, logits, labels, aux, z, sample_modality, return_logits) -> ModelOutput:
         per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                     ignore_index=IGNORE, reduction="none")  # (B*T,)
-        mask = labels.flatten() != IGNORE
+        mask = labels.flatten() != IGNORE  # (B*T,)
         n = mask.sum()
         lm_loss = per_token.sum() / n.clamp(min=1)
         if sample_modality is None:
             sample_modality = torch.zeros_like(labels)
-        mod = sample_modality.flatten()
-        loss_sum = torch.zeros(3, device=logits.device).index_add_(0, mod[mask], per_token[mask].detach())
-        loss_count = torch.bincount(mod[mask], minlength=3).float()
+        # per-modality sums into fixed sizes (no boolean indexing, no bincount: no host sync);
+        # ignored positions have a per-token loss of 0 and count 0
+        mod = sample_modality.flatten()  # (B*T,)
+        loss_sum = per_token.new_zeros(N_MODALITIES).index_add_(0, mod, per_token.detach())
+        loss_count = per_token.new_zeros(N_MODALITIES).index_add_(0, mod, mask.to(per_token.dtype))
         moe = self.cfg.moe
         total = lm_loss + moe.z_coef * z
         if moe.balance == "aux":

@@ -27,8 +27,11 @@ What it changes against `MoE.forward`'s readable path (fusion/model/moe.py), and
 - The router is the same module and scores in fp32; losses and load counts equal the readable
   path's (padding excluded), computed with masks instead of indexing.
 
-Under expert parallelism (a dispatcher installed) `MoE.forward` keeps its own dispatch, whose
-all-to-all needs the counts on the host, and only the expert compute comes here (`run_sorted`).
+Under expert parallelism (a dispatcher installed) the pairs are sorted by expert with padding
+pairs last and handed to the dispatcher (fusion/parallel.py), whose all-to-all needs the row
+counts on the host: that one read per layer is the only host sync of the layer. The experts held
+on this rank run through the aligned buffer (`run_sorted`), and the rows come back to their
+(token, k) slots by one `index_copy`.
 
 Shapes: B batch, T tokens, N = B*T, D dim, E experts, K top-k, M = N*K (token, expert) pairs,
 R rows of the aligned buffer, H expert hidden width.
@@ -212,7 +215,7 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
     """`MoE.forward` for path "fast" without a dispatcher: same inputs, outputs, losses and counts."""
     cfg = moe.cfg
     B, T, D = x.shape
-    N, K, E = B * T, cfg.top_k, moe.experts.w1.shape[0]
+    N, K, E = B * T, cfg.top_k, cfg.n_experts  # E: every expert, wherever it is held
     xf = x.reshape(N, D)  # (N, D)
     keep = None if valid is None else valid.reshape(N)  # (N,) bool
 
@@ -229,14 +232,17 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
 
     topk_idx, gates, logits = moe.router(xf)  # (N, K) long, (N, K) fp32, (N, E) fp32
     pair_keep = None if keep is None else keep[:, None].expand(N, K).reshape(N * K)  # (M,)
-    layout = layout_pairs(topk_idx.reshape(N * K), pair_keep, E)
     rows = xf if K == 1 else xf[:, None].expand(N, K, D).reshape(N * K, D)  # (M, D) in (token, k) order
     gate = gates.reshape(N * K, 1)  # (M, 1)
     if cfg.gate_on == "input":
         rows = rows * gate.to(rows.dtype)  # Llama 4 scales the expert input
     if pair_keep is not None:
         rows = torch.where(pair_keep[:, None], rows, 0)  # padding rows are exactly zero, even if non-finite
-    out = run_rows(moe.experts, rows, layout)  # (M, D)
+    if moe.dispatcher is None:
+        layout = layout_pairs(topk_idx.reshape(N * K), pair_keep, E)
+        out, counts = run_rows(moe.experts, rows, layout), layout.counts  # (M, D), (E,)
+    else:
+        out, counts = _dispatch(moe, rows, topk_idx.reshape(N * K), pair_keep)  # via other ranks
     if cfg.gate_on == "output":
         out = out * gate.to(out.dtype)
         if pair_keep is not None:
@@ -250,10 +256,26 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
         y = y + shared_out
     y = y.reshape(B, T, D).to(x.dtype)  # (B, T, D)
 
-    aux, z = losses(moe, logits, layout.counts, keep)
+    aux, z = losses(moe, logits, counts, keep)
     if moe.training and not moe.recomputing:
         count_load(moe, topk_idx, keep, modality)
     return y, aux, z
+
+
+def _dispatch(moe, rows: torch.Tensor, expert: torch.Tensor,
+              keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (M, D) in (token, k) order through the experts of every rank of the expert-parallel
+    group. Padding pairs sort after every real pair and are not sent; their output rows are 0.
+    -> (out (M, D), real pairs per expert (E,))"""
+    E = moe.cfg.n_experts  # global ids: the router scores every expert
+    key = expert if keep is None else torch.where(keep, expert, E)  # (M,) padding sorts last
+    order = key.argsort(stable=True)  # (M,)
+    counts = torch.zeros(E + 1, dtype=torch.long, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))  # (E+1,) no host sync
+    out_sorted = moe.dispatcher(rows[order], counts[:E], moe.run_experts)  # (Mv, D) real pairs only
+    # back to (token, k) order; padding slots stay zero
+    out = rows.new_zeros(rows.shape).index_copy(0, order[: out_sorted.shape[0]], out_sorted)  # (M, D)
+    return out, counts[:E]
 
 
 def losses(moe, logits: torch.Tensor, counts: torch.Tensor,

@@ -243,8 +243,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        if cfg.path == "fast" and self.dispatcher is None:
-            from fusion.model import grouped  # sync-free aligned dispatch (issue #7)
+        if cfg.path == "fast":
+            from fusion.model import grouped  # sync-free aligned dispatch
 
             return grouped.forward(self, x, valid, modality)
         B, T, D = x.shape

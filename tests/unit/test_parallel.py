@@ -34,9 +34,9 @@ def _reference(cfg: MoEConfig, xs: list[torch.Tensor], skew: bool):
     jointly compute before any reduction)."""
     moe = _build(cfg, skew)
     outs = []
-    for x in xs:
+    for x, valid in zip(xs, _valid(cfg.path)):
         x = x.clone().requires_grad_(True)
-        y, _, _ = moe(x)
+        y, _, _ = moe(x, valid)
         (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
         outs.append((y.detach(), x.grad))
     grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
@@ -46,7 +46,20 @@ def _reference(cfg: MoEConfig, xs: list[torch.Tensor], skew: bool):
 CASES = [  # (top_k, expert path, skew)
     (2, "grouped", False),
     (1, "loop", True),  # every token goes to rank 0's experts: rank 1's experts get no rows at all
+    (2, "fast", False),  # with padding tokens (below): their pairs sort last and are not sent
+    (1, "fast", True),
 ]
+
+
+def _valid(path: str) -> list[torch.Tensor | None]:
+    """Padding masks for the fast cases (the last tokens of some rows are padding)."""
+    if path != "fast":
+        return [None, None]
+    first = torch.ones(2, 5, dtype=torch.bool)
+    first[0, 3:] = False
+    second = torch.ones(1, 7, dtype=torch.bool)
+    second[0, 6] = False
+    return [first, second]
 
 
 def _cfg(k: int, path: str) -> MoEConfig:
@@ -77,7 +90,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                         torch.nn.Parameter(full.detach()[rank * El:(rank + 1) * El].clone()))
             moe.dispatcher = ExpertDispatcher(None, 2, E)
             x = _inputs(skew)[rank].requires_grad_(True)
-            y, _, _ = moe(x)
+            y, _, _ = moe(x, _valid(path)[rank])
             (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
             results.append((y.detach(), x.grad, {n: p.grad.clone() for n, p in moe.named_parameters()}))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -87,8 +100,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_dispatcher_matches_single_device(tmp_path):
     """Two ranks, two experts each, uneven batches: outputs, input grads and expert grads equal
-    one device holding all four experts, for top-2 grouped and top-1 loop, and when one rank's
-    experts receive nothing."""
+    one device holding all four experts, for top-2 grouped, top-1 loop and the fast path with
+    padding tokens, and when one rank's experts receive nothing."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(2)]
