@@ -36,6 +36,13 @@ def parse_args(argv):
     p.add_argument("--config", help="YAML file of overrides (see configs/); defaults otherwise")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the DeepSpeed launcher; not for users")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run one step of the config on an accelerator stand-in (meta tensors, a fake "
+                        "process group: no GPU, no data needed) and print what it checked, the tensor "
+                        "shapes per part and the memory fusion-plan predicts; exits 1 on what a GPU run "
+                        "would hit (README: 'Checking the GPU path without a GPU')")
+    p.add_argument("--world", type=int, default=1, metavar="N",
+                   help="with --dry-run: the number of ranks to check the step for (default 1)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, applied after the YAML file (e.g. train.steps=50)")
     return p.parse_intermixed_args(argv)  # options may follow overrides
@@ -182,19 +189,21 @@ def run_metadata() -> dict:
 def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
     """Toy-VQA accuracy of the live model on `data.eval` sets -> metrics `eval/acc/{type}` (first
     set holding that type) and `eval/{set}/acc`, `eval/{set}/blind_acc`; files in eval/step_N/,
-    copied to eval/ (SET.json there is always the latest)."""
-    from fusion.eval.vqa import evaluate_run
-
+    copied to eval/ (SET.json there is always the latest). Collective: the ranks share the
+    questions (one reduction per set), rank 0 writes the files; every rank gets the row."""
     import shutil
+
+    from fusion.eval.vqa import evaluate_run
 
     sets = [s for s in cfg.data.eval.split(",") if s]
     out_dir = run_dir / "eval" / f"step_{step}"
     results = evaluate_run(run_dir, sets, model=model, out_dir=out_dir,
                            step=step, limit=cfg.data.eval_limit or None, n_frames=cfg.data.n_frames,
-                           examples=8, progress=False)
-    for path in out_dir.iterdir():  # eval/SET.json (and SET.png): the latest evaluation
-        if path.is_file():
-            shutil.copy2(path, run_dir / "eval" / path.name)
+                           examples=8, progress=False, shard=(dist.rank(), dist.world()))
+    if dist.rank() == 0:
+        for path in out_dir.iterdir():  # eval/SET.json (and SET.png): the latest evaluation
+            if path.is_file():
+                shutil.copy2(path, run_dir / "eval" / path.name)
     row: dict = {}
     for name, res in results.items():
         row[f"eval/{name}/acc"] = res["overall"]["acc"]
@@ -210,13 +219,40 @@ def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
     log.flush()
     plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
     if run_load is not None:
-        load = dist.fetch(run_load, "checkpoint: the expert-load heatmap").numpy()
-        plot_expert_load(load, layer_ids, run_dir / "plots" / "expert_load.png")
+        plot_expert_load(host_load(run_load), layer_ids, run_dir / "plots" / "expert_load.png")
+
+
+def host_load(run_load: torch.Tensor):
+    """The expert loads summed since the start (L, 3, E), read on the host for the heatmap at a
+    checkpoint boundary."""
+    return dist.fetch(run_load, "checkpoint: the expert-load heatmap").numpy()
 
 
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
+
+
+def dry_run_main(cfg: Config, args) -> int:
+    """`fusion-train --dry-run`: the report on stdout; 1 with one line saying what a GPU run would
+    hit (and where) otherwise."""
+    from fusion.dryrun import DryRunError, dry_run, explain
+
+    name = args.config or "the default config"
+    if args.overrides:
+        name += " " + " ".join(args.overrides)
+    try:
+        report = dry_run(cfg, args.world, name)
+    except DryRunError as e:
+        print(f"fusion-train: dry run: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, NotImplementedError, ValueError, AssertionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"fusion-train: dry run: {explain(e)}", file=sys.stderr)
+        return 1
+    print(report.format())
+    return 0
 
 
 def check_inputs(cfg: Config) -> None:
@@ -245,8 +281,14 @@ def check_inputs(cfg: Config) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.world != 1 and not args.dry_run:
+        print("fusion-train: error: --world is for --dry-run (the launcher sets the world of a real run)",
+              file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run_main(cfg, args)
         check_inputs(cfg)
     except ConfigError as e:
         print(f"fusion-train: error: {e}", file=sys.stderr)
@@ -470,15 +512,13 @@ def train(cfg: Config) -> int:
         stats.seconds = time.perf_counter() - t0
         interval = stats if interval is None else interval.merge(stats)
 
-        # ---- evaluate (rank 0 scores the VQA sets; the others wait at the barrier) ----
+        # ---- evaluate (the ranks share the questions; rank 0 writes the files) ----
         eval_row = {}
         evaluate_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
         if evaluate_now:
-            # sharded experts: every rank gathers them, rank 0 scores an unsharded copy
+            # sharded experts: every rank gathers them and scores with an unsharded copy
             eval_model = model if cfg.model.moe.ep_size == 1 else experts.unsharded_copy()
-            if rank == 0:
-                eval_row = evaluate_in_training(eval_model, cfg, run_dir, step)
-            dist.barrier()
+            eval_row = evaluate_in_training(eval_model, cfg, run_dir, step)
 
         # ---- log: one row per logged step, figures over the steps since the last row ----
         if step % t.log_every == 0 or step == t.steps or evaluate_now:

@@ -307,11 +307,28 @@ def _summary(rows: list[dict], blind: bool, generate: bool) -> dict:
     return out
 
 
+def reduce_results(values: torch.Tensor) -> torch.Tensor:
+    """Collective: per-question results (n, len(RESULT_COLUMNS)), each row filled by the one rank
+    that scored it and zero elsewhere, summed over ranks (one all-reduce on the communication
+    device) and read on the host."""
+    from fusion import dist
+
+    dist.all_reduce(values)
+    return dist.fetch(values, "evaluation: the questions' results from every rank")
+
+
+RESULT_COLUMNS = ("correct", "blind_correct", "gen_correct", "prediction")
+
+
 def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = None,
                    generate: bool = False, blind: bool = True, n_frames: int = 8, device=None,
-                   progress: bool = True, examples: int = 16,
-                   score_fn: ScoreFn | None = None) -> tuple[dict, list[Shown]]:
-    """(result dict, the first `examples` questions with their predictions)."""
+                   progress: bool = True, examples: int = 16, score_fn: ScoreFn | None = None,
+                   shard: tuple[int, int] = (0, 1)) -> tuple[dict, list[Shown]]:
+    """(result dict, the first `examples` questions with their predictions).
+
+    `shard=(rank, world)`: the ranks of a process group share the work, batch i scored by rank
+    i % world; every rank then holds every result (`reduce_results`, a collective: all ranks
+    call it with the same set and limit)."""
     from tqdm import tqdm
 
     from fusion.data.shards import ErrorCounter
@@ -333,35 +350,54 @@ def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = 
     name = set_name(vqa_dir)
     was_training = model.training
     model.eval()
+    rank, world = shard
     rows: list[dict] = []
-    shown: list[Shown] = []
+    kept: list[Question] = []  # the first `examples` questions, for the picture
+    values: list[list[float]] = []  # per question: RESULT_COLUMNS, this rank's questions only
     questions = iter_questions(vqa_dir, maker)
     try:
         with tqdm(total=total, desc=name, unit="q", file=sys.stderr, disable=not progress,
                   dynamic_ncols=True) as bar:
+            batch_index = 0
             while limit is None or len(rows) < limit:
                 want = batch_size if limit is None else min(batch_size, limit - len(rows))
                 chunk = [q for _, q in zip(range(want), questions)]
                 if not chunk:
                     break
+                mine = batch_index % world == rank
+                batch_index += 1
                 kw = dict(batch_size=batch_size, device=device)
-                scores = score_fn(model, chunk, blind=False, **kw)
-                blind_scores = score_fn(model, chunk, blind=True, **kw) if blind else None
-                gens = generate_answers(model, chunk, **kw) if generate else None
+                if mine:
+                    scores = score_fn(model, chunk, blind=False, **kw)
+                    blind_scores = score_fn(model, chunk, blind=True, **kw) if blind else None
+                    gens = generate_answers(model, chunk, **kw) if generate else None
                 for i, q in enumerate(chunk):
-                    pred = q.choices[_argmax(scores[i])]
-                    row = {"type": q.type, "correct": pred == q.answer, "chance": q.chance}
-                    if blind:
-                        row["blind_correct"] = q.choices[_argmax(blind_scores[i])] == q.answer
-                    if generate:
-                        row["gen_correct"] = gens[i].strip().lower() == q.answer.strip().lower()
-                    rows.append(row)
-                    if len(shown) < examples:
-                        shown.append(Shown(q, pred, row["correct"]))
+                    rows.append({"type": q.type, "chance": q.chance})
+                    if len(kept) < examples:
+                        kept.append(q)
+                    if not mine:
+                        values.append([0.0] * len(RESULT_COLUMNS))
+                        continue
+                    pred = _argmax(scores[i])
+                    blind_ok = blind and q.choices[_argmax(blind_scores[i])] == q.answer
+                    gen_ok = generate and gens[i].strip().lower() == q.answer.strip().lower()
+                    values.append([float(q.choices[pred] == q.answer), float(blind_ok), float(gen_ok),
+                                   float(pred)])
                 bar.update(len(chunk))
     finally:
         questions.close()
         model.train(was_training)
+    if world > 1:
+        from fusion import dist
+
+        values = reduce_results(dist.tensor(values, dtype=torch.float64).reshape(-1, len(RESULT_COLUMNS))).tolist()
+    for row, (correct, blind_ok, gen_ok, _) in zip(rows, values):
+        row["correct"] = bool(correct)
+        if blind:
+            row["blind_correct"] = bool(blind_ok)
+        if generate:
+            row["gen_correct"] = bool(gen_ok)
+    shown = [Shown(q, q.choices[int(values[i][3])], rows[i]["correct"]) for i, q in enumerate(kept)]
     if not rows:
         raise EvalError(f"--vqa {vqa_dir}: no usable questions (skipped {counter.total}: "
                         f"{counter.summary()})")
@@ -393,13 +429,15 @@ def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: i
                  checkpoint: str | None = None,
                  batch_size: int = 16, limit: int | None = None, generate: bool = False,
                  blind: bool = True, n_frames: int | None = None, device=None, examples: int = 16,
-                 progress: bool = False, score_fn: ScoreFn | None = None) -> dict[str, dict]:
+                 progress: bool = False, score_fn: ScoreFn | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> dict[str, dict]:
     """Evaluate on each VQA set and write OUT/SET.json and OUT/SET.png (OUT = `out_dir`, default
     `default_out_dir`: RUN/eval). `run_dir` may also be a checkpoints dir, a step dir or a model
     dir. `model=None` loads its latest checkpoint; the trainer passes its live model (put back in
     training mode afterwards) and may say which `step` / `checkpoint` it is, recorded in the JSON.
     `n_frames=None`: the run's `data.n_frames`, else 8. Returns {set name: result}. Nothing is
-    ever written inside a checkpoint directory (EvalError)."""
+    ever written inside a checkpoint directory (EvalError). `shard=(rank, world)`: the ranks of a
+    process group share the questions (`run_evaluation`); rank 0 alone writes the files."""
     if not vqa_dirs:
         raise EvalError("--vqa: give at least one VQA set directory")
     if out_dir is None and run_dir is None:
@@ -418,18 +456,22 @@ def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: i
     if out_dir is None:
         out_dir = default_out_dir(meta.get("checkpoint") or run_dir)
     out_dir = check_out_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    write = shard[0] == 0
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, vqa_dir in zip(names, vqa_dirs):
         result, shown = run_evaluation(model, vqa_dir, batch_size=batch_size, limit=limit,
                                        generate=generate, blind=blind, n_frames=n_frames,
                                        device=device, progress=progress, examples=examples,
-                                       score_fn=score_fn)
+                                       score_fn=score_fn, shard=shard)
         result = {**meta, **result}
+        results[name] = result
+        if not write:
+            continue
         write_atomic(out_dir / f"{name}.json", (json.dumps(result, indent=1) + "\n").encode())
         if shown:
             plot_examples(shown, out_dir / f"{name}.png", title=f"{name}: acc {result['overall']['acc']:.3f}")
-        results[name] = result
     return results
 
 

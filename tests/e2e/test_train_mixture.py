@@ -22,7 +22,7 @@ def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, v
            "train.steps=30", "train.lr=3e-3", "train.warmup=3", "train.ckpt_every=15",
            "model.vision.lr_scale=0.5", f"run.dir={run_dir}",
            f"data.eval={toy_world / 'vqa_image_test'},{toy_world / 'vqa_video_test'}",
-           "train.eval_every=15", "data.eval_limit=10"]
+           "train.eval_every=15", "data.eval_limit=30"]
     r = run_cli(cmd, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -34,6 +34,18 @@ def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, v
         assert 0 <= r["eval/vqa_image_test/acc"] <= 1 and "eval/acc/color" in r and "eval/acc/direction" in r
     latest = (run_dir / "eval" / "step_30" / "vqa_video_test.json").read_bytes()
     assert (run_dir / "eval" / "vqa_video_test.json").read_bytes() == latest
+    # the two ranks shared the 30 image questions (batches of 16: one batch each); the results
+    # equal one process scoring them all from the step-30 checkpoint
+    alone = tmp_path / "alone"
+    r = run_cli([str(BIN / "fusion-eval"), "--checkpoint", str(run_dir / "checkpoints" / "step_30"),
+                 "--vqa", str(toy_world / "vqa_image_test"), "--limit", "30", "--out", str(alone),
+                 "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    shared = json.loads((run_dir / "eval" / "step_30" / "vqa_image_test.json").read_text())
+    single = json.loads((alone / "vqa_image_test.json").read_text())
+    assert shared["overall"]["n"] == 30
+    assert shared["overall"] == single["overall"] and shared["by_type"] == single["by_type"]
+    assert shared["examples"] == single["examples"]
     for key in ("loss/text", "loss/image", "loss/video"):
         first = sum(r[key] for r in rows[:3]) / 3
         last = sum(r[key] for r in rows[-3:]) / 3
