@@ -34,11 +34,19 @@ class NonFiniteGuard:
     every rank skips alike. A skipped step still goes through `engine.step()` with the torch
     optimizers' `step` made a no-op: DeepSpeed zeroes the gradients and advances its counters, while
     the weights, the AdamW moments and AdamW's own step count stay as they were.
+
+    Streams. A gradient may be produced on another stream than the training's (the shared expert's
+    side stream, fusion/model/streams.py): its squared norm is computed where the gradient was
+    produced, then the guard's stream (the current one when the guard was made) waits for that
+    stream and the norm is recorded on it before it is added, so the running sum lives on one
+    stream only. Give the model's `streams` object for that; without one (CPU) the sum is plain.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizers: list, device: torch.device):
+    def __init__(self, model: torch.nn.Module, optimizers: list, device: torch.device, streams=None):
         self.optimizers = [o for o in optimizers if o is not None]
         self.device = device
+        self.streams = streams
+        self.stream = streams.current() if streams is not None else None  # where the sums live
         self.total = 0         # skipped steps since this process started
         self.in_a_row = 0
         self._reset()
@@ -51,7 +59,15 @@ class NonFiniteGuard:
         self.grad_sq = torch.zeros((), dtype=torch.float32, device=self.device)
 
     def _watch(self, grad: torch.Tensor) -> None:
-        self.grad_sq = self.grad_sq + torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2
+        sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32) ** 2  # on the producing stream
+        here = self.streams.current() if self.streams is not None else None
+        if here is None or here == self.stream:
+            self.grad_sq = self.grad_sq + sq
+            return
+        self.streams.wait(self.stream, here)  # the norm is ready for the guard's stream
+        self.streams.record(sq, self.stream)  # and its memory stays until that stream has read it
+        with self.streams.use(self.stream):
+            self.grad_sq = self.grad_sq + sq
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self.bad_loss = self.bad_loss | ~torch.isfinite(loss.detach())

@@ -20,8 +20,9 @@ the document would get alone.
 Two implementations of that masking (`model.attn_impl`, issue #7): "sdpa" builds dense (B, 1, T, T)
 bool masks, the readable reference; "flex" describes the same masks to FlexAttention as block masks
 (`document_block_mask`, `chunked_block_mask`), so no T x T tensor exists and blocks that are fully
-masked are skipped. On CUDA flex_attention is compiled into a fused kernel; elsewhere it runs
-PyTorch's unfused reference (correct, slow: for tests). `Decoder.compile_blocks` is `train.compile`.
+masked are skipped. With `Kernels.compile_flex` (fusion/model/kernels.py; CUDA by default)
+flex_attention is compiled into a fused kernel; otherwise it runs PyTorch's unfused reference
+(correct, slow: for tests). `Decoder.compile_blocks` is `train.compile`.
 """
 
 from __future__ import annotations
@@ -127,15 +128,16 @@ def chunked_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | No
     return (same & causal)[:, None]
 
 
-def document_block_mask(doc_ids: torch.Tensor):
-    """`document_mask` as a FlexAttention BlockMask (no dense T x T tensor on CUDA)."""
+def document_block_mask(doc_ids: torch.Tensor, compiled: bool | None = None):
+    """`document_mask` as a FlexAttention BlockMask (no dense T x T tensor when `compiled`)."""
     def mask_mod(b, h, q, kv):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
 
-    return _block_mask(mask_mod, doc_ids)
+    return _block_mask(mask_mod, doc_ids, compiled)
 
 
-def chunked_block_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | None = None):
+def chunked_block_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | None = None,
+                       compiled: bool | None = None):
     """`chunked_mask` as a FlexAttention BlockMask."""
     def mask_mod(b, h, q, kv):
         keep = (positions[b, q] // chunk == positions[b, kv] // chunk) & (kv <= q)
@@ -143,29 +145,36 @@ def chunked_block_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tenso
             keep = keep & (doc_ids[b, q] == doc_ids[b, kv])
         return keep
 
-    return _block_mask(mask_mod, positions)
+    return _block_mask(mask_mod, positions, compiled)
 
 
-def _block_mask(mask_mod, like: torch.Tensor):
+def _compile_flex(kernels, like: torch.Tensor) -> bool:
+    """The kernel choice (fusion/model/kernels.py) `compile_flex`; without one, compiled on CUDA."""
+    return kernels.compile_flex if kernels is not None else like.is_cuda
+
+
+def _block_mask(mask_mod, like: torch.Tensor, compiled: bool | None = None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = like.shape
+    compiled = _compile_flex(None, like) if compiled is None else compiled
     # compiled mask creation never materialises (B, T, T); the eager one does, by blocks of rows
-    return create_block_mask(mask_mod, B, None, T, T, device=like.device, _compile=like.is_cuda)
+    return create_block_mask(mask_mod, B, None, T, T, device=like.device, _compile=compiled)
 
 
 _FLEX = {}
 
 
-def flex_attention(q, k, v, block_mask, enable_gqa: bool):
-    """FlexAttention, compiled into one fused kernel on CUDA (the eager version materialises scores)."""
+def flex_attention(q, k, v, block_mask, enable_gqa: bool, compiled: bool | None = None):
+    """FlexAttention, compiled into one fused kernel when `compiled` (by default on CUDA; the eager
+    version materialises the scores)."""
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if q.is_cuda:
+    if _compile_flex(None, q) if compiled is None else compiled:
         if "compiled" not in _FLEX:
             _FLEX["compiled"] = torch.compile(flex, dynamic=False)
         return _FLEX["compiled"](q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    with warnings.catch_warnings():  # "called without torch.compile": intended off CUDA
+    with warnings.catch_warnings():  # "called without torch.compile": intended
         warnings.filterwarnings("ignore", message=".*without torch.compile", category=UserWarning)
         return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
@@ -178,6 +187,8 @@ def attention_temperature(positions: torch.Tensor, floor_scale: int, attn_scale:
 
 
 class Attention(nn.Module):
+    kernels = None  # fusion.model.kernels.Kernels, set by FusionModel.use_kernels; None: by device
+
     def __init__(self, cfg: ModelConfig, use_rope: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
@@ -209,7 +220,7 @@ class Attention(nn.Module):
         elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
-            y = flex_attention(q, k, v, mask, gqa)  # (B, Hq, T, Dh)
+            y = flex_attention(q, k, v, mask, gqa, _compile_flex(self.kernels, q))  # (B, Hq, T, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -240,6 +251,8 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
+    kernels = None  # fusion.model.kernels.Kernels, set by FusionModel.use_kernels; None: by device
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
@@ -281,12 +294,14 @@ class Decoder(nn.Module):
         Masks are dense bool tensors (attn_impl "sdpa") or FlexAttention BlockMasks ("flex")."""
         cfg = self.cfg
         flex = cfg.attn_impl == "flex"
+        compiled = _compile_flex(self.kernels, positions)
         full = None  # None: plain causal
         if doc_ids is not None:
-            full = document_block_mask(doc_ids) if flex else document_mask(doc_ids)
+            full = document_block_mask(doc_ids, compiled) if flex else document_mask(doc_ids)
         chunk = None
         if any(b.chunked for b in self.layers):
-            chunk = (chunked_block_mask if flex else chunked_mask)(positions, cfg.attn_chunk, doc_ids)
+            chunk = (chunked_block_mask(positions, cfg.attn_chunk, doc_ids, compiled) if flex
+                     else chunked_mask(positions, cfg.attn_chunk, doc_ids))
         q_scale = None
         if cfg.temp_tuning and not all(b.use_rope for b in self.layers):
             q_scale = attention_temperature(positions, cfg.floor_scale, cfg.attn_scale)

@@ -85,6 +85,15 @@ class FusionModel(nn.Module):
     def moe_layers(self):
         return self.decoder.moe_layers
 
+    def use_kernels(self, kernels, streams=None) -> None:
+        """Hand a kernel choice (fusion/model/kernels.py `Kernels`, e.g. `Kernels.for_device(device,
+        dtype)`) to every MoE layer and attention, once the model is on its device. `streams`
+        (fusion/model/streams.py) carries the shared experts' side stream; by default `CudaStreams`
+        on the model's device when `kernels.side_stream`."""
+        from fusion.model.kernels import install
+
+        install(self, kernels, streams)
+
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> normalised float in the model's dtype."""
         x = pixels.float() / 255.0

@@ -22,8 +22,11 @@ What it changes against `MoE.forward`'s readable path (fusion/model/moe.py), and
 - SwiGLU that keeps only the gate and up projections for backward (`SwiGLU`): autograd would also
   keep silu(gate), one more (rows x H) tensor per MoE layer. Under `train.compile` the
   elementwise work fuses into one kernel.
-- On CUDA the shared expert runs on a side stream, overlapping the router, the permutation and the
-  grouped matmuls (autograd runs its backward on that stream too).
+- With a streams object (`FusionModel.use_kernels`, fusion/model/streams.py; on CUDA by default)
+  the shared expert runs on a side stream, overlapping the router, the permutation and the grouped
+  matmuls; autograd runs its backward on that stream too. Every tensor that crosses between the
+  two streams, forward and backward, passes through `_ToSide` / `_FromSide`, which make the
+  reading stream wait and record the tensor on it. This module never calls torch.cuda itself.
 - The router is the same module and scores in fp32; losses and load counts equal the readable
   path's (padding excluded), computed with masks instead of indexing.
 
@@ -135,11 +138,12 @@ def _ragged_loop(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor
 
 def run_buffer(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """The E SwiGLU experts on the aligned buffer. (R, D) -> (R, D)."""
-    from fusion.model.moe import _DenseGrad, grouped_mm_supported
+    from fusion.model.moe import _DenseGrad, use_grouped_mm
 
-    # under torch.compile the kernel's meta function takes bf16/fp16 only: fp32 runs the loop there
-    compiled_fp32 = buf.dtype == torch.float32 and torch.compiler.is_compiling()
-    if compiled_fp32 or not grouped_mm_supported(buf, experts.w1):
+    # the layer's kernel choice (fusion/model/kernels.py) and a static dtype/alignment check: under
+    # torch.compile, and on meta tensors, the kernel's meta function takes bf16 only, so fp32 runs
+    # the loop there
+    if not use_grouped_mm(buf, experts.w1, getattr(experts, "kernels", None)):
         return _ragged_loop(experts, buf, offs)
     gate = torch._grouped_mm(buf, experts.w1, offs=offs)  # (R, H)
     up = torch._grouped_mm(buf, experts.w3, offs=offs)  # (R, H)
@@ -196,18 +200,57 @@ def run_sorted(experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.T
 # the layer's forward
 # ---------------------------------------------------------------------------------------------
 
-_SIDE_STREAMS: dict = {}
+class _Crossing(torch.autograd.Function):
+    """Identity that hands a tensor from stream `src` to stream `dst`, and its gradient back.
+
+    forward: `dst` waits for `src` (the tensor is ready) and the tensor is recorded on `dst` (its
+    memory is not reused while `dst` reads it). backward: the gradient crosses the other way, so
+    `src` waits for `dst` and the gradient is recorded on `src`. Autograd runs a Function's
+    backward on the stream its forward ran on (PyTorch notes, "Stream semantics of backward passes").
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, streams, src, dst) -> torch.Tensor:
+        ctx.streams, ctx.src, ctx.dst = streams, src, dst
+        streams.wait(dst, src)
+        streams.record(x, dst)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.streams.wait(ctx.src, ctx.dst)
+        ctx.streams.record(grad, ctx.src)
+        return grad, None, None, None
 
 
-def _side_stream(device: torch.device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _SIDE_STREAMS[device]
+class _ToSide(_Crossing):
+    """The shared expert's input, main -> side; applied on the side stream (its backward runs there)."""
 
 
-def overlaps_shared(moe, x: torch.Tensor) -> bool:
-    return (moe.shared is not None and x.is_cuda and getattr(moe, "overlap_shared", True)
-            and not torch.compiler.is_compiling())
+class _FromSide(_Crossing):
+    """The shared expert's output, side -> main; applied on the main stream (its backward runs there)."""
+
+
+def overlaps_shared(moe) -> bool:
+    """The shared expert runs on the side stream: the layer has one and a streams object (set by
+    `FusionModel.use_kernels`), and it is not being compiled (a compiled graph has one stream)."""
+    return (moe.shared is not None and not torch.compiler.is_compiling()
+            and getattr(moe, "streams", None) is not None)
+
+
+def shared_on_side(moe, xf: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Queue the shared expert on the side stream. xf (N, D) on the main stream -> (its output on
+    the side stream, the main stream); `shared_to_main` hands the output back."""
+    streams = moe.streams
+    main, side = streams.current(), streams.side()
+    with streams.use(side):
+        xs = _ToSide.apply(xf, streams, main, side)  # side waits for main; xf recorded on side
+        return moe.shared(xs), main  # (N, D)
+
+
+def shared_to_main(moe, out: torch.Tensor, main) -> torch.Tensor:
+    """The side stream's shared-expert output, usable on `main` (called on the main stream)."""
+    return _FromSide.apply(out, moe.streams, moe.streams.side(), main)  # main waits; recorded on main
 
 
 def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
@@ -219,16 +262,13 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
     xf = x.reshape(N, D)  # (N, D)
     keep = None if valid is None else valid.reshape(N)  # (N,) bool
 
-    # the shared expert sees every token (padding included, as in the readable path)
-    shared_out, side = None, None
-    if overlaps_shared(moe, x):
-        main = torch.cuda.current_stream(x.device)
-        side = _side_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            shared_out = moe.shared(xf)  # (N, D)
+    # the shared expert sees every token (padding included, as in the readable path); with a
+    # streams object it runs on the side stream, beside the router and the routed experts
+    shared_out, main = None, None
+    if overlaps_shared(moe):
+        shared_out, main = shared_on_side(moe, xf)  # (N, D) on the side stream
     elif moe.shared is not None:
-        shared_out = moe.shared(xf)
+        shared_out = moe.shared(xf)  # (N, D)
 
     topk_idx, gates, logits = moe.router(xf)  # (N, K) long, (N, K) fp32, (N, E) fp32
     pair_keep = None if keep is None else keep[:, None].expand(N, K).reshape(N * K)  # (M,)
@@ -249,9 +289,8 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
             out = torch.where(pair_keep[:, None], out, 0)
     y = out.view(N, K, D).sum(1) if K > 1 else out  # (N, D)
 
-    if side is not None:
-        main.wait_stream(side)
-        shared_out.record_stream(main)
+    if main is not None:
+        shared_out = shared_to_main(moe, shared_out, main)
     if shared_out is not None:
         y = y + shared_out
     y = y.reshape(B, T, D).to(x.dtype)  # (B, T, D)

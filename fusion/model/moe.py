@@ -34,6 +34,7 @@ from torch import nn
 
 from fusion.config import MoEConfig
 from fusion.model.ffn import FeedForward
+from fusion.model.kernels import Kernels, default_kernels
 
 N_MODALITIES = 3  # rows of `MoE.load`: 0 text, 1 image, 2 video
 
@@ -113,22 +114,34 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm(x, w, offs=...)` accepts these operands on this build/device."""
+def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm(x, w, offs=...)` takes these operands: a static check of dtype,
+    device type and row alignment that asks no device anything (fusion/model/kernels.py decides
+    whether the kernel is wanted at all)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device != w.device:
         return False
-    if x.device.type == "cpu":
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # no fp64 kernel
-            return False
-    elif x.device.type == "cuda":
-        # the CUTLASS kernels behind it need Hopper (sm90+) and bf16
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
-            return False
-    else:
+    # the CPU kernels take fp32, bf16 and fp16; the CUDA (CUTLASS) kernels and the meta function,
+    # which meta tensors and torch.compile's tracing run, take bf16 only
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if x.dtype not in ((torch.float32, torch.bfloat16, torch.float16) if eager_cpu else (torch.bfloat16,)):
         return False
     # every row stride must be a multiple of 16 bytes ("strides should be multiple of 16 bytes")
     row_bytes = (x.shape[-1] * x.element_size(), w.shape[-1] * w.element_size())
     return all(b % 16 == 0 for b in row_bytes)
+
+
+def use_grouped_mm(x: torch.Tensor, w: torch.Tensor, kernels: Kernels | None) -> bool:
+    """Whether the experts run `torch._grouped_mm` on these operands: the layer's kernel choice
+    (`default_kernels` of the device when none was given) and the static check."""
+    if kernels is None:
+        kernels = default_kernels(x.device, x.dtype)
+    return kernels.grouped_mm and grouped_mm_fits(x, w)
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm(x, w, offs=...)` accepts these operands on this build/device
+    (sm90+ and bf16 on CUDA, fp32/bf16/fp16 on CPU, 16-byte rows)."""
+    return use_grouped_mm(x, w, None)
 
 
 class Experts(nn.Module):
@@ -137,6 +150,8 @@ class Experts(nn.Module):
     `counts` (E,) gives how many consecutive rows of `x_sorted` belong to each expert.
     Expert e computes (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e].
     """
+
+    kernels: Kernels | None = None  # set by FusionModel.use_kernels; None: default_kernels of the device
 
     def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
         super().__init__()
@@ -175,8 +190,8 @@ class Experts(nn.Module):
         if impl not in ("auto", "grouped_mm", "bmm"):
             raise ValueError(f"Experts impl must be auto, grouped_mm or bmm, got {impl!r}")
         if impl == "auto":
-            impl = "grouped_mm" if grouped_mm_supported(x_sorted, self.w1) else "bmm"
-        elif impl == "grouped_mm" and not grouped_mm_supported(x_sorted, self.w1):
+            impl = "grouped_mm" if use_grouped_mm(x_sorted, self.w1, self.kernels) else "bmm"
+        elif impl == "grouped_mm" and not grouped_mm_fits(x_sorted, self.w1):
             raise ValueError(f"torch._grouped_mm does not support {x_sorted.dtype} on {x_sorted.device} "
                              f"with dim={x_sorted.shape[-1]}, hidden={self.w1.shape[-1]}")
         if x_sorted.shape[0] == 0:
@@ -223,6 +238,10 @@ class MoE(nn.Module):
     The `load` buffer counts routed assignments per (modality, expert) in training mode, once
     per real forward: the recompute of activation checkpointing is not counted.
     """
+
+    # the shared expert's side stream on path "fast" (fusion/model/streams.py), set by
+    # FusionModel.use_kernels; None: no overlap
+    streams = None
 
     def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
         super().__init__()
