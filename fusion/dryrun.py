@@ -66,21 +66,21 @@ class DryRunError(RuntimeError):
 
 
 class CheckedStreams:
-    """The side-stream interface of fusion/model/streams.py, for tensors that live nowhere.
+    """The streams interface of fusion/model/streams.py for tensors that live nowhere: streams are
+    the names "main" and "side".
 
-    Streams are names ("main", "side"). It enforces CUDA's rules for a tensor made on one stream
-    and used on another: before a stream uses a tensor another stream made, it must wait for that
-    stream (`wait`), and the tensor must be recorded on the using stream (`record`) so that the
-    caching allocator does not hand its memory out while the using stream still reads it.
-    `crossings` counts the checked hand-overs; `violations` lists the broken ones.
+    CUDA's rule for a tensor made on one stream and read on another: the reading stream waits for
+    the producing one (`wait`), and the tensor is recorded on the reading stream (`record`), so
+    that the caching allocator does not hand its memory out while the reader still reads it. A
+    `record` not preceded by a `wait` of the same stream on the other one is a violation; the dry
+    run also counts the hand-overs against those the step must make (each MoE layer's shared
+    expert: input to the side stream and output back, forward and backward).
     """
 
     def __init__(self):
         self.stack = ["main"]
-        self.made_on: dict[int, str] = {}   # id(tensor) -> stream that made it (announced)
-        self.waited: set[tuple[str, str]] = set()  # (waiter, waitee) since the waitee's last work
-        self.recorded: set[tuple[int, str]] = set()
-        self.crossings = 0
+        self.last_wait: tuple[str, str] | None = None
+        self.handovers = 0
         self.violations: list[str] = []
 
     def current(self) -> str:
@@ -90,7 +90,9 @@ class CheckedStreams:
         return "side"
 
     def wait(self, waiter: str, waitee: str) -> None:
-        self.waited.add((waiter, waitee))
+        if waiter == waitee:
+            self.violations.append(f"stream {waiter} waits for itself")
+        self.last_wait = (waiter, waitee)
 
     @contextlib.contextmanager
     def use(self, stream: str):
@@ -101,20 +103,11 @@ class CheckedStreams:
             self.stack.pop()
 
     def record(self, tensor: torch.Tensor, stream: str) -> None:
-        self.recorded.add((id(tensor), stream))
-
-    def made(self, tensor: torch.Tensor, stream: str) -> None:
-        """`tensor` was produced on `stream` (the fast path announces hand-overs through
-        `handover`; this is for tests that want to declare an origin)."""
-        self.made_on[id(tensor)] = stream
-
-    def check_handover(self, tensor: torch.Tensor, src: str, dst: str, what: str) -> None:
-        """Called where `tensor`, made on `src`, is about to be used on `dst`."""
-        self.crossings += 1
-        if (dst, src) not in self.waited:
-            self.violations.append(f"{what}: stream {dst} uses a tensor of stream {src} without waiting for it")
-        if (id(tensor), dst) not in self.recorded:
-            self.violations.append(f"{what}: a tensor of stream {src} used on {dst} is not recorded there")
+        if self.last_wait is None or self.last_wait[0] != stream:
+            self.violations.append(f"a tensor {tuple(tensor.shape)} handed to stream {stream} without "
+                                   f"{stream} waiting for the stream that made it")
+        self.last_wait = None
+        self.handovers += 1
 
 
 class _StandInOptimizer:
@@ -490,6 +483,12 @@ def dry_run(cfg: Config, world: int, name: str = "the config") -> Report:
             watch.remove()
         if watch.violations:
             raise DryRunError("dtype: " + "; ".join(dict.fromkeys(watch.violations)))
+        shared_layers = sum(1 for m in model.moe_layers if m.shared is not None)
+        expected = 4 * shared_layers * t.grad_accum  # in, out; forward and backward
+        if streams.handovers < expected:
+            streams.violations.append(f"{streams.handovers} hand-overs between the main and the side "
+                                      f"stream, {expected} expected ({shared_layers} shared expert(s) "
+                                      f"x {t.grad_accum} micro-step(s) x in and out, forward and backward)")
         if streams.violations:
             raise DryRunError("side stream: " + "; ".join(dict.fromkeys(streams.violations)))
         rows = batches.order
@@ -499,7 +498,7 @@ def dry_run(cfg: Config, world: int, name: str = "the config") -> Report:
             f"no host read inside a micro-step except those listed below; {len(row)} metrics logged",
             f"every collective took {dist.comm_device().type} tensors (a CPU tensor would have failed)",
             f"matrix products in {_dtype(compute)} (the router in fp32 by design); no float64 under autograd",
-            f"the shared expert's side stream: {streams.crossings} hand-over(s), each waited for and recorded",
+            f"the shared experts' side stream: {streams.handovers} hand-overs, each waited for and recorded",
             "checkpoint selection and its broadcast; the evaluation's reduction"
             + ("; the experts' gather for checkpoints" if cfg.model.moe.ep_size > 1 and experts.names else ""),
         ]

@@ -401,6 +401,9 @@ def log_row(reduced: dict, stats: StepStats, step: int, parts: StepParts, derive
         if count[i] > 0:
             row[f"loss/{name}"] = float(reduced["loss_sum"][i] / count[i])
         row[f"tokens/{name}"] = round(float(reduced["tokens"][i]) / n)  # per step, all ranks
+    # of every row position trained on: padding, and positions whose target carries the loss
+    row["data/padding"] = 1.0 - float(reduced["tokens"].sum()) / tokens
+    row["data/loss_tokens"] = float(count.sum()) / tokens
     grad_norm = stats.grad_norm
     if grad_norm is None:
         grad_norm = parts.engine.get_global_grad_norm()
