@@ -5,6 +5,7 @@
     fusion-data videos --input clips.csv   --output data/video --fps 8 --max-side 256
     fusion-data vqa    --input qa.jsonl    --output data/vqa
     fusion-data toy    --output data/toy
+    fusion-data tokenizer --input data/image data/vqa --output data/tokenizer.json
     fusion-data verify data/text
     fusion-data stats data/text --json
 
@@ -1165,6 +1166,22 @@ def run_toy_command(args: argparse.Namespace) -> int:
     from fusion.data.toy import run_toy
 
     return run_toy(args)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def _configure_tokenizer(p: argparse.ArgumentParser) -> None:
+    from fusion.data.tokenizer_train import add_tokenizer_arguments
+
+    add_tokenizer_arguments(p)
+
+
+@register("tokenizer", "train a Hugging Face tokenizer.json (byte-level BPE or word-level) with "
+          "fusion's special tokens on the text of shard directories", _configure_tokenizer)
+def run_tokenizer_command(args: argparse.Namespace) -> int:
+    from fusion.data.tokenizer_train import run_tokenizer
+
+    return run_tokenizer(args)
 
 
 # ---------------------------------------------------------------- verify

@@ -67,6 +67,12 @@ import numpy as np
 
 from fusion.data.build import CliError, default_workers, foreign_shards, int_at_least, shard_origin
 from fusion.data.shards import ShardWriter, shard_name, write_index
+from fusion.data.tokenizer_train import (
+    UNKNOWN_WORD,
+    WORD_PATTERN,
+    save_tokenizer,
+    word_level_tokenizer,
+)
 from fusion.data.video import (
     DECORD_BAD_WIDTHS,
     VideoDecodeError,
@@ -648,11 +654,10 @@ def write_toy_shard(world: World, output: str, split_name: str, shard: int, star
     return words
 
 
-# The toy tokenizer's pre-tokenizer: runs of word characters, or of punctuation (as the
-# `tokenizers` Whitespace pre-tokenizer splits), so "triangle?" is two tokens.
-_WORD = re.compile(r"\w+|[^\w\s]+")
+# The toy tokenizer is `fusion-data tokenizer --kind word`'s (fusion/data/tokenizer_train.py):
+# words are runs of word characters or of punctuation, so "triangle?" is two tokens.
+_WORD = WORD_PATTERN
 TOKENIZER_FILE = "tokenizer.json"
-UNKNOWN_WORD = "<|unk|>"
 
 
 def text_words(sample: dict) -> set[str]:
@@ -667,21 +672,9 @@ def write_toy_tokenizer(path: Path, words: set[str]) -> None:
     """A word-level Hugging Face tokenizer.json over the toy world's words: one token per word or
     punctuation run (a VQA answer is one token), anything else the unknown token, and fusion's
     special tokens stored in it so their ids are fixed. Same words, same bytes."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from fusion.data.tokenizer import SPECIAL_TOKENS
-
     fixed = {w for t in QUESTIONS.values() for w in _WORD.findall(t.format(color="", shape=""))}
     fixed |= {w for choices in CHOICES.values() for w in choices} | set(COLOR_NAMES) | set(SHAPES)
-    vocab = {UNKNOWN_WORD: 0}
-    for w in sorted(words | fixed | {str(d) for d in range(10)}):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN_WORD))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tmp = path.with_name(path.name + ".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    save_tokenizer(word_level_tokenizer(words | fixed | {str(d) for d in range(10)}), path)
 
 
 _SHARD_FILE = re.compile(r"^(\d{6})(\.tar|_stats\.json)$")
