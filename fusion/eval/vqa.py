@@ -193,16 +193,27 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def padded_length(n: int) -> int:
+    """The length a batch whose longest row has `n` tokens is padded to: a power of two from 32 up
+    to 1024, then a multiple of 1024. Compiled attention and `train.compile` blocks are compiled
+    for a few lengths instead of once per batch (FlexAttention is compiled with static shapes)."""
+    if n <= 1024:
+        return max(32, 1 << (n - 1).bit_length())
+    return -(-n // 1024) * 1024
+
+
 def forward_rows(model, rows: list[list[int]], questions: list[Question], blind: bool = False,
                  device=None) -> torch.Tensor:
-    """Logits (B, T, V) of token rows, each holding the media of its question; padded on the right
-    (pad id, position 0, doc id -1: attention and routing never see the padding)."""
+    """Logits (B, T, V) of token rows, each holding the media of its question, T the longest row.
+    The forward pass pads on the right to `padded_length(T)` (pad id, position 0, doc id -1:
+    attention and routing never see the padding, so the logits are those of the exact length)."""
     tok = model.tokenizer
     device = torch.device(device) if device is not None else _device_of(model)
     T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
-    positions = torch.zeros(len(rows), T, dtype=torch.long)
-    doc_ids = torch.full((len(rows), T), -1, dtype=torch.long)
+    L = padded_length(T)
+    input_ids = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
+    positions = torch.zeros(len(rows), L, dtype=torch.long)
+    doc_ids = torch.full((len(rows), L), -1, dtype=torch.long)
     for b, r in enumerate(rows):
         input_ids[b, : len(r)] = torch.tensor(r)
         positions[b, : len(r)] = torch.arange(len(r))
@@ -213,8 +224,9 @@ def forward_rows(model, rows: list[list[int]], questions: list[Question], blind:
         if pixels:
             stacked = torch.stack(pixels)  # (N, 3, S, S) or (M, F, 3, S, S)
             media[name] = (torch.full_like(stacked, GREY) if blind else stacked).to(device)
-    return model(input_ids.to(device), positions=positions.to(device), doc_ids=doc_ids.to(device),
-                 **media)
+    logits = model(input_ids.to(device), positions=positions.to(device), doc_ids=doc_ids.to(device),
+                   **media)
+    return logits[:, :T]  # (B, T, V)
 
 
 @torch.no_grad()
