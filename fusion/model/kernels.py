@@ -31,7 +31,7 @@ class Kernels:
     compile_flex: bool = False  # compiled flex_attention / create_block_mask
 
     @staticmethod
-    def for_device(device: torch.device | str, dtype: torch.dtype) -> "Kernels":
+    def for_device(device: torch.device | str, dtype: torch.dtype) -> Kernels:
         """What `device` runs best for a model in `dtype`.
 
         CUDA: `_grouped_mm` needs Hopper (sm90+) and bf16 (its CUTLASS kernels), the side stream

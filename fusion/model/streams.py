@@ -15,7 +15,8 @@ handed out again when the tensor is freed on the producer's side while the reade
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 

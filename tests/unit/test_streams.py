@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ import torch
 from fusion.config import MoEConfig, load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.guard import NonFiniteGuard
-from fusion.model import grouped, kernels as kernels_mod
+from fusion.model import grouped
+from fusion.model import kernels as kernels_mod
 from fusion.model.decoder import Attention
 from fusion.model.fusion import build_model
 from fusion.model.kernels import Kernels, default_kernels
@@ -179,7 +181,7 @@ def test_kernels_for_cpu_meta_and_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
         assert Kernels.for_device("cuda:0", dtype) == Kernels(grouped_mm=grouped_mm, side_stream=True,
                                                              compile_flex=True), (cap, dtype)
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Kernels().grouped_mm = True
 
 
@@ -200,7 +202,7 @@ def test_grouped_mm_static_checks():
     assert grouped_mm_fits(torch.zeros(3, 8), w) and grouped_mm_supported(torch.zeros(3, 8), w)
     assert not grouped_mm_fits(torch.zeros(3, 6), torch.zeros(2, 6, 16))  # 24-byte rows
     assert not grouped_mm_fits(torch.zeros(3, 8, dtype=torch.float64), w.double())  # no fp64 kernel
-    meta = dict(device="meta")
+    meta = {"device": "meta"}
     assert grouped_mm_fits(torch.empty(3, 8, dtype=torch.bfloat16, **meta),
                            torch.empty(2, 8, 16, dtype=torch.bfloat16, **meta))
     assert not grouped_mm_fits(torch.empty(3, 8, **meta), torch.empty(2, 8, 16, **meta))  # meta: bf16 only
