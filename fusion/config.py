@@ -661,6 +661,20 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # gradients summed over micro-steps and reduced between ranks in fp32 (DeepSpeed's bf16
+        # default does both in bf16). ZeRO 1 then runs DeepSpeed's BF16_Optimizer, ZeRO 2 its ZeRO
+        # optimizer with fp32 gradient partitions. BF16_Optimizer adds each bf16 gradient into its
+        # fp32 buffer as backward produces it (immediate_grad_update): its other way clears the bf16
+        # gradients in a backward prologue that DeepSpeed 0.19.8 hooks onto the forward's output
+        # tensors, and it finds none in the model's output dataclass, so every micro-step would add
+        # the earlier ones again. Without ZeRO, DeepSpeed 0.19.8 refuses fp32 accumulation
+        # ("unsupported mix of model_dtype and grad_accum_dtype"): fusion.parallel.ExpertParallel
+        # .attach accumulates those gradients in fp32 itself.
+        ds["bf16"]["immediate_grad_update"] = True
+        if t.zero_stage > 0:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     return _merge(ds, t.deepspeed)
 
 

@@ -18,17 +18,20 @@ across ep sizes, and it averages per-group gradient norms instead of summing squ
 - DeepSpeed gets `EngineView(model)`: the model minus its routed-expert parameters. ZeRO 0/1/2,
   bf16 and its checkpoints handle everything else, unchanged.
 - `ExpertParallel` keeps the expert parameters: it reduces their gradients over the
-  expert-data-parallel group (divided by the world size, like DeepSpeed's data-parallel mean),
-  steps them with its own AdamW (same hyperparameters and learning-rate schedule; fp32 master
-  weights when the model runs in bf16), and writes them, with their optimizer state, as
+  expert-data-parallel group in fp32 (divided by the world size, like DeepSpeed's data-parallel
+  mean), steps them with its own AdamW (same hyperparameters and learning-rate schedule; fp32
+  master weights when the model runs in bf16, into whose fp32 gradients the bf16 ones are summed
+  over the micro-steps), and writes them, with their optimizer state, as
   safetensors files inside the checkpoint directory, one per expert shard. Loading reads every
   shard of the saved ep size, joins them along the expert axis and takes this rank's slice, so a
   checkpoint resumes at any ep size.
 - Gradient clipping sees the true global norm: sqrt(|g_dense|^2 + sum over all expert shards of
   |g_expert|^2). The expert part is summed over the expert-parallel group; it is added to the norm
-  DeepSpeed computes (ZeRO 1/2: `scaled_global_norm`; bf16 ZeRO 0: `unscale_and_clip_grads`) or, for
-  plain fp32 ZeRO 0 where the reduced gradients sit in `.grad`, computed and clipped here. The
-  experts are clipped with the same coefficient DeepSpeed applies to the rest.
+  DeepSpeed computes (ZeRO 2, and ZeRO 1 in fp32: `scaled_global_norm`; ZeRO 1 in bf16:
+  BF16_Optimizer's `get_grads_for_norm`) or, without ZeRO, computed here (bf16: the step of DeepSpeed's
+  FP16_UnfusedOptimizer is replaced, see `ExpertParallel._take_over_unfused`; fp32: the reduced
+  gradients sit in `.grad`). The experts are clipped with the same coefficient as the rest, and
+  the norm, the coefficient and the returned norm stay on the device (no host read).
 - The experts' optimizer state is sharded by expert parallelism only (ZeRO does not partition it).
 
 Router statistics need nothing here: each rank counts its own tokens' choices before dispatch and
@@ -40,6 +43,7 @@ Shapes: M routed (token, expert) pairs on this rank, D dim, E experts, El = E / 
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 from typing import Callable
@@ -176,9 +180,19 @@ class ExpertParallel:
         ep = ExpertParallel(model, ep_size)                # shards experts, installs dispatchers
         engine = deepspeed.initialize(model=ep.engine_module(), optimizer=<non-expert params>)
         ep.attach(engine, <expert param groups>, betas, grad_clip)
+        ep.restore_buffer_dtypes()                         # MoE buffers keep fp32 / float64
         per optimizer step: engine.backward(...) -> ep.reduce_grads() at the accumulation boundary
                             -> engine.step() -> ep.step()
-    A model without routed experts passes through untouched.
+    A model without routed experts passes through untouched (but for bf16 without ZeRO, where
+    `attach` accumulates DeepSpeed's dense gradients in fp32).
+
+    Gradients accumulate in fp32 over the micro-steps. In bf16 each expert's gradient is added
+    into its fp32 master's `.grad` as backward produces it and the bf16 `.grad` is freed (a
+    post-accumulate-grad hook); `reduce_grads` reduces those fp32 gradients. The dense part:
+    DeepSpeed with `data_types.grad_accum_dtype=fp32` (fusion.config.deepspeed_config) at ZeRO 1
+    and 2; without ZeRO, the same hooks feeding the fp32 masters of DeepSpeed's optimizer wrapper.
+
+    No host reads: the norm, the clip coefficient and the returned norm stay device tensors.
     """
 
     def __init__(self, model: nn.Module, ep_size: int = 1):
@@ -204,11 +218,13 @@ class ExpertParallel:
             self._shard()
         self.params = [model.get_parameter(n) for n in self.names]
         self.optimizer: torch.optim.Optimizer | None = None
-        self.masters: list[torch.Tensor] | None = None
+        self.masters: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # (bf16 param, fp32 master)
+        self.accum: list[torch.Tensor] = []  # per expert parameter, the tensor whose fp32 .grad accumulates
         self.grad_clip = 0.0
+        self.norm_mode: str | None = None  # how the experts' norm joins DeepSpeed's (see _hook_norm)
         self._expert_sq: torch.Tensor | None = None  # squared norm of all expert grads, all shards
-        self._norm: float | None = None  # global norm when computed here (fp32 ZeRO 0)
-        self.last_norm: float | None = None
+        self._norm: torch.Tensor | None = None  # global norm when computed here (fp32 ZeRO 0)
+        self.last_norm: torch.Tensor | None = None
         self._engine = None
 
     # -- setup --------------------------------------------------------------------------------
@@ -240,11 +256,15 @@ class ExpertParallel:
 
     def attach(self, engine, param_groups: list[dict], betas, grad_clip: float = 0.0) -> None:
         """After deepspeed.initialize: build the expert optimizer from `param_groups` (dicts with
-        params, weight_decay, lr_scale, name) and hook the experts into DeepSpeed's gradient norm."""
-        if not self.names:
-            return
+        params, weight_decay, lr_scale, name), accumulate bf16 gradients in fp32, and hook the
+        experts into DeepSpeed's gradient norm."""
         self._engine = engine
         self.grad_clip = grad_clip
+        if not self.names:
+            if _is_unfused_bf16(engine.optimizer):
+                self.norm_mode = "unfused"
+                self._take_over_unfused(engine.optimizer)
+            return
         dtype = next(p.dtype for p in engine.module.parameters())
         if dtype != torch.float32:
             # the model computes in bf16: experts follow, and keep fp32 master weights here
@@ -260,7 +280,15 @@ class ExpertParallel:
                 ps.append(p if p.dtype == torch.float32 else self._master(i))
             groups.append({**g, "params": ps})
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas))
+        master_of = {id(p): m for p, m in self.masters}
+        self.accum = [master_of.get(id(p), p) for p in self.params]
+        for p, m in self.masters:
+            p.register_post_accumulate_grad_hook(functools.partial(_add_into_fp32, m))
         self._hook_norm(engine)
+
+    def restore_buffer_dtypes(self) -> list[str]:
+        """`restore_buffer_dtypes(self.model)`: after deepspeed.initialize (see there)."""
+        return restore_buffer_dtypes(self.model)
 
     def _master(self, i: int) -> torch.Tensor:
         m = self.params[i].detach().float().clone().requires_grad_(True)
@@ -272,102 +300,171 @@ class ExpertParallel:
         return self.optimizer.param_groups if self.optimizer is not None else []
 
     def _hook_norm(self, engine) -> None:
+        """Make DeepSpeed's global gradient norm include the experts (sqrt(|dense|^2 + |experts|^2)),
+        so that it clips the dense part with it; `step` clips the experts with the same norm. One
+        way per optimizer wrapper DeepSpeed 0.19.8 can pick here (fusion.config.deepspeed_config):
+
+        - "bf16": BF16_Optimizer (bf16, ZeRO 1, fp32 gradient accumulation). Its norm is taken over
+          the tensors `get_grads_for_norm` returns: the experts join as one more, whose norm is theirs.
+        - "zero": DeepSpeedZeroOptimizer (ZeRO 1 in fp32, ZeRO 2 in fp32 and bf16): `scaled_global_norm`.
+        - "unfused": FP16_UnfusedOptimizer in bf16 (no ZeRO): its step is replaced (`_take_over_unfused`).
+        - "fp32": the torch optimizer itself (fp32, no ZeRO): the reduced dense gradients sit in
+          `.grad`; `reduce_grads` computes the norm and clips them, DeepSpeed's clipping is off.
+        """
         opt = engine.optimizer
-        if hasattr(opt, "scaled_global_norm"):  # ZeRO 1/2
+        if _is_bf16_optimizer(opt):
+            self.norm_mode = "bf16"
+            base_grads = opt.get_grads_for_norm
+
+            def get_grads_for_norm(for_clipping=False):
+                grads = base_grads(for_clipping=for_clipping)
+                if for_clipping or self._expert_sq is None:
+                    return grads
+                dense, moe = grads
+                return [*dense, self._expert_sq.sqrt().reshape(1)], moe
+
+            opt.get_grads_for_norm = get_grads_for_norm
+        elif hasattr(opt, "scaled_global_norm"):
+            self.norm_mode = "zero"
             base = opt.scaled_global_norm
 
             def scaled_global_norm(norm_type=2):
-                dense = base(norm_type)
-                scale = float(getattr(opt, "loss_scale", 1.0))
-                return _combine(dense, self._expert_sq, scale)
+                return _combine(base(norm_type), self._expert_sq, getattr(opt, "loss_scale", 1.0))
 
             opt.scaled_global_norm = scaled_global_norm
-        elif hasattr(opt, "unscale_and_clip_grads") and hasattr(opt, "fp32_groups"):
-            # bf16 ZeRO 0 with our optimizer (FP16_UnfusedOptimizer): it clips with the norm it
-            # passes here, and reports _global_grad_norm
-            base_clip = opt.unscale_and_clip_grads
-
-            def unscale_and_clip_grads(total_norm, apply_scale=True):
-                scale = float(getattr(getattr(opt, "loss_scale_config", None), "cur_scale", 1.0))
-                combined = float(_combine(torch.tensor(float(total_norm)), self._expert_sq, scale))
-                combined = combined if combined >= 0 else float("nan")
-                opt._global_grad_norm = combined
-                return base_clip(combined, apply_scale)
-
-            opt.unscale_and_clip_grads = unscale_and_clip_grads
-        elif engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() \
+        elif _is_unfused_bf16(opt):
+            self.norm_mode = "unfused"
+            self._take_over_unfused(opt)
+        elif isinstance(opt, torch.optim.Optimizer) and not engine.bfloat16_enabled() \
                 and not engine.fp16_enabled():
             # plain fp32 data parallel: reduce_grads clips the dense grads with the global norm
+            self.norm_mode = "fp32"
             engine.clip_fp32_gradients = lambda: None
         else:
             raise ValueError(f"routed experts: no way to add their gradient norm to DeepSpeed's "
                              f"{type(opt).__name__} (use ZeRO 0/1/2 with fp32 or bf16)")
 
+    def _take_over_unfused(self, opt) -> None:
+        """bf16 without ZeRO. DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters of the bf16
+        parameters but sums the micro-steps' gradients in the bf16 `.grad`, reduces them in bf16
+        and copies them to the masters at the step; DeepSpeed refuses fp32 accumulation here. So:
+        each bf16 gradient is added into its master's fp32 `.grad` as backward produces it (and
+        freed), DeepSpeed all-reduces those fp32 gradients at the boundary (it asks the wrapper's
+        `get_grads_for_reduction`), and the wrapper's step is this one: the global norm (dense and
+        experts), clipping, the torch optimizer's step, the masters copied into the bf16 weights.
+
+        The wrapper also ran one AdamW step with zero gradients when it was built (to create the
+        optimizer state): that step counts in AdamW's bias correction and applies weight decay to
+        the masters. It is undone here, so that the first step is AdamW's first, as at ZeRO 1/2."""
+        opt.optimizer.state.clear()
+        opt.refresh_fp32_params()  # masters = the bf16 weights, which that step did not touch
+        pairs = [(lp, hp) for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)]
+        for lp, hp in pairs:
+            if lp.requires_grad:
+                lp.register_post_accumulate_grad_hook(functools.partial(_add_into_fp32, hp))
+        masters = [hp for _, hp in pairs]
+
+        def get_grads_for_reduction():
+            return _fp32_grads(masters), {}
+
+        @torch.no_grad()
+        def step(closure=None):
+            grads = _fp32_grads(masters)
+            sq = torch.stack([g.pow(2).sum() for g in grads]).sum()
+            if self._expert_sq is not None:
+                sq = sq + self._expert_sq.to(sq.device)
+            norm = sq.sqrt()
+            coef = self._clip_coef(norm)
+            if coef is not None:
+                for g in grads:
+                    g.mul_(coef)
+            opt.overflow = False  # the non-finite skip is NonFiniteGuard's (it no-ops the step below)
+            opt._global_grad_norm = norm
+            opt.optimizer.step()
+            for lp, hp in pairs:
+                hp.grad = None
+                lp.data.copy_(hp.data)
+            return False
+
+        opt.get_grads_for_reduction = get_grads_for_reduction
+        opt.step = step
+
     # -- per optimizer step -------------------------------------------------------------------
+
+    def _grads(self) -> list[torch.Tensor]:
+        """The experts' fp32 gradients (zeros for an expert that got none)."""
+        return _fp32_grads(self.accum)
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
         """At the accumulation boundary, after engine.backward and before engine.step."""
         if not self.names:
             return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        grads = self._grads()
         if self.ep_dp_group is not None:
-            grads = [p.grad for p in self.params]
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            flat = torch.cat([g.reshape(-1) for g in grads])  # fp32
             dist.all_reduce(flat, group=self.ep_dp_group)
             flat /= self.world  # the data-parallel mean, as DeepSpeed does for the rest
             offset = 0
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
-        sq = torch.stack([p.grad.float().pow(2).sum() for p in self.params]).sum()
+        sq = torch.stack([g.pow(2).sum() for g in grads]).sum()
         if self.ep_group is not None and self.ep_size > 1:
             dist.all_reduce(sq, group=self.ep_group)  # every shard of every expert
         self._expert_sq = sq
         self._norm = None
-        engine = self._engine
-        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled() \
-                and not engine.fp16_enabled():
-            dense = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if self.norm_mode == "fp32":
+            dense = [p.grad for p in self._engine.module.parameters() if p.grad is not None]
             dense_sq = torch.stack([g.float().pow(2).sum() for g in dense]).sum() if dense else sq * 0
-            norm = float((dense_sq + sq).sqrt())
-            self._norm = norm
-            coef = self._clip_coef(norm)
-            if coef < 1.0:
+            self._norm = (dense_sq + sq).sqrt()
+            coef = self._clip_coef(self._norm)
+            if coef is not None:
                 for g in dense:
                     g.mul_(coef)
 
-    def _clip_coef(self, norm: float) -> float:
-        if self.grad_clip <= 0 or not torch.isfinite(torch.tensor(norm)):
-            return 1.0
-        return min(1.0, self.grad_clip / (norm + 1e-6))
+    def _clip_coef(self, norm: torch.Tensor) -> torch.Tensor | None:
+        """The factor gradients are multiplied by, a device scalar: grad_clip / (norm + 1e-6) capped
+        at 1, in the form DeepSpeed's wrapper computes it (so both parts get the same number); 1
+        for a norm that is not a finite, non-negative number; None without clipping."""
+        if self.grad_clip <= 0:
+            return None
+        if self.norm_mode == "zero":  # DeepSpeedZeroOptimizer.unscale_and_clip_grads (loss scale 1)
+            coef = 1.0 / ((norm + 1e-6) / self.grad_clip).clamp(min=1.0)
+        else:  # clip_tensors_by_global_norm (BF16_Optimizer), torch's clip_grad_norm_
+            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        return torch.where(torch.isfinite(norm) & (norm >= 0), coef, torch.ones_like(coef))
 
     @torch.no_grad()
-    def step(self) -> float | None:
-        """After engine.step: clip the experts with the global norm and step them. Returns that norm
-        (None without experts). A non-finite norm skips the step, as DeepSpeed does."""
+    def step(self) -> torch.Tensor | None:
+        """After engine.step: clip the experts with the global norm and step them. Returns that
+        norm, a device tensor (None without experts); nothing is read on the host.
+
+        A step with a non-finite loss or gradient is skipped by NonFiniteGuard, which makes the
+        torch optimizers' step (this AdamW's included) a no-op: the fp32 masters, the AdamW state
+        and so the weights stay as they were. A step DeepSpeed's wrapper refused on its own (its
+        `overflow` flag, a host bool DeepSpeed has already read) is skipped here too."""
         if not self.names:
             return None
         norm = self._norm
         if norm is None:
-            reported = self._engine.get_global_grad_norm()
-            norm = float(reported) if reported is not None else float("nan")
-        self.last_norm = norm
-        if torch.isfinite(torch.tensor(norm)):
-            coef = self._clip_coef(norm)
-            for p in self.params:
-                p.grad.mul_(coef)
-            for p, m in self.masters:
-                m.grad = p.grad.float()
+            norm = self._engine.get_global_grad_norm()
+        device = self.accum[0].device
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=device)
+        grads = self._grads()
+        coef = self._clip_coef(norm)
+        if coef is not None:
+            for g in grads:
+                g.mul_(coef)
+        if getattr(self._engine.optimizer, "overflow", False) is not True:
             self.optimizer.step()
-            for p, m in self.masters:
-                p.copy_(m)
+        for p, m in self.masters:
+            p.copy_(m)
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = None
         self._expert_sq = None
+        self.last_norm = norm
         return norm
 
     # -- checkpoints and export ---------------------------------------------------------------
@@ -488,8 +585,9 @@ class ExpertParallel:
         return clone
 
 
-def _combine(dense: torch.Tensor, expert_sq: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """sqrt(dense^2 + (scale * |experts|)^2), keeping DeepSpeed's -1 'invalid norm' sentinel."""
+def _combine(dense: torch.Tensor, expert_sq: torch.Tensor | None, scale=1.0) -> torch.Tensor:
+    """sqrt(dense^2 + (scale * |experts|)^2), keeping DeepSpeed's -1 'invalid norm' sentinel. All
+    device arithmetic (`scale`: the loss scale, a number or a device scalar)."""
     if expert_sq is None:
         return dense
     dense = torch.as_tensor(dense)
@@ -497,3 +595,62 @@ def _combine(dense: torch.Tensor, expert_sq: torch.Tensor | None, scale: float) 
     total = (dense.float().pow(2) + e).sqrt()
     bad = (dense < 0) | ~torch.isfinite(total)
     return torch.where(bad, torch.full_like(total, -1.0), total)
+
+
+def _add_into_fp32(master: torch.Tensor, param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook of a bf16 parameter: its gradient is added into the fp32 `.grad`
+    of `master` and freed, so that the micro-steps are summed in fp32."""
+    with torch.no_grad():
+        if master.grad is None:
+            master.grad = param.grad.to(torch.float32, copy=True)
+        else:
+            master.grad.add_(param.grad)
+    param.grad = None
+
+
+def _fp32_grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The `.grad` of each tensor, zeros where backward gave none."""
+    for t in tensors:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+    return [t.grad for t in tensors]
+
+
+def _is_bf16_optimizer(opt) -> bool:
+    """DeepSpeed's BF16_Optimizer (bf16 with fp32 gradient accumulation at ZeRO 1)."""
+    if not type(opt).__module__.startswith("deepspeed."):
+        return False
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return isinstance(opt, BF16_Optimizer)
+
+
+def _is_unfused_bf16(opt) -> bool:
+    """DeepSpeed's FP16_UnfusedOptimizer holding bf16 parameters (bf16 without ZeRO)."""
+    if not type(opt).__module__.startswith("deepspeed."):
+        return False
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return isinstance(opt, FP16_UnfusedOptimizer) and opt.low_precision_dtype == torch.bfloat16
+
+
+def restore_buffer_dtypes(model: nn.Module) -> list[str]:
+    """Give the MoE buffers back their dtypes after a cast of the whole model: the router's
+    `expert_bias` fp32 (its 1e-3 steps are below bf16 resolution) and the expert-load counts
+    `load` float64 (integer counts above 256 are not exact in bf16). DeepSpeed 0.19.8 casts only
+    parameters to bf16 unless `data_types.buffer_dtype` is set; `module.to(torch.bfloat16)` casts
+    buffers too. The trainer calls it right after deepspeed.initialize, before a checkpoint is
+    loaded into these buffers (loading copies into a buffer and keeps its dtype). Returns the
+    names of the buffers it restored."""
+    from fusion.model.moe import MoE
+
+    restored = []
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        for owner, key, dtype in ((module.router, "expert_bias", torch.float32), (module, "load", torch.float64)):
+            buf = owner._buffers.get(key)
+            if buf is not None and buf.dtype != dtype:
+                owner._buffers[key] = buf.to(dtype)
+                restored.append(f"{name}.{'router.' if owner is module.router else ''}{key}")
+    return restored
