@@ -96,6 +96,11 @@ def _check(t: torch.Tensor, op: str) -> None:
                            f".to(fusion.dist.comm_device()))")
 
 
+def _alone(group) -> bool:
+    """This rank is the whole group: a collective over it would move nothing."""
+    return dist.get_world_size(group) == 1
+
+
 def _record(op: str, t: torch.Tensor, group=None) -> None:
     if _STATE.collectives is not None:
         size = dist.get_world_size(group) if initialized() else 1
@@ -109,7 +114,7 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """In place over `group` (all ranks by default); returns `t`."""
     _check(t, "all_reduce")
-    if initialized():
+    if initialized() and not _alone(group):
         _record("all_reduce", t, group)
         dist.all_reduce(t, op=_OPS[op], group=group)
     return t
@@ -118,7 +123,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
 def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     """Every rank's `t` (same shape on all ranks), in rank order of `group`."""
     _check(t, "all_gather")
-    if not initialized():
+    if not initialized() or _alone(group):
         return [t]
     _record("all_gather", t, group)
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]

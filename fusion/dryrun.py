@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusion import dist
@@ -269,15 +271,38 @@ MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "convolution", "_conv
 FP32_BY_DESIGN = ("router",)  # module names whose matrix products run in fp32 on purpose
 
 
+class _AttentionScope(TorchFunctionMode):
+    """`F.scaled_dot_product_attention` as one kernel: its inputs' dtype is checked here, and the
+    ops it decomposes into on meta tensors (the math reference, which upcasts bf16 to fp32 where a
+    GPU runs a fused bf16 kernel) are not checked one by one."""
+
+    def __init__(self, watch: StepWatch):
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.watch.attention(args[:3])
+        self.watch.inside_attention += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.watch.inside_attention -= 1
+
+
 class StepWatch(TorchDispatchMode):
     """Records, during a step: the output shape and dtype of the first call of every module kind
     (layer indices folded), the shapes of the grouped matmuls and attention kernels, and dtype
     violations: a matrix product in a dtype other than `compute` outside the router, and any
-    float64 result while autograd is recording."""
+    float64 result while autograd is recording. Use as a context manager."""
 
     def __init__(self, model: nn.Module, compute: torch.dtype):
         super().__init__()
         self.compute = compute
+        self.inside_attention = 0
+        self.scope = _AttentionScope(self)
         self.stack: list[str] = []
         self.shapes: dict[str, str] = {}
         self.kernels: dict[str, str] = {}
@@ -291,13 +316,22 @@ class StepWatch(TorchDispatchMode):
     def _kind(name: str) -> str:
         return ".".join("*" if part.isdigit() else part for part in name.split(".")) or "model"
 
+    @staticmethod
+    def in_backward() -> bool:
+        """Inside autograd's backward (activation checkpointing re-runs forwards there, and may stop
+        one half-way: module context is tracked in the real forward only)."""
+        return torch._C._current_graph_task_id() != -1
+
     def _enter(self, name):
         def hook(module, args):
-            self.stack.append(name)
+            if not self.in_backward():
+                self.stack.append(name)
         return hook
 
     def _leave(self, name):
         def hook(module, args, output):
+            if self.in_backward():
+                return
             if self.stack and self.stack[-1] == name:
                 self.stack.pop()
             kind = self._kind(name)
@@ -309,18 +343,42 @@ class StepWatch(TorchDispatchMode):
         for h in self.handles:
             h.remove()
 
+    def __enter__(self):
+        self.scope.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.scope.__exit__(*exc)
+
+    def attention(self, qkv) -> None:
+        if self.in_backward():  # a recompute: checked in the forward
+            return
+        where = self._kind(self.stack[-1]) if self.stack else "?"
+        self.kernels.setdefault("scaled_dot_product_attention",
+                                " x ".join(f"{tuple(t.shape)}" for t in qkv) + f" {_dtype(qkv[0].dtype)}")
+        bad = [t.dtype for t in qkv if t.dtype != self.compute]
+        if bad:
+            self.violations.append(f"attention in {where} runs in {_dtype(bad[0])}, the GPU run computes "
+                                   f"in {_dtype(self.compute)}")
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.inside_attention:
+            return out
         op = func._schema.name.split("::")[-1]
-        where = self._kind(self.stack[-1]) if self.stack else "(backward or outside a module)"
+        forward = bool(self.stack) and not self.in_backward()
+        where = self._kind(self.stack[-1]) if forward else "(backward or outside a module)"
         if op in MATMULS:
             tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-            if op not in self.kernels:
+            if op not in self.kernels and forward:  # backward shapes are the forward's transposes
                 self.kernels[op] = " x ".join(f"{tuple(a.shape)}" for a in tensors[:3]) + f" {_dtype(tensors[0].dtype)}" if tensors else ""
             in_router = any(part in FP32_BY_DESIGN for part in where.split("."))
             bad = [a.dtype for a in tensors if a.dtype != self.compute]
-            if bad and not (in_router and all(d == torch.float32 for d in bad)) and self.stack:
+            if bad and not (in_router and all(d == torch.float32 for d in bad)) and forward:
                 self.violations.append(f"{op} in {where} runs in {_dtype(bad[0])}, the GPU run computes in "
                                        f"{_dtype(self.compute)}")
         if torch.is_grad_enabled():
@@ -457,7 +515,7 @@ def dry_run(cfg: Config, world: int, name: str = "the config") -> Report:
         experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
         _keep_buffer_dtypes(model)
         report.checks.append(_check_parameter_dtypes(model, experts, compute))
-        guard = NonFiniteGuard(model, [optimizer, experts.optimizer], META)
+        guard = NonFiniteGuard(model, [optimizer, experts.optimizer], META, streams)
         parts = StepParts(cfg=cfg, engine=engine, optimizer=optimizer, experts=experts, guard=guard,
                           faults=Faults("", 0, model), distiller=None, model=model, device=META,
                           bf16=compute == torch.bfloat16)
@@ -505,7 +563,7 @@ def dry_run(cfg: Config, world: int, name: str = "the config") -> Report:
         if cfg.model.moe.ep_size > 1 and experts.names:
             report.checks.append(f"expert parallelism {cfg.model.moe.ep_size}: the all-to-all dispatcher forward "
                                  "and backward, the expert gradients' reduction")
-        report.shapes = {k: v for k, v in watch.shapes.items() if k.count(".") <= 3}
+        report.shapes = {k: v for k, v in watch.shapes.items() if k.count(".") <= 4}
         report.kernels = watch.kernels
         report.host_reads = Counter(reads)
         report.collectives = Counter(f"{c['op']} {c['dtype']} {c['device']} over {c['group_size']} ranks"
@@ -560,20 +618,25 @@ def _check_parameter_dtypes(model: nn.Module, experts, compute: torch.dtype) -> 
 
 def _flex_forward_on_fake_cuda(cfg: Config, tokenizer) -> str:
     """A forward of the model with FlexAttention on FakeTensorMode CUDA tensors (no driver needed):
-    block masks built for CUDA, the attention kernel's shape and dtype checks, the CUDA branches."""
+    block masks built for CUDA, the attention kernel's shape and dtype checks, the CUDA branches.
+    The model is built there in the run's dtype (a module of fake tensors cannot be cast)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fusion.model.fusion import build_model
     from fusion.model.kernels import Kernels
 
-    with torch.device(META):
-        model = build_model(cfg.model, tokenizer)
-    model.tokenizer = tokenizer
-    batches = SyntheticBatches(cfg, tokenizer, model, ["text", "image", "video"])
-    batch = next(batches)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with torch.device(META):  # the batch is made outside the fake mode, from the config's sizes
+        sizes = build_model(cfg.model, tokenizer)
+    batch = next(SyntheticBatches(cfg, tokenizer, sizes, ["text", "image", "video"]))
+    default = torch.get_default_dtype()
+    with FakeTensorMode(allow_non_fake_inputs=True):
         cuda = torch.device("cuda", 0)
-        model = model.to_empty(device=cuda).to(gpu_precision(cfg))
+        torch.set_default_dtype(gpu_precision(cfg))
+        try:
+            with cuda:
+                model = build_model(cfg.model, tokenizer)
+        finally:
+            torch.set_default_dtype(default)
         model.use_kernels(Kernels(grouped_mm=True, side_stream=True, compile_flex=False),
                           streams=CheckedStreams())
         fake = {k: v.to(cuda) for k, v in batch.items()}
@@ -581,8 +644,8 @@ def _flex_forward_on_fake_cuda(cfg: Config, tokenizer) -> str:
             out = model(fake["input_ids"], labels=fake["labels"], positions=fake["positions"],
                         doc_ids=fake["doc_ids"], sample_modality=fake["sample_modality"],
                         images=fake.get("images"), videos=fake.get("videos"))
-    return (f"a forward with model.attn_impl=flex on fake CUDA tensors: loss {tuple(out.loss.shape)} "
-            f"{_dtype(out.loss.dtype)}")
+    return (f"a forward with model.attn_impl=flex on fake CUDA tensors ({_dtype(gpu_precision(cfg))}, "
+            f"uncompiled: no driver to compile for): loss {_dtype(out.loss.dtype)} on {out.loss.device}")
 
 
 def _plan_memory(text: str, stage: int) -> str:

@@ -448,6 +448,8 @@ def train(cfg: Config) -> int:
     from fusion.data.tokenizer import build_tokenizer
     from fusion.distill import build_distiller
     from fusion.model.fusion import build_model
+    from fusion.model.kernels import Kernels
+    from fusion.model.streams import CudaStreams
     from fusion.parallel import ExpertParallel
 
     rank, world, device = init_distributed()
@@ -478,10 +480,16 @@ def train(cfg: Config) -> int:
     engine, optimizer, _, _ = deepspeed.initialize(model=experts.engine_module(), optimizer=optimizer,
                                                    config=ds_config)
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
+    experts.restore_buffer_dtypes()  # the router bias stays fp32 and the load counts float64 in bf16
+    # kernel choices, asked of the device once, now that the model is on it in its dtype
+    kernels = Kernels.for_device(device, torch.bfloat16 if bf16 else torch.float32)
+    streams = CudaStreams(device) if kernels.side_stream else None
+    model.use_kernels(kernels, streams)
     peak = peak_tflops(cfg, device)
     # skip updates on NaN/Inf (faults first: its gradient hook must run before the guard's)
     faults = Faults(os.environ.get("FUSION_FAULTS", ""), rank, model)
-    guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device)
+    guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device,
+                           streams)
     parts = StepParts(cfg=cfg, engine=engine, optimizer=optimizer, experts=experts, guard=guard,
                       faults=faults, distiller=distiller, model=model, device=device, bf16=bf16)
 
