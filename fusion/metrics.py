@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fusion import dist
-from fusion.config import MODALITIES
+from fusion.config import MODALITIES, Config
 
 N_MOD = len(MODALITIES)
 
@@ -183,3 +183,95 @@ class MetricsLog:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def log_row(reduced: dict, stats: StepStats, step: int, parts, derived, batches,
+            fpt: float, peak: float | None) -> dict:
+    """The metrics.jsonl row of a logging interval (figures already reduced over ranks); `parts` is
+    the step's fusion.step.StepParts (engine, guard, distiller, device)."""
+    n, seconds = stats.steps, max(stats.seconds, 1e-9)
+    tokens = derived.tokens_per_step * n
+    count = reduced["loss_count"]
+    row = {"step": step, "loss": float(reduced["loss_sum"].sum() / count.sum().clamp(min=1)),
+           "lr": stats.lr}
+    for i, name in enumerate(MODALITIES):
+        if count[i] > 0:
+            row[f"loss/{name}"] = float(reduced["loss_sum"][i] / count[i])
+        row[f"tokens/{name}"] = round(float(reduced["tokens"][i]) / n)  # per step, all ranks
+    # of every row position trained on: padding, and positions whose target carries the loss
+    row["data/padding"] = 1.0 - float(reduced["tokens"].sum()) / tokens
+    row["data/loss_tokens"] = float(count.sum()) / tokens
+    grad_norm = stats.grad_norm
+    if grad_norm is None:
+        grad_norm = parts.engine.get_global_grad_norm()
+    if isinstance(grad_norm, torch.Tensor):
+        grad_norm = dist.fetch_float(grad_norm, "logging: grad_norm")
+    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    row["tokens_per_s"] = tokens / seconds
+    row["mfu"] = (fpt * tokens / seconds / (peak * 1e12 * dist.world())) if peak else None
+    if parts.device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
+        row["mem/peak_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2 ** 30
+    row["aux_loss"], row["z_loss"] = reduced["aux"], reduced["z"]
+    if parts.distiller is not None:
+        row.update(parts.distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
+    row["nonfinite_skips"] = parts.guard.total
+    if reduced["load"] is not None:
+        row.update(router_metrics(reduced["load"]))
+    for m, share in batches.shares().items():
+        row[f"data/share/{m}"] = share
+        row[f"data/target/{m}"] = batches.probs[m]
+    for reason, count in batches.failures().items():
+        row[f"data/failed/{reason}"] = count
+    return row
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(row: dict, step: int, steps: int, elapsed: float, done: int) -> str:
+    """The step line: loss, learning rate, throughput, time elapsed and the estimate of what is left
+    (from the steps done in this process, so a resumed run estimates from its own pace)."""
+    eta = elapsed / max(done, 1) * (steps - step)
+    return (f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f} "
+            f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+
+
+def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
+    """Training FLOPs per token, the count `fusion-plan` reports (formula in fusion/plan.py):
+    6 x active matmul parameters + causal attention scores (chunked layers over their chunk)."""
+    from fusion.plan import flops_per_token as planned
+
+    return planned(cfg.model, model.vocab_size, cfg.train.seq_len)
+
+
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def host_load(run_load: torch.Tensor):
+    """The expert loads summed since the start (L, 3, E), read on the host for the heatmap at a
+    checkpoint boundary."""
+    return dist.fetch(run_load, "checkpoint: the expert-load heatmap").numpy()
+
+
+def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
+    from fusion.plots import plot_expert_load, plot_losses
+
+    log.flush()
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
+    if run_load is not None:
+        plot_expert_load(host_load(run_load), layer_ids, run_dir / "plots" / "expert_load.png")

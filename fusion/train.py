@@ -8,16 +8,13 @@ Several (CPU or GPU): deepspeed --num_gpus 2 --module fusion.train --config conf
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,7 +24,9 @@ from fusion.config import (MODALITIES, Config, ConfigError, deepspeed_config, du
 from fusion.data.mixing import NoDataError
 from fusion.faults import Faults
 from fusion.guard import NonFiniteError, NonFiniteGuard, innermost_optimizer
-from fusion.metrics import DebugLog, MetricsLog, StepStats, router_metrics
+from fusion.metrics import (DebugLog, MetricsLog, StepStats, draw_plots, flops_per_token, log_row,
+                            peak_tflops, progress_line)
+from fusion.step import StepParts, param_groups, train_step
 
 
 def parse_args(argv):
@@ -115,65 +114,6 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: float) -> list[dict]:
-    """Dense matrices decay; norms and biases don't; experts get a group of their own; the vision
-    tower learns at `model.vision.lr_scale` times the decoder's rate. Frozen parameters stay out."""
-    groups: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        vision = name.startswith("vision.")
-        if getattr(p, "expert", False):
-            key, wd = "experts", weight_decay
-        elif p.dim() < 2 or "pos" in name.split(".")[-1]:
-            key, wd = "no_decay", 0.0
-        else:
-            key, wd = "decay", weight_decay
-        key = f"vision_{key}" if vision else key
-        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd,
-                                        "lr_scale": vision_lr_scale if vision else 1.0})
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def grad_l2_norm(model: torch.nn.Module) -> torch.Tensor:
-    """The L2 norm of every gradient of `model`, a device scalar (read at logging)."""
-    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
-    t = cfg.train
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
-
-
-def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
-    """Training FLOPs per token, the count `fusion-plan` reports (formula in fusion/plan.py):
-    6 x active matmul parameters + causal attention scores (chunked layers over their chunk)."""
-    from fusion.plan import flops_per_token as planned
-
-    return planned(cfg.model, model.vocab_size, cfg.train.seq_len)
-
-
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def peak_tflops(cfg: Config, device: torch.device) -> float | None:
-    if cfg.train.peak_tflops > 0:
-        return cfg.train.peak_tflops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-    return None
-
-
 def run_metadata() -> dict:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -211,21 +151,6 @@ def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
         for kind, r in res["by_type"].items():
             row.setdefault(f"eval/acc/{kind}", r["acc"])
     return row
-
-
-def draw_plots(run_dir: Path, run_load, layer_ids: list[int], log) -> None:
-    from fusion.plots import plot_expert_load, plot_losses
-
-    log.flush()
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
-    if run_load is not None:
-        plot_expert_load(host_load(run_load), layer_ids, run_dir / "plots" / "expert_load.png")
-
-
-def host_load(run_load: torch.Tensor):
-    """The expert loads summed since the start (L, 3, E), read on the host for the heatmap at a
-    checkpoint boundary."""
-    return dist.fetch(run_load, "checkpoint: the expert-load heatmap").numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,144 +232,15 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# one optimizer step
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepParts:
-    """What an optimizer step works with. `engine` is DeepSpeed's (or the dry run's stand-in with
-    the same calls: __call__, backward, is_gradient_accumulation_boundary, step,
-    get_global_grad_norm, zero_optimization_stage, bfloat16_enabled, module)."""
-
-    cfg: Config
-    engine: Any
-    optimizer: torch.optim.Optimizer   # the non-expert parameters' (its groups take the lr)
-    experts: Any                       # fusion.parallel.ExpertParallel
-    guard: NonFiniteGuard
-    faults: Faults
-    distiller: Any                     # fusion.distill.Distiller or None
-    model: torch.nn.Module
-    device: torch.device
-    bf16: bool
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A loader batch on the compute device; pinned host memory lets the copy overlap compute."""
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def train_step(p: StepParts, batches, step: int) -> StepStats:
-    """Optimizer step `step` (counted from 0): `grad_accum` micro-steps of forward and backward,
-    the expert gradients' reduction, the non-finite decision, DeepSpeed's and the experts' update,
-    and the routers' balancing. Host reads only at the accumulation boundary (the skip decision;
-    DeepSpeed's own) and, under expert parallelism, the all-to-all's row counts."""
-    cfg, t = p.cfg, p.cfg.train
-    lr = lr_at(step, cfg)
-    for group in [*p.optimizer.param_groups, *p.experts.param_groups]:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    stats = StepStats.zeros(p.device)
-    p.faults.step = step + 1
-    skipped, grad_norm = False, None
-    for _ in range(t.grad_accum):
-        batch = to_device(next(batches), p.device)
-        out = p.engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
-                       doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
-                       images=batch.get("images"), videos=batch.get("videos"),
-                       return_logits=p.distiller is not None)
-        loss = p.faults.loss(out.loss if p.distiller is None else p.distiller.mix(out, batch))
-        p.guard.observe_loss(loss)
-        p.engine.backward(loss)
-        stats.add_micro(out, batch)
-        boundary = p.engine.is_gradient_accumulation_boundary()
-        if boundary:
-            p.experts.reduce_grads()  # expert grads over their expert-data-parallel group
-            if t.zero_stage == 0 and not p.bf16 and not p.experts.names:
-                # DeepSpeed reports no norm for plain fp32 data parallel; grads are reduced by now
-                grad_norm = grad_l2_norm(p.model)
-            skipped = p.guard.decide()  # all-reduced: every rank skips alike
-        with p.guard.suppress(boundary and skipped):  # no update; DeepSpeed's counters still move
-            p.engine.step()
-            if boundary and p.experts.names:
-                grad_norm = p.experts.step()  # clipped with, and returning, the global norm
-    p.guard.count(skipped)
-    stats.load = balance_routers(p.model.moe_layers, skipped)
-    stats.steps, stats.skipped = 1, int(skipped)
-    stats.lr, stats.grad_norm = lr, grad_norm
-    return stats
-
-
-def balance_routers(moe_layers, skipped: bool) -> torch.Tensor | None:
-    """Expert loads of this step summed over ranks (one all-reduce, on the device), and the
-    aux-loss-free bias update from them. -> (L, 3, E) float64, or None without MoE layers."""
-    if not moe_layers:
-        return None
-    load = torch.stack([layer.take_load() for layer in moe_layers]).to(dist.comm_device())  # (L, 3, E)
-    dist.all_reduce(load)
-    if not skipped:  # a skipped step leaves the router biases as they were too
-        for layer, layer_load in zip(moe_layers, load):
-            layer.update_bias(layer_load.sum(0))
-    return load
-
-
-def log_row(reduced: dict, stats: StepStats, step: int, parts: StepParts, derived, batches,
-            fpt: float, peak: float | None) -> dict:
-    """The metrics.jsonl row of a logging interval (figures already reduced over ranks)."""
-    n, seconds = stats.steps, max(stats.seconds, 1e-9)
-    tokens = derived.tokens_per_step * n
-    count = reduced["loss_count"]
-    row = {"step": step, "loss": float(reduced["loss_sum"].sum() / count.sum().clamp(min=1)),
-           "lr": stats.lr}
-    for i, name in enumerate(MODALITIES):
-        if count[i] > 0:
-            row[f"loss/{name}"] = float(reduced["loss_sum"][i] / count[i])
-        row[f"tokens/{name}"] = round(float(reduced["tokens"][i]) / n)  # per step, all ranks
-    # of every row position trained on: padding, and positions whose target carries the loss
-    row["data/padding"] = 1.0 - float(reduced["tokens"].sum()) / tokens
-    row["data/loss_tokens"] = float(count.sum()) / tokens
-    grad_norm = stats.grad_norm
-    if grad_norm is None:
-        grad_norm = parts.engine.get_global_grad_norm()
-    if isinstance(grad_norm, torch.Tensor):
-        grad_norm = dist.fetch_float(grad_norm, "logging: grad_norm")
-    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-    row["tokens_per_s"] = tokens / seconds
-    row["mfu"] = (fpt * tokens / seconds / (peak * 1e12 * dist.world())) if peak else None
-    if parts.device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
-        row["mem/peak_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2 ** 30
-    row["aux_loss"], row["z_loss"] = reduced["aux"], reduced["z"]
-    if parts.distiller is not None:
-        row.update(parts.distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
-    row["nonfinite_skips"] = parts.guard.total
-    if reduced["load"] is not None:
-        row.update(router_metrics(reduced["load"]))
-    for m, share in batches.shares().items():
-        row[f"data/share/{m}"] = share
-        row[f"data/target/{m}"] = batches.probs[m]
-    for reason, count in batches.failures().items():
-        row[f"data/failed/{reason}"] = count
-    return row
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-# ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> int:
+def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
+    """Tokenizer, model, DeepSpeed engine, routed experts, kernels, guard. -> (StepParts,
+    tokenizer, training FLOPs per token)."""
     import deepspeed
 
-    from fusion.checkpoint import choose_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-    from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
     from fusion.distill import build_distiller
     from fusion.model.fusion import build_model
@@ -452,69 +248,92 @@ def train(cfg: Config) -> int:
     from fusion.model.streams import CudaStreams
     from fusion.parallel import ExpertParallel
 
-    rank, world, device = init_distributed()
-    derived = finalize(cfg, world)
-    run_dir = Path(cfg.run.dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg, run_metadata()))
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-
-    # ---- model, optimizer, engine ----
+    t = cfg.train
+    torch.manual_seed(t.seed)  # same initial weights on every rank
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     model = build_model(cfg.model, tokenizer)
     model.tokenizer = tokenizer  # for in-training evaluation
-    model.decoder.checkpoint_every = cfg.train.activation_checkpointing
-    if cfg.train.compile:
+    model.decoder.checkpoint_every = t.activation_checkpointing
+    if t.compile:
         model.decoder.compile_blocks()  # torch.compile each block; compiles at the first step
     fpt = flops_per_token(model, cfg)  # before the experts are sharded over ranks
-    bf16 = use_bf16(cfg.train.precision, device)
+    bf16 = use_bf16(t.precision, device)
     distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process
-    t = cfg.train
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel.py)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
     groups = param_groups(model, t.weight_decay, cfg.model.vision.lr_scale)
     optimizer = torch.optim.AdamW([g for g in groups if g["name"] != "experts"],
                                   lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    ds_config = deepspeed_config(cfg, world, bf16)
     engine, optimizer, _, _ = deepspeed.initialize(model=experts.engine_module(), optimizer=optimizer,
-                                                   config=ds_config)
+                                                   config=deepspeed_config(cfg, world, bf16))
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
     experts.restore_buffer_dtypes()  # the router bias stays fp32 and the load counts float64 in bf16
     # kernel choices, asked of the device once, now that the model is on it in its dtype
     kernels = Kernels.for_device(device, torch.bfloat16 if bf16 else torch.float32)
     streams = CudaStreams(device) if kernels.side_stream else None
     model.use_kernels(kernels, streams)
-    peak = peak_tflops(cfg, device)
     # skip updates on NaN/Inf (faults first: its gradient hook must run before the guard's)
     faults = Faults(os.environ.get("FUSION_FAULTS", ""), rank, model)
     guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device,
                            streams)
     parts = StepParts(cfg=cfg, engine=engine, optimizer=optimizer, experts=experts, guard=guard,
                       faults=faults, distiller=distiller, model=model, device=device, bf16=bf16)
+    return parts, tokenizer, fpt
 
-    # ---- data ----
+
+def resume(parts: StepParts, batches, run_dir: Path, rank: int) -> tuple[int, bool]:
+    """Load the checkpoint `train.resume` names (verified), if any. -> (step, resumed)"""
+    from fusion.checkpoint import choose_checkpoint, load_checkpoint, set_rng_state
+
+    path = choose_checkpoint(parts.cfg.train.resume, run_dir, rank)  # verified against its manifest
+    if path is None:
+        return 0, False
+    state = load_checkpoint(parts.engine, path, rank, parts.experts)
+    batches.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    if rank == 0:
+        print(f"resumed from {path} at step {state['step']}", flush=True)
+    return state["step"], True
+
+
+def stop_if_nonfinite(guard: NonFiniteGuard, cfg: Config, run_dir: Path, rank: int, step: int) -> None:
+    from fusion.checkpoint import choose_checkpoint
+
+    limit = cfg.train.max_nonfinite
+    if limit and guard.in_a_row >= limit:
+        last = choose_checkpoint("auto", run_dir, rank)
+        raise NonFiniteError(
+            f"{guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+            f"(config key 'train.max_nonfinite'={limit}); stopped at step {step}. "
+            f"The last checkpoint, {last or 'none'}, is intact: lower train.lr, check the data, "
+            f"or resume with train.resume=auto")
+
+
+def train(cfg: Config) -> int:
+    from fusion.checkpoint import save_checkpoint
+    from fusion.data.mixing import build_batches
+
+    # ---- setup ----
+    rank, world, device = init_distributed()
+    derived = finalize(cfg, world)
+    t, run_dir = cfg.train, Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg, run_metadata()))
+    parts, tokenizer, fpt = build_parts(cfg, rank, world, device)
+    peak = peak_tflops(cfg, device)
     batches = build_batches(cfg, tokenizer, rank, world)
-
-    # ---- resume ----
-    step = 0
-    resume_path = choose_checkpoint(t.resume, run_dir, rank)  # verified against its manifest
-    if resume_path is not None:
-        state = load_checkpoint(engine, resume_path, rank, experts)
-        step = state["step"]
-        batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        if rank == 0:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
-
+    step, resumed = resume(parts, batches, run_dir, rank)
     log = MetricsLog(run_dir, rank == 0, start_step=step)
     debug = DebugLog(run_dir, rank, t.debug_log)
     run_load = None  # (L, 3, E) expert load summed over ranks since the start, on the device
-    last_saved = step if resume_path is not None else -1
+    last_saved = step if resumed else -1
     interval: StepStats | None = None  # the steps since the last logged row
     first_step, started = step, time.perf_counter()
-    engine.train()
+    parts.engine.train()
+
     while step < t.steps:
+        # ---- one optimizer step ----
         t0 = time.perf_counter()
         stats = train_step(parts, batches, step)
         step += 1
@@ -528,8 +347,8 @@ def train(cfg: Config) -> int:
         evaluate_now = t.eval_every and (step % t.eval_every == 0 or step == t.steps)
         if evaluate_now:
             # sharded experts: every rank gathers them and scores with an unsharded copy
-            eval_model = model if cfg.model.moe.ep_size == 1 else experts.unsharded_copy()
-            eval_row = evaluate_in_training(eval_model, cfg, run_dir, step)
+            model = parts.model if cfg.model.moe.ep_size == 1 else parts.experts.unsharded_copy()
+            eval_row = evaluate_in_training(model, cfg, run_dir, step)
 
         # ---- log: one row per logged step, figures over the steps since the last row ----
         if step % t.log_every == 0 or step == t.steps or evaluate_now:
@@ -537,33 +356,25 @@ def train(cfg: Config) -> int:
             log.log({**row, **eval_row})
             interval = None
             if rank == 0:
-                elapsed = time.perf_counter() - started
-                eta = elapsed / (step - first_step) * (t.steps - step)
-                print(f"step {step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                      f"tok/s {row['tokens_per_s']:.0f} elapsed {format_duration(elapsed)} "
-                      f"eta {format_duration(eta)}", flush=True)
+                print(progress_line(row, step, t.steps, time.perf_counter() - started, step - first_step),
+                      flush=True)
 
-        debug.log(step, batches.take_keys(), model, bool(stats.skipped))
+        # ---- the non-finite guard's record ----
+        debug.log(step, batches.take_keys(), parts.model, bool(stats.skipped))
         if stats.skipped and rank == 0:
             print(f"step {step}: non-finite loss or gradient, optimizer step skipped "
-                  f"({guard.in_a_row} in a row, {guard.total} in all)", flush=True)
-        if t.max_nonfinite and guard.in_a_row >= t.max_nonfinite:
-            last = choose_checkpoint("auto", run_dir, rank)
-            raise NonFiniteError(
-                f"{guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
-                f"(config key 'train.max_nonfinite'={t.max_nonfinite}); stopped at step {step}. "
-                f"The last checkpoint, {last or 'none'}, is intact: lower train.lr, check the data, "
-                f"or resume with train.resume=auto")
+                  f"({parts.guard.in_a_row} in a row, {parts.guard.total} in all)", flush=True)
+        stop_if_nonfinite(parts.guard, cfg, run_dir, rank, step)
 
         # ---- checkpoint ----
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg, experts)
+            save_checkpoint(parts.engine, run_dir, step, rank, batches.state_dict(), cfg, parts.experts)
             last_saved = step
             if rank == 0:
                 draw_plots(run_dir, run_load, derived.moe_layers, log)
 
     if last_saved != step and step > 0:
-        save_checkpoint(engine, run_dir, step, rank, batches.state_dict(), cfg, experts)
+        save_checkpoint(parts.engine, run_dir, step, rank, batches.state_dict(), cfg, parts.experts)
     log.close()
     dist.barrier()
     return 0

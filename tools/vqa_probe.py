@@ -19,7 +19,7 @@ from fusion.data.tokenizer import build_tokenizer
 from fusion.data.mixing import build_batches
 from fusion.model.fusion import build_model
 from fusion.eval.vqa import evaluate
-from fusion.train import param_groups
+from fusion.step import param_groups
 steps = int(sys.argv[1]); torch.set_num_threads(1)
 cfg = load_config("configs/demo.yaml", sys.argv[2:])
 finalize(cfg, 1); torch.manual_seed(0)

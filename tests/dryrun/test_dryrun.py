@@ -117,9 +117,9 @@ def test_cpu_checkpoint_broadcast_fails(monkeypatch):
 
 
 def test_numpy_of_device_load_fails(monkeypatch):
-    import fusion.train
+    import fusion.metrics
 
-    monkeypatch.setattr(fusion.train, "host_load", lambda run_load: run_load.numpy())
+    monkeypatch.setattr(fusion.metrics, "host_load", lambda run_load: run_load.numpy())
     with pytest.raises((RuntimeError, TypeError, NotImplementedError), match="meta"):
         dry_run(llama4(), 2)
 

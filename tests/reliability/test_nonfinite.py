@@ -12,7 +12,7 @@ import pytest
 
 from fusion.checkpoint import verify_checkpoint
 from fusion.config import load_config
-from fusion.train import lr_at
+from fusion.step import lr_at
 from tests.conftest import BIN, free_port, run_cli
 
 pytestmark = pytest.mark.slow

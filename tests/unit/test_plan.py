@@ -71,7 +71,7 @@ def test_flops_per_token_is_six_times_matmul_params_plus_attention():
 
 
 def test_train_logs_mfu_from_the_same_count():
-    from fusion.train import flops_per_token as train_flops
+    from fusion.metrics import flops_per_token as train_flops
 
     cfg, model = built("scout-mini", device="meta")
     assert train_flops(model, cfg) == flops_per_token(cfg.model, model.vocab_size, cfg.train.seq_len)
