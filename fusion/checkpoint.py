@@ -266,6 +266,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
     renames the directory to `step_N/`, moves `latest` and keeps the newest
     `train.keep_checkpoints` (cfg); the other ranks wait for it."""
     from fusion import dist
+    from fusion.faults import checkpoint_paused
 
     world = dist.world()
     root = checkpoint_root(run_dir)
@@ -284,6 +285,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_stat
         export_model(model, cfg, path, tensors)
     state = {"step": step, "data": data_state, "rng": rng_state()}
     write_atomic(path / f"rank{rank}.json", json.dumps(state).encode())
+    checkpoint_paused(step, rank, path)  # test-only: FUSION_FAULTS=ckpt@N stops here, half-written
     engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
