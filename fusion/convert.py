@@ -464,7 +464,8 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
             force: bool = False, log=print) -> Path:
     """Hugging Face Llama 4 text checkpoint -> fusion model directory. Returns the directory."""
     from fusion.config import ConfigError, load_config, to_dict
-    from fusion.data.tokenizer import SpecialIds, build_tokenizer
+    from fusion.data.tokenizer import build_tokenizer
+    from fusion.schema import SpecialIds
     from fusion.model.fusion import FusionModel
     from fusion.model.vision import VisionTower
 
@@ -547,7 +548,8 @@ def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: 
     from fusion.checkpoint import (MANIFEST, TOKENIZER, CheckpointError, check_weight_shapes,
                                    find_model_dir, read_model_json, verify_checkpoint)
     from fusion.config import ConfigError, load_config
-    from fusion.data.tokenizer import SpecialIds, build_tokenizer
+    from fusion.data.tokenizer import build_tokenizer
+    from fusion.schema import SpecialIds
     from fusion.model.fusion import FusionModel
 
     try:

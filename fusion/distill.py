@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion.config import Config, ConfigError
+from fusion.schema import IGNORE
 
-IGNORE = -100  # fusion/model/fusion.py's label value with no loss
 
 
 def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,

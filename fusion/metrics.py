@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from fusion import dist
-from fusion.config import MODALITIES, Config
+from fusion.config import Config
+from fusion.schema import MODALITIES
 
 N_MOD = len(MODALITIES)
 

@@ -50,8 +50,9 @@ import sys
 from dataclasses import dataclass
 
 from fusion.config import (Config, ConfigError, ModelConfig, VisionConfig, dense_baseline_ffn_dim,
-                           load_config, moe_layer_ids, tokens_per_image)
+                           load_config, moe_layer_ids)
 from fusion.model.decoder import uses_rope
+from fusion.schema import tokens_per_image
 
 PARTS = ("embeddings", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "vision",
          "cross_attention")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion.config import MODALITIES
+from fusion.schema import MODALITIES
 
 
 def _pyplot():

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from fusion import dist
-from fusion.config import (MODALITIES, Config, ConfigError, deepspeed_config, dump_yaml, finalize,
-                           load_config)
+from fusion.config import Config, ConfigError, deepspeed_config, dump_yaml, finalize, load_config
 from fusion.data.mixing import NoDataError
 from fusion.faults import Faults
 from fusion.guard import NonFiniteError, NonFiniteGuard, innermost_optimizer
+from fusion.schema import MODALITIES
 from fusion.metrics import (DebugLog, MetricsLog, StepStats, draw_plots, flops_per_token, log_row,
                             peak_tflops, progress_line)
 from fusion.step import StepParts, param_groups, train_step

@@ -37,7 +37,7 @@ def text_rows(tokenizer, n: int = 8, T: int = 48, seed: int = 0):
     """(input_ids, labels) of n byte-tokenised toy sentences, one per row; padding has label -100."""
     import torch
 
-    from fusion.model.fusion import IGNORE
+    from fusion.schema import IGNORE
 
     ids = torch.full((n, T), tokenizer.pad_id)
     labels = torch.full((n, T), IGNORE)

@@ -173,7 +173,8 @@ class Loader:
     """Windows of `n` samples from one persistent `build_batches` iterator over one modality."""
 
     def __init__(self, modality: str, spec: str, n: int, num_workers: int, img_size: int):
-        from fusion.config import load_config, tokens_per_video
+        from fusion.config import load_config
+        from fusion.schema import tokens_per_video
         from fusion.data.mixing import build_batches
         from fusion.data.tokenizer import ByteTokenizer
 

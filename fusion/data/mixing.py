@@ -40,7 +40,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fusion.config import MODALITIES
+from fusion.schema import MODALITIES
 from fusion.data.sequence import Packer, collate
 from fusion.data.shards import ErrorCounter, iter_samples, list_shards, read_shard_stats
 

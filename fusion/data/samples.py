@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusion.config import Config, tokens_per_image
+from fusion.config import Config
+from fusion.schema import tokens_per_image
 from fusion.data.sequence import build_sample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -29,7 +29,8 @@ import base64
 import numpy as np
 import torch
 
-IGNORE = -100
+from fusion.schema import IGNORE
+
 FIELDS = ("input_ids", "labels", "positions", "doc_ids", "sample_modality")
 MEDIA = ("images", "videos")
 

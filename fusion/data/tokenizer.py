@@ -1,4 +1,5 @@
-"""Tokenizers and every special token, defined once.
+"""Tokenizers: the byte-level one and Hugging Face tokenizer.json files, with fusion's special
+tokens (fusion/schema.py) bound to ids.
 
 Two tokenizers share one interface (`encode`, `decode`, `vocab_size`, special-token ids):
 - `ByteTokenizer`: UTF-8 bytes are ids 0..255, the special tokens follow. Needs no file.
@@ -8,41 +9,9 @@ Two tokenizers share one interface (`encode`, `decode`, `vocab_size`, special-to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-# The multimodal stream's markers. Order is part of the checkpoint format: append, never reorder.
-SPECIAL_TOKENS = (
-    "<|pad|>",
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|image_start|>",
-    "<|image_end|>",
-    "<|patch|>",
-    "<|video_start|>",
-    "<|video_end|>",
-    "<|frame_sep|>",
-)
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    """The ids the model itself needs (to find placeholder runs), detached from any tokenizer."""
-
-    pad: int
-    bos: int
-    eos: int
-    image_start: int
-    image_end: int
-    patch: int
-    video_start: int
-    video_end: int
-    frame_sep: int
-
-    @classmethod
-    def of(cls, tok) -> "SpecialIds":
-        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.image_start_id, tok.image_end_id,
-                   tok.patch_id, tok.video_start_id, tok.video_end_id, tok.frame_sep_id)
+from fusion.schema import SPECIAL_TOKENS
 
 
 class _Specials:

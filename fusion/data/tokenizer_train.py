@@ -21,7 +21,7 @@ Two kinds:
   `word_level_tokenizer`): a question is a few tokens and an answer one. `--vocab-size` keeps the
   most frequent words.
 
-Either way the file stores every special token of `fusion.data.tokenizer.SPECIAL_TOKENS`, so their
+Either way the file stores every special token of `fusion.schema.SPECIAL_TOKENS`, so their
 ids are fixed in it, and it loads with `build_tokenizer(path)` (`data.tokenizer: PATH` in a
 config). The same input gives a byte-identical file: shards are read in a fixed order, word
 counts are ranked with ties broken by the word, and the trainer's merges do not depend on thread
@@ -50,7 +50,8 @@ from fusion.data.shards import (
     iter_samples,
     shards_in_dir,
 )
-from fusion.data.tokenizer import SPECIAL_TOKENS, HFTokenizer
+from fusion.data.tokenizer import HFTokenizer
+from fusion.schema import SPECIAL_TOKENS
 
 KINDS = ("bpe", "word")
 # A word or a run of punctuation: the regex of the `tokenizers` Whitespace pre-tokenizer

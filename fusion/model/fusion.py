@@ -21,11 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import ModelConfig
-from fusion.data.tokenizer import SpecialIds
+from fusion.schema import IGNORE, MODALITIES, SpecialIds
 from fusion.model.decoder import Decoder
 
-IGNORE = -100  # label value with no loss: padding, placeholders, media markers
-N_MODALITIES = 3  # text, image, video
 
 
 @dataclass
@@ -160,8 +158,8 @@ class FusionModel(nn.Module):
         # per-modality sums into fixed sizes (no boolean indexing, no bincount: no host sync);
         # ignored positions have a per-token loss of 0 and count 0
         mod = sample_modality.flatten()  # (B*T,)
-        loss_sum = per_token.new_zeros(N_MODALITIES).index_add_(0, mod, per_token.detach())
-        loss_count = per_token.new_zeros(N_MODALITIES).index_add_(0, mod, mask.to(per_token.dtype))
+        loss_sum = per_token.new_zeros(len(MODALITIES)).index_add_(0, mod, per_token.detach())
+        loss_count = per_token.new_zeros(len(MODALITIES)).index_add_(0, mod, mask.to(per_token.dtype))
         moe = self.cfg.moe
         total = lm_loss + moe.z_coef * z
         if moe.balance == "aux":

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import MoEConfig
+from fusion.schema import MODALITIES
 from fusion.model.ffn import FeedForward
 from fusion.model.kernels import Kernels, default_kernels
 
-N_MODALITIES = 3  # rows of `MoE.load`: 0 text, 1 image, 2 video
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ class MoE(nn.Module):
             for lin in (self.shared.w1, self.shared.w2, self.shared.w3):
                 nn.init.normal_(lin.weight, std=init_std)
         # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
-        self.register_buffer("load", torch.zeros(N_MODALITIES, cfg.n_experts, dtype=torch.float64),
+        self.register_buffer("load", torch.zeros(len(MODALITIES), cfg.n_experts, dtype=torch.float64),
                              persistent=False)
         self.dispatcher = None  # set by fusion/parallel.py under expert parallelism
         self.recomputing = False  # set while activation checkpointing re-runs this layer

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion.schema import tokens_per_image
+
 PATCH_LINEAR = "patch-linear"
 CONV_STEM = "conv-stem"
 SHUFFLE_RATIO = 0.5  # Llama 4: 2x2 neighbouring patches become one token with 4x the channels
@@ -307,6 +309,7 @@ class VisionTower(nn.Module):
         else:
             self.encoder = TimmEncoder(cfg.encoder, cfg.img_size, cfg.patch_size,
                                        checkpoint=cfg.checkpoint, freeze=cfg.freeze)
+        self.cfg = cfg
         self.img_size = cfg.img_size
         self.shuffle = bool(cfg.pixel_shuffle)
         channels = self.encoder.width
@@ -360,7 +363,7 @@ class VisionTower(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        return self.encoder.n_patches // 4 if self.shuffle else self.encoder.n_patches
+        return tokens_per_image(self.cfg)
 
     @property
     def tokens_per_frame_group(self) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fusion.config import finalize, load_config, tokens_per_image, tokens_per_video
+from fusion.config import finalize, load_config
+from fusion.schema import tokens_per_image, tokens_per_video
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

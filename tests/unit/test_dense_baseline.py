@@ -90,7 +90,7 @@ def test_to_hf_refuses_the_research_switches(switch, key):
     """A Hugging Face Llama 4 text model has neither: fusion-convert to-hf says so instead of
     dropping weights."""
     from fusion.convert import ConvertError, hf_config_from_model
-    from fusion.data.tokenizer import SpecialIds
+    from fusion.schema import SpecialIds
 
     cfg = load_config(None, ["model.size=debug", switch])
     with pytest.raises(ConvertError, match=key):

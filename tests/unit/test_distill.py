@@ -12,7 +12,8 @@ from fusion.checkpoint import export_model
 from fusion.config import ConfigError, load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.distill import Distiller, kl_divergence, load_teacher
-from fusion.model.fusion import IGNORE, build_model
+from fusion.model.fusion import build_model
+from fusion.schema import IGNORE
 from tests.conftest import BIN, run_cli, text_rows
 
 TOK = ByteTokenizer()

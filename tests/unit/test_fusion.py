@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.config import load_config, tokens_per_image, tokens_per_video
+from fusion.config import load_config
+from fusion.schema import tokens_per_image, tokens_per_video
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model, media_slots
 from tests.conftest import packed_batch, random_pixels

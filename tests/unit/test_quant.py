@@ -13,7 +13,8 @@ from fusion.checkpoint import export_model
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import vqa
-from fusion.model.fusion import IGNORE, build_model
+from fusion.model.fusion import build_model
+from fusion.schema import IGNORE
 from tests import conftest
 from fusion.quant import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
                           weight_bytes)

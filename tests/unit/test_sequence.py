@@ -1,7 +1,8 @@
 import torch
 
-from fusion.data.sequence import IGNORE, Packer, collate
-from fusion.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer, build_tokenizer
+from fusion.data.sequence import Packer, collate
+from fusion.data.tokenizer import ByteTokenizer, build_tokenizer
+from fusion.schema import IGNORE, SPECIAL_TOKENS
 
 
 def test_packer_rows_labels_positions():

@@ -15,7 +15,8 @@ from fusion.data import tokenizer_train as tt
 from fusion.data.build import main as fusion_data
 from fusion.data.samples import vqa_answer, vqa_prompt
 from fusion.data.shards import ShardWriter, write_index
-from fusion.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
+from fusion.data.tokenizer import build_tokenizer
+from fusion.schema import SPECIAL_TOKENS
 
 DOCS = ["The ferry leaves at noon.", "Zebras graze near the river; herons wait.",
         "A kettle whistles twice.", "Über-long words: naïve café déjà vu!"]

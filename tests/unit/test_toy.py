@@ -326,7 +326,8 @@ def test_word_tokenizer_covers_every_text_and_answers_are_one_token(toy_dir, sam
     the unknown token, a VQA answer is a single token, the special tokens have fixed ids inside the
     file, and a word from outside the toy world still encodes (as the unknown token)."""
     from fusion.data.samples import vqa_answer, vqa_prompt
-    from fusion.data.tokenizer import SPECIAL_TOKENS, build_tokenizer
+    from fusion.data.tokenizer import build_tokenizer
+    from fusion.schema import SPECIAL_TOKENS
 
     path = toy_dir / "tokenizer.json"
     assert json.loads((toy_dir / "toy.json").read_text())["tokenizer"] == "tokenizer.json"
