@@ -156,3 +156,23 @@ def test_engine_view_hides_exactly_the_experts():
     del sd["0.router.gate.weight"]
     with pytest.raises(RuntimeError, match="0.router.gate.weight"):
         EngineView(other, set(names)).load_state_dict(sd)
+
+
+def test_restore_buffer_dtypes_after_a_cast_of_the_whole_model():
+    """`module.to(bf16)` casts buffers too: the router bias goes back to fp32 and the load counts
+    to float64 (values kept), and a model already right is left alone."""
+    from fusion.parallel import restore_buffer_dtypes
+
+    cfg = MoEConfig(n_experts=E, top_k=1, n_shared=1, moe_ffn_dim=H)
+    model = torch.nn.Sequential(MoE(D, cfg), MoE(D, cfg))
+    model[0].router.expert_bias.fill_(0.5)
+    model.to(torch.bfloat16)
+    assert model[0].router.expert_bias.dtype == torch.bfloat16 and model[0].load.dtype == torch.bfloat16
+    assert sorted(restore_buffer_dtypes(model)) == sorted(f"{i}.{b}" for i in range(2)
+                                                          for b in ("router.expert_bias", "load"))
+    for moe in model:
+        assert moe.router.expert_bias.dtype == torch.float32 and moe.load.dtype == torch.float64
+        assert moe.router.gate.weight.dtype == torch.bfloat16  # parameters stay as cast
+    assert torch.equal(model[0].router.expert_bias, torch.full((E,), 0.5))
+    assert restore_buffer_dtypes(model) == []
+    assert "0.router.expert_bias" in model.state_dict()  # still registered, still persistent
