@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion.data.shards import write_atomic
+from fusion.files import write_atomic
 
 
 def rng_state() -> dict:

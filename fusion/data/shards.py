@@ -50,6 +50,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import braceexpand
 
+from fusion.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 KEY_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
@@ -243,16 +245,6 @@ _HEADER_REST = (b"0"                                      # type: regular file
                 ).ljust(512 - 156, b"\0")
 # the checksum counts its own 8 bytes as spaces; name and size are added per header
 _HEADER_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_REST)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file and a rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:

@@ -9,7 +9,7 @@ from fusion.checkpoint import export_model, write_manifest
 from fusion.config import ConfigError, load_config
 from fusion.data.build import main as fusion_data
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.eval.vqa import main as fusion_eval
+from fusion.eval.cli import main as fusion_eval
 from fusion.model.fusion import build_model
 from fusion.train import main as fusion_train
 from tests.conftest import BIN, run_cli

@@ -18,7 +18,7 @@ from fusion.data.samples import vqa_answer, vqa_prompt
 from fusion.data.sequence import build_sample
 from fusion.data.shards import ShardWriter, write_index
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.eval import vqa
+from fusion.eval import cli, questions, vqa
 from fusion.model.fusion import build_model
 
 COLORS = ["red", "green", "blue"]       # type "color": 3 choices
@@ -124,8 +124,8 @@ def test_scores_decide_accuracy_and_chance_is_per_question(model, vqa_set):
 
 def test_choice_score_is_mean_token_log_prob_of_the_training_text(model, vqa_set):
     root, _ = vqa_set
-    maker = vqa.make_sample_maker(model, n_frames=8)
-    q = next(q for q in vqa.iter_questions(root, maker) if q.type == "side")
+    maker = questions.make_sample_maker(model, n_frames=8)
+    q = next(q for q in questions.iter_questions(root, maker) if q.type == "side")
     scores = vqa.score_choices(model, [q], batch_size=2)[0]  # " left" and " right": padding in the batch
     tok = model.tokenizer
     n_prompt = len(build_sample(tok, [q.part, vqa_prompt(q.question)])[0]) - 1  # without eos
@@ -165,7 +165,7 @@ def test_blind_baseline_gives_grey_media_with_the_same_tokens(model, vqa_set):
 
 def test_cli_writes_json_table_and_picture(run_dir, vqa_set, video_set, tmp_path, capsys):
     root, _ = vqa_set
-    rc = vqa.main(["--run", str(run_dir), "--vqa", str(root), str(video_set), "--generate",
+    rc = cli.main(["--run", str(run_dir), "--vqa", str(root), str(video_set), "--generate",
                    "--batch-size", "5", "--n-frames", "2", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_cli_writes_json_table_and_picture(run_dir, vqa_set, video_set, tmp_path
     assert result["overall"]["chance"] == pytest.approx(0.25)
 
     # --checkpoint writes to --out; the trainer's call keeps its model in training mode
-    rc = vqa.main(["--checkpoint", str(run_dir / "checkpoints"), "--vqa", str(root),
+    rc = cli.main(["--checkpoint", str(run_dir / "checkpoints"), "--vqa", str(root),
                    "--out", str(tmp_path / "out"), "--no-blind", "--examples", "0", "--no-progress"])
     assert rc == 0
     result = json.loads((tmp_path / "out" / "mini_vqa.json").read_text())
@@ -204,12 +204,12 @@ def test_unusable_inputs_are_one_line_errors(run_dir, vqa_set, tmp_path, capsys)
         w.write("x", {"png": b"junk", "json": {"question": "?", "answer": "a", "choices": ["a"]}})
     cases.append((["--run", str(run_dir), "--vqa", str(empty)], "no usable questions"))
     for argv, needle in cases:
-        assert vqa.main(argv + ["--no-progress"]) != 0
+        assert cli.main(argv + ["--no-progress"]) != 0
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
 
     # the real command line (no model given at all)
-    r = subprocess.run([sys.executable, "-m", "fusion.eval.vqa", "--vqa", str(root)],
+    r = subprocess.run([sys.executable, "-m", "fusion.eval.cli", "--vqa", str(root)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "--run" in r.stderr
@@ -239,7 +239,7 @@ class Scripted(torch.nn.Module):
 
 def test_greedy_generation_stops_at_eos_or_8_tokens_and_skips_specials(model, vqa_set):
     root, _ = vqa_set
-    questions = list(vqa.iter_questions(root, vqa.make_sample_maker(model, n_frames=8)))[:3]
+    qs = list(questions.iter_questions(root, questions.make_sample_maker(model, n_frames=8)))[:3]
     tok = model.tokenizer
-    assert vqa.generate_answers(Scripted(tok, " Red "), questions, batch_size=2) == ["Red"] * 3
-    assert vqa.generate_answers(Scripted(tok, "abc", eos=False), questions) == ["abcabcab"] * 3
+    assert vqa.generate_answers(Scripted(tok, " Red "), qs, batch_size=2) == ["Red"] * 3
+    assert vqa.generate_answers(Scripted(tok, "abc", eos=False), qs) == ["abcabcab"] * 3

@@ -18,7 +18,7 @@ from fusion.config import load_config
 from fusion.data.samples import SampleMaker
 from fusion.data.shards import ErrorCounter, ShardWriter, iter_samples
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.eval import vqa
+from fusion.eval import cli, questions, runs, vqa
 from fusion.model.fusion import build_model
 from tests.conftest import encode_mp4, square_frame
 from tests.unit.test_eval import png
@@ -83,7 +83,7 @@ def plain_video_set(tmp_path_factory):
 
 
 def test_video_vqa_with_a_spec_only_json_evaluates_and_trains(run, plain_video_set):
-    model = vqa.load_for_eval(run)[0]
+    model = runs.load_for_eval(run)[0]
     r = vqa.evaluate(model, plain_video_set, n_frames=4, progress=False)
     assert r["skipped"] == 0, r["skipped_reasons"]
     assert r["overall"]["n"] == 2
@@ -99,13 +99,13 @@ def test_video_vqa_with_a_spec_only_json_evaluates_and_trains(run, plain_video_s
 
 
 def test_a_question_without_a_type_has_the_builders_default_type(run):
-    maker = vqa.make_sample_maker(vqa.load_for_eval(run)[0], n_frames=4)
+    maker = questions.make_sample_maker(runs.load_for_eval(run)[0], n_frames=4)
     for qtype, expected in ((None, "default"), ("  ", "default"), (" color ", "color")):
         meta = {"question": "What color?", "answer": "red", "choices": ["red", "blue"]}
         if qtype is not None:
             meta["type"] = qtype
         raw = {"__key__": "k", "png": png(square_frame("red", 4, 4)), "json": json.dumps(meta).encode()}
-        assert vqa.make_question(raw, maker).type == expected
+        assert questions.make_question(raw, maker).type == expected
 
 
 def test_checkpoint_without_out_writes_the_runs_eval_never_a_checkpoint(run, image_set, tmp_path,
@@ -115,7 +115,7 @@ def test_checkpoint_without_out_writes_the_runs_eval_never_a_checkpoint(run, ima
                    ["--checkpoint", str(run / "checkpoints")], ["--run", str(run)]):
         target = run / "eval" / "out_nums.json"
         target.unlink(missing_ok=True)
-        assert vqa.main(source + ["--vqa", str(image_set)] + FAST) == 0, capsys.readouterr().err
+        assert cli.main(source + ["--vqa", str(image_set)] + FAST) == 0, capsys.readouterr().err
         assert f"-> {target}" in capsys.readouterr().out
         assert json.loads(target.read_text())["overall"]["n"] == 2
         assert not (step / "eval").exists()
@@ -124,12 +124,12 @@ def test_checkpoint_without_out_writes_the_runs_eval_never_a_checkpoint(run, ima
     # a model dir outside any run, without a manifest (fusion-convert from-hf writes these)
     model, cfg = tiny_model()
     export_model(model, cfg, tmp_path / "converted")
-    assert vqa.main(["--checkpoint", str(tmp_path / "converted"), "--vqa", str(image_set)] + FAST) == 0
+    assert cli.main(["--checkpoint", str(tmp_path / "converted"), "--vqa", str(image_set)] + FAST) == 0
     assert (tmp_path / "converted" / "eval" / "out_nums.json").is_file()
 
     # an explicit --out inside a checkpoint is refused, naming it
     capsys.readouterr()
-    assert vqa.main(["--run", str(run), "--vqa", str(image_set), "--out", str(step / "eval")] + FAST) == 1
+    assert cli.main(["--run", str(run), "--vqa", str(image_set), "--out", str(step / "eval")] + FAST) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out" in err and "inside checkpoint" in err, err
     assert not (step / "eval").exists()
@@ -140,7 +140,7 @@ def test_set_is_named_as_the_user_named_its_directory(run, image_set, tmp_path, 
     link = tmp_path / "myset"
     link.symlink_to(image_set)
     out = tmp_path / "out"
-    assert vqa.main(["--run", str(run), "--vqa", str(link) + "/", "--out", str(out)] + FAST) == 0
+    assert cli.main(["--run", str(run), "--vqa", str(link) + "/", "--out", str(out)] + FAST) == 0
     assert sorted(p.name for p in out.iterdir()) == ["myset.json"]
     assert json.loads((out / "myset.json").read_text())["set"] == "myset"
 
@@ -183,7 +183,7 @@ def test_a_broken_model_dir_is_one_error_line(image_set, tmp_path, capsys):
             load_model(directory)
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value), str(e.value)
         assert len(str(e.value)) < 500  # names a few, not every weight
-        assert vqa.main(["--checkpoint", str(directory), "--vqa", str(image_set)] + FAST) == 1
+        assert cli.main(["--checkpoint", str(directory), "--vqa", str(image_set)] + FAST) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("fusion-eval: error:")
         assert all(w in err for w in words), err
@@ -201,7 +201,7 @@ def run_into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_results_into_a_closed_pipe_are_no_traceback(run, image_set, tmp_path):
-    r = run_into_closed_pipe([sys.executable, "-m", "fusion.eval.vqa", "--run", str(run), "--vqa",
+    r = run_into_closed_pipe([sys.executable, "-m", "fusion.eval.cli", "--run", str(run), "--vqa",
                               str(image_set), "--out", str(tmp_path)] + FAST)
     assert r.stderr == "" and r.returncode == 141, r.stderr  # 128 + SIGPIPE, as `cat` gives
     assert json.loads((tmp_path / "out_nums.json").read_text())["overall"]["n"] == 2

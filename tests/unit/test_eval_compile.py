@@ -10,7 +10,7 @@ from torch._dynamo.testing import CompileCounter
 
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.eval import vqa
+from fusion.eval import questions, vqa
 from fusion.model.fusion import build_model
 
 
@@ -32,7 +32,7 @@ def tiny():
     model = build_model(cfg.model, ByteTokenizer()).eval()
     model.tokenizer = ByteTokenizer()
     g = torch.Generator().manual_seed(0)
-    questions = [vqa.Question(key=f"q{i}", question="why " * i + "?", answer="yes", choices=["yes", "no"],
+    questions = [questions.Question(key=f"q{i}", question="why " * i + "?", answer="yes", choices=["yes", "no"],
                               type="default", part=("image", model.vision.tokens_per_image),
                               pixels=torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g),
                               modality=1)

@@ -1,4 +1,4 @@
-"""Weight-only int4 (fusion/quant.py, fusion-eval --quantize int4): the per-weight error bound, the
+"""Weight-only int4 (fusion/eval/int4.py, fusion-eval --quantize int4): the per-weight error bound, the
 bytes it takes, a quantised model's logits close to the original's, and the CLI report."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 from fusion.checkpoint import export_model
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.eval import vqa
+from fusion.eval import cli
 from fusion.model.fusion import build_model
 from fusion.schema import IGNORE
 from tests import conftest
-from fusion.quant import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
+from fusion.eval.int4 import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
                           weight_bytes)
 
 TOK = ByteTokenizer()
@@ -152,7 +152,7 @@ def test_fusion_eval_reports_int4_beside_the_original(toy_world, tmp_path, capsy
     export_model(model, cfg, ckpt)
     out = tmp_path / "eval"
     vqa_dir = toy_world / "vqa_image_test"
-    rc = vqa.main(["--checkpoint", str(ckpt), "--out", str(out), "--vqa", str(vqa_dir), "--limit", "6",
+    rc = cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--vqa", str(vqa_dir), "--limit", "6",
                    "--examples", "0", "--no-progress", "--device", "cpu", "--quantize", "int4",
                    "--group-size", "32"])
     assert rc == 0
@@ -165,7 +165,7 @@ def test_fusion_eval_reports_int4_beside_the_original(toy_world, tmp_path, capsy
     assert q["overall"]["blind_acc"] is not None and set(q["by_type"]) == set(result["by_type"])
     assert q["weight_bytes"] == result["weight_bytes"] - q["quantized"]["bytes_before"] + q["quantized"]["bytes_after"]
     assert q["weight_bytes"] < 0.8 * result["weight_bytes"]
-    assert vqa.main(["--checkpoint", str(ckpt), "--out", str(out), "--vqa", str(vqa_dir),
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--vqa", str(vqa_dir),
                      "--quantize", "int4", "--group-size", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--group-size" in err[0]

@@ -1,4 +1,4 @@
-"""Weight-only int4 quantisation for evaluation (issue #9): `fusion-eval --quantize int4`.
+"""Weight-only int4 quantisation for evaluation: `fusion-eval --quantize int4`.
 
 Group-wise, asymmetric: each weight matrix is cut into groups of `group_size` consecutive values
 along its input (contraction) axis; a group keeps 4-bit codes q in 0..15 and two fp16 numbers, an
@@ -190,7 +190,8 @@ def add_int4_results(model, results: dict[str, dict], out_dir: Path, *, group_si
     """Quantise `model` in place and evaluate it on the sets of `results` (fusion-eval's results of
     the same model unquantised); each SET.json gains "weight_bytes" and "dtype" of the original and
     an "int4" section {group_size, overall, by_type, weight_bytes, quantized, seconds}."""
-    from fusion.eval.vqa import run_evaluation, write_atomic
+    from fusion.eval.vqa import run_evaluation
+    from fusion.files import write_atomic
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     before = weight_bytes(model)
