@@ -1,14 +1,14 @@
 """Save / load / resume: the DeepSpeed engine state plus, per rank, the data-sampler state and RNGs;
 and the model alone, as safetensors, for evaluation and conversion.
 
-Layout (SPEC §6):
+Layout (docs/run-directory.md):
     RUN/checkpoints/step_N/               DeepSpeed files (model, optimizer, router biases as buffers)
     RUN/checkpoints/step_N/rank{r}.json   this rank's step, data state and RNG states (JSON: no pickle)
     RUN/checkpoints/step_N/model.safetensors + model.json   the model weights and what builds it
     RUN/checkpoints/step_N/manifest.json  every other file of the directory: bytes and sha256
     RUN/checkpoints/latest                the tag of the newest complete checkpoint (moved last)
 
-Atomic (issue #8): a checkpoint is written into `.step_N.tmp/`; rank 0 writes `manifest.json`
+Atomic: a checkpoint is written into `.step_N.tmp/`; rank 0 writes `manifest.json`
 last, renames the directory to `step_N/`, and only then moves `latest`. A run killed in the middle
 leaves a `.tmp` directory that nothing reads (the next save removes it).
 

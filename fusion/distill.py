@@ -1,4 +1,4 @@
-"""Distillation (issue #9): a student trained on the usual mixture against a frozen teacher's logits.
+"""Distillation: a student trained on the usual mixture against a frozen teacher's logits.
 
     fusion-train --config configs/demo.yaml model.dense_baseline=true \
         distill.teacher=runs/demo distill.temperature=2 distill.weight=0.5

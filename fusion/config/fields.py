@@ -66,7 +66,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     init_std: float = 0.02
-    # Llama 4 attention (issue #6); the defaults are a plain RoPE decoder with full causal attention
+    # Llama 4 attention (README: Llama 4 model options); the defaults are a plain RoPE decoder with full causal attention
     nope_every: int = 0           # layers nope_every-1, 2*nope_every-1, ... use no RoPE and full causal
                                   # attention over the document (NoPE); 0 = RoPE on every layer
     attn_chunk: int = 0           # RoPE layers attend only inside their attn_chunk-token chunk of the
@@ -81,7 +81,7 @@ class ModelConfig:
     rope_original_ctx: int = 8192  # context length the unscaled RoPE was trained for (tokens)
     attn_impl: str = "sdpa"       # packed-sequence attention: "sdpa" (dense T x T bool mask, the reference)
                                   # | "flex" (FlexAttention block masks, no dense mask; compiled on CUDA)
-    # research switches (issue #9)
+    # research switches (README: Research switches)
     fusion: str = "early"         # "early": media embeddings spliced into the token stream | "late":
                                   # the decoder sees text only, media enter by gated cross-attention
     xattn_every: int = 1          # late fusion: a gated cross-attention block before layers 0, k, 2k, ...

@@ -1,6 +1,6 @@
 """Token sequences: samples with placeholder runs, and packing into rows of `seq_len`.
 
-Media enter the token stream as placeholder runs (SPEC §7):
+Media enter the token stream as placeholder runs (README: How media become tokens):
 
     image: <|image_start|> <|patch|>*N <|image_end|>
     video: <|video_start|> <|patch|>*N <|frame_sep|> <|patch|>*N ... <|video_end|>   (one run per frame group)
