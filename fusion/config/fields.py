@@ -39,8 +39,8 @@ class MoEConfig:
 class VisionConfig:
     encoder: str = "patch-linear"  # a timm ViT name, "patch-linear" (Fuyu-style, no ViT) or
                                    # "conv-stem" (strided 3x3 convolutions, total stride patch_size)
-    img_size: int = 32
-    patch_size: int = 8
+    img_size: int = 32            # square side the loader crops and resizes media to (pixels)
+    patch_size: int = 8           # pixels per patch side: (img_size / patch_size)^2 tokens per image
     width: int = 0                 # patch-linear / conv-stem output width; 0 = the decoder dim
     pixel_shuffle: bool = False    # Llama 4 pixel-shuffle (ratio 0.5: 4x fewer tokens, 4x channels)
     temporal_merge: int = 1        # video: features of k consecutive frames merged into one group
@@ -49,23 +49,23 @@ class VisionConfig:
     checkpoint: str = ""           # local weights file for the timm model; never a hub download
     freeze: bool = False           # freeze the encoder (the projector still trains)
     lr_scale: float = 1.0          # vision tower learning rate = train.lr * lr_scale
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel pixel mean (0..1)
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])   # per-channel pixel std
 
 
 @dataclass
 class ModelConfig:
     size: str = "debug"           # a named size from SIZES; explicit keys override it
     vocab_size: int = 0           # 0 = taken from the tokenizer
-    dim: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
+    dim: int = 64                 # model width (embedding and residual stream)
+    n_layers: int = 2             # decoder layers
+    n_heads: int = 4              # query heads (head dim = dim / n_heads, even for RoPE)
+    n_kv_heads: int = 2           # key/value heads (grouped-query attention; divides n_heads)
     ffn_dim: int = 256            # width of the dense SwiGLU layers
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    norm_eps: float = 1e-5        # RMSNorm epsilon
+    rope_theta: float = 10000.0   # RoPE base frequency
+    tie_embeddings: bool = False  # share the token embeddings with the output head
+    init_std: float = 0.02        # std of the weight init; residual-stream outputs / sqrt(2 n_layers); ~1/sqrt(dim) for narrow models
     # Llama 4 attention (README: Llama 4 model options); the defaults are a plain RoPE decoder with full causal attention
     nope_every: int = 0           # layers nope_every-1, 2*nope_every-1, ... use no RoPE and full causal
                                   # attention over the document (NoPE); 0 = RoPE on every layer
@@ -114,17 +114,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
+    steps: int = 100              # optimizer steps
+    seed: int = 0                 # initial weights, data order, every RNG
     micro_batch: int = 4           # sequences per rank per micro-step
     grad_accum: int = 1            # micro-steps per optimizer step
-    seq_len: int = 256
-    lr: float = 3e-3
+    seq_len: int = 256            # tokens per packed row
+    lr: float = 3e-3              # peak learning rate (after warmup, before cosine decay)
     min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
     warmup: int = 10               # linear warmup steps
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
+    weight_decay: float = 0.1     # AdamW weight decay of matrices (not norms, biases, positions)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    grad_clip: float = 1.0        # clip the global gradient norm (experts included) to this; 0 = off
     zero_stage: int = 0            # DeepSpeed ZeRO stage 0, 1 or 2
     precision: str = "auto"        # "auto" (bf16 on a capable GPU, else fp32) | "fp32" | "bf16"
     ckpt_every: int = 0            # 0 = only at the end
@@ -132,7 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 0      # keep the newest K checkpoints (0 = keep all)
     max_nonfinite: int = 10        # stop after this many skipped (NaN/Inf) steps in a row (0 = never)
     debug_log: bool = False        # RUN/debug/rank{r}.jsonl: sample keys + weight checksum per step
-    log_every: int = 1
+    log_every: int = 1            # a metrics.jsonl row every this many steps, covering them all
     eval_every: int = 0            # 0 = never during training
     peak_tflops: float = 0.0       # accelerator peak for MFU; 0 = look up a known GPU, else no MFU
     activation_checkpointing: int = 0  # recompute decoder layers in backward: 0 off, k = layers 0, k, 2k, ... (1 = all)
@@ -149,7 +149,7 @@ class DistillConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"     # the run directory (docs/run-directory.md)
 
 
 @dataclass
