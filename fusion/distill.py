@@ -93,7 +93,7 @@ class Distiller:
 def load_teacher(path: str, student, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """fusion.load_model(path), frozen, in eval mode, checked against the student. ConfigError
     naming `distill.teacher` when it cannot serve."""
-    from fusion import load_model
+    from fusion.checkpoint import load_model
     from fusion.checkpoint import CheckpointError
 
     if not Path(path).exists():
