@@ -11,7 +11,7 @@ TOY := data/toy
 DEMO_RUN := runs/demo
 DEMO_SETS := $(TOY)/vqa_image_test $(TOY)/vqa_video_test $(TOY)/vqa_image_compositional
 
-.PHONY: test test-unit install demo clean
+.PHONY: test test-unit lint install demo clean
 
 install: $(STAMP)
 
@@ -31,6 +31,17 @@ b = a().create_op_builder('ShareMemCommBuilder'); b is None or b.load(verbose=Fa
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# The house's habits: lint and format (ruff), the import contracts and no cycles (import-linter,
+# contracts in pyproject.toml), types of the model and the configuration (mypy), module and function
+# sizes, and docs/config.md current with the dataclasses.
+lint: $(STAMP)
+	$(BIN)/ruff check fusion tools tests
+	$(BIN)/ruff format --check fusion tools tests
+	$(BIN)/lint-imports
+	$(BIN)/mypy fusion/model fusion/config fusion/schema.py fusion/__init__.py
+	$(BIN)/python tools/check_sizes.py
+	$(BIN)/python tools/config_reference.py --check
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
