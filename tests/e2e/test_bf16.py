@@ -92,9 +92,9 @@ HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist", "numpy")
 
 
 @contextlib.contextmanager
-def host_reads_from(filename: str):
-    """Lists the host reads of tensors (`float(t)`, `if t:`, `.item()`, ...) made by code in
-    `filename` within the block."""
+def host_reads_from(where: str):
+    """Lists the host reads of tensors (`float(t)`, `if t:`, `.item()`, ...) made within the block
+    by code in a file whose path contains `where` (a file, or a package directory)."""
     seen: list[str] = []
     saved = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
 
@@ -103,7 +103,7 @@ def host_reads_from(filename: str):
 
         def read(self, *args, **kwargs):
             caller = sys._getframe(1).f_code
-            if caller.co_filename.endswith(filename):
+            if where in caller.co_filename:
                 seen.append(f"{name} in {caller.co_name}")
             return original(self, *args, **kwargs)
         return read
@@ -153,17 +153,17 @@ def _engine(zero: int, ep: int, extra: list[str] = ()):
 def _step(model, experts, engine, guard, coefs):
     """One optimizer step as train_step does it, of micro-steps whose loss is sum(c * p) over every
     parameter: each gradient element is c / grad_accum. -> (skipped, norm, the experts' reduced
-    gradients, host reads in fusion/parallel.py)."""
+    gradients, host reads in fusion/parallel/)."""
     for c in coefs:
         loss = sum((p.float() * c).sum() for p in model.parameters())
         guard.observe_loss(loss)
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
-            with host_reads_from("fusion/parallel.py") as reads:
+            with host_reads_from("fusion/parallel/") as reads:
                 experts.reduce_grads()
             skipped = guard.decide()
             grads = [t.grad.clone() for t in getattr(experts, "accum", None) or experts.params]
-            with guard.suppress(skipped), host_reads_from("fusion/parallel.py") as more:
+            with guard.suppress(skipped), host_reads_from("fusion/parallel/") as more:
                 engine.step()
                 norm = experts.step()
         else:
