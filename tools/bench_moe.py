@@ -237,6 +237,8 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         subjects = [s for s in subjects if s != "fast-seq"]  # the overlap exists on CUDA only
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone()
     mm_n = 8192 if device.type == "cuda" else 512
     report = {"command": "python tools/bench_moe.py" + "".join(
@@ -270,11 +272,11 @@ def main(argv=None) -> int:
             del built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            # what is measured so far, should a time limit stop the run before the next shape
+            out.write_text(json.dumps({**report, "partial": True}, indent=1) + "\n")
     report["seconds"] = round((datetime.datetime.now().astimezone() - started).total_seconds(), 1)
     print()
     print(table(report))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"results: {out}")
     return 0
