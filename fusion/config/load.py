@@ -270,28 +270,43 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Reject nonsense with one line naming the key."""
+    """Reject nonsense with one line naming the key. Signs come first: the later checks divide
+    by the values they make positive."""
+    _check_choices_and_signs(cfg)
+    _check_model_shape(cfg.model)
+    _check_moe(cfg.model)
+    _check_media_and_lengths(cfg)
+    _check_training(cfg)
+
+
+_POSITIVE = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
+             "model.moe.every", "model.moe.moe_ffn_dim", "model.moe.ep_size",
+             "model.vision.img_size", "model.vision.patch_size", "model.vision.temporal_merge",
+             "model.vision.max_frames", "data.n_frames", "data.max_pixels", "data.decode_timeout",
+             "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len", "train.log_every"]
+_NON_NEGATIVE = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
+                 "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
+                 "train.ckpt_every", "train.eval_every", "train.weight_decay",
+                 "train.keep_checkpoints", "train.max_nonfinite",
+                 "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops",
+                 "data.eval_limit", "model.vision.width", "model.vision.lr_scale"]
+
+
+def _check_choices_and_signs(cfg: Config) -> None:
+    """Named choices, then the keys that must be positive or >= 0."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"config key '{key}': '{_get(cfg, key)}' is not one of {', '.join(choices)}")
-    positive = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
-                "model.moe.every", "model.moe.moe_ffn_dim", "model.moe.ep_size",
-                "model.vision.img_size", "model.vision.patch_size", "model.vision.temporal_merge",
-                "model.vision.max_frames", "data.n_frames", "data.max_pixels", "data.decode_timeout",
-                "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len", "train.log_every"]
-    for key in positive:
+    for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
-    nonneg = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
-              "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
-              "train.ckpt_every", "train.eval_every", "train.weight_decay",
-              "train.keep_checkpoints", "train.max_nonfinite",
-              "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops", "data.eval_limit",
-              "model.vision.width", "model.vision.lr_scale"]
-    for key in nonneg:
+    for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {_get(cfg, key)}")
-    m = cfg.model
+
+
+def _check_model_shape(m) -> None:
+    """Heads, RoPE / NoPE and chunked attention, norms and init, cross-attention spacing (model.*)."""
     if m.dim % m.n_heads:
         raise ConfigError(f"config key 'model.n_heads': model.dim={m.dim} is not divisible by n_heads={m.n_heads}")
     if (m.dim // m.n_heads) % 2:
@@ -299,40 +314,54 @@ def validate(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"config key 'model.n_kv_heads': n_heads={m.n_heads} is not divisible by "
                           f"n_kv_heads={m.n_kv_heads}")
-    for key in ("model.nope_every", "model.attn_chunk"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0 (0 = off), got {_get(cfg, key)}")
-    for key in ("model.floor_scale", "model.rope_factor", "model.rope_low_freq_factor",
-                "model.rope_original_ctx"):
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
+    for name in ("nope_every", "attn_chunk"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"config key 'model.{name}' must be >= 0 (0 = off), got {getattr(m, name)}")
+    for name in ("floor_scale", "rope_factor", "rope_low_freq_factor", "rope_original_ctx"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
     if m.rope_high_freq_factor < m.rope_low_freq_factor:
         raise ConfigError(f"config key 'model.rope_high_freq_factor': {m.rope_high_freq_factor} is below "
                           f"model.rope_low_freq_factor={m.rope_low_freq_factor}")
-    if m.moe.n_experts and not 1 <= m.moe.top_k <= m.moe.n_experts:
-        raise ConfigError(f"config key 'model.moe.top_k': must be in 1..n_experts={m.moe.n_experts}, "
-                          f"got {m.moe.top_k}")
-    if m.moe.n_experts and m.moe.n_experts % m.moe.ep_size:
-        raise ConfigError(f"config key 'model.moe.ep_size': n_experts={m.moe.n_experts} is not divisible "
-                          f"by ep_size={m.moe.ep_size}")
-    if m.moe.n_groups < 1 or (m.moe.n_experts and m.moe.n_experts % m.moe.n_groups):
+    for name in ("norm_eps", "rope_theta", "init_std"):
+        if not getattr(m, name) > 0:
+            raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
+    if m.xattn_every <= 0:
+        raise ConfigError(f"config key 'model.xattn_every' must be positive, got {m.xattn_every}")
+
+
+def _check_moe(m) -> None:
+    """top-k, expert parallelism and group-limited routing against n_experts (model.moe.*), and
+    the dense baseline, which needs MoE layers to replace."""
+    moe = m.moe
+    if moe.n_experts and not 1 <= moe.top_k <= moe.n_experts:
+        raise ConfigError(f"config key 'model.moe.top_k': must be in 1..n_experts={moe.n_experts}, "
+                          f"got {moe.top_k}")
+    if moe.n_experts and moe.n_experts % moe.ep_size:
+        raise ConfigError(f"config key 'model.moe.ep_size': n_experts={moe.n_experts} is not divisible "
+                          f"by ep_size={moe.ep_size}")
+    if moe.n_groups < 1 or (moe.n_experts and moe.n_experts % moe.n_groups):
         raise ConfigError(f"config key 'model.moe.n_groups': must be >= 1 and divide "
-                          f"n_experts={m.moe.n_experts}, got {m.moe.n_groups}")
-    if not 1 <= m.moe.topk_groups <= m.moe.n_groups:
-        raise ConfigError(f"config key 'model.moe.topk_groups': must be in 1..n_groups={m.moe.n_groups}, "
-                          f"got {m.moe.topk_groups}")
-    if m.moe.n_experts and m.moe.top_k > m.moe.topk_groups * (m.moe.n_experts // m.moe.n_groups):
-        raise ConfigError(f"config key 'model.moe.topk_groups': top_k={m.moe.top_k} experts do not fit in "
-                          f"{m.moe.topk_groups} group(s) of {m.moe.n_experts // m.moe.n_groups} experts")
-    if cfg.train.activation_checkpointing < 0:
-        raise ConfigError(f"config key 'train.activation_checkpointing' must be >= 0 (0 = off), "
-                          f"got {cfg.train.activation_checkpointing}")
+                          f"n_experts={moe.n_experts}, got {moe.n_groups}")
+    if not 1 <= moe.topk_groups <= moe.n_groups:
+        raise ConfigError(f"config key 'model.moe.topk_groups': must be in 1..n_groups={moe.n_groups}, "
+                          f"got {moe.topk_groups}")
+    if moe.n_experts and moe.top_k > moe.topk_groups * (moe.n_experts // moe.n_groups):
+        raise ConfigError(f"config key 'model.moe.topk_groups': top_k={moe.top_k} experts do not fit in "
+                          f"{moe.topk_groups} group(s) of {moe.n_experts // moe.n_groups} experts")
+    if m.dense_baseline and not moe.n_experts:
+        raise ConfigError("config key 'model.dense_baseline': the model has no MoE layers to replace "
+                          "(model.moe.n_experts=0)")
+
+
+def _check_media_and_lengths(cfg: Config) -> None:
+    """Modality weights, the vision grid and frames, and one image or video fitting in train.seq_len."""
     if len(cfg.data.weights) != 3:
         raise ConfigError(f"config key 'data.weights': expected 3 weights (text, image, video), "
                           f"got {cfg.data.weights}")
     if any(w < 0 for w in cfg.data.weights):
         raise ConfigError(f"config key 'data.weights': weights must be >= 0, got {cfg.data.weights}")
-    v = m.vision
+    v = cfg.model.vision
     if v.img_size % v.patch_size:
         raise ConfigError(f"config key 'model.vision.patch_size': img_size={v.img_size} is not divisible "
                           f"by patch_size={v.patch_size}")
@@ -351,26 +380,27 @@ def validate(cfg: Config) -> None:
     if cfg.data.video and tokens_per_video(v, cfg.data.n_frames) > cfg.train.seq_len:
         raise ConfigError(f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one video's "
                           f"{tokens_per_video(v, cfg.data.n_frames)} tokens ({cfg.data.n_frames} frames)")
-    if cfg.train.eval_every and not cfg.data.eval:
+
+
+def _check_training(cfg: Config) -> None:
+    """Optimizer, ZeRO, activation checkpointing, evaluation, resuming and distillation (train.*,
+    distill.*)."""
+    t = cfg.train
+    if t.activation_checkpointing < 0:
+        raise ConfigError(f"config key 'train.activation_checkpointing' must be >= 0 (0 = off), "
+                          f"got {t.activation_checkpointing}")
+    if t.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'train.eval_every' is set but 'data.eval' names no VQA set")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"config key 'train.betas': expected two values, got {cfg.train.betas}")
-    if not all(0 <= b < 1 for b in cfg.train.betas):
-        raise ConfigError(f"config key 'train.betas': each must be in [0, 1), got {cfg.train.betas}")
-    if not 0 <= cfg.train.min_lr_ratio <= 1:
-        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {cfg.train.min_lr_ratio}")
-    for key in ("model.norm_eps", "model.rope_theta", "model.init_std"):
-        if not _get(cfg, key) > 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {_get(cfg, key)}")
-    if cfg.train.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"config key 'train.zero_stage': must be 0, 1 or 2, got {cfg.train.zero_stage}")
-    if cfg.train.resume not in ("auto", "none") and not cfg.train.resume:
+    if len(t.betas) != 2:
+        raise ConfigError(f"config key 'train.betas': expected two values, got {t.betas}")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"config key 'train.betas': each must be in [0, 1), got {t.betas}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"config key 'train.zero_stage': must be 0, 1 or 2, got {t.zero_stage}")
+    if t.resume not in ("auto", "none") and not t.resume:
         raise ConfigError("config key 'train.resume': give 'auto', 'none' or a checkpoint path")
-    if m.xattn_every <= 0:
-        raise ConfigError(f"config key 'model.xattn_every' must be positive, got {m.xattn_every}")
-    if m.dense_baseline and not m.moe.n_experts:
-        raise ConfigError("config key 'model.dense_baseline': the model has no MoE layers to replace "
-                          "(model.moe.n_experts=0)")
     if cfg.distill.temperature <= 0:
         raise ConfigError(f"config key 'distill.temperature' must be positive, got {cfg.distill.temperature}")
     if not 0 <= cfg.distill.weight <= 1:
