@@ -200,6 +200,32 @@ def reduce_results(values: torch.Tensor) -> torch.Tensor:
 RESULT_COLUMNS = ("correct", "blind_correct", "gen_correct", "prediction")
 
 
+def _score_batch(model, chunk: list[Question], score_fn: ScoreFn, blind: bool, generate: bool,
+                 **kw) -> list[list[float]]:
+    """RESULT_COLUMNS of each question of `chunk`: correct, blind correct, generation correct, the
+    predicted choice's index."""
+    scores = score_fn(model, chunk, blind=False, **kw)
+    blind_scores = score_fn(model, chunk, blind=True, **kw) if blind else None
+    gens = generate_answers(model, chunk, **kw) if generate else None
+    out = []
+    for i, q in enumerate(chunk):
+        pred = _argmax(scores[i])
+        blind_ok = blind and q.choices[_argmax(blind_scores[i])] == q.answer
+        gen_ok = generate and gens[i].strip().lower() == q.answer.strip().lower()
+        out.append([float(q.choices[pred] == q.answer), float(blind_ok), float(gen_ok), float(pred)])
+    return out
+
+
+def _check_args(model, batch_size: int, limit: int | None) -> None:
+    if batch_size < 1:
+        raise EvalError(f"--batch-size must be positive, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be positive, got {limit}")
+    if getattr(model, "tokenizer", None) is None:
+        raise EvalError("the model has no tokenizer (load it with fusion.load_model, or set "
+                        "model.tokenizer)")
+
+
 def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = None,
                    generate: bool = False, blind: bool = True, n_frames: int = 8, device=None,
                    progress: bool = True, examples: int = 16, score_fn: ScoreFn | None = None,
@@ -213,56 +239,34 @@ def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = 
 
     from fusion.data.shards import ErrorCounter
 
-    if batch_size < 1:
-        raise EvalError(f"--batch-size must be positive, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise EvalError(f"--limit must be positive, got {limit}")
-    if getattr(model, "tokenizer", None) is None:
-        raise EvalError("the model has no tokenizer (load it with fusion.load_model, or set "
-                        "model.tokenizer)")
-    score_fn = score_fn or score_choices
+    _check_args(model, batch_size, limit)
     t0 = time.perf_counter()
     counter = ErrorCounter()
     maker = make_sample_maker(model, n_frames, counter)
-    total = set_size(vqa_dir)
+    total = set_size(vqa_dir)  # for the progress bar
     if limit is not None:
         total = min(total, limit) if total is not None else limit
-    name = set_name(vqa_dir)
+    name, (rank, world) = set_name(vqa_dir), shard
     was_training = model.training
     model.eval()
-    rank, world = shard
-    rows: list[dict] = []
+    rows: list[dict] = []  # per question: type, chance; then the results
     kept: list[Question] = []  # the first `examples` questions, for the picture
-    values: list[list[float]] = []  # per question: RESULT_COLUMNS, this rank's questions only
+    values: list[list[float]] = []  # per question: RESULT_COLUMNS, zeros where another rank scores
     questions = iter_questions(vqa_dir, maker)
     try:
         with tqdm(total=total, desc=name, unit="q", file=sys.stderr, disable=not progress,
                   dynamic_ncols=True) as bar:
-            batch_index = 0
             while limit is None or len(rows) < limit:
                 want = batch_size if limit is None else min(batch_size, limit - len(rows))
                 chunk = [q for _, q in zip(range(want), questions)]
                 if not chunk:
                     break
-                mine = batch_index % world == rank
-                batch_index += 1
-                kw = dict(batch_size=batch_size, device=device)
-                if mine:
-                    scores = score_fn(model, chunk, blind=False, **kw)
-                    blind_scores = score_fn(model, chunk, blind=True, **kw) if blind else None
-                    gens = generate_answers(model, chunk, **kw) if generate else None
-                for i, q in enumerate(chunk):
-                    rows.append({"type": q.type, "chance": q.chance})
-                    if len(kept) < examples:
-                        kept.append(q)
-                    if not mine:
-                        values.append([0.0] * len(RESULT_COLUMNS))
-                        continue
-                    pred = _argmax(scores[i])
-                    blind_ok = blind and q.choices[_argmax(blind_scores[i])] == q.answer
-                    gen_ok = generate and gens[i].strip().lower() == q.answer.strip().lower()
-                    values.append([float(q.choices[pred] == q.answer), float(blind_ok), float(gen_ok),
-                                   float(pred)])
+                mine = (len(rows) // batch_size) % world == rank  # batch i is rank i % world's
+                values += (_score_batch(model, chunk, score_fn or score_choices, blind, generate,
+                                        batch_size=batch_size, device=device) if mine
+                           else [[0.0] * len(RESULT_COLUMNS) for _ in chunk])
+                rows += [{"type": q.type, "chance": q.chance} for q in chunk]
+                kept += chunk[:examples - len(kept)]
                 bar.update(len(chunk))
     finally:
         questions.close()
@@ -271,20 +275,16 @@ def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = 
         from fusion import dist
 
         values = reduce_results(dist.tensor(values, dtype=torch.float64).reshape(-1, len(RESULT_COLUMNS))).tolist()
-    for row, (correct, blind_ok, gen_ok, _) in zip(rows, values):
-        row["correct"] = bool(correct)
-        if blind:
-            row["blind_correct"] = bool(blind_ok)
-        if generate:
-            row["gen_correct"] = bool(gen_ok)
-    shown = [Shown(q, q.choices[int(values[i][3])], rows[i]["correct"]) for i, q in enumerate(kept)]
     if not rows:
         raise EvalError(f"--vqa {vqa_dir}: no usable questions (skipped {counter.total}: "
                         f"{counter.summary()})")
-    by_type = {t: _summary([r for r in rows if r["type"] == t], blind, generate)
-               for t in sorted({r["type"] for r in rows})}
-    result = {"set": name, "vqa_dir": str(vqa_dir),
-              "overall": _summary(rows, blind, generate), "by_type": by_type,
+    for row, (correct, blind_ok, gen_ok, _) in zip(rows, values):
+        row.update(correct=bool(correct), **({"blind_correct": bool(blind_ok)} if blind else {}),
+                   **({"gen_correct": bool(gen_ok)} if generate else {}))
+    shown = [Shown(q, q.choices[int(values[i][3])], rows[i]["correct"]) for i, q in enumerate(kept)]
+    result = {"set": name, "vqa_dir": str(vqa_dir), "overall": _summary(rows, blind, generate),
+              "by_type": {t: _summary([r for r in rows if r["type"] == t], blind, generate)
+                          for t in sorted({r["type"] for r in rows})},
               "skipped": counter.total, "skipped_reasons": dict(counter.counts),
               "n_frames": n_frames, "seconds": round(time.perf_counter() - t0, 2),
               "examples": [{"key": s.question.key, "type": s.question.type,
