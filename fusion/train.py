@@ -245,7 +245,7 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     from fusion.distill import build_distiller
     from fusion.model.fusion import build_model
     from fusion.model.kernels import Kernels
-    from fusion.model.streams import CudaStreams
+    from fusion.model.moe.streams import CudaStreams
     from fusion.parallel import ExpertParallel
 
     t = cfg.train

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion.config import MoEConfig  # noqa: E402
-from fusion.model import grouped  # noqa: E402
+from fusion.model.moe import fast as grouped  # noqa: E402
 from fusion.model.ffn import FeedForward  # noqa: E402
 from fusion.model.moe import MoE  # noqa: E402
 

@@ -76,7 +76,7 @@ def install(model: torch.nn.Module, kernels: Kernels, streams=None) -> None:
     if streams is not None and not kernels.side_stream:
         raise ValueError("use_kernels: a streams object was given but kernels.side_stream is False")
     if kernels.side_stream and streams is None:
-        from fusion.model.streams import CudaStreams
+        from fusion.model.moe.streams import CudaStreams
 
         streams = CudaStreams(next(model.parameters()).device)
     for m in model.modules():

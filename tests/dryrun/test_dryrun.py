@@ -180,7 +180,7 @@ def test_dry_run_command_names_what_a_gpu_run_would_hit():
                  "train.precision=fp32", "model.moe.path=fast"], timeout=300)
     assert r.returncode == 1, r.stdout[-2000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("fusion-train: dry run: a host sync inside the step") and "grouped.py" in line, line
+    assert line.startswith("fusion-train: dry run: a host sync inside the step") and "fast.py" in line, line
 
 
 def test_world_without_dry_run_is_refused():

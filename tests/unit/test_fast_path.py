@@ -1,4 +1,4 @@
-"""The fast paths of issue #7 on CPU: `model.moe.path=fast` equals the reference loop (outputs,
+"""The fast paths on CPU: `model.moe.path=fast` equals the reference loop (outputs,
 losses, load counts, every gradient) with padding, skewed routing and zero-token experts; its
 aligned layout; FlexAttention block masks equal the dense masks (forward: PyTorch has no
 FlexAttention backward on CPU; tests/gpu checks gradients); `train.compile` traces whole blocks.
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fusion.config import ConfigError, MoEConfig, load_config
-from fusion.model import grouped
 from fusion.model.decoder import Decoder
 from fusion.model.moe import MoE
+from fusion.model.moe.fast import ALIGN, buffer_rows, layout_pairs, run_sorted, swiglu
 
 D, H = 8, 16  # fp32 rows of 32 and 64 bytes: what _grouped_mm accepts
 
@@ -26,8 +26,8 @@ def make_pair(seed: int = 0, **kw) -> tuple[MoE, MoE]:
     cfg.update(kw)
     torch.manual_seed(seed)
     ref = MoE(D, MoEConfig(**cfg), init_std=0.3)
-    fast = copy.deepcopy(ref)
-    fast.cfg = MoEConfig(**{**cfg, "path": "fast"})
+    fast = MoE(D, MoEConfig(**{**cfg, "path": "fast"}))  # the path is chosen when the layer is built
+    fast.load_state_dict(ref.state_dict())
     return ref, fast
 
 
@@ -139,12 +139,12 @@ def test_aligned_layout():
     """Groups start on ALIGN rows, none is empty, the buffer size depends on M and E only, each
     kept row has its own slot inside its expert's group, dropped rows share the trash row."""
     torch.manual_seed(0)
-    E, M, A = 5, 37, grouped.ALIGN
+    E, M, A = 5, 37, ALIGN
     expert = torch.randint(0, E, (M,))
     expert[expert == 3] = 1  # expert 3 receives nothing
     keep = torch.rand(M) > 0.2
-    lay = grouped.layout_pairs(expert, keep, E)
-    assert lay.rows == grouped.buffer_rows(M, E) and lay.rows % A == 0
+    lay = layout_pairs(expert, keep, E)
+    assert lay.rows == buffer_rows(M, E) and lay.rows % A == 0
     offs = lay.offs.long()
     starts = torch.cat([offs.new_zeros(1), offs[:-1]])
     assert (starts % A == 0).all() and (offs - starts >= A).all() and offs[-1] == lay.rows
@@ -165,7 +165,7 @@ def test_run_sorted_equals_the_loop_for_the_dispatcher():
     x = torch.randn(13, D, requires_grad=True)
     counts = torch.tensor([5, 0, 8, 0])
     g = torch.randn(13, D)
-    (grouped.run_sorted(fast.experts, x, counts) * g).sum().backward()
+    (run_sorted(fast.experts, x, counts) * g).sum().backward()
     gx, gw = x.grad.clone(), fast.experts.w2.grad.clone()
     x.grad = None
     fast.experts.zero_grad()
@@ -177,7 +177,7 @@ def test_run_sorted_equals_the_loop_for_the_dispatcher():
 def test_swiglu_backward():
     a = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(grouped.swiglu, (a, b))
+    assert torch.autograd.gradcheck(swiglu, (a, b))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ load statistics, and that each balancing mode actually balances a skewed toy rou
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from fusion.config import MoEConfig
 from fusion.model.ffn import FeedForward
-from fusion.model.moe import MoE, Router, grouped_mm_supported
+from fusion.model.moe import PATHS, MoE, Router, grouped_mm_supported
 
 D, H = 8, 16  # fp32 rows of 32 and 64 bytes: _grouped_mm wants row strides that are multiples of 16 bytes
 
@@ -26,6 +27,13 @@ def make_cfg(**kw) -> MoEConfig:
 def make_moe(seed: int = 0, init_std: float = 0.3, **kw) -> MoE:
     torch.manual_seed(seed)
     return MoE(D, make_cfg(**kw), init_std=init_std)
+
+
+def with_path(moe: MoE, path: str) -> MoE:
+    """The same layer (weights and bias) on another compute path, which is chosen at construction."""
+    other = MoE(D, dataclasses.replace(moe.cfg, path=path))
+    other.load_state_dict(moe.state_dict())
+    return other
 
 
 def expert_ffn(moe: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +160,20 @@ def test_moe_matches_per_token_oracle_with_shared_expert_and_padding(score, gate
     torch.testing.assert_close(y, per_token_oracle(moe, x, valid))
 
 
+def test_compute_path_is_picked_when_the_layer_is_built():
+    assert [make_moe(path=p).path for p in ("loop", "grouped", "fast")] == [PATHS[p] for p in PATHS]
+    moe = make_moe(path="grouped")
+    moe.experts.impl = "bmm"
+    calls = []
+    bmm = moe.experts._bmm
+    moe.experts._bmm = lambda *a: calls.append(1) or bmm(*a)
+    moe.cfg.path = "loop"  # too late: the layer keeps the path it was built with
+    moe(torch.randn(2, 3, D))
+    assert calls == [1]
+    with pytest.raises(ValueError, match=r"model\.moe\.path.*'fastest'"):
+        make_moe(path="fastest")
+
+
 CASES = ["plain", "unused_experts", "padding"]
 
 
@@ -170,8 +192,7 @@ def test_grouped_equals_loop_outputs_and_grads(k, score, gate_on, impl, case):
     if case == "padding":
         valid = torch.rand(3, 7) > 0.3
         valid[0] = False  # one sequence entirely padding
-    grouped = copy.deepcopy(loop)
-    grouped.cfg.path = "grouped"
+    grouped = with_path(loop, "grouped")
     grouped.experts.impl = impl
     r = torch.randn(3, 7, D)
 

@@ -1,6 +1,6 @@
 """Kernel choices and the shared expert's side stream, on CPU.
 
-A recording stand-in for fusion/model/streams.py's interface logs every wait, record and stream
+A recording stand-in for fusion/model/moe/streams.py's interface logs every wait, record and stream
 switch: the fast MoE path must wait and record at each crossing between the main and the side
 stream, forward and backward, and give exactly what the path without overlap gives. Also: the
 kernel choice per device, `FusionModel.use_kernels`, `grouped_mm=True` on meta tensors (what a dry
@@ -19,13 +19,11 @@ import torch
 from fusion.config import MoEConfig, load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.guard import NonFiniteGuard
-from fusion.model import grouped
 from fusion.model import kernels as kernels_mod
 from fusion.model.decoder import Attention
 from fusion.model.fusion import build_model
 from fusion.model.kernels import Kernels, default_kernels
-from fusion.model.moe import MoE, grouped_mm_fits, grouped_mm_supported
-from fusion.model.streams import CudaStreams
+from fusion.model.moe import CudaStreams, MoE, fast, grouped_mm_fits, grouped_mm_supported
 
 D, H = 8, 16
 
@@ -139,7 +137,7 @@ def test_overlap_gives_what_the_path_without_overlap_gives(k, gate_on, valid):
 
 def test_no_streams_object_no_overlap_and_no_shared_expert_no_crossing():
     moe = make_moe()
-    assert moe.streams is None and not grouped.overlaps_shared(moe)
+    assert moe.streams is None and not fast.overlaps_shared(moe)
     bare = make_moe(n_shared=0)
     bare.streams = RecordingStreams()
     run(bare, *inputs())

@@ -1,8 +1,12 @@
-"""The fast MoE path (`model.moe.path: fast`, issue #7): dispatch without host syncs, aligned
-token groups for `torch._grouped_mm`, a memory-saving SwiGLU, the shared expert beside the routed
-one on its own CUDA stream.
+"""The fast MoE path (`model.moe.path: fast`): dispatch without host syncs, aligned token
+groups for `torch._grouped_mm`, a memory-saving SwiGLU, the shared expert beside the routed one on
+its own CUDA stream.
 
-What it changes against `MoE.forward`'s readable path (fusion/model/moe.py), and why:
+Owns the aligned layout and its buffers (`Layout`, `layout_pairs`, `run_rows`, `run_sorted`),
+the SwiGLU autograd function, the layer's forward on this path (`forward`), the expert-parallel
+dispatch of its rows (`_dispatch`), and its losses and load counts computed with masks.
+
+What it changes against the readable path (`sorted_forward`, fusion/model/moe/layer.py), and why:
 
 - No host-device synchronisation. Padding is not removed with `nonzero` (a sync): every token is
   routed, and the (token, expert) pairs of padding tokens go to a trash row whose input is zero
@@ -22,7 +26,7 @@ What it changes against `MoE.forward`'s readable path (fusion/model/moe.py), and
 - SwiGLU that keeps only the gate and up projections for backward (`SwiGLU`): autograd would also
   keep silu(gate), one more (rows x H) tensor per MoE layer. Under `train.compile` the
   elementwise work fuses into one kernel.
-- With a streams object (`FusionModel.use_kernels`, fusion/model/streams.py; on CUDA by default)
+- With a streams object (`FusionModel.use_kernels`, fusion/model/moe/streams.py; on CUDA by default)
   the shared expert runs on a side stream, overlapping the router, the permutation and the grouped
   matmuls; autograd runs its backward on that stream too. Every tensor that crosses between the
   two streams, forward and backward, passes through `_ToSide` / `_FromSide`, which make the
@@ -36,8 +40,9 @@ counts on the host: that one read per layer is the only host sync of the layer. 
 on this rank run through the aligned buffer (`run_sorted`), and the rows come back to their
 (token, k) slots by one `index_copy`.
 
-Shapes: B batch, T tokens, N = B*T, D dim, E experts, K top-k, M = N*K (token, expert) pairs,
-R rows of the aligned buffer, H expert hidden width.
+Shape legend:
+    B batch, T tokens per sequence, N = B*T flattened tokens, D model dim, E experts, K top-k,
+    M = N*K (token, expert) pairs, R rows of the aligned buffer, H expert hidden width.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from fusion.model.moe.experts import _DenseGrad, use_grouped_mm
+from fusion.model.moe.streams import _FromSide, _ToSide
 
 ALIGN = 8  # rows per alignment unit of a token group
 
@@ -138,8 +146,6 @@ def _ragged_loop(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor
 
 def run_buffer(experts, buf: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """The E SwiGLU experts on the aligned buffer. (R, D) -> (R, D)."""
-    from fusion.model.moe import _DenseGrad, use_grouped_mm
-
     # the layer's kernel choice (fusion/model/kernels.py) and a static dtype/alignment check: under
     # torch.compile, and on meta tensors, the kernel's meta function takes bf16 only, so fp32 runs
     # the loop there
@@ -190,7 +196,8 @@ def run_rows(experts, rows: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 def run_sorted(experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """`MoE.run_experts` for path "fast": rows sorted by expert, counts (E,). (M, D) -> (M, D)"""
+    """The experts of path "fast" on rows sorted by expert, counts (E,): what the dispatcher runs
+    on this rank. (M, D) -> (M, D)"""
     E, M = counts.shape[0], x_sorted.shape[0]
     expert = torch.repeat_interleave(torch.arange(E, device=counts.device), counts, output_size=M)  # (M,)
     return run_rows(experts, x_sorted, layout_pairs(expert, None, E))
@@ -199,36 +206,6 @@ def run_sorted(experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # the layer's forward
 # ---------------------------------------------------------------------------------------------
-
-class _Crossing(torch.autograd.Function):
-    """Identity that hands a tensor from stream `src` to stream `dst`, and its gradient back.
-
-    forward: `dst` waits for `src` (the tensor is ready) and the tensor is recorded on `dst` (its
-    memory is not reused while `dst` reads it). backward: the gradient crosses the other way, so
-    `src` waits for `dst` and the gradient is recorded on `src`. Autograd runs a Function's
-    backward on the stream its forward ran on (PyTorch notes, "Stream semantics of backward passes").
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, streams, src, dst) -> torch.Tensor:
-        ctx.streams, ctx.src, ctx.dst = streams, src, dst
-        streams.wait(dst, src)
-        streams.record(x, dst)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.streams.wait(ctx.src, ctx.dst)
-        ctx.streams.record(grad, ctx.src)
-        return grad, None, None, None
-
-
-class _ToSide(_Crossing):
-    """The shared expert's input, main -> side; applied on the side stream (its backward runs there)."""
-
-
-class _FromSide(_Crossing):
-    """The shared expert's output, side -> main; applied on the main stream (its backward runs there)."""
 
 
 def overlaps_shared(moe) -> bool:
@@ -255,7 +232,8 @@ def shared_to_main(moe, out: torch.Tensor, main) -> torch.Tensor:
 
 def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
             modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`MoE.forward` for path "fast" without a dispatcher: same inputs, outputs, losses and counts."""
+    """`MoE.forward` on path "fast", with or without a dispatcher: the readable path's inputs,
+    outputs, losses and load counts."""
     cfg = moe.cfg
     B, T, D = x.shape
     N, K, E = B * T, cfg.top_k, cfg.n_experts  # E: every expert, wherever it is held
@@ -319,8 +297,9 @@ def _dispatch(moe, rows: torch.Tensor, expert: torch.Tensor,
 
 def losses(moe, logits: torch.Tensor, counts: torch.Tensor,
            keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Switch aux loss and the router z-loss over kept tokens, as `MoE._aux_loss` / `_z_loss`,
-    with masks instead of indexing (no sync; zero, still attached, when no token is kept)."""
+    """The Switch aux loss and the router z-loss over kept tokens, as the readable path's
+    `aux_loss` / `z_loss` (fusion/model/moe/layer.py) but with masks instead of indexing (no sync;
+    zero, still attached, when no token is kept)."""
     cfg = moe.cfg
     N = logits.shape[0]
     if keep is None:
