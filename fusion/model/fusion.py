@@ -22,8 +22,9 @@ from torch import nn
 
 from fusion.config import ModelConfig
 from fusion.schema import IGNORE, MODALITIES, SpecialIds
-from fusion.model.decoder import Decoder
-
+from fusion.model.decoder import Attention, Decoder
+from fusion.model.kernels import Kernels
+from fusion.model.moe import CudaStreams, MoE
 
 
 @dataclass
@@ -73,7 +74,7 @@ class FusionModel(nn.Module):
         self.vision = VisionTower(cfg.vision, cfg.dim, cfg.init_std)
         self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(3, 1, 1), persistent=False)
-        self.late = None  # model.fusion=late: gated cross-attention blocks (issue #9)
+        self.late = None  # model.fusion=late: gated cross-attention blocks (fusion/model/late.py)
         if cfg.fusion == "late":
             from fusion.model.late import LateFusion
 
@@ -83,14 +84,12 @@ class FusionModel(nn.Module):
     def moe_layers(self):
         return self.decoder.moe_layers
 
-    def use_kernels(self, kernels, streams=None) -> None:
+    def use_kernels(self, kernels: Kernels, streams=None) -> None:
         """Hand a kernel choice (fusion/model/kernels.py `Kernels`, e.g. `Kernels.for_device(device,
         dtype)`) to every MoE layer and attention, once the model is on its device. `streams`
-        (fusion/model/streams.py) carries the shared experts' side stream; by default `CudaStreams`
-        on the model's device when `kernels.side_stream`."""
-        from fusion.model.kernels import install
-
-        install(self, kernels, streams)
+        (fusion/model/moe/streams.py) carries the shared experts' side stream; by default
+        `CudaStreams` on the model's device when `kernels.side_stream`."""
+        install_kernels(self, kernels, streams)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> normalised float in the model's dtype."""
@@ -167,6 +166,25 @@ class FusionModel(nn.Module):
         return ModelOutput(loss=total, lm_loss=lm_loss.detach(), aux_loss=aux.detach(),
                            z_loss=z.detach(), loss_sum=loss_sum, loss_count=loss_count,
                            logits=logits if return_logits else None)
+
+
+def install_kernels(model: nn.Module, kernels: Kernels, streams=None) -> None:
+    """Hand `kernels` to every MoE layer, decoder and attention inside `model` (a FusionModel, a
+    Decoder or a single MoE layer), and the streams of the shared experts' overlap to every MoE
+    layer: `streams` when given, else `CudaStreams` on the model's device when
+    `kernels.side_stream`, else none (no overlap)."""
+    if not isinstance(kernels, Kernels):
+        raise TypeError(f"use_kernels takes a fusion.model.kernels.Kernels, got {type(kernels).__name__}")
+    if streams is not None and not kernels.side_stream:
+        raise ValueError("use_kernels: a streams object was given but kernels.side_stream is False")
+    if kernels.side_stream and streams is None:
+        streams = CudaStreams(next(model.parameters()).device)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.experts.kernels = kernels
+            m.streams = streams
+        elif isinstance(m, (Decoder, Attention)):
+            m.kernels = kernels
 
 
 def build_model(cfg: ModelConfig, tokenizer) -> FusionModel:

@@ -3,18 +3,20 @@
 `Kernels` says which device-specific paths the model takes:
 
 - `grouped_mm`: the routed experts use `torch._grouped_mm` wherever the operands allow it (a
-  static check of dtype and 16-byte row alignment at the call site, fusion/model/moe.py
+  static check of dtype and 16-byte row alignment at the call site, fusion/model/moe/experts.py
   `grouped_mm_fits`), whatever the device type: on `meta` tensors the operator's meta kernel checks
   shapes, strides and alignment, which a dry run relies on.
 - `side_stream`: the shared expert of `model.moe.path=fast` runs on a second stream
-  (fusion/model/streams.py, fusion/model/grouped.py).
+  (fusion/model/moe/streams.py, fusion/model/moe/fast.py).
 - `compile_flex`: FlexAttention and its block masks are compiled (fusion/model/decoder.py); the
   uncompiled version is PyTorch's reference, which materialises the scores.
 
 `Kernels.for_device` is the one place where the CUDA driver is asked what the device can do.
-`FusionModel.use_kernels(kernels, streams)` hands a choice to every MoE layer and attention of a
-model. Until then each layer falls back to `default_kernels(device, dtype)`: `for_device` asked
-once per (device, dtype) and cached, so a compiled region only reads the cache.
+`FusionModel.use_kernels(kernels, streams)` (fusion/model/fusion.py `install_kernels`) hands a
+choice to every MoE layer and attention of a model. Until then each layer falls back to
+`default_kernels(device, dtype)`: `for_device` asked once per (device, dtype) and cached, so a
+compiled region only reads the cache. This module imports nothing of the model: the layers read
+their choice from here, and the model hands it to them.
 """
 
 from __future__ import annotations
@@ -63,25 +65,3 @@ def default_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
         _DEFAULTS[key] = Kernels.for_device(*key)
     return _DEFAULTS[key]
 
-
-def install(model: torch.nn.Module, kernels: Kernels, streams=None) -> None:
-    """Hand `kernels` to every MoE layer, decoder and attention inside `model`, and the streams of
-    the shared experts' overlap to every MoE layer: `streams` when given, else `CudaStreams` on the
-    model's device when `kernels.side_stream`, else none (no overlap)."""
-    from fusion.model.decoder import Attention, Decoder
-    from fusion.model.moe import MoE
-
-    if not isinstance(kernels, Kernels):
-        raise TypeError(f"use_kernels takes a fusion.model.kernels.Kernels, got {type(kernels).__name__}")
-    if streams is not None and not kernels.side_stream:
-        raise ValueError("use_kernels: a streams object was given but kernels.side_stream is False")
-    if kernels.side_stream and streams is None:
-        from fusion.model.moe.streams import CudaStreams
-
-        streams = CudaStreams(next(model.parameters()).device)
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.experts.kernels = kernels
-            m.streams = streams
-        elif isinstance(m, (Decoder, Attention)):
-            m.kernels = kernels

@@ -21,7 +21,8 @@ import torch
 from fusion.config import MoEConfig, load_config
 from fusion.guard import NonFiniteGuard
 from fusion.model.decoder import Decoder
-from fusion.model.kernels import Kernels, install
+from fusion.model.fusion import install_kernels
+from fusion.model.kernels import Kernels
 from fusion.model.moe import MoE
 
 pytestmark = [pytest.mark.gpu,
@@ -45,7 +46,7 @@ def moe_layer(path: str, dtype, side_stream: bool = True, **kw) -> MoE:
         moe.router.gate.weight[[5, 7], 0] = -40.0
     moe = moe.to(device=DEV, dtype=dtype)
     choice = Kernels.for_device(DEV, dtype)
-    install(moe, choice if side_stream else replace(choice, side_stream=False))
+    install_kernels(moe, choice if side_stream else replace(choice, side_stream=False))
     return moe
 
 
@@ -158,7 +159,7 @@ def llama4_decoder(*overrides, dtype=torch.float32):
                              *overrides]).model
     torch.manual_seed(0)
     dec = Decoder(cfg, 128).to(device=DEV, dtype=dtype)
-    install(dec, Kernels.for_device(DEV, dtype))
+    install_kernels(dec, Kernels.for_device(DEV, dtype))
     return dec
 
 
