@@ -3,7 +3,7 @@
 Single-device code; DeepSpeed wraps it in `fusion/train.py`. The decoder takes embeddings, not ids,
 so that `fusion/model/fusion.py` can splice vision embeddings in before it runs.
 
-Llama 4's attention (issue #6), each part switchable in `ModelConfig`:
+Llama 4's attention, each part switchable in `ModelConfig`:
 - NoPE layers (`nope_every`): every nope_every-th layer has no RoPE and attends causally to the
   whole document; its queries are scaled by a temperature that grows with the position
   (`temp_tuning`, `floor_scale`, `attn_scale`).
@@ -17,7 +17,7 @@ Packed rows carry `doc_ids` (B, T): attention stays inside one document (block-d
 mask) and `positions` (B, T) restart at 0 for each document, so chunks and temperatures are those
 the document would get alone.
 
-Two implementations of that masking (`model.attn_impl`, issue #7): "sdpa" builds dense (B, 1, T, T)
+Two implementations of that masking (`model.attn_impl`): "sdpa" builds dense (B, 1, T, T)
 bool masks, the readable reference; "flex" describes the same masks to FlexAttention as block masks
 (`document_block_mask`, `chunked_block_mask`), so no T x T tensor exists and blocks that are fully
 masked are skipped. With `Kernels.compile_flex` (fusion/model/kernels.py; CUDA by default)
@@ -235,7 +235,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std) if is_moe and not cfg.dense_baseline else None
         # dense layers have their own width (Llama 4: intermediate_size_mlp, twice an expert's);
-        # model.dense_baseline puts a SwiGLU of the MoE layer's active width in its place (issue #9)
+        # model.dense_baseline puts a SwiGLU of the MoE layer's active width in its place
         width = dense_baseline_ffn_dim(cfg.moe) if is_moe else cfg.ffn_dim
         self.ffn = None if self.moe is not None else FeedForward(cfg.dim, width)
 

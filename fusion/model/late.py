@@ -1,4 +1,4 @@
-"""Late fusion (issue #9): the decoder reads text only; media enter through gated cross-attention.
+"""Late fusion: the decoder reads text only; media enter through gated cross-attention.
 
 `model.fusion=late` is the baseline that Llama 4's early fusion replaced: Flamingo / Llama 3.2
 Vision style. Same vision tower, same data and sequences, same evaluation; only where the media
