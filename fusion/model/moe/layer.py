@@ -126,7 +126,7 @@ def z_loss(cfg: MoEConfig, logits: torch.Tensor, n_valid: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Path:
+class ComputePath:
     """How a layer computes (`model.moe.path`), picked once in `MoE.__init__`."""
 
     name: str
@@ -137,9 +137,9 @@ class Path:
 
 
 PATHS = {
-    "loop": Path("loop", sorted_forward, Experts.forward_loop),
-    "grouped": Path("grouped", sorted_forward, Experts.forward_grouped),
-    "fast": Path("fast", fast.forward, fast.run_sorted),
+    "loop": ComputePath("loop", sorted_forward, Experts.forward_loop),
+    "grouped": ComputePath("grouped", sorted_forward, Experts.forward_grouped),
+    "fast": ComputePath("fast", fast.forward, fast.run_sorted),
 }
 
 
