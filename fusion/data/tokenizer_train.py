@@ -7,8 +7,8 @@
 The text is what training tokenizes (`fusion.data.samples`), read from the shards as bytes
 (`fusion.data.shards.iter_samples`): a text shard's `.txt`; an image or video caption shard's
 `.txt`, with the space training puts between media and caption; a VQA shard's `.json` question in
-the training prompt (`vqa_prompt`), its answer and every choice (`vqa_answer`). Other `.json`
-fields (video sizes, sources) are not text.
+the training prompt (`vqa_prompt`), its answer and every choice (`vqa_answer`), for each of its
+`turns` when it has several questions. Other `.json` fields (video sizes, sources) are not text.
 
 Two kinds:
 - `bpe` (default): byte-level BPE (GPT-2's byte alphabet and pre-tokenizer, Hugging Face
@@ -146,11 +146,17 @@ def sample_texts(sample: dict) -> list[str]:
             texts.append(" " + text if media else text)
     if media and "json" in sample:
         meta = decode_json(sample["json"])
-        if isinstance(meta, dict) and isinstance(meta.get("question"), str):
-            texts.append(vqa_prompt(meta["question"]))
-            answers = [meta.get("answer"), *(meta.get("choices") or [])]
-            texts += [vqa_answer(str(a)) for a in dict.fromkeys(answers)
-                      if isinstance(a, (str, int, float)) and str(a).strip()]
+        # a record of several questions lists them in `turns` (the top-level question, when
+        # there too, repeats the first)
+        turns = meta.get("turns") if isinstance(meta, dict) else None
+        for turn in turns if isinstance(turns, list) else [meta]:
+            if not isinstance(turn, dict) or not isinstance(turn.get("question"), str):
+                continue
+            texts.append(vqa_prompt(turn["question"]))
+            choices = turn.get("choices")
+            answers = [turn.get("answer"), *(choices if isinstance(choices, list) else [])]
+            answers = [str(a).strip() for a in answers if isinstance(a, (str, int, float))]
+            texts += [vqa_answer(a) for a in dict.fromkeys(answers) if a]
     return texts
 
 

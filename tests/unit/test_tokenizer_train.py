@@ -208,3 +208,21 @@ def test_output_directories_are_created(dirs, tmp_path):
     out = tmp_path / "a" / "b" / "tokenizer.json"
     assert fusion_data(["tokenizer", "--input", str(dirs["vqa"]), "--output", str(out), "--kind", "word"]) == 0
     assert build_tokenizer(str(out)).encode(" vertical") != []
+
+
+def test_texts_of_a_sample_are_what_training_reads():
+    """Text shards as they are, captions after a space, VQA in the training prompt with every
+    answer and choice, each turn of a record of several questions; other .json fields are not
+    text, and a .json beside no media (a text shard's) is not read."""
+    assert tt.sample_texts({"txt": b"  a doc \n"}) == ["a doc"]
+    assert tt.sample_texts({"txt": b"a doc", "json": b'{"question": "no?"}'}) == ["a doc"]
+    assert tt.sample_texts({"mp4": b"", "txt": b"a clip", "json": b'{"fps": 8}'}) == [" a clip"]
+    one = {"question": "How many?", "answer": 3, "choices": [2, 3, {"bad": 1}], "source": "x.png"}
+    assert tt.sample_texts({"jpg": b"", "json": json.dumps(one).encode()}) == \
+        [vqa_prompt("How many?"), vqa_answer("3"), vqa_answer("2")]
+    turns = {"question": "Which?", "answer": "a", "turns": [
+        {"question": "Which?", "answer": "a", "choices": ["a", "b"]}, {"question": "And?", "answer": "c"}]}
+    assert tt.sample_texts({"png": b"", "json": json.dumps(turns).encode()}) == \
+        [vqa_prompt("Which?"), vqa_answer("a"), vqa_answer("b"), vqa_prompt("And?"), vqa_answer("c")]
+    with pytest.raises(Exception, match="bad_utf8"):
+        tt.sample_texts({"txt": b"\xff\xfe"})
