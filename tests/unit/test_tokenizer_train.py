@@ -226,3 +226,30 @@ def test_texts_of_a_sample_are_what_training_reads():
         [vqa_prompt("Which?"), vqa_answer("a"), vqa_answer("b"), vqa_prompt("And?"), vqa_answer("c")]
     with pytest.raises(Exception, match="bad_utf8"):
         tt.sample_texts({"txt": b"\xff\xfe"})
+
+
+def test_a_trained_bpe_tokenizer_makes_training_samples(dirs, tmp_path):
+    """The file is what data.tokenizer names: a VQA sample becomes <bos> image placeholders, the
+    prompt, and the answer (the only tokens with loss) that decodes back to itself."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from fusion.config import load_config
+    from fusion.schema import tokens_per_image
+    from fusion.data.samples import SampleMaker
+
+    path = _train(dirs, tmp_path)
+    cfg = load_config(None, [f"data.tokenizer={path}", "train.seq_len=128"])
+    tok = build_tokenizer(cfg.data.tokenizer)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(png, format="PNG")
+    meta = {"question": "Which way do the stripes run?", "answer": "vertical",
+            "choices": ["horizontal", "vertical"]}
+    out = SampleMaker(cfg, tok)({"__key__": "k", "png": png.getvalue(), "json": json.dumps(meta).encode()})
+    assert out is not None and out["tokens"][0] == tok.bos_id
+    assert out["tokens"].count(tok.patch_id) == tokens_per_image(cfg.model.vision)
+    answer = [t for t, m in zip(out["tokens"], out["loss_mask"]) if m]
+    assert answer[-1] == tok.eos_id and tok.decode(answer[:-1]) == vqa_answer("vertical")
+    assert vqa_prompt(meta["question"]) in tok.decode(out["tokens"])
