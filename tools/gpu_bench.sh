@@ -25,10 +25,11 @@
 # 8 minutes of device time: give the device call timeout_s 450.
 #
 # Environment: PYTHON (default python3), FUSION_BENCH_WORK (scratch: venv, wheels, toy world, runs;
-# default /dev/shm/fusion_gpu_bench when it has 16 GiB free, else /tmp/fusion_gpu_bench), FUSION_BENCH_BUDGET (seconds for all stages: 400, rehearsal 1500),
-# FUSION_BENCH_WHEELS (1: install .whl/*.whl; default 1, rehearsal 0), FUSION_BENCH_TRAIN_ARGS
-# (overrides for every training run; default "model.moe.path=fast model.attn_impl=flex", rehearsal
-# "model.moe.path=fast": FlexAttention has no backward on CPU).
+# default /dev/shm/fusion_gpu_bench when it has 16 GiB free, else /tmp/fusion_gpu_bench),
+# FUSION_BENCH_BUDGET (seconds for all stages: 400, rehearsal 1500), FUSION_BENCH_WHEELS (1: install
+# .whl/*.whl; default 1, rehearsal 0), FUSION_BENCH_TRAIN_ARGS (overrides for every training run;
+# default "model.moe.path=fast model.attn_impl=flex", rehearsal "model.moe.path=fast": FlexAttention
+# has no backward on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -169,6 +170,7 @@ do_setup() {
     set -e
     if [ "$WHEELS" = 1 ]; then
         ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: run ../shared/device/carry.sh --av and carry .whl"; exit 1; }
+        rm -rf "$WORK/site"
         "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl
     fi
     # A venv over $PYTHON's packages: fusion is not installed, yet tests run the fusion-* commands
