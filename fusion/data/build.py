@@ -36,7 +36,7 @@ input file) inside the workers, decode every one completely, and count a bad rec
 the shard's stats instead of stopping: missing_file, unreadable_file, empty_file, bad_image,
 too_many_pixels, unsupported_format, corrupt_video, no_video_stream, zero_frames, empty_caption,
 not_text, bad_utf8, duplicate_key; vqa adds empty_question, bad_choices, answer_not_in_choices,
-ambiguous_media. A vqa record's media is whichever of the image and video columns it fills, and
+ambiguous_media, bad_turns. A vqa record's media is whichever of the image and video columns it fills, and
 its pictures are stored as jpg or png only (SPEC §4). Images go through `fusion.data.images`;
 videos are re-encoded by `fusion.data.video.transcode` (libx264, one thread, fixed options:
 deterministic, so a resumed build is byte-identical) and their `n_frames` is PyAV's decoded
@@ -222,12 +222,14 @@ class Record:
     fields: dict  # column -> value; text never fails to decode here (see read_records)
 
 
-def read_records(path: str | os.PathLike, text_col: str, columns: Sequence[str] = (),
-                 one_of: Sequence[str] = ()) -> Iterator[Record]:
+def read_records(path: str | os.PathLike, text_col: str, columns: Sequence = (),
+                 one_of: Sequence[str] = (), text_or: str | None = None) -> Iterator[Record]:
     """Records of a .jsonl / .txt / .csv / .parquet file, in order.
 
     `text_col` and `columns` must exist in every record (a .txt line is `{text_col: line}`), and
-    at least one of `one_of` (vqa: the image or the video column). A JSONL record is checked on
+    at least one of `one_of` (vqa: the image or the video column). An entry of `columns` may be a
+    tuple of alternatives, any one of which will do; `text_or` is an alternative to the text
+    column (vqa: a `turns` column instead of question, answer and choices). A JSONL record is checked on
     its own keys; a CSV file on its header row, a parquet file on its schema. A missing column, an
     invalid JSON line, a ragged CSV row or an unreadable file raises InputError naming the file
     and line. Bytes that are not UTF-8 do not: they come through as lone surrogates
@@ -236,13 +238,14 @@ def read_records(path: str | os.PathLike, text_col: str, columns: Sequence[str] 
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    required = [text_col, *[c for c in columns if c != text_col]]
+    required = [(text_col, text_or) if text_or else text_col, *[c for c in columns if c != text_col]]
     readers = {".jsonl": _read_jsonl, ".txt": _read_txt, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
         raise InputError(path, None, f"unknown input format '{suffix or path.name}' "
                          f"(expected {', '.join(INPUT_FORMATS)})")
-    if suffix == ".txt" and (len(required) > 1 or one_of):
-        extra = [*required[1:], " or ".join(one_of)] if one_of else required[1:]
+    if suffix == ".txt" and (len(required) > 1 or one_of or text_or):
+        extra = [*map(_column_names, required[1:]), " or ".join(one_of)] if one_of \
+            else list(map(_column_names, required[1:]))
         raise InputError(path, None, f"a .txt input has one column per line; "
                          f"column(s) {', '.join(extra)} need .jsonl, .csv or .parquet")
     try:
@@ -253,13 +256,19 @@ def read_records(path: str | os.PathLike, text_col: str, columns: Sequence[str] 
         raise InputError(path, None, f"cannot read: {exn.strerror or exn}") from exn
 
 
-def _missing(path, line, fields: Iterable[str], required: Sequence[str], what: str,
+def _column_names(col: str | tuple[str, ...]) -> str:
+    """'a', or 'a' or 'b' for a tuple of alternatives."""
+    return " or ".join(f"'{c}'" for c in (col if isinstance(col, tuple) else (col,)))
+
+
+def _missing(path, line, fields: Iterable[str], required: Sequence, what: str,
              one_of: Sequence[str] = ()):
     have = list(fields)
     shown = ", ".join(map(str, have[:10])) + (", ..." if len(have) > 10 else "")
     for col in required:
-        if col not in have:
-            raise InputError(path, line, f"missing column '{col}' in {what} (has: {shown or 'none'})")
+        if not any(c in have for c in (col if isinstance(col, tuple) else (col,))):
+            raise InputError(path, line, f"missing column {_column_names(col)} in {what} "
+                                         f"(has: {shown or 'none'})")
     if one_of and not any(col in have for col in one_of):
         wanted = " or ".join(f"'{col}'" for col in one_of)
         raise InputError(path, line, f"missing column {wanted} in {what} (has: {shown or 'none'})")
@@ -560,12 +569,12 @@ def _summary_line(modality: str, source: str, output: Path, result: BuildResult)
 
 
 def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
-              columns: Sequence[str] = (), *, one_of: Sequence[str] = (),
-              inspect: Callable[[Record], None] | None = None) -> int:
+              columns: Sequence = (), *, one_of: Sequence[str] = (),
+              inspect: Callable[[Record], None] | None = None, text_or: str | None = None) -> int:
     """Read --input, write the shards of `modality` into --output, write index.json, summarise.
 
-    `columns`: extra columns each record must have (the text column always must); `one_of`:
-    columns of which each record must have at least one (see `read_records`). `inspect(record)`
+    `columns`: extra columns each record must have (the text column always must, or `text_or`);
+    `one_of`: columns of which each record must have at least one (see `read_records`). `inspect(record)`
     sees every record in the main process, in file order, and may raise InputError.
 
     --output holds the shards of one build: this modality from this input file (its resolved
@@ -592,7 +601,7 @@ def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
         raise CliError(f"--output: '{output}' holds {index.get('modality')} shards (index.json); "
                        f"give another directory for {modality}, or --overwrite to replace them")
     key_cols = [args.key_col] if args.key_col else []
-    records = read_records(source, args.text_col, [*columns, *key_cols], one_of)
+    records = read_records(source, args.text_col, [*columns, *key_cols], one_of, text_or)
     # Read the first record before creating or deleting anything, so a bad input leaves the
     # directory as it was (and creates no empty one).
     first = next(records, None)
@@ -916,18 +925,10 @@ def _filled(fields: dict, col: str | None) -> bool:
     return col is not None and isinstance(fields.get(col), str) and fields[col].strip() != ""
 
 
-def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, answer_col: str,
-                    choices_col: str, type_col: str | None, image_col: str | None,
-                    video_col: str | None, base: str, image: ImageOptions,
-                    video: VideoOptions) -> dict:
-    """A VQA record -> {jpg|png or mp4, json: {question, answer, choices, type, source,
-    width, height [, fps, n_frames, duration]}}.
-
-    The media column is `image_col` or `video_col`, whichever this record fills (both filled:
-    `ambiguous_media`; neither: `missing_file`). Pictures are stored as jpg or png only (WEBP,
-    GIF... become png). The type is the record's `type_col` value, or 'default' when it has none.
-    The answer must be one of the choices (`answer_not_in_choices`).
-    """
+def vqa_turn(fields: dict, question_col: str, answer_col: str, choices_col: str,
+             type_col: str | None) -> dict:
+    """One question of a record (or of its `turns`) -> {question, answer, choices, type}; the
+    answer must be one of the choices (`answer_not_in_choices`), the type defaults to 'default'."""
     question = media_text(fields, question_col, "empty_question")
     answer = fields.get(answer_col)
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
@@ -936,9 +937,49 @@ def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, an
     if not isinstance(answer, str) or answer.strip() not in choices:
         raise SampleError("answer_not_in_choices", f"answer {answer!r} not in {choices}")
     qtype = vqa_type(fields.get(type_col) if type_col else None)
+    return {"question": question, "answer": answer.strip(), "choices": choices, "type": qtype}
+
+
+def parse_turns(value) -> list[dict] | None:
+    """A record's `turns` value (a list, or a string holding a JSON list) -> the list of turn
+    objects; None when the record leaves it empty; SampleError('bad_turns') otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exn:
+            raise SampleError("bad_turns", f"not a JSON list: {exn}") from None
+    if not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(t, dict) for t in value):
+        raise SampleError("bad_turns", "expected a non-empty list of {question, answer, choices[, type]}")
+    return list(value)
+
+
+def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, answer_col: str,
+                    choices_col: str, type_col: str | None, image_col: str | None,
+                    video_col: str | None, base: str, image: ImageOptions,
+                    video: VideoOptions, turns_col: str | None = None) -> dict:
+    """A VQA record -> {jpg|png or mp4, json: {question, answer, choices, type, source,
+    width, height [, fps, n_frames, duration]}}.
+
+    The media column is `image_col` or `video_col`, whichever this record fills (both filled:
+    `ambiguous_media`; neither: `missing_file`). Pictures are stored as jpg or png only (WEBP,
+    GIF... become png). The type is the record's `type_col` value, or 'default' when it has none.
+    The answer must be one of the choices (`answer_not_in_choices`).
+
+    A record whose `turns_col` holds a list of {question, answer, choices[, type]} is a
+    conversation about its media: every turn is checked as above (a bad one fails the record) and
+    stored in order as the json's `turns`, the first one repeated at its top level.
+    """
+    turns = parse_turns(fields.get(turns_col)) if turns_col else None
+    if turns is None:
+        info = vqa_turn(fields, question_col, answer_col, choices_col, type_col)
+    else:
+        turns = [vqa_turn(t, "question", "answer", "choices", "type") for t in turns]
+        info = {**turns[0], "turns": turns}
     if _filled(fields, image_col) and _filled(fields, video_col):
         raise SampleError("ambiguous_media", f"both '{image_col}' and '{video_col}' are set")
-    info = {"question": question, "answer": answer.strip(), "choices": choices, "type": qtype}
     if _filled(fields, video_col) or image_col is None:
         data, measured = store_video(read_media(fields.get(video_col), base), video)
         return {"mp4": data, "json": {**info, "source": fields[video_col], **measured}}
@@ -1099,6 +1140,11 @@ def _configure_vqa(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type-col", default="type", metavar="COL",
                    help="column holding the question type, used to group accuracy; a record "
                         "without it (or with it empty) has type 'default' (default: type)")
+    p.add_argument("--turns-col", default="turns", metavar="COL",
+                   help="column holding several questions about the record's media, a list of "
+                        "{question, answer, choices[, type]} (JSON in a CSV cell): a "
+                        "conversation trained as one sample, the loss on every answer; a record "
+                        "that fills it needs no question, answer or choices (default: turns)")
     _add_media_path_arguments(p, image=True, video=True, either=True)
     _add_max_side(p, "images: as for `fusion-data images`; videos: as for `fusion-data videos`")
     _add_image_arguments(p, VQA_IMAGE_FORMATS)
@@ -1118,8 +1164,16 @@ def run_vqa(args: argparse.Namespace) -> int:
     def inspect(rec: Record) -> None:
         nonlocal untyped, total, video_checked
         total += 1
-        value = rec.fields.get(args.type_col)
-        untyped += value is None or not str(value).strip()
+        try:
+            turns = parse_turns(rec.fields.get(args.turns_col))
+        except SampleError:               # counted when the record is built
+            turns = None
+        if turns is not None:             # a conversation: typed when every turn is
+            untyped += not all(isinstance(t, dict) and str(t.get("type") or "").strip()
+                               for t in turns)
+        else:
+            value = rec.fields.get(args.type_col)
+            untyped += value is None or not str(value).strip()
         if not video_checked and _filled(rec.fields, args.video_col):
             # Only an input with videos needs PyAV: checked at its first video, named by line.
             try:
@@ -1133,9 +1187,11 @@ def run_vqa(args: argparse.Namespace) -> int:
         make_vqa_sample, question_col=args.text_col, answer_col=args.answer_col,
         choices_col=args.choices_col, type_col=args.type_col, image_col=args.image_col,
         video_col=args.video_col, base=_input_base(args), image=_image_options(args),
-        video=_video_options(args, check_encoder=False))
-    status = run_build(args, "vqa", make, [args.answer_col, args.choices_col],
-                       one_of=[args.image_col, args.video_col], inspect=inspect)
+        video=_video_options(args, check_encoder=False), turns_col=args.turns_col)
+    status = run_build(args, "vqa", make, [(args.answer_col, args.turns_col),
+                                           (args.choices_col, args.turns_col)],
+                       one_of=[args.image_col, args.video_col], inspect=inspect,
+                       text_or=args.turns_col)
     if untyped:
         print(f"{PROG} vqa: note: {untyped:,} of {total:,} records in {source.name} have no "
               f"'{args.type_col}' column or leave it empty: their type is 'default'",

@@ -5,6 +5,7 @@ One function per kind, chosen by the members a sample holds (SPEC §4):
 - image-caption: `.jpg|.png|.webp` + `.txt`          -> caption after (or before) the image
 - video-caption: `.mp4` + `.txt` [+ `.json`]         -> caption after (or before) the frames
 - vqa:           media + `.json` {question, answer}  -> media, then "Q: {question} A: {answer}"
+                 or {turns: [{question, answer}, ...]}  -> media, then "Q: .. A: .. <eos>" per turn
 
 A video's frame count, fps, duration and size come from its `.json` when that holds all five
 (VIDEO_FIELDS, as the video builder writes them); otherwise the video is probed (`video.probe`,
@@ -92,6 +93,28 @@ def square_frames(frames: np.ndarray, size: int, train: bool, rng: random.Random
     return out  # (F, 3, S, S)
 
 
+def vqa_turns(meta: dict) -> list[tuple[str, str]] | str:
+    """The (question, answer) turns of a VQA record's json, or the reason it has none usable.
+
+    A record holds one question (`question`, `answer`) or a conversation about its media,
+    `turns`: a list of {question, answer[, choices, type]}, asked in order (the top-level
+    `question` / `answer`, when there too, repeat the first turn for readers of one question)."""
+    if "turns" in meta:
+        turns = meta["turns"]
+        if not isinstance(turns, list) or not turns:
+            return "bad_turns"
+        out = []
+        for turn in turns:
+            if not isinstance(turn, dict) or not isinstance(turn.get("question"), str) \
+                    or "answer" not in turn or isinstance(turn["answer"], (dict, list)):
+                return "bad_turns"
+            out.append((turn["question"], str(turn["answer"])))
+        return out
+    if "answer" not in meta:
+        return "missing_answer"
+    return [(str(meta["question"]), str(meta["answer"]))]
+
+
 @dataclass
 class SampleMaker:
     """Picklable (it travels to DataLoader workers); `__call__(raw) -> dict | None`."""
@@ -127,18 +150,14 @@ class SampleMaker:
         if media is None:
             return None
         part, pixels, modality = media
-        if meta is not None and "question" in meta:
-            if "answer" not in meta:
-                return self._fail("missing_answer")
-            prompt, answer = vqa_prompt(str(meta["question"])), vqa_answer(str(meta["answer"]))
-            parts = [part, prompt + answer]
-            if self.cfg.data.vqa_loss == "answer":
-                tokens, loss_mask, min_pairs = build_sample(self.tokenizer, [part, prompt])
-                tokens = tokens[:-1] + self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
-                loss_mask = [False] * (len(loss_mask) - 1) + [True] * (len(tokens) - len(loss_mask) + 1)
-                out = {"tokens": tokens, "loss_mask": loss_mask, "modality": modality, "min_pairs": min_pairs}
-                out["images" if modality == 1 else "videos"] = [pixels]
-                return out
+        if meta is not None and ("question" in meta or "turns" in meta):
+            turns = vqa_turns(meta)
+            if isinstance(turns, str):
+                return self._fail(turns)
+            out = self.vqa_tokens(part, turns)
+            out["modality"] = modality
+            out["images" if modality == 1 else "videos"] = [pixels]
+            return out
         else:
             if len(raw.get("txt") or b"") > 16 * self.cfg.train.seq_len:  # can never fit a row
                 return self._fail("caption_too_long")
@@ -152,6 +171,24 @@ class SampleMaker:
         out = {"tokens": tokens, "loss_mask": loss_mask, "modality": modality, "min_pairs": min_pairs}
         out["images" if modality == 1 else "videos"] = [pixels]
         return out
+
+    def vqa_tokens(self, part: tuple, turns: list[tuple[str, str]]) -> dict:
+        """<bos> media, then " Q: {question} A: {answer}" <eos> for each turn: every answer ends
+        with eos, as the one answer of a single question does and as evaluation scores it (the
+        answer's tokens and eos after the prompt), so the first turn of a conversation is trained
+        exactly as a test question is asked. The loss is on every answer and its eos
+        (`data.vqa_loss=answer`), or on all the text (`all`). Prompt and answer are encoded
+        apart, as evaluation encodes them."""
+        tok = self.tokenizer
+        tokens, loss_mask, min_pairs = build_sample(tok, [part])
+        tokens, loss_mask = tokens[:-1], [False] * (len(loss_mask) - 1)   # bos + media: no loss
+        everything = self.cfg.data.vqa_loss == "all"
+        for question, answer in turns:
+            prompt = tok.encode(vqa_prompt(question))
+            reply = tok.encode(vqa_answer(answer)) + [tok.eos_id]
+            tokens += prompt + reply
+            loss_mask += [everything] * len(prompt) + [True] * len(reply)
+        return {"tokens": tokens, "loss_mask": loss_mask, "min_pairs": min_pairs}
 
     def _caption(self, raw: dict) -> str | None:
         data = raw.get("txt")

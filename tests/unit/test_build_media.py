@@ -486,6 +486,48 @@ def test_vqa_jsonl_decides_media_and_type_per_record(image_dir, video_dir, tmp_p
     assert "nomedia.csv:1: missing column 'image' or 'video' in header" in capsys.readouterr().err
 
 
+def test_vqa_conversations_in_a_turns_column(image_dir, tmp_path, capsys):
+    """A record may hold several questions about its picture (`turns`, LLaVA-style): each is
+    checked like a one-question record, all are stored in order, the first also at the top level
+    (what `verify` and fusion-eval read); a record mixing both forms uses its turns."""
+    from fusion.data.samples import vqa_turns
+
+    turns = [{"question": "What color?", "answer": "red", "choices": ["red", "blue"], "type": "color"},
+             {"question": "How many?", "answer": 2, "choices": [1, 2, 3], "type": "count"}]
+    qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"], "type": "t"}
+    src = write_jsonl(image_dir / "conv.jsonl", [
+        {"image": "sub/good.jpg", "turns": turns},
+        {"image": "sub/good.jpg", **qa},                                   # one question: as before
+        {"image": "sub/good.jpg", **qa, "turns": turns[1:]},               # turns win
+        {"image": "sub/good.jpg", "turns": [{**turns[0], "answer": "green"}]},
+        {"image": "sub/good.jpg", "turns": [turns[0], {"question": "Q?", "answer": "a"}]},
+        {"image": "sub/good.jpg", "turns": []},
+        {"image": "sub/good.jpg", "turns": "not json"},
+    ])
+    out = tmp_path / "conv"
+    assert build("vqa", src, out, "--workers", "1") == 0
+    assert failures(out) == {"answer_not_in_choices": 1, "bad_choices": 1, "bad_turns": 2}
+    got = {k: json.loads(v["json"]) for k, v in members_by_key(out).items()}
+    assert sorted(got) == ["000000000", "000000001", "000000002"]
+    first = got["000000000"]
+    assert first["turns"] == [{**turns[0]}, {"question": "How many?", "answer": "2",
+                                             "choices": ["1", "2", "3"], "type": "count"}]
+    assert {k: first[k] for k in ("question", "answer", "choices", "type")} == first["turns"][0]
+    assert "turns" not in got["000000001"] and got["000000002"]["question"] == "How many?"
+    assert vqa_turns(first) == [("What color?", "red"), ("How many?", "2")]
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+
+    csv_src = image_dir / "conv.csv"                     # a CSV cell holds the JSON list
+    csv_src.write_text('image,turns\nsub/good.jpg,"' + json.dumps(turns).replace('"', '""') + '"\n')
+    assert build("vqa", csv_src, tmp_path / "csv", "--workers", "1") == 0
+    assert len(json.loads(next(iter(members_by_key(tmp_path / "csv").values()))["json"])["turns"]) == 2
+    assert "have no 'type'" not in capsys.readouterr().err
+    bad = write_jsonl(image_dir / "noq.jsonl", [{"image": "sub/good.jpg", "answer": "a", "choices": "a|b"}])
+    assert build("vqa", bad, tmp_path / "bad") == 1
+    assert "noq.jsonl:1: missing column 'question' or 'turns' in record" in capsys.readouterr().err
+
+
 def test_vqa_needs_pyav_only_for_its_first_video(image_dir, tmp_path, capsys, monkeypatch):
     import fusion.data.build as build_module
 

@@ -12,11 +12,11 @@ from fusion.data.tokenizer import ByteTokenizer
 TOK = ByteTokenizer()
 
 
-def raw_vqa():
+def raw_vqa(**extra):
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
     meta = {"question": "What color is the square?", "answer": "red", "choices": ["red", "blue"],
-            "type": "color"}
+            "type": "color", **extra}
     return {"__key__": "k", "png": buf.getvalue(), "json": json.dumps(meta).encode()}
 
 
@@ -49,3 +49,31 @@ def test_video_without_metadata_in_its_json_is_probed():
     assert s is not None and s["modality"] == 2 and s["videos"][0].shape == (2, 3, 32, 32)
     assert maker({"__key__": "w", "mp4": b"not a video", "json": meta}) is None
     assert reasons == ["video_unreadable"]
+
+
+def test_a_conversation_trains_every_answer():
+    """A record with `turns` becomes one sample: the image once, then every question and answer
+    in order, in the evaluation's prompt format, each answer closed by eos (as a test answer is
+    scored), the loss on each answer and its eos."""
+    turns = [{"question": "What color is the square?", "answer": "red", "choices": ["red", "blue"]},
+             {"question": "How many?", "answer": 2, "type": "count"},
+             {"question": "Is it big?", "answer": "no"}]
+    cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8"])
+    s = SampleMaker(cfg, TOK)(raw_vqa(turns=turns))
+    text = TOK.decode([t for t in s["tokens"] if t < 256])
+    assert text == "".join(vqa_prompt(t["question"]) + vqa_answer(str(t["answer"])) for t in turns)
+    trained = TOK.decode([t for t, m in zip(s["tokens"], s["loss_mask"]) if m and t < 256])
+    assert trained == vqa_answer("red") + vqa_answer("2") + vqa_answer("no")
+    assert s["tokens"][-1] == TOK.eos_id and s["loss_mask"][-1] and len(s["images"]) == 1
+    eos = [i for i, t in enumerate(s["tokens"]) if t == TOK.eos_id]
+    assert len(eos) == 3 and all(s["loss_mask"][i] for i in eos) and s["min_pairs"] == 2 + 16 + 1
+    assert TOK.decode(s["tokens"][eos[0] + 1:eos[1]]) == vqa_prompt("How many?") + vqa_answer("2")
+    # one turn is exactly the one-question record
+    one = SampleMaker(cfg, TOK)(raw_vqa(turns=turns[:1]))
+    plain = SampleMaker(cfg, TOK)(raw_vqa())
+    assert one["tokens"] == plain["tokens"] and one["loss_mask"] == plain["loss_mask"]
+    reasons = []
+    maker = SampleMaker(cfg, TOK, counter=reasons.append)
+    for bad in ([], "x", [{"question": "Q?"}], [{"answer": "a"}], [{"question": "Q?", "answer": [1]}]):
+        assert maker(raw_vqa(turns=bad)) is None
+    assert reasons == ["bad_turns"] * 5
