@@ -12,6 +12,7 @@ nothing is downloaded. Under `--output DIR`:
     DIR/image/                    modality image: KEY.png (lossless) + KEY.txt + KEY.json
     DIR/video/                    modality video: KEY.mp4 (H.264) + KEY.txt + KEY.json
     DIR/vqa_image_train/          modality vqa:   KEY.png + KEY.json {question, answer, choices, type}
+                                  [+ turns: the same picture's conversation, with --vqa-turns N > 1]
     DIR/vqa_image_test/           same questions, seen colour-shape pairs only
     DIR/vqa_image_compositional/  questions about colour-shape pairs held out of every training split
     DIR/vqa_video_train/          KEY.mp4 + KEY.json, type `direction`
@@ -26,6 +27,16 @@ a `color` question's shape occurs once in the scene, a `shape` question's colour
 object lies wholly on one side of the vertical midline; an `exists` "no" pair is absent; a
 `direction` mover is the only object of its colour and shape. Answers are balanced per type (type
 and answer cycle with the sample index), so a question-only model stays near chance.
+
+Conversations (`--vqa-turns N`): a vqa_image_train record asks up to N questions about its picture,
+stored as `turns` in its json (fusion-data vqa's conversation format): the balanced question first
+(also at the json's top level), then one question of each other type that has exactly one right
+answer in the scene, in random order, none about a colour-shape pair an earlier turn already
+spelled out (so no answer can be read off the conversation). Test sets keep one question per record.
+
+Extra colours (`--extra-colors white,pink,...`): distractor objects in the training splits' scenes
+(text, image, vqa_image_train) may also wear EXTRA_COLORS, and captions name them; no question or
+answer does, and test scenes never show them. Every shape is then seen in more colours.
 
 Compositional generalisation: three colour-shape pairs (distinct colours, distinct shapes, chosen
 from the seed) never occur in text, image, video or any VQA train/test split, in captions or scenes;
@@ -94,6 +105,15 @@ COLORS = {                                  # RGB, far apart in hue and in brigh
     "orange": (250, 140, 20),
 }
 COLOR_NAMES = tuple(COLORS)
+# Colours that only distractor objects wear (`--extra-colors`): never in a question or an answer,
+# far from the palette, the background and each other.
+EXTRA_COLORS = {
+    "white": (235, 235, 235),
+    "pink": (250, 150, 190),
+    "cyan": (40, 210, 210),
+    "brown": (140, 90, 40),
+}
+RGB = {**COLORS, **EXTRA_COLORS}
 BACKGROUND = (40, 40, 40)
 PAIRS = tuple((c, s) for c in COLOR_NAMES for s in SHAPES)   # 18 colour-shape pairs
 N_HELD_OUT = 3
@@ -140,6 +160,8 @@ DEFAULTS = {                     # about 20 s on 2 cores at 32 px (see generate_
     "n_video_vqa_train": 1500,
     "n_video_vqa_test": 300,
     "samples_per_shard": 500,
+    "vqa_turns": 1,              # questions per vqa_image_train record (see vqa_image_sample)
+    "extra_colors": (),          # EXTRA_COLORS for distractors in training scenes
 }
 
 
@@ -151,10 +173,17 @@ class World:
     size: int                                 # image and frame side, pixels
     held_out: tuple[tuple[str, str], ...]     # (color, shape) pairs kept out of training
     n_frames: tuple[int, int]                 # video length range, inclusive
+    vqa_turns: int = 1                        # questions per vqa_image_train record
+    extra_colors: tuple[str, ...] = ()        # EXTRA_COLORS worn by distractors in training data
 
     @property
     def seen(self) -> tuple[tuple[str, str], ...]:
         return tuple(p for p in PAIRS if p not in self.held_out)
+
+    @property
+    def scenery(self) -> tuple[tuple[str, str], ...]:
+        """What training scenes are made of: the seen pairs, and every shape in each extra colour."""
+        return self.seen + tuple((c, sh) for c in self.extra_colors for sh in SHAPES)
 
 
 def choose_held_out(seed: int) -> tuple[tuple[str, str], ...]:
@@ -273,7 +302,7 @@ def render_image(scene: Sequence[dict], s: int) -> np.ndarray:
     img = np.empty((s, s, 3), np.uint8)
     img[:] = BACKGROUND
     for obj in scene:
-        img[shape_mask(obj, s)] = COLORS[obj["color"]]
+        img[shape_mask(obj, s)] = RGB[obj["color"]]
     return img
 
 
@@ -400,14 +429,18 @@ def _pick(rng: random.Random, pool: Sequence[tuple[str, str]], *, not_color: str
 
 
 def make_image_question(rng: random.Random, world: World, qtype: str, answer: str,
-                        compositional: bool = False) -> tuple[list[dict], str]:
+                        compositional: bool = False, training: bool = False) -> tuple[list[dict], str]:
     """A scene whose one right answer to a `qtype` question is `answer`; returns (scene, question).
 
     Seen pairs only, unless `compositional`: then the question's referent is a held-out pair (for
-    `count`, at least one object is) and the other objects may be any pair.
+    `count`, at least one object is) and the other objects may be any pair. With `training`, the
+    other objects may also wear the world's extra colours.
     """
     s, seen = world.size, world.seen
     pool = PAIRS if compositional else seen
+    near_pool = pool
+    if training:
+        pool = world.scenery
     n = int(answer) if qtype == "count" else rng.randint(1, 4)
     side = None
     if qtype == "color":
@@ -439,12 +472,71 @@ def make_image_question(rng: random.Random, world: World, qtype: str, answer: st
         if answer == "yes":
             pairs = [(color, shape)] + others
         else:                           # hard negatives: the colour or the shape is there, alone
-            near = [p for p in pool if (p[0] == color) != (p[1] == shape)]
+            near = [p for p in near_pool if (p[0] == color) != (p[1] == shape)]
             pairs = [rng.choice(near)] + others
         question = QUESTIONS["exists"].format(color=color, shape=shape)
     else:
         raise ValueError(f"not an image question type: {qtype!r}")
     return place_scene(rng, s, pairs, first_side=side), question
+
+
+def _wholly_on_one_side(obj: dict, s: int) -> bool:
+    """obj is as far off the midline as a `position` question's object is placed."""
+    return abs(obj["x"] - s / 2) >= max(POSITION_MARGIN * s, CLEARANCE * obj["size"] + 1.0)
+
+
+def scene_question(rng: random.Random, world: World, scene: Sequence[dict], qtype: str,
+                   named: set[tuple[str, str]] = frozenset()
+                   ) -> tuple[str, str, tuple[str, str] | None] | None:
+    """A `qtype` question about an existing scene with exactly one right answer there:
+    (question, answer, the colour-shape pair it names with its answer, or None for `count`).
+    None when the scene allows none: no shape or colour that occurs once, no object far enough
+    off the midline, or every candidate is a pair in `named` (pairs an earlier turn of the same
+    conversation already spelled out, so its answer could be read off the text). Questions name
+    seen pairs only."""
+    s = world.size
+    pairs = [(o["color"], o["shape"]) for o in scene]
+    single = [p for p in pairs if pairs.count(p) == 1 and p not in named and p[0] in COLORS]
+    if qtype == "count":
+        return QUESTIONS["count"], str(len(scene)), None
+    if qtype == "color":
+        options = [p for p in single if sum(q[1] == p[1] for q in pairs) == 1]
+        if not options:
+            return None
+        pair = rng.choice(options)
+        return QUESTIONS["color"].format(shape=pair[1]), pair[0], pair
+    if qtype == "shape":
+        options = [p for p in single if sum(q[0] == p[0] for q in pairs) == 1]
+        if not options:
+            return None
+        pair = rng.choice(options)
+        return QUESTIONS["shape"].format(color=pair[0]), pair[1], pair
+    if qtype == "position":
+        objs = [o for o in scene if (o["color"], o["shape"]) in single and _wholly_on_one_side(o, s)]
+        if not objs:
+            return None
+        o = rng.choice(objs)
+        return (QUESTIONS["position"].format(color=o["color"], shape=o["shape"]),
+                side_of(o["x"], s), (o["color"], o["shape"]))
+    if qtype == "exists":
+        absent = [p for p in world.seen if p not in pairs and p not in named]
+        near = [p for p in absent if any(p[0] == c or p[1] == sh for c, sh in pairs)]
+        if not (single and absent):     # only when either answer could be asked: yes / no even
+            return None
+        if rng.random() < 0.5:
+            pair, answer = rng.choice(single), "yes"
+        else:
+            pair, answer = rng.choice(near or absent), "no"
+        return QUESTIONS["exists"].format(color=pair[0], shape=pair[1]), answer, pair
+    raise ValueError(f"not an image question type: {qtype!r}")
+
+
+def question_pair(qtype: str, question: str, answer: str) -> tuple[str, str] | None:
+    """The colour-shape pair a question spells out together with its answer (None: count)."""
+    words = _WORD.findall(question)
+    color = next((w for w in words if w in COLORS), answer if qtype == "color" else None)
+    shape = next((w for w in words if w in SHAPES), answer if qtype == "shape" else None)
+    return (color, shape) if color and shape else None
 
 
 def make_motion(rng: random.Random, world: World, pair: tuple[str, str], direction: str,
@@ -521,7 +613,7 @@ def text_sample(world: World, split: str, i: int) -> dict:
     meta: dict = {"source": "toy", "kind": kind}
     if kind == "caption":
         n = rng.randint(1, 4)
-        scene = place_scene(rng, s, [rng.choice(world.seen) for _ in range(n)])
+        scene = place_scene(rng, s, [rng.choice(world.scenery) for _ in range(n)])
         text, meta["scene"] = describe_scene(rng, scene, s), scene
     elif kind == "qa":
         qtype = rng.choice(IMAGE_TYPES + VIDEO_TYPES)
@@ -533,7 +625,7 @@ def text_sample(world: World, split: str, i: int) -> dict:
             question = QUESTIONS["direction"].format(color=pair[0], shape=pair[1])
             meta["event"] = event
         else:
-            scene, question = make_image_question(rng, world, qtype, answer)
+            scene, question = make_image_question(rng, world, qtype, answer, training=True)
             context = describe_scene(rng, scene, s)
         text = f"{context} {qa_text(question, answer)}"
         meta.update({"scene": scene, "type": qtype, "question": question, "answer": answer})
@@ -549,7 +641,7 @@ def text_sample(world: World, split: str, i: int) -> dict:
 def image_sample(world: World, split: str, i: int) -> dict:
     rng = _rng(world, split, i)
     n = rng.randint(1, 4)
-    scene = place_scene(rng, world.size, [rng.choice(world.seen) for _ in range(n)])
+    scene = place_scene(rng, world.size, [rng.choice(world.scenery) for _ in range(n)])
     return {"png": encode_png(render_image(scene, world.size)),
             "txt": describe_scene(rng, scene, world.size),
             "json": {"width": world.size, "height": world.size, "source": "toy", "scene": scene}}
@@ -582,10 +674,29 @@ def vqa_image_sample(world: World, split: str, i: int) -> dict:
         answer = answers[(i // len(IMAGE_TYPES)) % len(answers)]
     else:
         qtype, answer = cycle(i, IMAGE_TYPES)
-    scene, question = make_image_question(rng, world, qtype, answer, compositional)
+    scene, question = make_image_question(rng, world, qtype, answer, compositional,
+                                          training=split == "vqa_image_train")
+    first = {"question": question, "answer": answer, "choices": CHOICES[qtype], "type": qtype}
+    meta = dict(first)
+    if split == "vqa_image_train" and world.vqa_turns > 1:
+        # a conversation about the picture: the balanced first question, then up to
+        # vqa_turns - 1 more, one per other type that has a right answer in this scene
+        # whose answer the earlier turns do not already give away
+        turns = [first]
+        named = {question_pair(qtype, question, answer)} - {None}
+        others = [t for t in IMAGE_TYPES if t != qtype]
+        rng.shuffle(others)
+        for other in others:
+            if len(turns) == world.vqa_turns:
+                break
+            asked = scene_question(rng, world, scene, other, named)
+            if asked is not None:
+                turns.append({"question": asked[0], "answer": asked[1],
+                              "choices": CHOICES[other], "type": other})
+                named |= {asked[2]} - {None}
+        meta["turns"] = turns
     return {"png": encode_png(render_image(scene, world.size)),
-            "json": {"question": question, "answer": answer, "choices": CHOICES[qtype],
-                     "type": qtype, "width": world.size, "height": world.size, "source": "toy",
+            "json": {**meta, "width": world.size, "height": world.size, "source": "toy",
                      "scene": scene}}
 
 
@@ -665,6 +776,8 @@ def text_words(sample: dict) -> set[str]:
     meta = sample.get("json") or {}
     texts = [sample.get("txt", ""), meta.get("question", ""), meta.get("answer", ""),
              *meta.get("choices", ())]
+    for turn in meta.get("turns", ()):
+        texts += [turn["question"], turn["answer"], *turn["choices"]]
     return {w for text in texts for w in _WORD.findall(text)}
 
 
@@ -777,7 +890,9 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
                  n_video_vqa_test: int = DEFAULTS["n_video_vqa_test"],
                  n_frames: tuple[int, int] = (8, 16),
                  samples_per_shard: int = DEFAULTS["samples_per_shard"],
-                 n_vqa_compositional: int | None = None, workers: int = 1) -> dict:
+                 n_vqa_compositional: int | None = None, workers: int = 1,
+                 vqa_turns: int = DEFAULTS["vqa_turns"],
+                 extra_colors: Sequence[str] = DEFAULTS["extra_colors"]) -> dict:
     """Write the toy corpora and VQA sets under `output`; return the summary (also DIR/toy.json).
 
     The defaults take about 20 s on 2 cores at 32 px (workers=2). `n_vqa_compositional` defaults
@@ -800,7 +915,16 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
     check_toy_output(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "toy.json").unlink(missing_ok=True)     # written last: it marks a complete set
-    world = World(seed=seed, size=image_size, held_out=choose_held_out(seed), n_frames=n_frames)
+    if isinstance(vqa_turns, bool) or not isinstance(vqa_turns, int) \
+            or not 1 <= vqa_turns <= len(IMAGE_TYPES):
+        raise ValueError(f"vqa_turns must be an integer 1..{len(IMAGE_TYPES)}, got {vqa_turns!r}")
+    extra_colors = tuple(extra_colors)
+    unknown = [c for c in extra_colors if c not in EXTRA_COLORS]
+    if unknown or len(set(extra_colors)) != len(extra_colors):
+        raise ValueError(f"extra colors must be distinct names from {', '.join(EXTRA_COLORS)}, "
+                         f"got {', '.join(extra_colors)}")
+    world = World(seed=seed, size=image_size, held_out=choose_held_out(seed), n_frames=n_frames,
+                  vqa_turns=vqa_turns, extra_colors=extra_colors)
 
     tasks = []                                  # (split, shard, start, stop)
     for split in SPLITS:
@@ -840,6 +964,8 @@ def generate_toy(output: str | os.PathLike, seed: int = 0, image_size: int = 32,
         "fps": FPS,
         "samples_per_shard": samples_per_shard,
         "counts": counts,
+        "vqa_turns": vqa_turns,
+        "extra_colors": {c: list(EXTRA_COLORS[c]) for c in extra_colors},
         "held_out_pairs": [list(p) for p in world.held_out],
         "colors": {c: list(rgb) for c, rgb in COLORS.items()},
         "shapes": list(SHAPES),
@@ -883,6 +1009,22 @@ def _image_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exn)) from None
 
 
+def _turns(text: str) -> int:
+    value = int_at_least(1)(text)
+    if value > len(IMAGE_TYPES):
+        raise argparse.ArgumentTypeError(f"must be at most {len(IMAGE_TYPES)} (one question "
+                                         f"per type), got {value}")
+    return value
+
+
+def _extra_colors(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    if any(c not in EXTRA_COLORS for c in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(EXTRA_COLORS)}, "
+                                         f"comma-separated, got {text!r}")
+    return names
+
+
 def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `fusion-data toy`."""
     n = int_at_least(0)
@@ -915,6 +1057,15 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"video VQA (direction) training questions (default {d['n_video_vqa_train']})")
     parser.add_argument("--n-video-vqa-test", type=n, default=d["n_video_vqa_test"], metavar="N",
                         help=f"video VQA (direction) test questions (default {d['n_video_vqa_test']})")
+    parser.add_argument("--vqa-turns", type=_turns, default=d["vqa_turns"], metavar="N",
+                        help="questions per vqa_image_train record, 1-5: the balanced question, "
+                             "then up to N-1 more about the same picture, one per other type "
+                             "with a right answer there, stored as the record's `turns` (test "
+                             f"sets keep one question per record; default {d['vqa_turns']})")
+    parser.add_argument("--extra-colors", type=_extra_colors, default=d["extra_colors"], metavar="C,C",
+                        help=f"colours ({', '.join(EXTRA_COLORS)}) that distractor objects in the "
+                             "training splits may also wear, named in captions, never asked about: "
+                             "every shape is seen in more colours (default: none)")
     parser.add_argument("--samples-per-shard", type=int_at_least(1), default=d["samples_per_shard"],
                         metavar="N", help=f"samples per tar shard (default {d['samples_per_shard']})")
     parser.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",
@@ -930,7 +1081,9 @@ def run_toy(args: argparse.Namespace) -> int:
             n_image=args.n_image, n_video=args.n_video, n_vqa_train=args.n_vqa_train,
             n_vqa_test=args.n_vqa_test, n_vqa_compositional=getattr(args, "n_vqa_compositional", None),
             n_video_vqa_train=args.n_video_vqa_train, n_video_vqa_test=args.n_video_vqa_test,
-            samples_per_shard=args.samples_per_shard, workers=getattr(args, "workers", 1))
+            samples_per_shard=args.samples_per_shard, workers=getattr(args, "workers", 1),
+            vqa_turns=getattr(args, "vqa_turns", DEFAULTS["vqa_turns"]),
+            extra_colors=getattr(args, "extra_colors", DEFAULTS["extra_colors"]))
     except (ValueError, OSError) as exn:
 
         raise CliError(str(exn)) from exn

@@ -23,7 +23,8 @@ pytest.importorskip("av")
 
 SIZE = 32
 FLAGS = dict(n_text=120, n_image=30, n_video=9, n_vqa_train=60, n_vqa_test=20,
-             n_vqa_compositional=25, n_video_vqa_train=8, n_video_vqa_test=4, samples_per_shard=16)
+             n_vqa_compositional=25, n_video_vqa_train=8, n_video_vqa_test=4, samples_per_shard=16,
+             vqa_turns=5)
 SPLIT_COUNTS = {"text": "n_text", "image": "n_image", "video": "n_video",
                 "vqa_image_train": "n_vqa_train", "vqa_image_test": "n_vqa_test",
                 "vqa_image_compositional": "n_vqa_compositional",
@@ -96,6 +97,7 @@ def color_id(name: str) -> int:
 
 def test_layout_counts_and_index(toy_dir, samples):
     manifest = json.loads((toy_dir / "toy.json").read_text())
+    assert manifest["vqa_turns"] == FLAGS["vqa_turns"]
     for split, arg in SPLIT_COUNTS.items():
         n = FLAGS[arg]
         index = read_index(toy_dir / split)
@@ -147,7 +149,7 @@ def test_cli_flags_and_summary(tmp_path, capsys):
     flags = {o for a in parser._actions for o in a.option_strings}
     assert {"--output", "--seed", "--image-size", "--n-text", "--n-image", "--n-video",
             "--n-vqa-train", "--n-vqa-test", "--n-video-vqa-train", "--n-video-vqa-test",
-            "--samples-per-shard"} <= flags
+            "--samples-per-shard", "--vqa-turns", "--extra-colors"} <= flags
     args = parser.parse_args(["--output", str(tmp_path / "t"), "--n-text", "3", "--n-image", "2",
                               "--n-video", "0", "--n-vqa-train", "5", "--n-vqa-test", "5",
                               "--n-video-vqa-train", "1", "--n-video-vqa-test", "0",
@@ -158,7 +160,8 @@ def test_cli_flags_and_summary(tmp_path, capsys):
     assert read_index(tmp_path / "t" / "vqa_image_train")["n_samples"] == 5
     assert not (tmp_path / "t" / "video").exists()            # zero samples: no directory
     for bad in (["--image-size", "48"], ["--image-size", "33"], ["--image-size", "16"],
-                ["--n-text", "-1"]):
+                ["--n-text", "-1"], ["--vqa-turns", "0"], ["--vqa-turns", "6"],
+                ["--extra-colors", "red"], ["--extra-colors", "white,white"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["--output", "x", *bad])
     with pytest.raises(ValueError, match="decord"):
@@ -281,13 +284,14 @@ def test_every_question_has_one_right_answer(samples):
     for split in ("vqa_image_train", "vqa_image_test", "vqa_image_compositional"):
         for s in samples[split]:
             meta = s["meta"]
-            qtype, ref = parse_question(meta["question"])
-            assert qtype == meta["type"]
-            assert meta["choices"] == CHOICES[qtype] and meta["answer"] in meta["choices"]
             _check_scene(meta["scene"], SIZE)
-            assert derive_answer(qtype, ref, meta["scene"], SIZE) == meta["answer"], meta
-            if qtype == "exists" and meta["answer"] == "no":
-                assert (ref["color"], ref["shape"]) not in {(o["color"], o["shape"]) for o in meta["scene"]}
+            for turn in meta.get("turns", [meta]):
+                qtype, ref = parse_question(turn["question"])
+                assert qtype == turn["type"]
+                assert turn["choices"] == CHOICES[qtype] and turn["answer"] in turn["choices"]
+                assert derive_answer(qtype, ref, meta["scene"], SIZE) == turn["answer"], meta
+                if qtype == "exists" and turn["answer"] == "no":
+                    assert (ref["color"], ref["shape"]) not in {(o["color"], o["shape"]) for o in meta["scene"]}
             n_checked += 1
     for split in ("vqa_video_train", "vqa_video_test"):
         for s in samples[split]:
@@ -307,6 +311,31 @@ def test_every_question_has_one_right_answer(samples):
             assert derived == meta["answer"]
             n_checked += 1
     assert n_checked == sum(FLAGS[a] for s, a in SPLIT_COUNTS.items() if s.startswith("vqa"))
+
+
+def test_training_pictures_come_with_a_conversation(samples):
+    """vqa_image_train records hold `turns`: the balanced question first (repeated at the top level
+    for readers of one question), then other types, each type at most once, no turn naming a
+    colour-shape pair an earlier turn already spelled out; test sets keep one question per record."""
+    lengths = Counter()
+    for s in samples["vqa_image_train"]:
+        meta = s["meta"]
+        turns = meta["turns"]
+        assert turns[0] == {k: meta[k] for k in ("question", "answer", "choices", "type")}
+        types = [t["type"] for t in turns]
+        assert len(set(types)) == len(types) <= FLAGS["vqa_turns"]
+        named = set()
+        for turn in turns:
+            qtype, ref = parse_question(turn["question"])
+            pair = (ref.get("color", turn["answer"] if qtype == "color" else None),
+                    ref.get("shape", turn["answer"] if qtype == "shape" else None))
+            if None not in pair:
+                assert pair not in named, turns
+                named.add(pair)
+        lengths[len(turns)] += 1
+    assert sum(k * n for k, n in lengths.items()) >= 3 * len(samples["vqa_image_train"])
+    for split in ("vqa_image_test", "vqa_image_compositional", "vqa_video_train", "vqa_video_test"):
+        assert not any("turns" in s["meta"] for s in samples[split])
 
 
 def test_text_qa_lines_use_the_templates(samples):
@@ -340,10 +369,10 @@ def test_word_tokenizer_covers_every_text_and_answers_are_one_token(toy_dir, sam
         for s in rows:
             meta = s.get("meta") or {}
             texts = [s["txt"].decode()] if "txt" in s else []
-            if "question" in meta:
-                texts += [vqa_prompt(meta["question"])]
-                texts += [vqa_answer(c) for c in meta.get("choices", [meta["answer"]])]
-                assert len(tok.encode(vqa_answer(meta["answer"]))) == 1, meta
+            for turn in meta.get("turns", [meta] if "question" in meta else []):
+                texts += [vqa_prompt(turn["question"])]
+                texts += [vqa_answer(c) for c in turn.get("choices", [turn["answer"]])]
+                assert len(tok.encode(vqa_answer(turn["answer"]))) == 1, meta
             for text in texts:
                 ids = tok.encode(text)
                 assert ids and unk not in ids, (split, text)
@@ -392,7 +421,7 @@ def test_held_out_pairs_never_in_training_and_always_in_compositional(toy_dir, s
         for s in samples[split]:
             texts = [s["txt"].decode()] if "txt" in s else []
             if s["meta"] and "question" in s["meta"]:
-                texts.append(s["meta"]["question"])
+                texts += [t["question"] for t in s["meta"].get("turns", [s["meta"]])]
             for pair in held:
                 assert not any(_mentions(t, pair) for t in texts), (split, s["__key__"], pair)
             if s["meta"]:
@@ -490,6 +519,37 @@ def test_video_captions_name_the_event(samples):
                 "appear": "appears", "change": f" {meta['event'].get('color')}."}[kind]
         assert word in caption, caption
     assert set(kinds) == {"move", "appear", "change"}
+
+
+def test_extra_colours_only_on_training_distractors(tmp_path):
+    """--extra-colors: distractors in training scenes and captions may wear them; no question,
+    answer or test scene does, every question keeps its one right answer, and pixels show them."""
+    toy.generate_toy(tmp_path, seed=0, image_size=SIZE, n_text=60, n_image=40, n_video=0,
+                     n_vqa_train=60, n_vqa_test=30, n_vqa_compositional=30, n_video_vqa_train=0,
+                     n_video_vqa_test=0, vqa_turns=3, extra_colors=("white", "cyan"))
+    manifest = json.loads((tmp_path / "toy.json").read_text())
+    assert manifest["extra_colors"] == {"white": [235, 235, 235], "cyan": [40, 210, 210]}
+    worn = Counter()
+    for split in ("text", "image", "vqa_image_train", "vqa_image_test", "vqa_image_compositional"):
+        for s in iter_samples(list_shards(str(tmp_path / split))):
+            meta = json.loads(s["json"])
+            extra = [o for o in meta.get("scene", []) if o["color"] in ("white", "cyan")]
+            worn[split] += len(extra)
+            for turn in meta.get("turns", [meta] if "question" in meta else []):
+                assert not re.search(r"white|cyan", turn["question"] + turn["answer"])
+                qtype, ref = parse_question(turn["question"])
+                if qtype != "direction":
+                    assert derive_answer(qtype, ref, meta["scene"], SIZE) == turn["answer"]
+            if "png" in s:
+                img = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+                for o in extra:
+                    assert tuple(img[int(o["y"]), int(o["x"])]) == toy.EXTRA_COLORS[o["color"]]
+            if "txt" in s and extra:
+                assert f"{extra[0]['color']} {extra[0]['shape']}" in s["txt"].decode()
+    assert worn["image"] and worn["vqa_image_train"] and worn["text"]
+    assert worn["vqa_image_test"] == worn["vqa_image_compositional"] == 0
+    with pytest.raises(ValueError, match="extra colors"):
+        toy.generate_toy(tmp_path / "x", extra_colors=("red",), n_text=1)
 
 
 def test_larger_image_size(tmp_path):
