@@ -23,6 +23,9 @@ bool masks, the readable reference; "flex" describes the same masks to FlexAtten
 masked are skipped. With `Kernels.compile_flex` (fusion/model/kernels.py; CUDA by default)
 flex_attention is compiled into a fused kernel; otherwise it runs PyTorch's unfused reference
 (correct, slow: for tests). `Decoder.compile_blocks` is `train.compile`.
+
+Weights are drawn once, where they are built, by the rule of fusion/model/init.py: a block draws its
+attention and dense FFN, an MoE layer its own weights, the decoder its embeddings and output head.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 
 from fusion.config import ModelConfig, dense_baseline_ffn_dim, moe_layer_ids
 from fusion.model.ffn import FeedForward
+from fusion.model.init import init_attention, init_feed_forward, init_linear, init_matrix
 from fusion.model.moe import MoE, run_checkpointed
 
 
@@ -232,12 +236,17 @@ class Block(nn.Module):
         self.chunked = self.use_rope and cfg.attn_chunk > 0
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, self.use_rope)
+        init_attention(self.attn, cfg.init_std, cfg.n_layers)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std) if is_moe and not cfg.dense_baseline else None
-        # dense layers have their own width (Llama 4: intermediate_size_mlp, twice an expert's);
-        # model.dense_baseline puts a SwiGLU of the MoE layer's active width in its place
-        width = dense_baseline_ffn_dim(cfg.moe) if is_moe else cfg.ffn_dim
-        self.ffn = None if self.moe is not None else FeedForward(cfg.dim, width)
+        self.moe = None
+        self.ffn = None
+        if is_moe and not cfg.dense_baseline:
+            self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std, cfg.n_layers)  # draws its own weights
+        else:
+            # dense layers have their own width (Llama 4: intermediate_size_mlp, twice an expert's);
+            # model.dense_baseline puts a SwiGLU of the MoE layer's active width in its place
+            self.ffn = FeedForward(cfg.dim, dense_baseline_ffn_dim(cfg.moe) if is_moe else cfg.ffn_dim)
+            init_feed_forward(self.ffn, cfg.init_std, cfg.n_layers)
 
     def forward(self, x, cos, sin, mask, valid, token_modality, q_scale=None):
         """`mask` is the layer's own: chunked on chunked RoPE layers, full causal elsewhere."""
@@ -264,18 +273,11 @@ class Decoder(nn.Module):
         self.checkpoint_every = 0  # train.activation_checkpointing: recompute layers 0, k, 2k, ... in backward
         self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.rope_factor,
                              cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_ctx)
-        self.reset_parameters()
+        init_matrix(self.tok_embeddings.weight, cfg.init_std)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2 or ".moe." in name and ".experts." in name:
-                continue  # norms keep 1.0; experts initialise themselves
-            # residual-stream outputs shrink with depth (GPT-2): keeps the sum's variance bounded
-            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
-            nn.init.normal_(p, 0.0, std * scale)
+        else:
+            init_linear(self.output, cfg.init_std)
 
     def compile_blocks(self, **options) -> None:
         """`train.compile`: torch.compile each block in place (one graph, reused by every layer of

@@ -20,13 +20,14 @@ embeddings go differs:
   samples, a caption before its image) are left unchanged by the block, as Llama 3.2 Vision masks
   whole text rows.
 
+Weights follow the decoder's rule (fusion/model/init.py): each block draws its attention and FFN
+once when it is built; norms start at 1, gates at 0.
+
 Shapes: B batch, T tokens of the full row, Tt tokens the decoder reads, Nm media tokens of a row
 (padded to the longest), D dim, V vocab, Hq / Hkv heads, Dh head dim.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from torch import nn
 from fusion.config import ModelConfig
 from fusion.model.decoder import RMSNorm
 from fusion.model.ffn import FeedForward
+from fusion.model.init import init_attention, init_feed_forward
 
 
 def xattn_layer_ids(n_layers: int, every: int) -> list[int]:
@@ -75,8 +77,10 @@ class GatedCrossAttentionBlock(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.media_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = CrossAttention(cfg)
+        init_attention(self.attn, cfg.init_std, cfg.n_layers)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        init_feed_forward(self.ffn, cfg.init_std, cfg.n_layers)
         # shape (1,), not (): DeepSpeed's flat buffers want at least one dimension
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ffn_gate = nn.Parameter(torch.zeros(1))
@@ -120,12 +124,6 @@ class LateFusion(nn.Module):
         super().__init__()
         self.layer_ids = xattn_layer_ids(cfg.n_layers, cfg.xattn_every)
         self.blocks = nn.ModuleList(GatedCrossAttentionBlock(cfg) for _ in self.layer_ids)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norms keep 1, gates 0
-            # the decoder's rule: residual-stream outputs shrink with depth
-            scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
-            nn.init.normal_(p, 0.0, cfg.init_std * scale)
 
     def forward(self, model, input_ids, positions=None, doc_ids=None, images=None, videos=None):
         """The late-fusion forward of FusionModel `model`.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import MoEConfig
+from fusion.model.init import init_matrix
 from fusion.model.kernels import Kernels, default_kernels
 
 
@@ -74,21 +75,26 @@ class Experts(nn.Module):
     """E SwiGLU experts with stacked weights, run over tokens already sorted by expert.
 
     `counts` (E,) gives how many consecutive rows of `x_sorted` belong to each expert.
-    Expert e computes (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e].
+    Expert e computes (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]. The weights are drawn by
+    `reset_parameters`, which the MoE layer calls.
     """
 
     kernels: Kernels | None = None  # set by FusionModel.use_kernels; None: default_kernels of the device
 
-    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
+    def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         E, H = cfg.n_experts, cfg.moe_ffn_dim
         self.w1 = nn.Parameter(torch.empty(E, dim, H))  # gate
         self.w3 = nn.Parameter(torch.empty(E, dim, H))  # up
         self.w2 = nn.Parameter(torch.empty(E, H, dim))  # down
-        for p in (self.w1, self.w2, self.w3):
-            nn.init.normal_(p, std=init_std)
+        for p in (self.w1, self.w3, self.w2):
             p.expert = True  # kept out of the DeepSpeed engine (fusion/parallel.py)
         self.impl = "auto"  # forward_grouped's kernel: "auto" | "grouped_mm" | "bmm"
+
+    def reset_parameters(self, init_std: float) -> None:
+        """Every expert's w1, w3 and w2: N(0, init_std) (fusion/model/init.py)."""
+        for p in (self.w1, self.w3, self.w2):
+            init_matrix(p, init_std)
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]

@@ -2,8 +2,9 @@
 
 Owns `MoE`: token-choice routing (fusion/model/moe/router.py), dropless dispatch of the valid
 tokens to their experts (fusion/model/moe/experts.py), the always-on shared expert, the Switch
-auxiliary loss, the router z-loss, per-modality load counts kept in a module buffer, and the
-DeepSeek-V3 aux-loss-free bias update. Also activation checkpointing (`run_checkpointed`), which
+auxiliary loss, the router z-loss, per-modality load counts kept in a module buffer, the
+DeepSeek-V3 aux-loss-free bias update, and the layer's weights (`MoE.reset_parameters`, by the
+rule of fusion/model/init.py). Also activation checkpointing (`run_checkpointed`), which
 recomputes a block's forward during backward; the recompute is marked so that load counts are
 taken once (torchtitan #1593).
 
@@ -36,6 +37,7 @@ from torch import nn
 from fusion.config import MoEConfig
 from fusion.schema import MODALITIES
 from fusion.model.ffn import FeedForward
+from fusion.model.init import init_feed_forward, init_linear
 from fusion.model.moe import fast
 from fusion.model.moe.experts import Experts
 from fusion.model.moe.router import Router
@@ -159,30 +161,39 @@ class MoE(nn.Module):
     The `load` buffer counts routed assignments per (modality, expert) in training mode, once
     per real forward: the recompute of activation checkpointing is not counted. The compute path
     is `cfg.path` when the layer is built; changing `cfg.path` later changes nothing.
+
+    The layer draws its own weights when it is built (`reset_parameters`); `n_layers` is the depth
+    of the decoder it sits in (None: a layer on its own), which scales the shared expert's `w2`.
     """
 
     # the shared expert's side stream on path "fast" (fusion/model/moe/streams.py), set by
     # FusionModel.use_kernels; None: no overlap
     streams = None
 
-    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02):
+    def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02, n_layers: int | None = None):
         super().__init__()
         if cfg.path not in PATHS:
             raise ValueError(f"config key 'model.moe.path': {cfg.path!r} is not one of {', '.join(PATHS)}")
         self.cfg = cfg
         self.path = PATHS[cfg.path]  # the compute path, fixed for the life of the layer
         self.router = Router(dim, cfg)
-        self.experts = Experts(dim, cfg, init_std)
+        self.experts = Experts(dim, cfg)
         self.shared = FeedForward(dim, cfg.n_shared * cfg.moe_ffn_dim) if cfg.n_shared > 0 else None
-        nn.init.normal_(self.router.gate.weight, std=init_std)
-        if self.shared is not None:
-            for lin in (self.shared.w1, self.shared.w2, self.shared.w3):
-                nn.init.normal_(lin.weight, std=init_std)
+        self.reset_parameters(init_std, n_layers)
         # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
         self.register_buffer("load", torch.zeros(len(MODALITIES), cfg.n_experts, dtype=torch.float64),
                              persistent=False)
         self.dispatcher = None  # set by fusion/parallel.py under expert parallelism
         self.recomputing = False  # set while activation checkpointing re-runs this layer
+
+    def reset_parameters(self, init_std: float, n_layers: int | None = None) -> None:
+        """Draw every weight of the layer by the model's rule (fusion/model/init.py): the router's
+        gate and the routed experts N(0, init_std); the shared expert as a feed-forward block, whose
+        w2 writes into the residual stream."""
+        init_linear(self.router.gate, init_std)
+        self.experts.reset_parameters(init_std)
+        if self.shared is not None:
+            init_feed_forward(self.shared, init_std, n_layers)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
                 modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
