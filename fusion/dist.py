@@ -6,7 +6,7 @@ tensors and none for CPU ("No backend type associated with device type cpu"), gl
 takes CPU tensors. Code that makes a statistics tensor with `torch.zeros(n)` passes on CPU and
 crashes at the first step on a GPU. Here the *communication device* is decided once, when the
 process group comes up (`setup`): the compute device under NCCL, CPU under gloo, `meta` in a dry
-run (fusion/dryrun.py). Collectives refuse a tensor on any other device with a message naming it,
+run (fusion/dryrun/). Collectives refuse a tensor on any other device with a message naming it,
 and `zeros` / `tensor` make tensors where collectives want them.
 
 Host reads. Reading a device value on the host (`.item()`, `.tolist()`, `float(t)`) waits for the

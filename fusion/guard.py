@@ -36,7 +36,7 @@ class NonFiniteGuard:
     the weights, the AdamW moments and AdamW's own step count stay as they were.
 
     Streams. A gradient may be produced on another stream than the training's (the shared expert's
-    side stream, fusion/model/streams.py): its squared norm is computed where the gradient was
+    side stream, fusion/model/moe/streams.py): its squared norm is computed where the gradient was
     produced, then the guard's stream (the current one when the guard was made) waits for that
     stream and the norm is recorded on it before it is added, so the running sum lives on one
     stream only. Give the model's `streams` object for that; without one (CPU) the sum is plain.

@@ -35,7 +35,7 @@ decoder, so this is an upper bound of a late-fusion model's cost on media-heavy 
 Memory per GPU, for ZeRO stages 0-3 on `world` ranks with experts sharded over `ep_size` of them
 (bytes per parameter: bf16 2 weights + 2 grads + 12 fp32 Adam (master, m, v); fp32 4 + 4 + 8):
 stage 1 splits optimizer states over the data-parallel ranks, 2 also gradients, 3 also weights.
-Routed experts are trained beside DeepSpeed, outside ZeRO (fusion/parallel.py): a rank holds the
+Routed experts are trained beside DeepSpeed, outside ZeRO (fusion/parallel/): a rank holds the
 weights, gradients and optimizer state of its n_experts / ep_size local experts at every stage.
 Activations
 are an estimate of what autograd keeps per micro-batch (see `activation_bytes`), with and without

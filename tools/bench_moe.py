@@ -10,7 +10,7 @@ Shapes:
 Subjects, each fwd + bwd of one layer on the same input and output gradient (the router z-loss
 included for the MoE layers):
     dense     the reference: FeedForward(dim, (top_k + n_shared) * width), same active matmul FLOPs
-    fast      MoE, model.moe.path=fast (fusion/model/grouped.py); on CUDA the shared expert overlaps
+    fast      MoE, model.moe.path=fast (fusion/model/moe/fast.py); on CUDA the shared expert overlaps
     fast-seq  the same without the shared-expert stream overlap (CUDA only, where there is a shared expert)
     grouped   MoE, model.moe.path=grouped (sort + _grouped_mm, host syncs)
     loop      MoE, model.moe.path=loop (the per-expert reference loop)

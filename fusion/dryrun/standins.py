@@ -42,7 +42,7 @@ def gpu_precision(cfg: Config) -> torch.dtype:
 
 
 class CheckedStreams:
-    """The streams interface of fusion/model/streams.py for tensors that live nowhere: streams are
+    """The streams interface of fusion/model/moe/streams.py for tensors that live nowhere: streams are
     the names "main" and "side".
 
     CUDA's rule for a tensor made on one stream and read on another: the reading stream waits for

@@ -1,4 +1,4 @@
-"""The GPU dry run (fusion/dryrun.py): the real training step of shipped configs on meta tensors
+"""The GPU dry run (fusion/dryrun/): the real training step of shipped configs on meta tensors
 with a process group that has no CPU backend, at world size 2 with expert parallelism 2, bf16,
 the fast MoE path, and FlexAttention forward on fake CUDA tensors.
 

@@ -359,7 +359,7 @@ def test_take_load_resets_and_eval_does_not_count():
 
 
 def test_only_routed_expert_params_are_tagged_expert():
-    """`expert` is what keeps a parameter out of the DeepSpeed engine (fusion/parallel.py)."""
+    """`expert` is what keeps a parameter out of the DeepSpeed engine (fusion/parallel/)."""
     moe = make_moe(n_shared=1)
     tagged = {n for n, p in moe.named_parameters() if getattr(p, "expert", False)}
     assert tagged == {"experts.w1", "experts.w2", "experts.w3"}

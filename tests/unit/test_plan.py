@@ -87,7 +87,7 @@ def test_memory_by_zero_stage_world_and_ep():
         assert one[stage]["weights"] == 2 * n and one[stage]["optimizer"] == 12 * n
     eight = memory_per_gpu(m, V, world=8, ep_size=1, micro_batch=2, seq_len=128, precision="bf16")
     assert eight[0]["total"] == one[0]["total"]
-    # ZeRO splits what DeepSpeed holds; routed experts are trained outside it (fusion/parallel.py),
+    # ZeRO splits what DeepSpeed holds; routed experts are trained outside it (fusion/parallel/),
     # so every rank keeps all of its local experts' weights, grads and Adam states at every stage
     experts = count_parameters(m, V)["routed_experts"]
     rest = n - experts

@@ -7,7 +7,7 @@ checks for `torch._grouped_mm` (`grouped_mm_fits`, `use_grouped_mm`, `grouped_mm
 and `_DenseGrad`, which the fast path (fusion/model/moe/fast.py) uses too.
 
 The stacked weights carry `expert = True`: that keeps them out of the DeepSpeed engine;
-fusion/parallel.py shards, reduces, steps and checkpoints them (dim 0 is the expert axis).
+fusion/parallel/ shards, reduces, steps and checkpoints them (dim 0 is the expert axis).
 
 Shape legend:
     D model dim, E experts, H expert hidden width, M routed rows (token, expert pairs) sorted by
@@ -88,7 +88,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, dim, H))  # up
         self.w2 = nn.Parameter(torch.empty(E, H, dim))  # down
         for p in (self.w1, self.w3, self.w2):
-            p.expert = True  # kept out of the DeepSpeed engine (fusion/parallel.py)
+            p.expert = True  # kept out of the DeepSpeed engine (fusion/parallel/)
         self.impl = "auto"  # forward_grouped's kernel: "auto" | "grouped_mm" | "bmm"
 
     def reset_parameters(self, init_std: float) -> None:

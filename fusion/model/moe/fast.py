@@ -35,7 +35,7 @@ What it changes against the readable path (`sorted_forward`, fusion/model/moe/la
   path's (padding excluded), computed with masks instead of indexing.
 
 Under expert parallelism (a dispatcher installed) the pairs are sorted by expert with padding
-pairs last and handed to the dispatcher (fusion/parallel.py), whose all-to-all needs the row
+pairs last and handed to the dispatcher (fusion/parallel/), whose all-to-all needs the row
 counts on the host: that one read per layer is the only host sync of the layer. The experts held
 on this rank run through the aligned buffer (`run_sorted`), and the rows come back to their
 (token, k) slots by one `index_copy`.

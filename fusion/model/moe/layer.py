@@ -15,7 +15,7 @@ The compute path (`model.moe.path`) is chosen once, when the layer is built (`PA
 - fast: fusion/model/moe/fast.py, no host sync, aligned groups, the shared expert on a side stream.
 
 Single-device code: the layer makes no torch.distributed calls. Under expert parallelism
-(`model.moe.ep_size` > 1) fusion/parallel.py slices `Experts` to this rank's experts and installs
+(`model.moe.ep_size` > 1) fusion/parallel/ slices `Experts` to this rank's experts and installs
 `MoE.dispatcher`, which carries the routed rows to their experts' ranks and back (running
 `MoE.run_experts` there). Counts are all-reduced by the trainer, which then calls
 `MoE.update_bias`.
@@ -183,7 +183,7 @@ class MoE(nn.Module):
         # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
         self.register_buffer("load", torch.zeros(len(MODALITIES), cfg.n_experts, dtype=torch.float64),
                              persistent=False)
-        self.dispatcher = None  # set by fusion/parallel.py under expert parallelism
+        self.dispatcher = None  # set by fusion/parallel/ under expert parallelism
         self.recomputing = False  # set while activation checkpointing re-runs this layer
 
     def reset_parameters(self, init_std: float, n_layers: int | None = None) -> None:
