@@ -183,7 +183,7 @@ def loader_rate(overrides: list[str], n_batches: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n_batches):
         next(batches)
-    return n_batches / (time.perf_counter() - t0)
+    return n_batches / (time.perf_counter() - t0)  # `batches` goes, and its DataLoader workers with it
 
 
 def plan_memory_gib(overrides: list[str]) -> float:
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     results: dict = {}
 
     def figures(loader_bps: float | None) -> list[dict]:
-        """The ratios of the runs so far (and of the loader, once measured)."""
+        """The ratios of the runs so far (and of the loader, when measured)."""
         moe, out_figs = results["moe"], []
 
         def fig(what, value, target=None, met=None):
@@ -506,6 +506,10 @@ def main(argv=None) -> int:
         moe = results["moe"]
         return moe["tokens_per_s"] / moe["tokens_per_step"] * base_cfg.train.grad_accum
 
+    # the loader first: every partial result below then has all its figures
+    print("loader alone ...", flush=True)
+    loader_bps = loader_rate(common, args.loader_batches or (10 if args.tiny else 60))
+    print(f"  {loader_bps:,.1f} batches/s", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in runs:
         print(f"run {name} ({steps} steps) ...", flush=True)
@@ -523,13 +527,12 @@ def main(argv=None) -> int:
         # what is measured so far, should a time limit stop a later run
         out.write_text(
             json.dumps(
-                {**rep, "partial": True, "runs": list(results.values()), "figures": figures(None)}, indent=1
+                {**rep, "partial": True, "runs": list(results.values()), "figures": figures(loader_bps)},
+                indent=1,
             )
             + "\n"
         )
 
-    print("loader alone ...", flush=True)
-    loader_bps = loader_rate(common, args.loader_batches or (10 if args.tiny else 60))
     rep.update(
         runs=list(results.values()),
         loader={"batches_per_s": loader_bps, "step_batches_per_s": step_batches_per_s()},
