@@ -17,6 +17,7 @@ from fusion.config import Config
 from fusion.faults import Faults
 from fusion.guard import NonFiniteGuard
 from fusion.metrics import StepStats
+from fusion.model.moe import is_expert
 
 
 @dataclass
@@ -115,7 +116,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: f
         if not p.requires_grad:
             continue
         vision = name.startswith("vision.")
-        if getattr(p, "expert", False):
+        if is_expert(p):
             key, wd = "experts", weight_decay
         elif p.dim() < 2 or "pos" in name.split(".")[-1]:
             key, wd = "no_decay", 0.0

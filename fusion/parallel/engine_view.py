@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusion.model.moe import is_expert
+
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the routed-expert parameters (those marked `expert`): trained outside DeepSpeed."""
-    return [n for n, p in model.named_parameters() if getattr(p, "expert", False)]
+    """Names of the routed-expert parameters (`is_expert`): trained outside DeepSpeed."""
+    return [n for n, p in model.named_parameters() if is_expert(p)]
 
 
 class EngineView(nn.Module):

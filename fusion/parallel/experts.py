@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fusion import dist
+from fusion.model.moe import mark_expert
 from fusion.parallel.accumulation import add_into_fp32, fp32_grads
 from fusion.parallel.dispatch import ExpertDispatcher
 from fusion.parallel.engine_view import EngineView, expert_parameter_names, restore_buffer_dtypes
@@ -93,7 +94,7 @@ class ExpertParallel:
             owner, attr = self._owner(name)
             full = getattr(owner, attr)
             local = nn.Parameter(full.detach()[lo:hi].clone())  # (El, ...)
-            local.expert = True
+            mark_expert(local)
             setattr(owner, attr, local)
         for moe in self.model.moe_layers:
             moe.dispatcher = ExpertDispatcher(self.ep_group, self.ep_size, self.n_experts)

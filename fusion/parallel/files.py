@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fusion import dist
+from fusion.model.moe import mark_expert
 
 EXPERT_FILE = "experts-{rank:05d}-of-{size:05d}.safetensors"
 _EXPERT_FILE_RE = re.compile(r"experts-(\d{5})-of-(\d{5})\.safetensors")
@@ -148,6 +149,6 @@ def copy_unsharded(ep) -> nn.Module:
     for name in ep.names:
         path, _, attr = name.rpartition(".")
         full = nn.Parameter(sd[name].clone())
-        full.expert = True
+        mark_expert(full)
         setattr(clone.get_submodule(path), attr, full)
     return clone

@@ -6,8 +6,9 @@ loop (`forward_loop`, the test oracle of every other path) and the grouped path
 checks for `torch._grouped_mm` (`grouped_mm_fits`, `use_grouped_mm`, `grouped_mm_supported`)
 and `_DenseGrad`, which the fast path (fusion/model/moe/fast.py) uses too.
 
-The stacked weights carry `expert = True`: that keeps them out of the DeepSpeed engine;
-fusion/parallel/ shards, reduces, steps and checkpoints them (dim 0 is the expert axis).
+The stacked weights are marked as routed-expert weights (`mark_expert`, read by `is_expert`): that
+keeps them out of the DeepSpeed engine; fusion/parallel/ shards, reduces, steps and checkpoints
+them (dim 0 is the expert axis).
 
 Shape legend:
     D model dim, E experts, H expert hidden width, M routed rows (token, expert pairs) sorted by
@@ -23,6 +24,19 @@ from torch import nn
 from fusion.config import MoEConfig
 from fusion.model.init import init_matrix
 from fusion.model.kernels import Kernels, default_kernels
+
+
+def mark_expert(p: nn.Parameter) -> nn.Parameter:
+    """Mark `p` as a routed-expert weight (an `expert` attribute set to True on the parameter):
+    kept out of the DeepSpeed engine, sharded, reduced, stepped and checkpointed by fusion/parallel/.
+    Returns `p`. A parameter that replaces a marked one (a shard, a gathered copy) is marked again."""
+    setattr(p, "expert", True)  # nn.Parameter declares no such attribute: set by name
+    return p
+
+
+def is_expert(p: torch.Tensor) -> bool:
+    """Whether `p` is a routed-expert weight (`mark_expert`)."""
+    return bool(getattr(p, "expert", False))
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -88,7 +102,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, dim, H))  # up
         self.w2 = nn.Parameter(torch.empty(E, H, dim))  # down
         for p in (self.w1, self.w3, self.w2):
-            p.expert = True  # kept out of the DeepSpeed engine (fusion/parallel/)
+            mark_expert(p)  # kept out of the DeepSpeed engine (fusion/parallel/)
         self.impl = "auto"  # forward_grouped's kernel: "auto" | "grouped_mm" | "bmm"
 
     def reset_parameters(self, init_std: float) -> None:
