@@ -1,12 +1,40 @@
-"""What every console script shares."""
+"""What every console script shares: one-line errors, argument helpers, pipe safety."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 SIGPIPE_EXIT = 141  # what a tool killed by SIGPIPE returns (128 + 13), as `cat` does
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type=`: an integer >= `low`, with a one-line message otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def default_workers() -> int:
+    """The default of a --workers flag: the CPUs this process may use, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
 
 def pipe_safe(run: Callable[[], int]) -> int:

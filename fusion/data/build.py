@@ -70,6 +70,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from fusion.cli import CliError, default_workers, int_at_least, pipe_safe
 from fusion.data.images import (
     DEFAULT_MAX_PIXELS,
     ENCODINGS,
@@ -88,14 +89,16 @@ from fusion.data.shards import (
     ShardWriter,
     check_sample,
     collect_stats,
+    foreign_shards,
     guess_modality,
     is_shard_complete,
     iter_samples,
     read_index,
     read_shard_stats,
     sanitize_key,
-    shards_in_dir,
     shard_name,
+    shard_origin,
+    shards_in_dir,
     stats_name,
     vqa_type,
     write_index,
@@ -114,10 +117,6 @@ PROG = "fusion-data"
 INPUT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
 
 SampleFn = Callable[[str, dict, dict], dict]
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
 
 
 class InputError(CliError):
@@ -157,27 +156,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def default_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Build, verify and summarise WebDataset shards "
                      "(one modality per directory; README.md, \"Preparing data\", gives the format).")
@@ -189,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fusion.cli import pipe_safe
-
     return pipe_safe(lambda: _main(argv))  # `fusion-data stats D | head`: no traceback
 
 
@@ -649,40 +625,7 @@ def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
     return 0
 
 
-# ---------------------------------------------------------------- whose shards are in a directory
-
-_BUILT_SHARD = re.compile(r"\d{6}\.tar")   # the names ShardWriter gives
-
-
-def foreign_shards(directory: Path, is_ours: Callable[[dict], bool]) -> list[tuple[str, dict | None]]:
-    """(name, stats or None) of the `*.tar` shards in `directory` that `is_ours(stats)` does not
-    claim, in natural order.
-
-    A shard without a stats file is ours when it has a NNNNNN.tar name and the directory holds
-    a shard that is ours: ShardWriter deletes a shard's stats before rewriting it, so an
-    interrupted rewrite leaves exactly that. Otherwise it is foreign (img2dataset, `tarfile`).
-    """
-    if not directory.is_dir():
-        return []
-    shards = [(os.path.basename(p), read_shard_stats(p)) for p in shards_in_dir(directory)]
-    any_ours = any(stats is not None and is_ours(stats) for _, stats in shards)
-    return [(name, stats) for name, stats in shards
-            if (stats is None and not (any_ours and _BUILT_SHARD.fullmatch(name)))
-            or (stats is not None and not is_ours(stats))]
-
-
-def shard_origin(stats: dict | None) -> str:
-    """Who wrote a shard, in words, from its stats file (for error messages)."""
-    if stats is None:
-        return "no stats file: written by another tool or interrupted"
-    if stats.get("input"):
-        return f"{stats.get('modality', 'shards')} built from {stats['input']}"
-    if stats.get("source") == "toy":
-        return "written by fusion-data toy"
-    if "input_sha256" in stats:
-        return "built by an older fusion-data that did not record its input"
-    return "written by another tool"
-
+# ---------------------------------------------------------------- --overwrite
 
 def _remove_shard(directory: Path, name: str) -> None:
     """Delete a shard's stats file, then the tar: never a stats file that vouches for no tar."""

@@ -46,7 +46,7 @@ import tarfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import braceexpand
 
@@ -991,3 +991,38 @@ def collect_stats(directory: str | os.PathLike) -> dict:
         "seconds": round(total["seconds"], 3),
         "index_n_samples": index.get("n_samples") if index else None,
     }
+
+
+# ---------------------------------------------------------------- whose shards are in a directory
+
+_BUILT_SHARD = re.compile(r"\d{6}\.tar")   # the names ShardWriter gives
+
+
+def foreign_shards(directory: Path, is_ours: Callable[[dict], bool]) -> list[tuple[str, dict | None]]:
+    """(name, stats or None) of the `*.tar` shards in `directory` that `is_ours(stats)` does not
+    claim, in natural order.
+
+    A shard without a stats file is ours when it has a NNNNNN.tar name and the directory holds
+    a shard that is ours: ShardWriter deletes a shard's stats before rewriting it, so an
+    interrupted rewrite leaves exactly that. Otherwise it is foreign (img2dataset, `tarfile`).
+    """
+    if not directory.is_dir():
+        return []
+    shards = [(os.path.basename(p), read_shard_stats(p)) for p in shards_in_dir(directory)]
+    any_ours = any(stats is not None and is_ours(stats) for _, stats in shards)
+    return [(name, stats) for name, stats in shards
+            if (stats is None and not (any_ours and _BUILT_SHARD.fullmatch(name)))
+            or (stats is not None and not is_ours(stats))]
+
+
+def shard_origin(stats: dict | None) -> str:
+    """Who wrote a shard, in words, from its stats file (for error messages)."""
+    if stats is None:
+        return "no stats file: written by another tool or interrupted"
+    if stats.get("input"):
+        return f"{stats.get('modality', 'shards')} built from {stats['input']}"
+    if stats.get("source") == "toy":
+        return "written by fusion-data toy"
+    if "input_sha256" in stats:
+        return "built by an older fusion-data that did not record its input"
+    return "written by another tool"

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from fusion.data.build import CliError, int_at_least
+from fusion.cli import CliError, int_at_least
 from fusion.data.shards import (
     IMAGE_EXTS,
     VIDEO_EXTS,

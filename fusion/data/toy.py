@@ -76,8 +76,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fusion.data.build import CliError, default_workers, foreign_shards, int_at_least, shard_origin
-from fusion.data.shards import ShardWriter, shard_name, write_index
+from fusion.cli import CliError, default_workers, int_at_least
+from fusion.data.shards import ShardWriter, foreign_shards, shard_name, shard_origin, write_index
 from fusion.data.tokenizer_train import (
     UNKNOWN_WORD,
     WORD_PATTERN,
