@@ -135,7 +135,8 @@ def image_shards(tmp_path_factory) -> Path:
 
     from PIL import Image
 
-    from fusion.data.shards import ShardWriter, write_index
+    from fusion.data.shards import write_index
+    from fusion.data.tar import ShardWriter
 
     out = tmp_path_factory.mktemp("image") / "shards"
     rng = random.Random(1)
@@ -157,7 +158,8 @@ def image_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def video_shards(tmp_path_factory) -> Path:
     """16 captioned 8-frame 32x32 clips (a square moving left or right) in 2 shards."""
-    from fusion.data.shards import ShardWriter, write_index
+    from fusion.data.shards import write_index
+    from fusion.data.tar import ShardWriter
 
     out = tmp_path_factory.mktemp("video") / "shards"
     colors = list(RGB)

@@ -330,7 +330,8 @@ def _noisy(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 
 
 def _photo_inputs(root: Path, n_images: int, n_videos: int, image_size: int, video_size: int) -> None:
-    from fusion.data.shards import ShardWriter, write_index
+    from fusion.data.shards import write_index
+    from fusion.data.tar import ShardWriter
     from fusion.data.toy import video_meta
     from fusion.data.video import encode_frames, encoded_size
 

@@ -82,17 +82,13 @@ from fusion.data.images import (
 )
 from fusion.data.shards import (
     INDEX_NAME,
-    MODALITIES,
+    SHARD_KINDS,
     VIDEO_FAILURES,
     ErrorCounter,
     SampleError,
-    ShardWriter,
-    check_sample,
     collect_stats,
     foreign_shards,
-    guess_modality,
     is_shard_complete,
-    iter_samples,
     read_index,
     read_shard_stats,
     sanitize_key,
@@ -103,6 +99,8 @@ from fusion.data.shards import (
     vqa_type,
     write_index,
 )
+from fusion.data.tar import ShardWriter, iter_samples
+from fusion.data.verify import guess_modality, verify_shard
 from fusion.data.video import (
     VideoDecodeError,
     backend_available,
@@ -1185,39 +1183,6 @@ def run_tokenizer_command(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- verify
 
-@dataclass
-class ShardReport:
-    name: str
-    n_samples: int
-    keys: list[str]
-    problems: list[tuple[str, str]]   # (key or '', reason)
-    unreadable: dict[str, int]        # reason -> n: the shard could not be read to its end
-    message: str                      # first read error, for the report
-
-
-def verify_shard(path: str, modality: str, max_pixels: int | None = None) -> ShardReport:
-    """Read one shard completely and check every sample against `modality`'s contract (images
-    decoded, videos decoded to their last frame: see `check_sample`)."""
-    counter = ErrorCounter(max_examples=1)
-    keys, problems = [], []
-    for sample in iter_samples([path], counter):
-        key = sample["__key__"]
-        keys.append(key)
-        for reason in check_sample(sample, modality, max_pixels):
-            problems.append((key, reason))
-    read_errors = dict(counter.counts)
-    stats = read_shard_stats(path)
-    if stats is not None:
-        if "successes" in stats and stats["successes"] != len(keys):
-            problems.append(("", f"stats_mismatch: {stats['successes']} samples in stats, "
-                                 f"{len(keys)} in the tar"))
-        if "bytes" in stats and stats["bytes"] != os.path.getsize(path):
-            problems.append(("", f"stats_mismatch: {stats['bytes']} bytes in stats, "
-                                 f"{os.path.getsize(path)} on disk"))
-    message = next((m[0] for m in counter.examples.values() if m), "")
-    return ShardReport(os.path.basename(path), len(keys), keys, problems, read_errors, message)
-
-
 def _verify_modality(directory: Path, paths: list[str], given: str | None) -> str:
     if given:
         return given
@@ -1225,7 +1190,7 @@ def _verify_modality(directory: Path, paths: list[str], given: str | None) -> st
         index = read_index(directory)
     except ValueError:
         index = None  # rewritten below
-    if index and index.get("modality") in MODALITIES:
+    if index and index.get("modality") in SHARD_KINDS:
         return index["modality"]
     for path in paths:
         for sample in iter_samples([path], ErrorCounter()):
@@ -1238,7 +1203,7 @@ def _verify_modality(directory: Path, paths: list[str], given: str | None) -> st
 
 def _configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="dataset directory of *.tar shards")
-    p.add_argument("--modality", choices=MODALITIES, default=None,
+    p.add_argument("--modality", choices=SHARD_KINDS, default=None,
                    help="modality to check against (default: from index.json, else guessed "
                         "from the members of the first sample)")
     p.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fusion.schema import MODALITIES
 from fusion.data.sequence import Packer, collate
-from fusion.data.shards import ErrorCounter, iter_samples, list_shards, read_shard_stats
+from fusion.data.shards import ErrorCounter, list_shards, read_shard_stats
+from fusion.data.tar import iter_samples
 
 
 class NoDataError(RuntimeError):

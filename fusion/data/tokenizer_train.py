@@ -40,16 +40,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from fusion.cli import CliError, int_at_least
-from fusion.data.shards import (
-    IMAGE_EXTS,
-    VIDEO_EXTS,
-    ErrorCounter,
-    SampleError,
-    decode_json,
-    decode_text,
-    iter_samples,
-    shards_in_dir,
-)
+from fusion.data.shards import IMAGE_EXTS, VIDEO_EXTS, ErrorCounter, SampleError, shards_in_dir
+from fusion.data.tar import decode_json, decode_text, iter_samples
 from fusion.data.tokenizer import HFTokenizer
 from fusion.schema import SPECIAL_TOKENS
 

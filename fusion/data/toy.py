@@ -77,7 +77,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fusion.cli import CliError, default_workers, int_at_least
-from fusion.data.shards import ShardWriter, foreign_shards, shard_name, shard_origin, write_index
+from fusion.data.shards import foreign_shards, shard_name, shard_origin, write_index
+from fusion.data.tar import ShardWriter
 from fusion.data.tokenizer_train import (
     UNKNOWN_WORD,
     WORD_PATTERN,

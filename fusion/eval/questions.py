@@ -52,7 +52,8 @@ def make_sample_maker(model, n_frames: int, counter=None):
 def make_question(raw: dict, maker) -> Question | None:
     """A raw VQA shard sample -> Question, or None (the reason goes to `maker.counter`)."""
     from fusion.data.samples import IMAGE_EXTS
-    from fusion.data.shards import SampleError, decode_json, vqa_type
+    from fusion.data.shards import SampleError, vqa_type
+    from fusion.data.tar import decode_json
 
     def skip(reason):
         if maker.counter is not None:
@@ -93,7 +94,7 @@ def make_question(raw: dict, maker) -> Question | None:
 
 def iter_questions(vqa_dir: str | Path, maker) -> Iterator[Question]:
     """Usable questions of a VQA set, in shard order; the others are counted in `maker.counter`."""
-    from fusion.data.shards import iter_samples
+    from fusion.data.tar import iter_samples
 
     for raw in iter_samples(set_shards(vqa_dir), maker.counter):
         q = make_question(raw, maker)

@@ -14,7 +14,8 @@ from PIL import Image
 from fusion.config import load_config
 from fusion.data.build import main as fusion_data
 from fusion.data.samples import SampleMaker
-from fusion.data.shards import ErrorCounter, ShardWriter, iter_samples, list_shards
+from fusion.data.shards import ErrorCounter, list_shards
+from fusion.data.tar import ShardWriter, iter_samples
 from fusion.data.tokenizer import ByteTokenizer
 from tests.conftest import encode_mp4, square_frame
 from tests.unit.test_build_media import FITS, PDF, failures, members_by_key, png_bomb, write_jsonl

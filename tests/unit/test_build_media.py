@@ -16,7 +16,8 @@ from PIL import Image
 
 from fusion.data.build import COMMANDS, main
 from fusion.data.images import open_image, read_image, resize, to_tensor
-from fusion.data.shards import SampleError, ShardWriter, list_shards, read_index
+from fusion.data.shards import SampleError, list_shards, read_index
+from fusion.data.tar import ShardWriter
 from fusion.data.video import DECORD_BAD_WIDTHS, encoded_size
 
 try:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from fusion.data.build import COMMANDS, build_parser, main
-from fusion.data.shards import ErrorCounter, ShardWriter, iter_samples, list_shards, read_index
+from fusion.data.shards import ErrorCounter, list_shards, read_index
+from fusion.data.tar import ShardWriter, iter_samples
 
 SCRIPT = Path(sys.executable).parent / "fusion-data"
 

@@ -16,7 +16,8 @@ from fusion.checkpoint import export_model
 from fusion.config import load_config
 from fusion.data.samples import vqa_answer, vqa_prompt
 from fusion.data.sequence import build_sample
-from fusion.data.shards import ShardWriter, write_index
+from fusion.data.shards import write_index
+from fusion.data.tar import ShardWriter
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import cli, questions, vqa
 from fusion.model.fusion import build_model

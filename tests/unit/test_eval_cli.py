@@ -16,7 +16,8 @@ import torch
 from fusion.checkpoint import export_model, verify_checkpoint, write_manifest
 from fusion.config import load_config
 from fusion.data.samples import SampleMaker
-from fusion.data.shards import ErrorCounter, ShardWriter, iter_samples
+from fusion.data.shards import ErrorCounter
+from fusion.data.tar import ShardWriter, iter_samples
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import cli, questions, runs, vqa
 from fusion.model.fusion import build_model

@@ -148,7 +148,8 @@ def test_a_stream_of_only_unusable_samples_fails_loudly(video_shards, monkeypatc
 
 
 def test_bad_samples_are_counted_not_fatal(tmp_path):
-    from fusion.data.shards import ShardWriter, write_index
+    from fusion.data.shards import write_index
+    from fusion.data.tar import ShardWriter
 
     out = tmp_path / "bad"
     with ShardWriter(out, 0) as w:

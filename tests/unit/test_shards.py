@@ -14,15 +14,9 @@ import pytest
 from fusion.data.shards import (
     ErrorCounter,
     SampleError,
-    ShardWriter,
-    check_sample,
     collect_stats,
-    decode_text,
-    guess_modality,
     is_shard_complete,
     is_valid_key,
-    iter_samples,
-    iter_texts,
     list_shards,
     read_index,
     sanitize_key,
@@ -30,6 +24,8 @@ from fusion.data.shards import (
     split_member_name,
     write_index,
 )
+from fusion.data.tar import ShardWriter, decode_text, iter_samples, iter_texts
+from fusion.data.verify import check_sample, guess_modality
 
 
 def write_text_shard(directory, index, docs, failures=()):
@@ -337,6 +333,18 @@ def test_write_index_and_collect_stats(tmp_path):
     with pytest.raises(ValueError):
         write_index(tmp_path, "audio")
 
+
+def test_write_index_needs_a_count_or_a_stats_file(tmp_path):
+    write_text_shard(tmp_path, 0, [("a", "x")])
+    with tarfile.open(tmp_path / "other.tar", "w") as tar:   # another tool's shard: no stats file
+        info = tarfile.TarInfo("b.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"y"))
+    with pytest.raises(ValueError, match="other.tar: no count given"):
+        write_index(tmp_path, "text")
+    assert not (tmp_path / "index.json").exists()
+    index = write_index(tmp_path, "text", counts={"other.tar": 1})
+    assert [(e["name"], e["n_samples"]) for e in index["shards"]] == [("000000.tar", 1), ("other.tar", 1)]
 
 def test_collect_stats_reads_img2dataset_counts(tmp_path):
     write_text_shard(tmp_path, 0, [("a", "x")])

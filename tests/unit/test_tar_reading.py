@@ -8,7 +8,8 @@ import tarfile
 
 import pytest
 
-from fusion.data.shards import ErrorCounter, ShardWriter, iter_samples
+from fusion.data.shards import ErrorCounter
+from fusion.data.tar import ShardWriter, iter_samples
 
 
 def members_by_tarfile(path) -> list[tuple[str, str, bytes]]:
@@ -147,7 +148,7 @@ class Trickle:
 
 
 def test_short_reads_are_not_taken_for_the_end(tmp_path):
-    from fusion.data.shards import _tar_members
+    from fusion.data.tar import _tar_members
 
     path = tmp_path / "a.tar"
     write_tar(path, SAMPLES)

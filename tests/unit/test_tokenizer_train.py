@@ -14,7 +14,8 @@ import pytest
 from fusion.data import tokenizer_train as tt
 from fusion.data.build import main as fusion_data
 from fusion.data.samples import vqa_answer, vqa_prompt
-from fusion.data.shards import ShardWriter, write_index
+from fusion.data.shards import write_index
+from fusion.data.tar import ShardWriter
 from fusion.data.tokenizer import build_tokenizer
 from fusion.schema import SPECIAL_TOKENS
 

@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from fusion.data import toy
-from fusion.data.shards import check_sample, iter_samples, list_shards, read_index, read_shard_stats
+from fusion.data.shards import list_shards, read_index, read_shard_stats
+from fusion.data.tar import iter_samples
+from fusion.data.verify import check_sample
 
 pytest.importorskip("av")
 
@@ -180,7 +182,7 @@ def test_rerun_with_fewer_samples_drops_surplus_shards(tmp_path):
 
 def test_shards_the_toy_generator_did_not_write_are_refused(tmp_path, capsys):
     from fusion.data.build import main as fusion_data
-    from fusion.data.shards import ShardWriter
+    from fusion.data.tar import ShardWriter
 
     small = dict(n_text=4, n_image=0, n_video=0, n_vqa_train=0, n_vqa_test=0,
                  n_video_vqa_train=0, n_video_vqa_test=0, samples_per_shard=2)
