@@ -11,7 +11,7 @@ as index.json names it.
 Images are opened as the builders and the loader open them (`fusion.data.images.open_image`), so
 a picture fails here for the reason it would fail anywhere; videos are decoded by
 `fusion.data.video.probe`. The command itself (directory, workers, report, index.json) is
-`fusion.data.build`.
+`fusion.data.build.report`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusion.data.build import COMMANDS, main
+from fusion.data.build.cli import COMMANDS, main
 from fusion.data.images import open_image, read_image, resize, to_tensor
 from fusion.data.shards import SampleError, list_shards, read_index
 from fusion.data.tar import ShardWriter
@@ -530,9 +530,9 @@ def test_vqa_conversations_in_a_turns_column(image_dir, tmp_path, capsys):
 
 
 def test_vqa_needs_pyav_only_for_its_first_video(image_dir, tmp_path, capsys, monkeypatch):
-    import fusion.data.build as build_module
+    import fusion.data.build.cli as build_cli
 
-    monkeypatch.setattr(build_module, "backend_available", lambda backend: False)
+    monkeypatch.setattr(build_cli, "backend_available", lambda backend: False)
     qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"]}
     src = write_jsonl(image_dir / "novideo.jsonl", [{"image": "sub/good.jpg", **qa}])
     assert build("vqa", src, tmp_path / "images", "--workers", "1") == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.data.build import COMMANDS, build_parser, main
+from fusion.data.build.cli import COMMANDS, build_parser, main
 from fusion.data.shards import ErrorCounter, list_shards, read_index
 from fusion.data.tar import ShardWriter, iter_samples
 
