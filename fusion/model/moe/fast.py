@@ -242,7 +242,8 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
 
     # the shared expert sees every token (padding included, as in the readable path); with a
     # streams object it runs on the side stream, beside the router and the routed experts
-    shared_out, main = None, None
+    shared_out: torch.Tensor | None = None
+    main: object = None  # the main stream, when the shared expert runs on the side stream
     if overlaps_shared(moe):
         shared_out, main = shared_on_side(moe, xf)  # (N, D) on the side stream
     elif moe.shared is not None:
@@ -267,9 +268,9 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
             out = torch.where(pair_keep[:, None], out, 0)
     y = out.view(N, K, D).sum(1) if K > 1 else out  # (N, D)
 
-    if main is not None:
-        shared_out = shared_to_main(moe, shared_out, main)
     if shared_out is not None:
+        if main is not None:  # computed on the side stream: hand it back to the main one first
+            shared_out = shared_to_main(moe, shared_out, main)
         y = y + shared_out
     y = y.reshape(B, T, D).to(x.dtype)  # (B, T, D)
 

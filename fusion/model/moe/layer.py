@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ from fusion.model.init import init_feed_forward, init_linear
 from fusion.model.moe import fast
 from fusion.model.moe.experts import Experts
 from fusion.model.moe.router import Router
+from fusion.model.moe.streams import Streams
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +152,16 @@ PATHS = {
 # ---------------------------------------------------------------------------------------------
 
 
+class Dispatcher(Protocol):
+    """What expert parallelism installs as `MoE.dispatcher` (fusion/parallel/dispatch.py). Takes
+    rows (M, D) sorted by global expert id, the rows of each expert (E,) (rows past their sum are
+    padding and not sent) and the layer's `run_experts`, which runs on the rows this rank's experts
+    receive -> the outputs of the counted rows (sum(counts), D), in the same order."""
+
+    def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor,
+                 run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+
+
 class MoE(nn.Module):
     """Routed experts plus optional always-on shared experts (Llama 4: one shared, top-1 routed).
 
@@ -168,7 +180,8 @@ class MoE(nn.Module):
 
     # the shared expert's side stream on path "fast" (fusion/model/moe/streams.py), set by
     # FusionModel.use_kernels; None: no overlap
-    streams = None
+    streams: Streams | None = None
+    load: torch.Tensor  # (3, E) float64 buffer, registered in __init__
 
     def __init__(self, dim: int, cfg: MoEConfig, init_std: float = 0.02, n_layers: int | None = None):
         super().__init__()
@@ -183,7 +196,7 @@ class MoE(nn.Module):
         # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
         self.register_buffer("load", torch.zeros(len(MODALITIES), cfg.n_experts, dtype=torch.float64),
                              persistent=False)
-        self.dispatcher = None  # set by fusion/parallel/ under expert parallelism
+        self.dispatcher: Dispatcher | None = None  # set by fusion/parallel/ under expert parallelism
         self.recomputing = False  # set while activation checkpointing re-runs this layer
 
     def reset_parameters(self, init_std: float, n_layers: int | None = None) -> None:

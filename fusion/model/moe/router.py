@@ -33,6 +33,8 @@ class Router(nn.Module):
     scores used for *choosing* only; the gate value never sees it.
     """
 
+    expert_bias: torch.Tensor  # (E,) fp32 buffer, registered in __init__
+
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
