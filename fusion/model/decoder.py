@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,14 @@ from torch import nn
 from fusion.config import ModelConfig, dense_baseline_ffn_dim, moe_layer_ids
 from fusion.model.ffn import FeedForward
 from fusion.model.init import init_attention, init_feed_forward, init_linear, init_matrix
+from fusion.model.kernels import Kernels
 from fusion.model.moe import MoE, run_checkpointed
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    # a layer's attention mask: dense (B, 1, T, T) bool, a FlexAttention BlockMask, or None (causal)
+    Mask = torch.Tensor | BlockMask | None
 
 
 def uses_rope(layer_id: int, nope_every: int) -> bool:
@@ -91,6 +100,8 @@ def rope_frequencies(head_dim: int, theta: float, factor: float = 1.0, low_freq_
 
 class Rotary(nn.Module):
     """RoPE on interleaved pairs (x0, x1), (x2, x3), ... as in Llama 4's complex formulation."""
+
+    inv_freq: torch.Tensor  # (Dh/2,) fp32 buffer, registered in __init__
 
     def __init__(self, head_dim: int, theta: float, factor: float = 1.0, low_freq_factor: float = 1.0,
                  high_freq_factor: float = 4.0, original_ctx: int = 8192):
@@ -152,7 +163,7 @@ def chunked_block_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tenso
     return _block_mask(mask_mod, positions, compiled)
 
 
-def _compile_flex(kernels, like: torch.Tensor) -> bool:
+def _compile_flex(kernels: Kernels | None, like: torch.Tensor) -> bool:
     """The kernel choice (fusion/model/kernels.py) `compile_flex`; without one, compiled on CUDA."""
     return kernels.compile_flex if kernels is not None else like.is_cuda
 
@@ -166,7 +177,7 @@ def _block_mask(mask_mod, like: torch.Tensor, compiled: bool | None = None):
     return create_block_mask(mask_mod, B, None, T, T, device=like.device, _compile=compiled)
 
 
-_FLEX = {}
+_FLEX: dict[str, Callable[..., Any]] = {}  # "compiled": flex_attention under torch.compile, built once
 
 
 def flex_attention(q, k, v, block_mask, enable_gqa: bool, compiled: bool | None = None):
@@ -191,7 +202,7 @@ def attention_temperature(positions: torch.Tensor, floor_scale: int, attn_scale:
 
 
 class Attention(nn.Module):
-    kernels = None  # fusion.model.kernels.Kernels, set by FusionModel.use_kernels; None: by device
+    kernels: Kernels | None = None  # set by FusionModel.use_kernels; None: by device
 
     def __init__(self, cfg: ModelConfig, use_rope: bool = True):
         super().__init__()
@@ -238,8 +249,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg, self.use_rope)
         init_attention(self.attn, cfg.init_std, cfg.n_layers)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.moe = None
-        self.ffn = None
+        # exactly one of the two: an MoE layer, or a dense feed-forward block
+        self.moe: MoE | None = None
+        self.ffn: FeedForward | None = None
         if is_moe and not cfg.dense_baseline:
             self.moe = MoE(cfg.dim, cfg.moe, cfg.init_std, cfg.n_layers)  # draws its own weights
         else:
@@ -253,6 +265,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, q_scale)
         h = self.ffn_norm(x)
         if self.moe is None:
+            assert self.ffn is not None  # a block without an MoE layer has a dense one
             zero = x.new_zeros((), dtype=torch.float32)
             return x + self.ffn(h), zero, zero
         y, aux, z = self.moe(h, valid=valid, modality=token_modality)
@@ -260,7 +273,7 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    kernels = None  # fusion.model.kernels.Kernels, set by FusionModel.use_kernels; None: by device
+    kernels: Kernels | None = None  # set by FusionModel.use_kernels; None: by device
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -289,9 +302,11 @@ class Decoder(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoE]:
-        return [b.moe for b in self.layers if b.moe is not None]
+        """The MoE layers of the blocks, in layer order."""
+        return [b.moe for b in self.layers if isinstance(b, Block) and b.moe is not None]
 
-    def attention_inputs(self, positions, doc_ids):
+    def attention_inputs(self, positions: torch.Tensor, doc_ids: torch.Tensor | None
+                         ) -> tuple[Mask, Mask, torch.Tensor | None]:
         """What the layers share: (full mask, chunked mask, NoPE query scale); None where unused.
         Masks are dense bool tensors (attn_impl "sdpa") or FlexAttention BlockMasks ("flex")."""
         cfg = self.cfg
@@ -309,7 +324,11 @@ class Decoder(nn.Module):
             q_scale = attention_temperature(positions, cfg.floor_scale, cfg.attn_scale)
         return full, chunk, q_scale
 
-    def forward(self, h, positions=None, doc_ids=None, valid=None, token_modality=None, cross=None):
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                token_modality: torch.Tensor | None = None,
+                cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, T, D) embeddings -> (logits (B, T, V), aux_loss, z_loss) means over MoE layers.
         `cross(i, h) -> h` runs before layer i (late fusion's cross-attention, fusion/model/late.py)."""
         B, T, _ = h.shape

@@ -21,9 +21,22 @@ Shape legend: a matrix of nn.Linear is (out, in); D model dim, E experts, H expe
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
+
+from fusion.model.ffn import FeedForward
+
+
+class Projections(Protocol):
+    """An attention block's projections: the decoder's `Attention` (fusion/model/decoder.py) and
+    late fusion's `CrossAttention` (fusion/model/late.py)."""
+
+    wq: nn.Linear
+    wk: nn.Linear
+    wv: nn.Linear
+    wo: nn.Linear
 
 
 def residual_std(init_std: float, n_layers: int | None) -> float:
@@ -47,14 +60,14 @@ def init_linear(layer: nn.Linear, init_std: float, n_layers: int | None = None,
         nn.init.zeros_(layer.bias)
 
 
-def init_attention(attn: nn.Module, init_std: float, n_layers: int | None) -> None:
+def init_attention(attn: Projections, init_std: float, n_layers: int | None) -> None:
     """Self- or cross-attention: wq, wk, wv N(0, init_std); wo writes into the residual stream."""
     for layer in (attn.wq, attn.wk, attn.wv):
         init_linear(layer, init_std)
     init_linear(attn.wo, init_std, n_layers, residual=True)
 
 
-def init_feed_forward(ffn: nn.Module, init_std: float, n_layers: int | None) -> None:
+def init_feed_forward(ffn: FeedForward, init_std: float, n_layers: int | None) -> None:
     """A SwiGLU block (fusion/model/ffn.py): w1, w3 N(0, init_std); w2 writes into the residual
     stream."""
     init_linear(ffn.w1, init_std)
