@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion.config import VisionConfig
 from fusion.schema import tokens_per_image
 
 PATCH_LINEAR = "patch-linear"
@@ -134,6 +136,23 @@ def create_timm_vit(name: str, img_size: int, patch_size: int) -> nn.Module:
     return model
 
 
+class TimmPatchEmbed(Protocol):
+    """What `TimmViT` reads of a timm patch embedding."""
+
+    grid_size: tuple[int, int]  # (rows, columns) of the patch grid
+
+
+class TimmViT(Protocol):
+    """What `TimmEncoder` reads of a timm ViT, which timm types as a plain nn.Module
+    (`create_timm_vit` checks `patch_embed.grid_size` and `num_prefix_tokens`)."""
+
+    patch_embed: TimmPatchEmbed
+    num_features: int  # width C of the patch tokens
+    num_prefix_tokens: int  # CLS / register tokens before the patch tokens
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class TimmEncoder(nn.Module):
     """A timm ViT that returns patch tokens only (CLS / register prefix tokens dropped).
 
@@ -146,20 +165,25 @@ class TimmEncoder(nn.Module):
                  freeze: bool = False):
         super().__init__()
         self.model = create_timm_vit(name, img_size, patch_size)
-        gh, gw = self.model.patch_embed.grid_size
+        gh, gw = self.vit.patch_embed.grid_size
         self.name = name
         self.img_size = img_size
         self.patch_size = patch_size
         self.grid = gh
         self.n_patches = gh * gw
-        self.width = self.model.num_features
-        self.num_prefix_tokens = self.model.num_prefix_tokens
+        self.width = self.vit.num_features
+        self.num_prefix_tokens = self.vit.num_prefix_tokens
         if checkpoint:
             load_encoder_weights(self.model, checkpoint)
         self.frozen = freeze
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+
+    @property
+    def vit(self) -> TimmViT:
+        """`model`, typed as what is read of it."""
+        return cast(TimmViT, self.model)
 
     def train(self, mode: bool = True) -> TimmEncoder:
         super().train(mode)
@@ -170,7 +194,7 @@ class TimmEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # a frozen encoder keeps no activations for backward: nothing upstream of it trains
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            x = self.model.forward_features(images)  # (N, prefix + P, C)
+            x = self.vit.forward_features(images)  # (N, prefix + P, C)
         if x.ndim != 3 or x.shape[1] != self.num_prefix_tokens + self.n_patches:
             raise ValueError(f"timm model {self.name!r} forward_features gave {tuple(x.shape)}; "
                              f"expected (N, {self.num_prefix_tokens} + {self.n_patches}, C)")
@@ -188,6 +212,7 @@ def load_encoder_weights(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"vision checkpoint {path} does not exist")
+    state: Any  # whatever the file holds, until checked to be a flat dict of name -> tensor
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -295,7 +320,10 @@ class VisionTower(nn.Module):
     `projector.*`, and `frame_pos` (None when off).
     """
 
-    def __init__(self, cfg, dim: int, init_std: float = 0.02):
+    encoder: PatchLinear | ConvStem | TimmEncoder
+    frame_pos: nn.Parameter | None  # (G_max, D) learned frame-group positions, None when off
+
+    def __init__(self, cfg: VisionConfig, dim: int, init_std: float = 0.02):
         super().__init__()
         if cfg.encoder in (PATCH_LINEAR, CONV_STEM):
             if cfg.checkpoint:
@@ -344,7 +372,7 @@ class VisionTower(nn.Module):
         PyTorch's default init instead, shrinking layers left image embeddings an order of magnitude quieter
         than token embeddings, and a small decoder took hundreds of steps to start looking at them.
         A timm encoder keeps timm's own init (or its checkpoint)."""
-        layers = []
+        layers: list[nn.Conv2d | nn.Linear] = []
         if isinstance(self.encoder, ConvStem):
             layers += [m for m in self.encoder.convs if isinstance(m, nn.Conv2d)]
         elif isinstance(self.encoder, PatchLinear):
@@ -353,7 +381,8 @@ class VisionTower(nn.Module):
             gain = 1.0 if k == len(layers) - 1 else 2.0  # GELU follows all but the last
             fan_in = layer.weight[0].numel()
             nn.init.normal_(layer.weight, 0.0, math.sqrt(gain / fan_in))
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:  # always: both kinds are built with a bias
+                nn.init.zeros_(layer.bias)
         for layer in (self.projector.fc1, self.projector.fc2):
             nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / layer.in_features))
         proj = self.projector.proj
