@@ -3,16 +3,16 @@
 # under $OUT (default runs/gpu_bench). See docs/benchmarks.md, section "GPU".
 #
 #   ../shared/device/carry.sh --av            # once per checkout, on the CPU machine: wheels -> .whl/
-#   OUT=$OUT bash tools/gpu_bench.sh          # on the GPU machine, carrying .whl: every stage
+#   OUT=$OUT FUSION_BENCH_SHA=<sha> bash tools/gpu_bench.sh   # on the GPU machine, carrying .whl
 #   bash tools/gpu_bench.sh moe train         # some stages (setup and toy always run first)
 #   bash tools/gpu_bench.sh --rehearse        # anywhere, on CPU: every stage at tiny sizes
 #                                             # (or FUSION_BENCH_REHEARSE=1)
 #
 # Stages, in this order, each under its own time limit (seconds; the sum is the budget):
-#   setup  25  wheels from .whl/ into $WORK/site, a venv $WORK/py over $PYTHON's packages with the
+#   setup  30  wheels from .whl/ into $WORK/site, a venv $WORK/py over $PYTHON's packages with the
 #              fusion-* entry points, machine.json (GPU, versions, git sha)
 #   toy    30  `fusion-data toy` (the whole toy world, on the machine), `fusion-plan` of configs/small.yaml
-#   moe    55  tools/bench_moe.py: fast MoE layer vs dense SwiGLU of equal active FLOPs, coarse and
+#   moe    50  tools/bench_moe.py: fast MoE layer vs dense SwiGLU of equal active FLOPs, coarse and
 #              fine-grained, uniform and skewed routing, the bare grouped-matmul floor, loop, grouped
 #   train 120  tools/bench_train.py: configs/small.yaml steps, MoE vs model.dense_baseline=true vs
 #              text only: tokens/s, MFU, peak memory vs fusion-plan, loader vs step
@@ -29,7 +29,7 @@
 # FUSION_BENCH_BUDGET (seconds for all stages: 400, rehearsal 1500), FUSION_BENCH_WHEELS (1: install
 # .whl/*.whl; default 1, rehearsal 0), FUSION_BENCH_TRAIN_ARGS (overrides for every training run;
 # default "model.moe.path=fast model.attn_impl=flex", rehearsal "model.moe.path=fast": FlexAttention
-# has no backward on CPU).
+# has no backward on CPU), FUSION_BENCH_SHA (the commit, for machine.json where the tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -67,7 +67,7 @@ else
     BUDGET=${FUSION_BENCH_BUDGET:-400}
     WHEELS=${FUSION_BENCH_WHEELS:-1}
     TRAIN_ARGS=${FUSION_BENCH_TRAIN_ARGS-model.moe.path=fast model.attn_impl=flex}
-    declare -A LIMIT=([setup]=25 [toy]=30 [moe]=55 [train]=120 [vqa]=90 [tests]=80)
+    declare -A LIMIT=([setup]=30 [toy]=30 [moe]=50 [train]=120 [vqa]=90 [tests]=80)
     export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # DeepSpeed op builds reject '9.0a'
     export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}"
 fi
@@ -176,10 +176,18 @@ do_setup() {
     # A venv over $PYTHON's packages: fusion is not installed, yet tests run the fusion-* commands
     # from the interpreter's bin directory, so the entry points go there.
     rm -rf "$WORK/py"
-    "$PYTHON" -m venv --without-pip --system-site-packages "$WORK/py"
-    local site
-    site=$("$WORK/py/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    "$PYTHON" -c 'import site, sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' > "$site/_base.pth"
+    local dirs='import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))'
+    if "$PYTHON" -m venv --without-pip --system-site-packages "$WORK/py"; then
+        local site  # $PYTHON's own package directories too (when $PYTHON is itself a venv)
+        site=$("$WORK/py/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        "$PYTHON" -c "$dirs" > "$site/_base.pth"
+    else  # no venv module: a link to the interpreter, its package directories on PYTHONPATH
+        echo "no venv: $WORK/py/bin/python is a link to $PYTHON"
+        rm -rf "$WORK/py" && mkdir -p "$WORK/py/bin"
+        ln -s "$("$PYTHON" -c 'import sys; print(sys.executable)')" "$WORK/py/bin/python"
+        "$PYTHON" -c "$dirs" | paste -sd: > "$WORK/py/pythonpath"
+        export PYTHONPATH="$PYTHONPATH:$(cat "$WORK/py/pythonpath")"
+    fi
     for pair in fusion-data:fusion.data.build fusion-train:fusion.train fusion-eval:fusion.eval.vqa \
                 fusion-plan:fusion.plan fusion-convert:fusion.convert; do
         printf '#!%s\nimport sys\nif __name__ == "__main__":\n    from %s import main\n    sys.exit(main())\n' \
@@ -187,8 +195,8 @@ do_setup() {
         chmod +x "$WORK/py/bin/${pair%%:*}"
     done
     (nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv || true) 2>&1
-    "$PY" - > "$OUT/machine.json" <<'EOF'
-import datetime, json, os, platform, subprocess
+    "$PY" - "$OUT/machine.json" <<'EOF'
+import datetime, json, os, platform, subprocess, sys
 import torch
 info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -200,13 +208,21 @@ for name in ("deepspeed", "triton", "timm", "torchvision", "webdataset", "decord
         info[name] = __import__(name).__version__
     except Exception as e:  # reported; the stage that needs it fails with its own message
         info[name] = f"unavailable: {type(e).__name__}: {e}"
-info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        capture_output=True, text=True).stdout.strip())
-print(json.dumps(info, indent=1))
+def git(*args):
+    try:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+# a copy of the working tree without .git: the caller names the commit (FUSION_BENCH_SHA)
+info["git_sha"] = git("rev-parse", "HEAD") or os.environ.get("FUSION_BENCH_SHA") or None
+status = git("status", "--porcelain", "--untracked-files=no")
+info["git_dirty"] = None if status is None else bool(status)
+with open(sys.argv[1], "w") as f:  # a file, not stdout: imports may print there
+    f.write(json.dumps(info, indent=1) + "\n")
+import fusion.plan, fusion.train  # everything the stages need imports (else the stage fails here)
 EOF
     cat "$OUT/machine.json"
-    "$PY" -c 'import fusion.train, fusion.plan, deepspeed'  # everything imports
 }
 
 do_toy() {
@@ -237,6 +253,7 @@ export ROOT OUT WORK PYTHON PY TOY WHEELS REHEARSE
 echo "gpu_bench: stages setup toy ${STAGES[*]}; budget $BUDGET s; OUT=$OUT WORK=$WORK" \
      "$([ $REHEARSE = 1 ] && echo '(REHEARSAL: CPU, tiny sizes)')"
 stage setup bash -c do_setup
+[ -s "$WORK/py/pythonpath" ] && export PYTHONPATH="$PYTHONPATH:$(cat "$WORK/py/pythonpath")"
 if ! [ -x "$PY" ]; then
     echo "gpu_bench: setup made no interpreter at $PY; see $OUT/setup.txt"
     summary; cat "$OUT/summary.txt"; exit 1
