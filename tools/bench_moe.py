@@ -41,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion.config import MoEConfig  # noqa: E402
-from fusion.model.moe import fast as grouped  # noqa: E402
 from fusion.model.ffn import FeedForward  # noqa: E402
 from fusion.model.moe import MoE  # noqa: E402
+from fusion.model.moe import fast as grouped  # noqa: E402
 
 SHAPES = {
     "coarse": dict(tokens=16384, dim=2048, width=4096, n_experts=16, top_k=1, n_shared=1),
@@ -54,8 +54,9 @@ TINY = {
     "fine": dict(tokens=1024, dim=128, width=64, n_experts=64, top_k=4, n_shared=0),
 }
 TARGETS = {"coarse": 1.3, "fine": 1.8}  # fast / dense on an H100/H200 (docs/benchmarks.md)
-SKEW = 2.0  # skewed routing: router bias from 2 logit standard deviations (expert 0) down to 0 (the
-            # last); the hottest expert then gets about 3-4x the mean load
+# skewed routing: a router bias from 2 logit standard deviations (expert 0) down to 0 (the last);
+# the hottest expert then gets about 3-4x the mean load
+SKEW = 2.0
 
 
 def sync(device: torch.device) -> None:
@@ -79,7 +80,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
         a @ b
     reps = 10
     s = timed(lambda: [a @ b for _ in range(reps)], device)
-    return 2 * n ** 3 * reps / s / 1e12
+    return 2 * n**3 * reps / s / 1e12
 
 
 class Subject:
@@ -124,8 +125,17 @@ def build(shape: dict, routing: str, device, dtype, subjects: list[str]) -> tupl
     D, H, E, K, S, N = (shape[k] for k in ("dim", "width", "n_experts", "top_k", "n_shared", "tokens"))
     x = torch.randn(1, N, D, device=device, dtype=dtype)
     grad = torch.randn(1, N, D, device=device, dtype=dtype)
-    cfg = MoEConfig(n_experts=E, top_k=K, n_shared=S, moe_ffn_dim=H, score="sigmoid", gate_on="input",
-                    balance="bias", z_coef=1e-3, path="fast")
+    cfg = MoEConfig(
+        n_experts=E,
+        top_k=K,
+        n_shared=S,
+        moe_ffn_dim=H,
+        score="sigmoid",
+        gate_on="input",
+        balance="bias",
+        z_coef=1e-3,
+        path="fast",
+    )
     with device:  # parameters made and initialised on the device: seconds less per layer on a GPU
         base = MoE(D, cfg).to(dtype=dtype)
     if routing == "skewed":
@@ -173,14 +183,24 @@ def measure(subjects: list, device, warmup: int, repeats: int) -> dict[str, dict
             base = torch.cuda.memory_allocated(device)
             s.step()
             sync(device)
-            peaks[s.name] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30
-    return {name: {"ms": 1e3 * statistics.median(t), "runs_ms": [round(1e3 * v, 3) for v in t],
-                   "peak_step_gib": peaks.get(name)} for name, t in times.items()}
+            peaks[s.name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return {
+        name: {
+            "ms": 1e3 * statistics.median(t),
+            "runs_ms": [round(1e3 * v, 3) for v in t],
+            "peak_step_gib": peaks.get(name),
+        }
+        for name, t in times.items()
+    }
 
 
 def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-            "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "platform": platform.platform(),
+    }
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     else:
@@ -191,21 +211,27 @@ def machine(device: torch.device) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'shape':<8}{'routing':<9}{'max/mean':>9}  {'subject':<10}{'ms':>10}{'x dense':>9}"
-             f"{'x loop':>8}{'TFLOP/s':>9}{'peak GiB':>10}  target"]
+    lines = [
+        f"{'shape':<8}{'routing':<9}{'max/mean':>9}  {'subject':<10}{'ms':>10}{'x dense':>9}"
+        f"{'x loop':>8}{'TFLOP/s':>9}{'peak GiB':>10}  target"
+    ]
     lines.append("-" * len(lines[0]))
     for r in report["results"]:
         tgt = ""
         if r["subject"] == "fast" and r["target"] is not None:
             tgt = f"<= {r['target']}" + ("" if r["met"] else "  missed")
-        lines.append(f"{r['shape']:<8}{r['routing']:<9}{r['max_over_mean']:>9.2f}  {r['subject']:<10}"
-                     f"{r['ms']:>10.3f}{r['x_dense']:>9.2f}"
-                     + (f"{r['x_loop']:>8.2f}" if r.get("x_loop") is not None else f"{'':>8}")
-                     + f"{r['tflops']:>9.{1 if r['tflops'] >= 10 else 3}f}"
-                     + (f"{r['peak_step_gib']:>10.2f}" if r["peak_step_gib"] is not None else f"{'':>10}")
-                     + f"  {tgt}")
-    lines.append(f"\nin-run {report['matmul']['dtype']} {report['matmul']['n']}^3 matmul: "
-                 f"{report['matmul']['tflops']:.3g} TFLOP/s")
+        lines.append(
+            f"{r['shape']:<8}{r['routing']:<9}{r['max_over_mean']:>9.2f}  {r['subject']:<10}"
+            f"{r['ms']:>10.3f}{r['x_dense']:>9.2f}"
+            + (f"{r['x_loop']:>8.2f}" if r.get("x_loop") is not None else f"{'':>8}")
+            + f"{r['tflops']:>9.{1 if r['tflops'] >= 10 else 3}f}"
+            + (f"{r['peak_step_gib']:>10.2f}" if r["peak_step_gib"] is not None else f"{'':>10}")
+            + f"  {tgt}"
+        )
+    lines.append(
+        f"\nin-run {report['matmul']['dtype']} {report['matmul']['n']}^3 matmul: "
+        f"{report['matmul']['tflops']:.3g} TFLOP/s"
+    )
     return "\n".join(lines)
 
 
@@ -214,16 +240,22 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run), fp32 off CUDA")
     p.add_argument("--shapes", default="coarse,fine", help="comma-separated: coarse, fine (default both)")
     p.add_argument("--routing", default="uniform,skewed", help="comma-separated: uniform, skewed")
-    p.add_argument("--subjects", default="dense,fast,fast-seq,grouped,loop,floor",
-                   help="comma-separated subjects (default all; dense is always measured)")
+    p.add_argument(
+        "--subjects",
+        default="dense,fast,fast-seq,grouped,loop,floor",
+        help="comma-separated subjects (default all; dense is always measured)",
+    )
     p.add_argument("--tokens", type=int, default=0, help="tokens per layer call (default: the shape's)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10, help="timed runs of each subject (median kept)")
     p.add_argument("--out", default="runs/bench_moe/results.json", help="JSON results")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = TINY if args.tiny else SHAPES
     wanted = [s for s in args.shapes.split(",") if s]
@@ -244,13 +276,20 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone()
     mm_n = 8192 if device.type == "cuda" else 512
-    report = {"command": "python tools/bench_moe.py" + "".join(
-                  " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-              "date": started.isoformat(timespec="seconds"), "machine": machine(device),
-              "dtype": str(dtype).replace("torch.", ""), "statistic": f"median of {args.repeats}",
-              "matmul": {"n": mm_n, "dtype": str(dtype).replace("torch.", ""),
-                         "tflops": matmul_tflops(device, dtype, mm_n)},
-              "results": []}
+    report = {
+        "command": "python tools/bench_moe.py"
+        + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "statistic": f"median of {args.repeats}",
+        "matmul": {
+            "n": mm_n,
+            "dtype": str(dtype).replace("torch.", ""),
+            "tflops": matmul_tflops(device, dtype, mm_n),
+        },
+        "results": [],
+    }
     for shape_name in wanted:
         shape = dict(shapes[shape_name])
         if args.tokens:
@@ -265,13 +304,25 @@ def main(argv=None) -> int:
             dense, loop = res["dense"]["ms"], res.get("loop", {}).get("ms")
             for name, r in res.items():
                 fast = name == "fast"
-                report["results"].append({
-                    "shape": shape_name, "routing": routing, "subject": name, **shape,
-                    "max_over_mean": mom, "ms": r["ms"], "runs_ms": r["runs_ms"],
-                    "x_dense": r["ms"] / dense, "x_loop": r["ms"] / loop if loop else None,
-                    "tflops": flops / (r["ms"] / 1e3) / 1e12, "peak_step_gib": r["peak_step_gib"],
-                    "target": TARGETS[shape_name] if fast and device.type == "cuda" and not args.tiny else None,
-                    "met": (r["ms"] / dense <= TARGETS[shape_name]) if fast else None})
+                report["results"].append(
+                    {
+                        "shape": shape_name,
+                        "routing": routing,
+                        "subject": name,
+                        **shape,
+                        "max_over_mean": mom,
+                        "ms": r["ms"],
+                        "runs_ms": r["runs_ms"],
+                        "x_dense": r["ms"] / dense,
+                        "x_loop": r["ms"] / loop if loop else None,
+                        "tflops": flops / (r["ms"] / 1e3) / 1e12,
+                        "peak_step_gib": r["peak_step_gib"],
+                        "target": TARGETS[shape_name]
+                        if fast and device.type == "cuda" and not args.tiny
+                        else None,
+                        "met": (r["ms"] / dense <= TARGETS[shape_name]) if fast else None,
+                    }
+                )
             del built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
