@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from fusion.config import Config
     from fusion.model.fusion import FusionModel
+    from fusion.schema import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["build_model", "load_config", "load_model"]
@@ -32,17 +33,17 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     nonsense values raise `fusion.config.ConfigError` naming the key (docs/config.md lists them)."""
     from fusion.config import load_config as _load
 
-    return _load(path, list(overrides))
+    return _load(None if path is None else os.fspath(path), list(overrides))
 
 
-def build_model(config: Config, tokenizer: object | None = None) -> FusionModel:
+def build_model(config: Config, tokenizer: Tokenizer | None = None) -> FusionModel:
     """A model with fresh weights for `config` (seeded by torch's global RNG, e.g.
     `torch.manual_seed(config.train.seed)`), on the CPU in fp32, with `model.tokenizer` set: the
     given tokenizer, else the one `config.data.tokenizer` names (`byte` or a tokenizer.json)."""
     from fusion.data.tokenizer import build_tokenizer
     from fusion.model.fusion import build_model as _build
 
-    tok = tokenizer if tokenizer is not None else build_tokenizer(config.data.tokenizer)
+    tok: Tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.data.tokenizer)
     model = _build(config.model, tok)
     model.tokenizer = tok
     return model
@@ -55,4 +56,4 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     checkpoint's manifest); raises `fusion.checkpoint.CheckpointError` naming the file otherwise."""
     from fusion.checkpoint import load_model as _load
 
-    return _load(path, device)
+    return _load(os.fspath(path), device)

@@ -32,6 +32,26 @@ MODALITIES = ("text", "image", "video")
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
+class Tokenizer(Protocol):
+    """What the model, the data pipeline and evaluation use of a tokenizer (fusion.data.tokenizer
+    has two): the vocabulary size, text <-> ids, and the ids of `SPECIAL_TOKENS`."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    image_start_id: int
+    image_end_id: int
+    patch_id: int
+    video_start_id: int
+    video_end_id: int
+    frame_sep_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     """The ids the model itself needs (to find placeholder runs), detached from any tokenizer."""
@@ -47,7 +67,7 @@ class SpecialIds:
     frame_sep: int
 
     @classmethod
-    def of(cls, tok) -> SpecialIds:
+    def of(cls, tok: Tokenizer) -> SpecialIds:
         """From a tokenizer's `*_id` attributes (fusion.data.tokenizer)."""
         return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.image_start_id, tok.image_end_id,
                    tok.patch_id, tok.video_start_id, tok.video_end_id, tok.frame_sep_id)

@@ -15,16 +15,20 @@ returns a `ModelOutput` with the total loss the trainer backpropagates and its p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import ModelConfig
-from fusion.schema import IGNORE, MODALITIES, SpecialIds
+from fusion.schema import IGNORE, MODALITIES, SpecialIds, Tokenizer
 from fusion.model.decoder import Attention, Decoder
 from fusion.model.kernels import Kernels
-from fusion.model.moe import CudaStreams, MoE
+from fusion.model.moe import CudaStreams, MoE, Streams
+
+if TYPE_CHECKING:
+    from fusion.model.late import LateFusion
 
 
 @dataclass
@@ -63,6 +67,16 @@ def media_slots(input_ids: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor,
 
 
 class FusionModel(nn.Module):
+    """The early-fusion model (or, with `model.fusion=late`, its late-fusion baseline): token
+    embeddings with vision embeddings spliced in at the placeholders, the decoder, the loss.
+    `forward` says what goes in and what comes out."""
+
+    pixel_mean: torch.Tensor  # (3, 1, 1) fp32 buffer, registered in __init__
+    pixel_std: torch.Tensor  # (3, 1, 1) fp32 buffer, registered in __init__
+    # the tokenizer of the model's vocabulary: set by fusion.build_model and fusion.load_model (and
+    # the trainer), not by the constructor, which needs only the special ids
+    tokenizer: Tokenizer
+
     def __init__(self, cfg: ModelConfig, vocab_size: int, special: SpecialIds):
         super().__init__()
         from fusion.model.vision import VisionTower
@@ -74,17 +88,19 @@ class FusionModel(nn.Module):
         self.vision = VisionTower(cfg.vision, cfg.dim, cfg.init_std)
         self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(3, 1, 1), persistent=False)
-        self.late = None  # model.fusion=late: gated cross-attention blocks (fusion/model/late.py)
+        # model.fusion=late: gated cross-attention blocks (fusion/model/late.py)
+        self.late: LateFusion | None = None
         if cfg.fusion == "late":
             from fusion.model.late import LateFusion
 
             self.late = LateFusion(cfg)
 
     @property
-    def moe_layers(self):
+    def moe_layers(self) -> list[MoE]:
+        """The decoder's MoE layers, in layer order."""
         return self.decoder.moe_layers
 
-    def use_kernels(self, kernels: Kernels, streams=None) -> None:
+    def use_kernels(self, kernels: Kernels, streams: Streams | None = None) -> None:
         """Hand a kernel choice (fusion/model/kernels.py `Kernels`, e.g. `Kernels.for_device(device,
         dtype)`) to every MoE layer and attention, once the model is on its device. `streams`
         (fusion/model/moe/streams.py) carries the shared experts' side stream; by default
@@ -97,7 +113,8 @@ class FusionModel(nn.Module):
         x = (x - self.pixel_mean) / self.pixel_std
         return x.to(self.decoder.tok_embeddings.weight.dtype)
 
-    def embed(self, input_ids, images=None, videos=None):
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+              videos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with vision embeddings spliced in. -> (h (B, T, D), token_modality (B, T))"""
         h = self.decoder.tok_embeddings(input_ids)  # (B, T, D)
         img_slots, vid_slots = media_slots(input_ids, self.special)
@@ -123,17 +140,60 @@ class FusionModel(nn.Module):
         return h + dummy.to(h.dtype), token_modality
 
     @staticmethod
-    def _splice(h, slots, feats, kind):
+    def _splice(h: torch.Tensor, slots: torch.Tensor, feats: torch.Tensor, kind: str) -> torch.Tensor:
         check_count(slots, feats.shape[0], kind)
         # row-major order of placeholders == order of media in the batch
         return h.masked_scatter(slots[..., None], feats.to(h.dtype))
 
     @staticmethod
-    def _check_empty(slots, kind):
+    def _check_empty(slots: torch.Tensor, kind: str) -> None:
         check_count(slots, 0, kind, given=False)
 
-    def forward(self, input_ids, labels=None, positions=None, doc_ids=None, sample_modality=None,
-                images=None, videos=None, valid=None, return_logits=False):
+    @overload
+    def forward(self, input_ids: torch.Tensor, labels: None = None, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, sample_modality: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, videos: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, return_logits: bool = False) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, sample_modality: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, videos: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, return_logits: bool = False) -> ModelOutput: ...
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                sample_modality: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                videos: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                return_logits: bool = False) -> torch.Tensor | ModelOutput:
+        """Run the model on a batch of B rows of T tokens.
+
+        input_ids: (B, T) long, token ids; every `<|patch|>` placeholder takes one vision
+            embedding, in row-major order (those inside `<|video_start|> ... <|video_end|>` from
+            `videos`, the others from `images`); the counts must match (`check_count`: a
+            ValueError on the CPU, a device-side assert on an accelerator).
+        labels: (B, T) long, the target of each position, already shifted (the id of the token
+            that should come next), `fusion.schema.IGNORE` (-100) where no loss is taken; None:
+            no loss.
+        positions: (B, T) long, each token's position in its document; None: 0 .. T-1 per row.
+        doc_ids: (B, T) long, the document of each token of a packed row, -1 on padding; attention
+            stays inside a document. None: one document per row, no padding.
+        sample_modality: (B, T) long, the modality (`fusion.schema.MODALITIES` index: text 0,
+            image 1, video 2) of the sample each token belongs to, for the per-modality loss sums;
+            None: all text.
+        images: (N, 3, S, S) uint8 pixels, S = `model.vision.img_size`, one image per image
+            placeholder run; None or empty: no images.
+        videos: (M, F, 3, S, S) uint8 pixels, F frames (a multiple of `vision.temporal_merge`),
+            one video per video placeholder run; None or empty: no videos.
+        valid: (B, T) bool, the tokens the MoE layers route (padding is not routed); None:
+            `doc_ids >= 0` when doc_ids is given, else every token. Late fusion takes the tokens
+            to route from doc_ids alone.
+        return_logits: with `labels`, also put the logits in the `ModelOutput`.
+
+        Returns, without `labels`: the logits, (B, T, V) in the model's dtype, V = the vocabulary
+        size. With `labels`: a `ModelOutput` with the loss to backpropagate (fp32 scalar: mean
+        next-token loss plus the weighted router losses) and its parts.
+        """
         if self.late is not None:  # the decoder reads text only; media by cross-attention
             logits, aux, z = self.late(self, input_ids, positions, doc_ids, images, videos)
         else:
@@ -146,7 +206,13 @@ class FusionModel(nn.Module):
             return logits
         return self.loss(logits, labels, aux, z, sample_modality, return_logits)
 
-    def loss(self, logits, labels, aux, z, sample_modality, return_logits) -> ModelOutput:
+    if TYPE_CHECKING:  # model(...) is forward(...), with its overloads
+        __call__ = forward
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor, z: torch.Tensor,
+             sample_modality: torch.Tensor | None, return_logits: bool) -> ModelOutput:
+        """The batch's loss from the logits (B, T, V) and the labels (B, T); `aux`, `z` the raw
+        router losses (fp32 scalars), weighted here by `model.moe`."""
         per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                     ignore_index=IGNORE, reduction="none")  # (B*T,)
         mask = labels.flatten() != IGNORE  # (B*T,)
@@ -168,7 +234,7 @@ class FusionModel(nn.Module):
                            logits=logits if return_logits else None)
 
 
-def install_kernels(model: nn.Module, kernels: Kernels, streams=None) -> None:
+def install_kernels(model: nn.Module, kernels: Kernels, streams: Streams | None = None) -> None:
     """Hand `kernels` to every MoE layer, decoder and attention inside `model` (a FusionModel, a
     Decoder or a single MoE layer), and the streams of the shared experts' overlap to every MoE
     layer: `streams` when given, else `CudaStreams` on the model's device when
@@ -187,7 +253,9 @@ def install_kernels(model: nn.Module, kernels: Kernels, streams=None) -> None:
             m.kernels = kernels
 
 
-def build_model(cfg: ModelConfig, tokenizer) -> FusionModel:
+def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> FusionModel:
+    """A model with fresh weights for `cfg`, its vocabulary `model.vocab_size` or, when that is 0,
+    the tokenizer's; `model.tokenizer` is left to the caller (fusion.build_model sets it)."""
     vocab = cfg.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ValueError(f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's "
