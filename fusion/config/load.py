@@ -106,8 +106,8 @@ def _unknown_key_message(key: str, source: str) -> str:
         if not dataclasses.is_dataclass(ftype):
             break
         cls = ftype
-    names = [f.name for f in dataclasses.fields(cls)]
-    hint = difflib.get_close_matches(parts[-1], names, n=1)
+    field_names = [f.name for f in dataclasses.fields(cls)]
+    hint = difflib.get_close_matches(parts[-1], field_names, n=1)
     suggestion = f" (did you mean '{'.'.join(parts[:-1] + hint[:1])}'?)" if hint else ""
     return f"unknown config key '{key}' in {source}{suggestion}"
 
