@@ -10,8 +10,9 @@ its tar AND its stats file exist.
 
 Reading (`iter_samples`) streams members as bytes and never extracts to disk. Samples are grouped
 the way webdataset groups them: a member name splits at the first dot of its base name into key and
-extension, so `a.b.jpg` is key `a` with field `b.jpg` (webdataset #237); extensions are lower-cased;
-members whose base name has no dot and `__meta__` members are skipped. Shards written by other tools
+extension, so `a.b.jpg` is key `a` with field `b.jpg`
+(https://github.com/webdataset/webdataset/issues/237); extensions are lower-cased; members whose
+base name has no dot and `__meta__` members are skipped. Shards written by other tools
 in the same layout (img2dataset, plain `tarfile`, GNU tar, compressed `.tar.gz`) read as they are.
 A sample with a symlink, hardlink, device or fifo entry, or a member named outside the archive
 (`../x`, `/x`), is dropped and counted as `unsafe_member` (nothing is followed or written); a key
