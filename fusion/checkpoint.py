@@ -46,7 +46,9 @@ def rng_state() -> dict:
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
     return state
 
 
@@ -58,7 +60,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(
-            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
+        )
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -66,7 +69,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"     # a run's tokenizer file, copied into every model export
+TOKENIZER = "tokenizer.json"  # a run's tokenizer file, copied into every model export
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"step_(\d+)")
 
@@ -133,8 +136,13 @@ def write_manifest(directory: Path, step: int, world_size: int) -> dict:
         if path.is_symlink() or not path.is_file():
             raise CheckpointError(f"checkpoint {directory}: {rel} is not a regular file")
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format": 1, "step": step, "world_size": world_size,
-                "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files}
+    manifest = {
+        "format": 1,
+        "step": step,
+        "world_size": world_size,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "files": files,
+    }
     write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -146,15 +154,14 @@ def verify_checkpoint(directory: str | Path, only: list[str] | None = None) -> d
     where = f"checkpoint {directory}"
     mpath = directory / MANIFEST
     if not mpath.is_file():
-        raise CheckpointError(f"{where}: no {MANIFEST} (the save did not finish, or it predates "
-                              "manifests)")
+        raise CheckpointError(f"{where}: no {MANIFEST} (the save did not finish, or it predates manifests)")
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
         assert isinstance(files, dict)
     except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
         raise CheckpointError(f"{where}: {MANIFEST} is not a valid manifest") from None
-    for rel in ([r for r in only if r in files] if only is not None else files):
+    for rel in [r for r in only if r in files] if only is not None else files:
         entry = files[rel]
         path = directory / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
@@ -162,8 +169,9 @@ def verify_checkpoint(directory: str | Path, only: list[str] | None = None) -> d
         if path.is_symlink() or not path.is_file():
             raise CheckpointError(f"{where}: file {rel} is missing")
         if path.stat().st_size != entry.get("bytes"):
-            raise CheckpointError(f"{where}: file {rel} has {path.stat().st_size} bytes, "
-                                  f"{MANIFEST} says {entry.get('bytes')}")
+            raise CheckpointError(
+                f"{where}: file {rel} has {path.stat().st_size} bytes, {MANIFEST} says {entry.get('bytes')}"
+            )
         if _sha256(path) != entry.get("sha256"):
             raise CheckpointError(f"{where}: file {rel} was altered (sha256 differs from {MANIFEST})")
     if only is None:
@@ -209,8 +217,9 @@ def resolve_resume(resume: str, run_dir: str | Path, log=print) -> Path | None:
         if pointed is not None:
             # newer complete directories than `latest` exist only when a run died between the
             # rename and the pointer move: `latest` still decides, older ones follow
-            candidates = [pointed] + [p for p in candidates
-                                      if int(p.name.split("_")[1]) < int(pointed.name.split("_")[1])]
+            candidates = [pointed] + [
+                p for p in candidates if int(p.name.split("_")[1]) < int(pointed.name.split("_")[1])
+            ]
         refused = []
         for path in candidates:
             try:
@@ -220,8 +229,10 @@ def resolve_resume(resume: str, run_dir: str | Path, log=print) -> Path | None:
                 refused.append(str(e))
                 log(f"refusing {e}; trying the previous checkpoint")
         if refused:
-            raise CheckpointError("config key 'train.resume'=auto: no usable checkpoint in "
-                                  f"{root} ({'; '.join(refused)}); train.resume=none starts over")
+            raise CheckpointError(
+                "config key 'train.resume'=auto: no usable checkpoint in "
+                f"{root} ({'; '.join(refused)}); train.resume=none starts over"
+            )
         return None
     path = Path(resume)
     if (path / LATEST).is_file():  # a checkpoints/ directory
@@ -258,8 +269,9 @@ def choose_checkpoint(resume: str, run_dir: str | Path, rank: int) -> Path | Non
     return Path(message[3:]) if message[3:] else None
 
 
-def save_checkpoint(engine, run_dir: str | Path, step: int, rank: int, data_state: dict,
-                    cfg=None, experts=None) -> Path:
+def save_checkpoint(
+    engine, run_dir: str | Path, step: int, rank: int, data_state: dict, cfg=None, experts=None
+) -> Path:
     """Collective: every rank calls it. Everything goes into `.step_N.tmp/`: the routed experts
     (`experts`: a fusion.parallel.ExpertParallel, which writes experts-*.safetensors there), the
     exported model, each rank's JSON state, DeepSpeed's files. Then rank 0 writes the manifest,
@@ -328,8 +340,10 @@ def export_model(model, cfg, path: Path, tensors: dict | None = None) -> None:
 
     path.mkdir(parents=True, exist_ok=True)
     # ZeRO keeps parameters as views of one flat buffer: copy each out (tied weights stay two keys)
-    tensors = {k: v.detach().cpu().clone().contiguous()
-               for k, v in (model.state_dict() if tensors is None else tensors).items()}
+    tensors = {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in (model.state_dict() if tensors is None else tensors).items()
+    }
     save_file(tensors, str(path / "model.safetensors.tmp"))
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     tok_spec = cfg.data.tokenizer
@@ -350,8 +364,9 @@ def find_model_dir(path: str | Path) -> Path:
         return find_model_dir(_follow_latest(path))
     if (path / "checkpoints" / LATEST).is_file():
         return find_model_dir(path / "checkpoints")
-    raise FileNotFoundError(f"no model.safetensors at {path} (give a run dir, its checkpoints/ dir "
-                            f"or a checkpoints/step_N dir)")
+    raise FileNotFoundError(
+        f"no model.safetensors at {path} (give a run dir, its checkpoints/ dir or a checkpoints/step_N dir)"
+    )
 
 
 def read_model_json(model_dir: Path) -> dict:
@@ -361,8 +376,9 @@ def read_model_json(model_dir: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (it says what model the weights in "
-                              f"model.safetensors belong to)") from None
+        raise CheckpointError(
+            f"{path}: missing (it says what model the weights in model.safetensors belong to)"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
     except ValueError as e:
@@ -371,8 +387,9 @@ def read_model_json(model_dir: Path) -> dict:
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key, kind in (("model", dict), ("tokenizer", str)):
         if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{path}: key '{key}' is missing or not a "
-                                  f"{'JSON object' if kind is dict else 'string'}")
+            raise CheckpointError(
+                f"{path}: key '{key}' is missing or not a {'JSON object' if kind is dict else 'string'}"
+            )
     return meta
 
 
@@ -389,12 +406,16 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 def check_weight_shapes(path: Path, found: dict[str, tuple], expected: dict[str, tuple]) -> None:
     """CheckpointError unless the weights in file `path` (name -> shape) are exactly the model's
     (`expected`): one line naming the first two of each kind of mismatch, with their count."""
+
     def some(items: list[str]) -> str:
         return ", ".join(items[:2]) + (f" and {len(items) - 2} more" if len(items) > 2 else "")
 
     problems = []
-    shapes = [f"{k} {tuple(found[k])} (model: {tuple(v)})"
-              for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
+    shapes = [
+        f"{k} {tuple(found[k])} (model: {tuple(v)})"
+        for k, v in expected.items()
+        if k in found and tuple(found[k]) != tuple(v)
+    ]
     if shapes:
         problems.append(f"{len(shapes)} weight(s) of the wrong shape: {some(shapes)}")
     missing = [k for k in expected if k not in found]
@@ -404,8 +425,7 @@ def check_weight_shapes(path: Path, found: dict[str, tuple], expected: dict[str,
     if extra:
         problems.append(f"{len(extra)} unexpected weight(s): {some(extra)}")
     if problems:
-        raise CheckpointError(f"{path} does not fit the model model.json describes: "
-                              + "; ".join(problems))
+        raise CheckpointError(f"{path} does not fit the model model.json describes: " + "; ".join(problems))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -419,8 +439,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     model_dir = find_model_dir(path)
     if (model_dir / MANIFEST).is_file():
-        verify_checkpoint(model_dir, only=["model.safetensors", "model.json"]
-                          + ([TOKENIZER] if (model_dir / TOKENIZER).is_file() else []))
+        verify_checkpoint(
+            model_dir,
+            only=["model.safetensors", "model.json"]
+            + ([TOKENIZER] if (model_dir / TOKENIZER).is_file() else []),
+        )
     meta = read_model_json(model_dir)
     where = model_dir / "model.json"
     tok_spec = meta["tokenizer"]
@@ -438,8 +461,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{where}: {e}") from None
     weights = model_dir / "model.safetensors"
     tensors = _load_weights(weights)
-    check_weight_shapes(weights, {k: v.shape for k, v in tensors.items()},
-                        {k: v.shape for k, v in model.state_dict().items()})
+    check_weight_shapes(
+        weights, {k: v.shape for k, v in tensors.items()}, {k: v.shape for k, v in model.state_dict().items()}
+    )
     model.load_state_dict(tensors, strict=True)
     model.tokenizer = tokenizer
     return model.to(device).eval()
@@ -471,8 +495,10 @@ def load_checkpoint(engine, path: Path, rank: int, experts=None) -> dict:
     manifest = verify_checkpoint(path, only=[f"rank{rank}.json"])
     rank_file = path / f"rank{rank}.json"
     if f"rank{rank}.json" not in manifest["files"] or not rank_file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no state for rank {rank} ({rank_file.name}): "
-                                f"it was saved by {manifest.get('world_size', '?')} ranks")
+        raise FileNotFoundError(
+            f"checkpoint {path} has no state for rank {rank} ({rank_file.name}): "
+            f"it was saved by {manifest.get('world_size', '?')} ranks"
+        )
     state = json.loads(rank_file.read_text())
     ckpt_engine = engine.checkpoint_engine
     ckpt_engine.load = safe_torch_load  # instance attribute: DeepSpeed's loaders all call it
@@ -491,9 +517,11 @@ def _deepspeed_safe_globals() -> list:
     """DeepSpeed's plain data classes found inside its optimizer files (ZeRO 1/2 loss scaler,
     stage enum, fragment addresses): allowed by the weights-only unpickler, nothing else is."""
     out = []
-    for module, names in (("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
-                          ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
-                          ("deepspeed.utils.tensor_fragment", ("fragment_address",))):
+    for module, names in (
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+    ):
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:

@@ -16,6 +16,7 @@ class CliError(Exception):
 
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse `type=`: an integer >= `low`, with a one-line message otherwise."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -24,6 +25,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
+
     parse.__name__ = f"integer >= {low}"
     return parse
 

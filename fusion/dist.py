@@ -24,8 +24,8 @@ collectives are no-ops on a world of one.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,9 +33,9 @@ import torch.distributed as dist
 
 @dataclass
 class _State:
-    device: torch.device | None = None          # the communication device; None: not set up
-    host_reads: list[str] | None = None         # reasons of `fetch` calls, while recording
-    collectives: list[dict] | None = None       # collectives issued, while recording
+    device: torch.device | None = None  # the communication device; None: not set up
+    host_reads: list[str] | None = None  # reasons of `fetch` calls, while recording
+    collectives: list[dict] | None = None  # collectives issued, while recording
     groups: dict = field(default_factory=dict)  # (kind, ep_size) -> this rank's process group
 
 
@@ -91,9 +91,11 @@ def tensor(values, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def _check(t: torch.Tensor, op: str) -> None:
     want = comm_device()
     if t.device.type != want.type:
-        raise RuntimeError(f"{op}: a {t.device.type} tensor {tuple(t.shape)} was handed to a collective "
-                           f"whose backend takes {want.type} tensors (make it with fusion.dist.zeros / "
-                           f".to(fusion.dist.comm_device()))")
+        raise RuntimeError(
+            f"{op}: a {t.device.type} tensor {tuple(t.shape)} was handed to a collective "
+            f"whose backend takes {want.type} tensors (make it with fusion.dist.zeros / "
+            f".to(fusion.dist.comm_device()))"
+        )
 
 
 def _alone(group) -> bool:
@@ -104,8 +106,15 @@ def _alone(group) -> bool:
 def _record(op: str, t: torch.Tensor, group=None) -> None:
     if _STATE.collectives is not None:
         size = dist.get_world_size(group) if initialized() else 1
-        _STATE.collectives.append({"op": op, "shape": tuple(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                                   "device": t.device.type, "group_size": size})
+        _STATE.collectives.append(
+            {
+                "op": op,
+                "shape": tuple(t.shape),
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "device": t.device.type,
+                "group_size": size,
+            }
+        )
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -131,8 +140,13 @@ def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     return parts
 
 
-def all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits: list[int] | None = None,
-               in_splits: list[int] | None = None, group=None) -> torch.Tensor:
+def all_to_all(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    out_splits: list[int] | None = None,
+    in_splits: list[int] | None = None,
+    group=None,
+) -> torch.Tensor:
     """`all_to_all_single` (rows of `x` split by `in_splits` go to each rank of `group`)."""
     _check(x, "all_to_all")
     _check(out, "all_to_all")
@@ -153,8 +167,11 @@ def broadcast_bytes(payload: bytes | None, src: int = 0) -> bytes:
     n = len(payload) if me else int(fetch(length, "broadcast: message length")[0])
     if n == 0:
         return b""
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(comm_device()) if me
-            else zeros(n, dtype=torch.uint8))
+    data = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(comm_device())
+        if me
+        else zeros(n, dtype=torch.uint8)
+    )
     _record("broadcast", data)
     dist.broadcast(data, src=src)
     # the source already holds the bytes: only the others read the device back

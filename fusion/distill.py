@@ -30,9 +30,9 @@ from fusion.config import Config, ConfigError
 from fusion.schema import IGNORE
 
 
-
-def kl_divergence(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
+def kl_divergence(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Mean over the masked positions of KL(softmax(teacher / T) || softmax(student / T)).
     student, teacher (B, T, V); mask (B, T) bool. A fp32 scalar (0, attached, with no position).
     Masked by multiplication, not indexing: no host sync."""
@@ -54,26 +54,33 @@ class Distiller:
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict) -> torch.Tensor:
-        return self.teacher(batch["input_ids"], positions=batch.get("positions"),
-                            doc_ids=batch.get("doc_ids"), images=batch.get("images"),
-                            videos=batch.get("videos"))  # (B, T, V)
+        return self.teacher(
+            batch["input_ids"],
+            positions=batch.get("positions"),
+            doc_ids=batch.get("doc_ids"),
+            images=batch.get("images"),
+            videos=batch.get("videos"),
+        )  # (B, T, V)
 
     def mix(self, out, batch: dict) -> torch.Tensor:
         """The student's loss with the teacher's term mixed in. `out` is the student's ModelOutput,
         computed with return_logits=True."""
         if out.logits is None:
-            raise ValueError("distillation needs the student's logits: call the model with return_logits=True")
+            raise ValueError(
+                "distillation needs the student's logits: call the model with return_logits=True"
+            )
         labels = batch["labels"]
         mask = labels != IGNORE
         kl = kl_divergence(out.logits, self.teacher_logits(batch), mask, self.temperature)
         # out.loss holds the next-token loss with its gradient; its detached value is out.lm_loss.
         # Recompute it with a gradient to move W of its weight onto the KL term.
-        lm = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                             reduction="sum") / mask.sum().clamp(min=1)  # 0 with no label, never NaN
+        lm = F.cross_entropy(
+            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        ) / mask.sum().clamp(min=1)  # 0 with no label, never NaN
         kl_det = kl.detach().double()
         self._kl_sum = kl_det if self._kl_sum is None else self._kl_sum + kl_det
         self._n += 1
-        return out.loss + self.weight * (self.temperature ** 2 * kl - lm)
+        return out.loss + self.weight * (self.temperature**2 * kl - lm)
 
     def take_metrics(self) -> dict:
         """{"distill/kl": mean KL over this rank's micro-steps since the last call, averaged over
@@ -93,8 +100,7 @@ class Distiller:
 def load_teacher(path: str, student, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """fusion.load_model(path), frozen, in eval mode, checked against the student. ConfigError
     naming `distill.teacher` when it cannot serve."""
-    from fusion.checkpoint import load_model
-    from fusion.checkpoint import CheckpointError
+    from fusion.checkpoint import CheckpointError, load_model
 
     if not Path(path).exists():
         raise ConfigError(f"config key 'distill.teacher': no run or checkpoint at {path}")
@@ -103,13 +109,17 @@ def load_teacher(path: str, student, device: torch.device, dtype: torch.dtype) -
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         raise ConfigError(f"config key 'distill.teacher': {e}") from None
     if teacher.vocab_size != student.vocab_size:
-        raise ConfigError(f"config key 'distill.teacher': the teacher's vocabulary has {teacher.vocab_size} "
-                          f"tokens, the student's {student.vocab_size}: they must share a tokenizer")
+        raise ConfigError(
+            f"config key 'distill.teacher': the teacher's vocabulary has {teacher.vocab_size} "
+            f"tokens, the student's {student.vocab_size}: they must share a tokenizer"
+        )
     tv, sv = teacher.cfg.vision, student.cfg.vision
     if teacher.vision.tokens_per_image != student.vision.tokens_per_image or tv.img_size != sv.img_size:
-        raise ConfigError(f"config key 'distill.teacher': the teacher reads {tv.img_size} px images as "
-                          f"{teacher.vision.tokens_per_image} tokens, the student {sv.img_size} px as "
-                          f"{student.vision.tokens_per_image}: the same batches cannot feed both")
+        raise ConfigError(
+            f"config key 'distill.teacher': the teacher reads {tv.img_size} px images as "
+            f"{teacher.vision.tokens_per_image} tokens, the student {sv.img_size} px as "
+            f"{student.vision.tokens_per_image}: the same batches cannot feed both"
+        )
     teacher = teacher.to(device=device, dtype=dtype).eval()
     teacher.requires_grad_(False)
     return teacher

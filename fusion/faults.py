@@ -21,7 +21,9 @@ def parse(spec: str, rank: int) -> dict[str, set[int]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         m = re.fullmatch(rf"({'|'.join(KINDS)})@(\d+)(?::(\d+))?", item)
         if m is None:
-            raise ValueError(f"FUSION_FAULTS: cannot read '{item}' (expected e.g. loss@3, grad@5:1 or ckpt@8)")
+            raise ValueError(
+                f"FUSION_FAULTS: cannot read '{item}' (expected e.g. loss@3, grad@5:1 or ckpt@8)"
+            )
         if m.group(3) is None or int(m.group(3)) == rank:
             at[m.group(1)].add(int(m.group(2)))
     return at

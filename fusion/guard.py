@@ -47,7 +47,7 @@ class NonFiniteGuard:
         self.device = device
         self.streams = streams
         self.stream = streams.current() if streams is not None else None  # where the sums live
-        self.total = 0         # skipped steps since this process started
+        self.total = 0  # skipped steps since this process started
         self.in_a_row = 0
         self._reset()
         for p in model.parameters():

@@ -30,18 +30,18 @@ class StepStats:
     Shapes: M modalities (text, image, video), L MoE layers, E experts.
     """
 
-    loss_sum: torch.Tensor        # (M,) float64: summed next-token losses of labelled tokens
-    loss_count: torch.Tensor      # (M,) float64: labelled tokens
-    tokens: torch.Tensor          # (M,) float64: non-padding tokens of each modality's rows
-    aux: torch.Tensor             # () float64: raw aux loss summed over micro-steps
-    z: torch.Tensor               # () float64: raw z-loss summed over micro-steps
+    loss_sum: torch.Tensor  # (M,) float64: summed next-token losses of labelled tokens
+    loss_count: torch.Tensor  # (M,) float64: labelled tokens
+    tokens: torch.Tensor  # (M,) float64: non-padding tokens of each modality's rows
+    aux: torch.Tensor  # () float64: raw aux loss summed over micro-steps
+    z: torch.Tensor  # () float64: raw z-loss summed over micro-steps
     load: torch.Tensor | None = None  # (L, M, E) float64: routed assignments, already summed over ranks
     micro_steps: int = 0
     steps: int = 0
-    skipped: int = 0              # optimizer steps skipped by the non-finite guard
+    skipped: int = 0  # optimizer steps skipped by the non-finite guard
     seconds: float = 0.0
-    lr: float = 0.0               # of the last step
-    grad_norm: object = None      # of the last step: a device scalar, a float, or None (DeepSpeed's)
+    lr: float = 0.0  # of the last step
+    grad_norm: object = None  # of the last step: a device scalar, a float, or None (DeepSpeed's)
 
     @classmethod
     def zeros(cls, device: torch.device) -> StepStats:
@@ -77,8 +77,9 @@ class StepStats:
         """Collective: the interval's figures summed over ranks, on the host. One all-reduce and
         one host read (a logging boundary). -> {loss_sum, loss_count, tokens: (M,) tensors,
         aux, z: means per micro-step, load: (L, M, E) or None}"""
-        packed = torch.cat([self.loss_sum, self.loss_count, self.tokens, self.aux.reshape(1),
-                            self.z.reshape(1)]).to(dist.comm_device())
+        packed = torch.cat(
+            [self.loss_sum, self.loss_count, self.tokens, self.aux.reshape(1), self.z.reshape(1)]
+        ).to(dist.comm_device())
         dist.all_reduce(packed)
         if self.load is not None:  # summed over ranks by the step already
             packed = torch.cat([packed, self.load.flatten().to(packed.device)])
@@ -86,9 +87,14 @@ class StepStats:
         world = dist.world()
         micro = max(self.micro_steps, 1) * world
         M = N_MOD
-        return {"loss_sum": host[0:M], "loss_count": host[M:2 * M], "tokens": host[2 * M:3 * M],
-                "aux": float(host[3 * M]) / micro, "z": float(host[3 * M + 1]) / micro,
-                "load": None if self.load is None else host[3 * M + 2:].view(self.load.shape)}
+        return {
+            "loss_sum": host[0:M],
+            "loss_count": host[M : 2 * M],
+            "tokens": host[2 * M : 3 * M],
+            "aux": float(host[3 * M]) / micro,
+            "z": float(host[3 * M + 1]) / micro,
+            "load": None if self.load is None else host[3 * M + 2 :].view(self.load.shape),
+        }
 
 
 def router_metrics(load: torch.Tensor) -> dict:
@@ -111,8 +117,9 @@ def weights_checksum(model: torch.nn.Module) -> float:
     """Sum of every parameter and buffer of this rank's model, in float64 (equal on every rank of
     a data-parallel run; unchanged by a skipped step)."""
     with torch.no_grad():
-        return float(sum(v.detach().double().sum() for v in model.state_dict().values()
-                         if v.is_floating_point()))
+        return float(
+            sum(v.detach().double().sum() for v in model.state_dict().values() if v.is_floating_point())
+        )
 
 
 class DebugLog:
@@ -129,8 +136,10 @@ class DebugLog:
     def log(self, step: int, keys: list[str], model: torch.nn.Module, skipped: bool) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, "keys": keys, "skipped": skipped,
-                                    "weights": weights_checksum(model)}) + "\n")
+        self.file.write(
+            json.dumps({"step": step, "keys": keys, "skipped": skipped, "weights": weights_checksum(model)})
+            + "\n"
+        )
         self.file.flush()
 
 
@@ -186,15 +195,15 @@ class MetricsLog:
             self.tb.close()
 
 
-def log_row(reduced: dict, stats: StepStats, step: int, parts, derived, batches,
-            fpt: float, peak: float | None) -> dict:
+def log_row(
+    reduced: dict, stats: StepStats, step: int, parts, derived, batches, fpt: float, peak: float | None
+) -> dict:
     """The metrics.jsonl row of a logging interval (figures already reduced over ranks); `parts` is
     the step's fusion.step.StepParts (engine, guard, distiller, device)."""
     n, seconds = stats.steps, max(stats.seconds, 1e-9)
     tokens = derived.tokens_per_step * n
     count = reduced["loss_count"]
-    row = {"step": step, "loss": float(reduced["loss_sum"].sum() / count.sum().clamp(min=1)),
-           "lr": stats.lr}
+    row = {"step": step, "loss": float(reduced["loss_sum"].sum() / count.sum().clamp(min=1)), "lr": stats.lr}
     for i, name in enumerate(MODALITIES):
         if count[i] > 0:
             row[f"loss/{name}"] = float(reduced["loss_sum"][i] / count[i])
@@ -211,7 +220,7 @@ def log_row(reduced: dict, stats: StepStats, step: int, parts, derived, batches,
     row["tokens_per_s"] = tokens / seconds
     row["mfu"] = (fpt * tokens / seconds / (peak * 1e12 * dist.world())) if peak else None
     if parts.device.type == "cuda":  # this rank's peak since start (fusion-plan predicts it)
-        row["mem/peak_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2 ** 30
+        row["mem/peak_gib"] = torch.cuda.max_memory_allocated(parts.device) / 2**30
     row["aux_loss"], row["z_loss"] = reduced["aux"], reduced["z"]
     if parts.distiller is not None:
         row.update(parts.distiller.take_metrics())  # distill/kl (all ranks: it all-reduces)
@@ -237,8 +246,10 @@ def progress_line(row: dict, step: int, steps: int, elapsed: float, done: int) -
     """The step line: loss, learning rate, throughput, time elapsed and the estimate of what is left
     (from the steps done in this process, so a resumed run estimates from its own pace)."""
     eta = elapsed / max(done, 1) * (steps - step)
-    return (f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f} "
-            f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+    return (
+        f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f} "
+        f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
+    )
 
 
 def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:

@@ -49,14 +49,29 @@ import json
 import sys
 from dataclasses import dataclass
 
-from fusion.config import (Config, ConfigError, ModelConfig, VisionConfig, dense_baseline_ffn_dim,
-                           load_config, moe_layer_ids)
+from fusion.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    VisionConfig,
+    dense_baseline_ffn_dim,
+    load_config,
+    moe_layer_ids,
+)
 from fusion.model.decoder import uses_rope
 from fusion.schema import tokens_per_image
 
-PARTS = ("embeddings", "attention", "dense_ffn", "router", "shared_experts", "routed_experts", "vision",
-         "cross_attention")
-GiB = 1024 ** 3
+PARTS = (
+    "embeddings",
+    "attention",
+    "dense_ffn",
+    "router",
+    "shared_experts",
+    "routed_experts",
+    "vision",
+    "cross_attention",
+)
+GiB = 1024**3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +114,7 @@ def vision_parameters(v: VisionConfig, dim: int) -> int:
     if v.encoder == "patch-linear":
         width = v.width or dim
         n_patches = (v.img_size // v.patch_size) ** 2
-        encoder = (3 * v.patch_size ** 2 + 1) * width + n_patches * width  # Linear + bias, positions
+        encoder = (3 * v.patch_size**2 + 1) * width + n_patches * width  # Linear + bias, positions
     elif v.encoder == "conv-stem":
         from fusion.model.vision import conv_stem_channels
 
@@ -146,7 +161,7 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> dict[str, int]:
         "embeddings": vocab_size * D * (1 if m.tie_embeddings else 2) + D,
         "attention": L * attn,
         "dense_ffn": n_dense * (swiglu * m.ffn_dim + D)
-                     + n_replaced * (swiglu * dense_baseline_ffn_dim(m.moe) + D),
+        + n_replaced * (swiglu * dense_baseline_ffn_dim(m.moe) + D),
         "router": n_moe * (E * D + D),
         "shared_experts": n_moe * swiglu * m.moe.n_shared * m.moe.moe_ffn_dim,
         "routed_experts": n_moe * E * swiglu * m.moe.moe_ffn_dim,
@@ -174,16 +189,27 @@ def matmul_parameters(m: ModelConfig, vocab_size: int) -> float:
     n_moe = n_moe_layers(m)
     n_dense = m.n_layers - n_moe
     n_x = n_xattn_blocks(m)
-    return (a["attention"] - m.n_layers * m.dim + a["dense_ffn"] - n_dense * m.dim
-            + a["router"] - n_moe * m.dim + a["shared_experts"] + a["routed_experts"]
-            + a["cross_attention"] - n_x * (3 * m.dim + 2)  # norms and gates do not multiply
-            + vocab_size * m.dim)  # the output head (tied or not, it multiplies)
+    return (
+        a["attention"]
+        - m.n_layers * m.dim
+        + a["dense_ffn"]
+        - n_dense * m.dim
+        + a["router"]
+        - n_moe * m.dim
+        + a["shared_experts"]
+        + a["routed_experts"]
+        + a["cross_attention"]
+        - n_x * (3 * m.dim + 2)  # norms and gates do not multiply
+        + vocab_size * m.dim
+    )  # the output head (tied or not, it multiplies)
 
 
 def attention_context(m: ModelConfig, seq_len: int) -> list[int]:
     """Per layer: keys a query could see at most (seq_len, or the chunk on chunked RoPE layers)."""
-    return [min(m.attn_chunk, seq_len) if m.attn_chunk and uses_rope(i, m.nope_every) else seq_len
-            for i in range(m.n_layers)]
+    return [
+        min(m.attn_chunk, seq_len) if m.attn_chunk and uses_rope(i, m.nope_every) else seq_len
+        for i in range(m.n_layers)
+    ]
 
 
 def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int) -> float:
@@ -207,17 +233,18 @@ def attention_flops(m: ModelConfig, seq_len: int) -> float:
 @dataclass
 class Precision:
     name: str
-    weight: int      # bytes per weight
-    grad: int        # bytes per gradient
-    optimizer: int   # bytes per parameter of optimizer state (fp32 master + Adam m, v for bf16)
+    weight: int  # bytes per weight
+    grad: int  # bytes per gradient
+    optimizer: int  # bytes per parameter of optimizer state (fp32 master + Adam m, v for bf16)
     activation: int  # bytes per activation element
 
 
 PRECISIONS = {"bf16": Precision("bf16", 2, 2, 12, 2), "fp32": Precision("fp32", 4, 4, 8, 4)}
 
 
-def activation_bytes(m: ModelConfig, vocab_size: int, micro_batch: int, seq_len: int, prec: Precision,
-                     checkpointing: bool) -> float:
+def activation_bytes(
+    m: ModelConfig, vocab_size: int, micro_batch: int, seq_len: int, prec: Precision, checkpointing: bool
+) -> float:
     """What autograd keeps for one micro-batch (an estimate; elements per token, times bytes):
 
     attention layer  4 D + 4 Dkv   input, normed input, q, k, v (+ rotated q, k), output
@@ -236,11 +263,16 @@ def activation_bytes(m: ModelConfig, vocab_size: int, micro_batch: int, seq_len:
     moe_ids = set(moe_layer_ids(m.n_layers, m.moe.every, E))
     attn = 4 * D + 4 * dkv
     if m.dense_baseline:
-        per_layer = [attn + 2 * D + 4 * (dense_baseline_ffn_dim(m.moe) if i in moe_ids else m.ffn_dim)
-                     for i in range(m.n_layers)]
+        per_layer = [
+            attn + 2 * D + 4 * (dense_baseline_ffn_dim(m.moe) if i in moe_ids else m.ffn_dim)
+            for i in range(m.n_layers)
+        ]
     else:
-        per_layer = [attn + (2 * D + 3 * K * D + 4 * K * H + 4 * S * H + 2 * E if i in moe_ids
-                             else 2 * D + 4 * m.ffn_dim) for i in range(m.n_layers)]
+        per_layer = [
+            attn
+            + (2 * D + 3 * K * D + 4 * K * H + 4 * S * H + 2 * E if i in moe_ids else 2 * D + 4 * m.ffn_dim)
+            for i in range(m.n_layers)
+        ]
     # late fusion: each cross-attention block keeps about what a dense layer does
     per_layer += [attn + 2 * D + 4 * m.ffn_dim] * n_xattn_blocks(m)
     layers = (len(per_layer) * D + max(per_layer)) if checkpointing else sum(per_layer)
@@ -251,8 +283,9 @@ def activation_bytes(m: ModelConfig, vocab_size: int, micro_batch: int, seq_len:
     return tokens * (layers + output) * prec.activation + masks
 
 
-def memory_per_gpu(m: ModelConfig, vocab_size: int, world: int, ep_size: int, micro_batch: int,
-                   seq_len: int, precision: str) -> dict:
+def memory_per_gpu(
+    m: ModelConfig, vocab_size: int, world: int, ep_size: int, micro_batch: int, seq_len: int, precision: str
+) -> dict:
     """Bytes per GPU by ZeRO stage: weights, grads, optimizer, activations (with / without
     per-layer activation checkpointing) and the totals."""
     prec = PRECISIONS[precision]
@@ -265,11 +298,18 @@ def memory_per_gpu(m: ModelConfig, vocab_size: int, world: int, ep_size: int, mi
     act_ckpt = activation_bytes(m, vocab_size, micro_batch, seq_len, prec, checkpointing=True)
     stages = {}
     for stage in range(4):
-        def held(split_at: int) -> float:  # parameters of one kind a rank holds at this stage
+
+        def held(split_at: int, stage: int = stage) -> float:  # parameters of one kind a rank holds
             # ZeRO partitions only what DeepSpeed holds; the local experts are whole on every stage
             return (replicated / dp if stage >= split_at else replicated) + local_experts
-        row = {"weights": held(3) * prec.weight, "grads": held(2) * prec.grad,
-               "optimizer": held(1) * prec.optimizer, "activations": act, "activations_ckpt": act_ckpt}
+
+        row = {
+            "weights": held(3) * prec.weight,
+            "grads": held(2) * prec.grad,
+            "optimizer": held(1) * prec.optimizer,
+            "activations": act,
+            "activations_ckpt": act_ckpt,
+        }
         states = row["weights"] + row["grads"] + row["optimizer"]
         row["total"] = states + act
         row["total_ckpt"] = states + act_ckpt
@@ -290,12 +330,16 @@ def vocab_of(cfg: Config) -> int:
     return build_tokenizer(cfg.data.tokenizer).vocab_size
 
 
-def make_plan(cfg: Config, world: int = 1, micro_batch: int | None = None, ep_size: int | None = None) -> dict:
+def make_plan(
+    cfg: Config, world: int = 1, micro_batch: int | None = None, ep_size: int | None = None
+) -> dict:
     m = cfg.model
     micro_batch = micro_batch or cfg.train.micro_batch
     ep_size = ep_size or m.moe.ep_size
     if world < 1 or micro_batch < 1 or ep_size < 1:
-        raise ConfigError(f"--world, --micro-batch and --ep-size must be >= 1, got {world}, {micro_batch}, {ep_size}")
+        raise ConfigError(
+            f"--world, --micro-batch and --ep-size must be >= 1, got {world}, {micro_batch}, {ep_size}"
+        )
     if world % ep_size:
         raise ConfigError(f"--ep-size {ep_size} does not divide --world {world}")
     if m.moe.n_experts and m.moe.n_experts % ep_size:
@@ -307,13 +351,20 @@ def make_plan(cfg: Config, world: int = 1, micro_batch: int | None = None, ep_si
     return {
         "size": m.size,
         "vocab_size": vocab,
-        "params": {"total": {**total, "total": sum(total.values())},
-                   "active": {**active, "total": sum(active.values())}},
+        "params": {
+            "total": {**total, "total": sum(total.values())},
+            "active": {**active, "total": sum(active.values())},
+        },
         "flops_per_token": flops_per_token(m, vocab, seq),
         "matmul_params": matmul_parameters(m, vocab),
         "seq_len": seq,
-        "memory": {"world": world, "ep_size": ep_size, "micro_batch": micro_batch, "precision": precision,
-                   "bytes": memory_per_gpu(m, vocab, world, ep_size, micro_batch, seq, precision)},
+        "memory": {
+            "world": world,
+            "ep_size": ep_size,
+            "micro_batch": micro_batch,
+            "precision": precision,
+            "bytes": memory_per_gpu(m, vocab, world, ep_size, micro_batch, seq, precision),
+        },
     }
 
 
@@ -327,49 +378,85 @@ def _b(n: float) -> str:
 def format_plan(plan: dict, cfg: Config) -> str:
     m = cfg.model
     moe = m.moe
-    lines = [f"fusion-plan: model.size={plan['size']}: dim {m.dim}, {m.n_layers} layers, "
-             f"{m.n_heads}/{m.n_kv_heads} heads, vocab {plan['vocab_size']}, "
-             + (f"{moe.n_experts} experts (top-{moe.top_k} + {moe.n_shared} shared) every {moe.every} layer(s)"
-                if moe.n_experts and not m.dense_baseline else "dense")
-             + (f" (dense baseline: MoE layers are {dense_baseline_ffn_dim(moe)}-wide SwiGLUs)"
-                if m.dense_baseline else "")
-             + (f", late fusion: cross-attention before every {m.xattn_every} layer(s)"
-                if m.fusion == "late" else ""), "",
-             f"{'parameters':<18}{'total':>14}{'active':>14}"]
+    lines = [
+        f"fusion-plan: model.size={plan['size']}: dim {m.dim}, {m.n_layers} layers, "
+        f"{m.n_heads}/{m.n_kv_heads} heads, vocab {plan['vocab_size']}, "
+        + (
+            f"{moe.n_experts} experts (top-{moe.top_k} + {moe.n_shared} shared) every {moe.every} layer(s)"
+            if moe.n_experts and not m.dense_baseline
+            else "dense"
+        )
+        + (
+            f" (dense baseline: MoE layers are {dense_baseline_ffn_dim(moe)}-wide SwiGLUs)"
+            if m.dense_baseline
+            else ""
+        )
+        + (
+            f", late fusion: cross-attention before every {m.xattn_every} layer(s)"
+            if m.fusion == "late"
+            else ""
+        ),
+        "",
+        f"{'parameters':<18}{'total':>14}{'active':>14}",
+    ]
     t, a = plan["params"]["total"], plan["params"]["active"]
     for part in PARTS + ("total",):
         lines.append(f"  {part:<16}{_b(t[part]):>14}{_b(a[part]):>14}")
     attn = attention_flops(m, plan["seq_len"])
-    lines += ["", f"training FLOPs per token: {plan['flops_per_token']:.3e} = 6 x {_b(plan['matmul_params'])} "
-              f"matmul params + {attn:.3e} attention (seq_len {plan['seq_len']}"
-              + (f", {m.attn_chunk}-token chunks" if m.attn_chunk else "") + ")", ""]
+    lines += [
+        "",
+        f"training FLOPs per token: {plan['flops_per_token']:.3e} = 6 x {_b(plan['matmul_params'])} "
+        f"matmul params + {attn:.3e} attention (seq_len {plan['seq_len']}"
+        + (f", {m.attn_chunk}-token chunks" if m.attn_chunk else "")
+        + ")",
+        "",
+    ]
     mem = plan["memory"]
-    lines.append(f"memory per GPU (GiB): world {mem['world']}, ep_size {mem['ep_size']}, micro-batch "
-                 f"{mem['micro_batch']}, seq_len {plan['seq_len']}, {mem['precision']}"
-                 + (" weights + fp32 Adam" if mem["precision"] == "bf16" else " weights + Adam"))
+    lines.append(
+        f"memory per GPU (GiB): world {mem['world']}, ep_size {mem['ep_size']}, micro-batch "
+        f"{mem['micro_batch']}, seq_len {plan['seq_len']}, {mem['precision']}"
+        + (" weights + fp32 Adam" if mem["precision"] == "bf16" else " weights + Adam")
+    )
     cols = ("weights", "grads", "optimizer", "activations", "activations_ckpt", "total", "total_ckpt")
     heads = ("weights", "grads", "optim", "activ", "activ/ckpt", "total", "total/ckpt")
     lines.append("  ZeRO" + "".join(f"{h:>11}" for h in heads))
     for stage, row in mem["bytes"].items():
         lines.append(f"  {stage:>4}" + "".join(f"{row[c] / GiB:>11.2f}" for c in cols))
     if n_moe_layers(m):
-        lines.append("  (routed experts are outside ZeRO: each rank holds its local experts whole at every stage)")
+        lines.append(
+            "  (routed experts are outside ZeRO: each rank holds its local experts whole at every stage)"
+        )
         lines.append("  (stage 3 is listed for comparison: fusion trains MoE models with ZeRO 0-2)")
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="fusion-plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fusion-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML file of overrides (see configs/); defaults otherwise")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides, applied after the YAML file (e.g. model.size=llama4-scout)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, applied after the YAML file (e.g. model.size=llama4-scout)",
+    )
     p.add_argument("--world", type=int, default=1, help="number of GPUs (ranks) in total (default 1)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="sequences per GPU per micro-step (default: train.micro_batch)")
-    p.add_argument("--ep-size", type=int, default=None,
-                   help="ranks that share one MoE layer's experts (default: model.moe.ep_size)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes, counts) instead of a table")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="sequences per GPU per micro-step (default: train.micro_batch)",
+    )
+    p.add_argument(
+        "--ep-size",
+        type=int,
+        default=None,
+        help="ranks that share one MoE layer's experts (default: model.moe.ep_size)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the plan as JSON (bytes, counts) instead of a table"
+    )
     return p.parse_intermixed_args(argv)  # options may follow overrides
 
 

@@ -28,8 +28,7 @@ def plot_expert_load(load: np.ndarray, layer_ids: list[int], path: Path) -> Path
     plt = _pyplot()
     L, _, E = load.shape
     used = [i for i in range(3) if load[:, i].sum() > 0] or [0]
-    fig, axes = plt.subplots(1, len(used), figsize=(1.2 + 0.45 * E * len(used), 0.9 + 0.4 * L),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(used), figsize=(1.2 + 0.45 * E * len(used), 0.9 + 0.4 * L), squeeze=False)
     for ax, m in zip(axes[0], used):
         share = load[:, m] / np.maximum(load[:, m].sum(1, keepdims=True), 1)
         im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=max(share.max(), 1e-9))

@@ -69,8 +69,17 @@ class SpecialIds:
     @classmethod
     def of(cls, tok: Tokenizer) -> SpecialIds:
         """From a tokenizer's `*_id` attributes (fusion.data.tokenizer)."""
-        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.image_start_id, tok.image_end_id,
-                   tok.patch_id, tok.video_start_id, tok.video_end_id, tok.frame_sep_id)
+        return cls(
+            tok.pad_id,
+            tok.bos_id,
+            tok.eos_id,
+            tok.image_start_id,
+            tok.image_end_id,
+            tok.patch_id,
+            tok.video_start_id,
+            tok.video_end_id,
+            tok.frame_sep_id,
+        )
 
 
 class VisionShape(Protocol):

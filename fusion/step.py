@@ -28,11 +28,11 @@ class StepParts:
 
     cfg: Config
     engine: Any
-    optimizer: torch.optim.Optimizer   # the non-expert parameters' (its groups take the lr)
-    experts: Any                       # fusion.parallel.ExpertParallel
+    optimizer: torch.optim.Optimizer  # the non-expert parameters' (its groups take the lr)
+    experts: Any  # fusion.parallel.ExpertParallel
     guard: NonFiniteGuard
     faults: Faults
-    distiller: Any                     # fusion.distill.Distiller or None
+    distiller: Any  # fusion.distill.Distiller or None
     model: torch.nn.Module
     device: torch.device
     bf16: bool
@@ -59,10 +59,16 @@ def train_step(p: StepParts, batches, step: int) -> StepStats:
     skipped, grad_norm = False, None
     for _ in range(t.grad_accum):
         batch = to_device(next(batches), p.device)
-        out = p.engine(batch["input_ids"], labels=batch["labels"], positions=batch["positions"],
-                       doc_ids=batch["doc_ids"], sample_modality=batch["sample_modality"],
-                       images=batch.get("images"), videos=batch.get("videos"),
-                       return_logits=p.distiller is not None)
+        out = p.engine(
+            batch["input_ids"],
+            labels=batch["labels"],
+            positions=batch["positions"],
+            doc_ids=batch["doc_ids"],
+            sample_modality=batch["sample_modality"],
+            images=batch.get("images"),
+            videos=batch.get("videos"),
+            return_logits=p.distiller is not None,
+        )
         loss = p.faults.loss(out.loss if p.distiller is None else p.distiller.mix(out, batch))
         p.guard.observe_loss(loss)
         p.engine.backward(loss)
@@ -123,8 +129,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_scale: f
         else:
             key, wd = "decay", weight_decay
         key = f"vision_{key}" if vision else key
-        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd,
-                                        "lr_scale": vision_lr_scale if vision else 1.0})
+        group = groups.setdefault(
+            key,
+            {"name": key, "params": [], "weight_decay": wd, "lr_scale": vision_lr_scale if vision else 1.0},
+        )
         group["params"].append(p)
     return list(groups.values())
 

@@ -23,27 +23,53 @@ from fusion.config import Config, ConfigError, deepspeed_config, dump_yaml, fina
 from fusion.data.mixing import NoDataError
 from fusion.faults import Faults
 from fusion.guard import NonFiniteError, NonFiniteGuard, innermost_optimizer
+from fusion.metrics import (
+    DebugLog,
+    MetricsLog,
+    StepStats,
+    draw_plots,
+    flops_per_token,
+    log_row,
+    peak_tflops,
+    progress_line,
+)
 from fusion.schema import MODALITIES
-from fusion.metrics import (DebugLog, MetricsLog, StepStats, draw_plots, flops_per_token, log_row,
-                            peak_tflops, progress_line)
 from fusion.step import StepParts, param_groups, train_step
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="fusion-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fusion-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML file of overrides (see configs/); defaults otherwise")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the DeepSpeed launcher; not for users")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run one step of the config on an accelerator stand-in (meta tensors, a fake "
-                        "process group: no GPU, no data needed) and print what it checked, the tensor "
-                        "shapes per part and the memory fusion-plan predicts; exits 1 on what a GPU run "
-                        "would hit (README: 'Checking the GPU path without a GPU')")
-    p.add_argument("--world", type=int, default=1, metavar="N",
-                   help="with --dry-run: the number of ranks to check the step for (default 1)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides, applied after the YAML file (e.g. train.steps=50)")
+    p.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the DeepSpeed launcher; not for users",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run one step of the config on an accelerator stand-in (meta tensors, a fake "
+        "process group: no GPU, no data needed) and print what it checked, the tensor "
+        "shapes per part and the memory fusion-plan predicts; exits 1 on what a GPU run "
+        "would hit (README: 'Checking the GPU path without a GPU')",
+    )
+    p.add_argument(
+        "--world",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --dry-run: the number of ranks to check the step for (default 1)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, applied after the YAML file (e.g. train.steps=50)",
+    )
     return p.parse_intermixed_args(argv)  # options may follow overrides
 
 
@@ -64,8 +90,9 @@ def init_distributed():
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend)
@@ -97,8 +124,8 @@ def release_shm_buffer(shm_dir: str = "/dev/shm") -> Path | None:
         return None
     dist.barrier()
     path = Path(shm_dir) / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-        dist.rank())
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.rank()
+    )
     try:
         path.unlink()
     except FileNotFoundError:  # ranks on several hosts, or no shm op: no buffer
@@ -116,14 +143,25 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def run_metadata() -> dict:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
     import deepspeed
-    return {"git_sha": sha or None, "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "host": platform.node(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    return {
+        "git_sha": sha or None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
@@ -137,9 +175,18 @@ def evaluate_in_training(model, cfg: Config, run_dir: Path, step: int) -> dict:
 
     sets = [s for s in cfg.data.eval.split(",") if s]
     out_dir = run_dir / "eval" / f"step_{step}"
-    results = evaluate_run(run_dir, sets, model=model, out_dir=out_dir,
-                           step=step, limit=cfg.data.eval_limit or None, n_frames=cfg.data.n_frames,
-                           examples=8, progress=False, shard=(dist.rank(), dist.world()))
+    results = evaluate_run(
+        run_dir,
+        sets,
+        model=model,
+        out_dir=out_dir,
+        step=step,
+        limit=cfg.data.eval_limit or None,
+        n_frames=cfg.data.n_frames,
+        examples=8,
+        progress=False,
+        shard=(dist.rank(), dist.world()),
+    )
     if dist.rank() == 0:
         for path in out_dir.iterdir():  # eval/SET.json (and SET.png): the latest evaluation
             if path.is_file():
@@ -187,8 +234,10 @@ def check_inputs(cfg: Config) -> None:
 
     used = [m for m in MODALITIES if getattr(cfg.data, m)]
     if not used:
-        raise ConfigError("config keys 'data.text', 'data.image', 'data.video' are all empty: give at "
-                          "least one shard directory")
+        raise ConfigError(
+            "config keys 'data.text', 'data.image', 'data.video' are all empty: give at "
+            "least one shard directory"
+        )
     for m in used:
         try:
             list_shards(getattr(cfg.data, m))
@@ -198,8 +247,10 @@ def check_inputs(cfg: Config) -> None:
         if not Path(name).is_dir():
             raise ConfigError(f"config key 'data.eval': no VQA set directory '{name}'")
     if cfg.data.tokenizer not in ("", "byte") and not Path(cfg.data.tokenizer).is_file():
-        raise ConfigError(f"config key 'data.tokenizer': no tokenizer file '{cfg.data.tokenizer}' "
-                          "(give 'byte' or a local tokenizer.json)")
+        raise ConfigError(
+            f"config key 'data.tokenizer': no tokenizer file '{cfg.data.tokenizer}' "
+            "(give 'byte' or a local tokenizer.json)"
+        )
     if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).exists():
         raise ConfigError(f"config key 'train.resume': no checkpoint at {cfg.train.resume}")
 
@@ -207,8 +258,10 @@ def check_inputs(cfg: Config) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.world != 1 and not args.dry_run:
-        print("fusion-train: error: --world is for --dry-run (the launcher sets the world of a real run)",
-              file=sys.stderr)
+        print(
+            "fusion-train: error: --world is for --dry-run (the launcher sets the world of a real run)",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
@@ -262,10 +315,15 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel/)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
     groups = param_groups(model, t.weight_decay, cfg.model.vision.lr_scale)
-    optimizer = torch.optim.AdamW([g for g in groups if g["name"] != "experts"],
-                                  lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=experts.engine_module(), optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, world, bf16))
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["name"] != "experts"],
+        lr=t.lr,
+        betas=tuple(t.betas),
+        weight_decay=t.weight_decay,
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=experts.engine_module(), optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
+    )
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
     experts.restore_buffer_dtypes()  # the router bias stays fp32 and the load counts float64 in bf16
     # kernel choices, asked of the device once, now that the model is on it in its dtype
@@ -274,10 +332,19 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     model.use_kernels(kernels, streams)
     # skip updates on NaN/Inf (faults first: its gradient hook must run before the guard's)
     faults = Faults(os.environ.get("FUSION_FAULTS", ""), rank, model)
-    guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device,
-                           streams)
-    parts = StepParts(cfg=cfg, engine=engine, optimizer=optimizer, experts=experts, guard=guard,
-                      faults=faults, distiller=distiller, model=model, device=device, bf16=bf16)
+    guard = NonFiniteGuard(model, [innermost_optimizer(engine.optimizer), experts.optimizer], device, streams)
+    parts = StepParts(
+        cfg=cfg,
+        engine=engine,
+        optimizer=optimizer,
+        experts=experts,
+        guard=guard,
+        faults=faults,
+        distiller=distiller,
+        model=model,
+        device=device,
+        bf16=bf16,
+    )
     return parts, tokenizer, fpt
 
 
@@ -306,7 +373,8 @@ def stop_if_nonfinite(guard: NonFiniteGuard, cfg: Config, run_dir: Path, rank: i
             f"{guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
             f"(config key 'train.max_nonfinite'={limit}); stopped at step {step}. "
             f"The last checkpoint, {last or 'none'}, is intact: lower train.lr, check the data, "
-            f"or resume with train.resume=auto")
+            f"or resume with train.resume=auto"
+        )
 
 
 def train(cfg: Config) -> int:
@@ -356,14 +424,19 @@ def train(cfg: Config) -> int:
             log.log({**row, **eval_row})
             interval = None
             if rank == 0:
-                print(progress_line(row, step, t.steps, time.perf_counter() - started, step - first_step),
-                      flush=True)
+                print(
+                    progress_line(row, step, t.steps, time.perf_counter() - started, step - first_step),
+                    flush=True,
+                )
 
         # ---- the non-finite guard's record ----
         debug.log(step, batches.take_keys(), parts.model, bool(stats.skipped))
         if stats.skipped and rank == 0:
-            print(f"step {step}: non-finite loss or gradient, optimizer step skipped "
-                  f"({parts.guard.in_a_row} in a row, {parts.guard.total} in all)", flush=True)
+            print(
+                f"step {step}: non-finite loss or gradient, optimizer step skipped "
+                f"({parts.guard.in_a_row} in a row, {parts.guard.total} in all)",
+                flush=True,
+            )
         stop_if_nonfinite(parts.guard, cfg, run_dir, rank, step)
 
         # ---- checkpoint ----

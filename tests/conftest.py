@@ -24,12 +24,16 @@ def toy_sentences(n: int, seed: int = 0) -> list[str]:
     out = []
     for _ in range(n):
         c, s = rng.choice(COLORS), rng.choice(SHAPES)
-        out.append(rng.choice([
-            f"the {c} {s} is on the left.",
-            f"a {c} {s} moves to the right.",
-            f"Q: what color is the {s}? A: {c}.",
-            f"there is one {c} {s} in the picture.",
-        ]))
+        out.append(
+            rng.choice(
+                [
+                    f"the {c} {s} is on the left.",
+                    f"a {c} {s} moves to the right.",
+                    f"Q: what color is the {s}? A: {c}.",
+                    f"there is one {c} {s} in the picture.",
+                ]
+            )
+        )
     return out
 
 
@@ -43,8 +47,8 @@ def text_rows(tokenizer, n: int = 8, T: int = 48, seed: int = 0):
     labels = torch.full((n, T), IGNORE)
     for i, text in enumerate(toy_sentences(n, seed)):
         t = ([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id])[:T]
-        ids[i, :len(t)] = torch.tensor(t)
-        labels[i, :len(t) - 1] = torch.tensor(t[1:])
+        ids[i, : len(t)] = torch.tensor(t)
+        labels[i, : len(t) - 1] = torch.tensor(t[1:])
     return ids, labels
 
 
@@ -92,21 +96,37 @@ def text_shards(tmp_path_factory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(toy_sentences(400)) + "\n")
     out = root / "shards"
-    r = run_cli([str(BIN / "fusion-data"), "text", "--input", str(corpus), "--output", str(out),
-                 "--samples-per-shard", "100"])
+    r = run_cli(
+        [
+            str(BIN / "fusion-data"),
+            "text",
+            "--input",
+            str(corpus),
+            "--output",
+            str(out),
+            "--samples-per-shard",
+            "100",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     return out
 
 
-RGB = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 80, 230),
-       "yellow": (235, 220, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
+RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
 
 
 def square_frame(color: str, x: int, y: int, size: int = 32, side: int = 10):
     import numpy as np
 
     img = np.full((size, size, 3), 30, np.uint8)
-    img[y:y + side, x:x + side] = RGB[color]
+    img[y : y + side, x : x + side] = RGB[color]
     return img
 
 
@@ -149,8 +169,14 @@ def image_shards(tmp_path_factory) -> Path:
                 buf = io.BytesIO()
                 Image.fromarray(square_frame(color, x, rng.randint(0, 22))).save(buf, format="PNG")
                 side = "left" if x < 11 else "right"
-                w.write(f"img{s}_{i:03d}", {"png": buf.getvalue(), "txt": f"a {color} square on the {side}.",
-                                           "json": {"width": 32, "height": 32, "source": "test"}})
+                w.write(
+                    f"img{s}_{i:03d}",
+                    {
+                        "png": buf.getvalue(),
+                        "txt": f"a {color} square on the {side}.",
+                        "json": {"width": 32, "height": 32, "source": "test"},
+                    },
+                )
     write_index(out, "image")
     return out
 
@@ -169,9 +195,14 @@ def video_shards(tmp_path_factory) -> Path:
                 color, right = colors[(s * 8 + i) % len(colors)], (i % 2 == 0)
                 xs = [2 + 2 * f for f in range(8)]
                 frames = [square_frame(color, x if right else 22 - (x - 2), 11) for x in xs]
-                w.write(f"vid{s}_{i:03d}", {
-                    "mp4": encode_mp4(frames), "txt": f"a {color} square moves {'right' if right else 'left'}.",
-                    "json": {"fps": 8.0, "n_frames": 8, "duration": 1.0, "width": 32, "height": 32}})
+                w.write(
+                    f"vid{s}_{i:03d}",
+                    {
+                        "mp4": encode_mp4(frames),
+                        "txt": f"a {color} square moves {'right' if right else 'left'}.",
+                        "json": {"fps": 8.0, "n_frames": 8, "duration": 1.0, "width": 32, "height": 32},
+                    },
+                )
     write_index(out, "video")
     return out
 
@@ -180,8 +211,29 @@ def video_shards(tmp_path_factory) -> Path:
 def toy_world(tmp_path_factory) -> Path:
     """A small toy world from `fusion-data toy` (all splits, a few shards each)."""
     out = tmp_path_factory.mktemp("toy") / "world"
-    r = run_cli([str(BIN / "fusion-data"), "toy", "--output", str(out), "--n-text", "40",
-                 "--n-image", "40", "--n-video", "8", "--n-vqa-train", "60", "--n-vqa-test", "30",
-                 "--n-video-vqa-train", "8", "--n-video-vqa-test", "8", "--samples-per-shard", "20"])
+    r = run_cli(
+        [
+            str(BIN / "fusion-data"),
+            "toy",
+            "--output",
+            str(out),
+            "--n-text",
+            "40",
+            "--n-image",
+            "40",
+            "--n-video",
+            "8",
+            "--n-vqa-train",
+            "60",
+            "--n-vqa-test",
+            "30",
+            "--n-video-vqa-train",
+            "8",
+            "--n-video-vqa-test",
+            "8",
+            "--samples-per-shard",
+            "20",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     return out

@@ -33,7 +33,7 @@ PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>
 def picture(rng: random.Random, size: int = 32) -> bytes:
     arr = np.full((size, size, 3), rng.randrange(256), np.uint8)
     x, y = rng.randrange(size - 8), rng.randrange(size - 8)
-    arr[y:y + 8, x:x + 8] = (rng.randrange(256), 40, 200)
+    arr[y : y + 8, x : x + 8] = (rng.randrange(256), 40, 200)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -48,7 +48,12 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_sample(i: int, good: bytes) -> list[tuple[str, bytes, bytes]]:
@@ -95,9 +100,18 @@ def rate(spec: str, n: int) -> tuple[float, float, dict]:
     from fusion.data.mixing import build_batches
     from fusion.data.tokenizer import build_tokenizer
 
-    cfg = load_config(None, [f"data.image={spec}", "data.num_workers=0", "data.shuffle_buffer=64",
-                             "train.micro_batch=8", "train.seq_len=128", "model.vision.img_size=32",
-                             "model.vision.patch_size=8"])
+    cfg = load_config(
+        None,
+        [
+            f"data.image={spec}",
+            "data.num_workers=0",
+            "data.shuffle_buffer=64",
+            "train.micro_batch=8",
+            "train.seq_len=128",
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+        ],
+    )
     batches = build_batches(cfg, build_tokenizer("byte"), 0, 1)
     rows = batches.sources["image"]
     next(batches)  # warm-up: imports, first shard opened
@@ -133,7 +147,8 @@ def main(argv=None) -> int:
             if r[0] > best[name][0]:
                 best[name] = r
     result = {
-        "samples": args.n, "bad_samples": n_bad,
+        "samples": args.n,
+        "bad_samples": n_bad,
         "clean_samples_per_s": round(best["clean"][0], 1),
         "bad_samples_per_s": round(best["bad"][0], 1),
         "ratio_taken": round(best["bad"][0] / best["clean"][0], 3),

@@ -33,10 +33,16 @@ def breaches(path: Path, max_file: int, max_function: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="check_sizes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="*", type=Path, default=[ROOT / "fusion"],
-                   help="files or directories (default: fusion/)")
+    p = argparse.ArgumentParser(
+        prog="check_sizes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        default=[ROOT / "fusion"],
+        help="files or directories (default: fusion/)",
+    )
     p.add_argument("--max-file", type=int, default=600, help="lines per module (default 600)")
     p.add_argument("--max-function", type=int, default=80, help="lines per function (default 80)")
     args = p.parse_args(argv)

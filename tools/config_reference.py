@@ -52,7 +52,7 @@ def field_comments(cls) -> dict[str, str]:
             continue
         column = len(code)
         parts = [comment]
-        for line in lines[node.end_lineno:]:
+        for line in lines[node.end_lineno :]:
             if line.strip().startswith("#") and line.index("#") == column:
                 parts.append(line.strip().lstrip("#").strip())
             else:
@@ -71,7 +71,7 @@ def _split_comment(line: str) -> tuple[str, str, str]:
         elif ch in "\"'":
             quote = ch
         elif ch == "#":
-            return line[:i], "#", line[i + 1:].strip()
+            return line[:i], "#", line[i + 1 :].strip()
     return line, "", ""
 
 
@@ -118,9 +118,14 @@ def sizes_table() -> list[str]:
     keys = sorted({k for shape in SIZES.values() for k in shape if k != "moe"})
     moe_keys = sorted({k for shape in SIZES.values() for k in shape.get("moe", {})})
     head = ["size"] + [f"`{k}`" for k in keys] + [f"`moe.{k}`" for k in moe_keys]
-    out = ["## Named sizes (`model.size`)", "",
-           "Explicit `model.*` keys override a size's values; a blank cell keeps the default above.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = [
+        "## Named sizes (`model.size`)",
+        "",
+        "Explicit `model.*` keys override a size's values; a blank cell keeps the default above.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name, shape in SIZES.items():
         cells = [f"`{name}`"] + [str(shape.get(k, "")) for k in keys]
         cells += [str(shape.get("moe", {}).get(k, "")) for k in moe_keys]
@@ -138,8 +143,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="config_reference", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="config_reference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if docs/config.md is not what this writes")
     args = p.parse_args(argv)
     text = render()

@@ -1,6 +1,11 @@
-"""Print the demo's toy-VQA table (accuracy beside blind and chance) and where its outputs are.
+"""Print the demo's toy-VQA table (accuracy beside blind and chance), whether the demo's promise
+holds, how long `make demo` took, and where its outputs are.
 
-    python tools/demo_report.py --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test
+    python tools/demo_report.py --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test \\
+        [--started EPOCH_SECONDS]
+
+The promise (README, "What the demo shows"): image VQA (`vqa_image_test`) at least 0.95 overall and
+at least 0.90 on every question type, video `direction` (`vqa_video_test`) at least 0.95.
 """
 
 from __future__ import annotations
@@ -8,28 +13,55 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+# set -> (minimum overall accuracy, minimum accuracy of every question type)
+PROMISE = {"vqa_image_test": (0.95, 0.90), "vqa_video_test": (0.95, 0.95)}
+
+
+def check_promise(results: dict[str, dict]) -> list[str]:
+    """One line per promised set: its figures against the promise, 'met' or 'MISSED'."""
+    lines = []
+    for name, (overall, per_type) in PROMISE.items():
+        res = results.get(name)
+        if res is None:
+            continue
+        worst_type, worst = min(((k, r["acc"]) for k, r in res["by_type"].items()), key=lambda x: x[1])
+        ok = res["overall"]["acc"] >= overall and worst >= per_type
+        lines.append(f"{name}: overall {res['overall']['acc']:.3f} (promise >= {overall:.2f}), weakest "
+                     f"type {worst_type} {worst:.3f} (>= {per_type:.2f}): {'met' if ok else 'MISSED'}")
+    return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the run directory fusion-eval wrote eval/ into")
     p.add_argument("--vqa", nargs="+", required=True, help="the VQA set directories that were evaluated")
+    p.add_argument("--started", type=float, default=None, metavar="EPOCH",
+                   help="when `make demo` started (seconds since the epoch): prints the time it took")
     args = p.parse_args(argv)
     run = Path(args.run)
     lines = [f"{'set':<26}{'type':<12}{'n':>6}{'acc':>8}{'blind':>8}{'chance':>8}"]
+    results = {}
     for vqa in args.vqa:
         name = Path(vqa).name
         path = run / "eval" / f"{name}.json"
         if not path.is_file():
             print(f"demo_report: error: no evaluation at {path}", file=sys.stderr)
             return 1
-        res = json.loads(path.read_text())
+        res = results[name] = json.loads(path.read_text())
         rows = [("overall", res["overall"])] + sorted(res["by_type"].items())
         for kind, r in rows:
             lines.append(f"{name:<26}{kind:<12}{r['n']:>6}{r['acc']:>8.3f}{r['blind_acc']:>8.3f}{r['chance']:>8.3f}")
         lines.append("")
     print("\n".join(lines).rstrip())
+    promise = check_promise(results)
+    if promise:
+        print("\n" + "\n".join(promise))
+    if args.started is not None:
+        seconds = time.time() - args.started
+        print(f"\nmake demo took {int(seconds // 60)} min {int(seconds % 60)} s")
     print(f"\nrun: {run}   metrics: {run / 'metrics.jsonl'}   plots: {run / 'plots'}   "
           f"examples: {run / 'eval'}/*.png")
     return 0

@@ -41,8 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES = ("data", "forward", "backward", "all-reduce", "optimizer")
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single",
-               "reduce_scatter_tensor", "broadcast", "barrier")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_to_all_single",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "barrier",
+)
 
 
 class PhaseClock:
@@ -51,7 +58,7 @@ class PhaseClock:
     def __init__(self):
         self.on = False
         self.total = defaultdict(float)
-        self.stack: list[list] = []           # [name, start, time of children]
+        self.stack: list[list] = []  # [name, start, time of children]
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -84,6 +91,7 @@ def wrap(owner, attr: str, clock: PhaseClock, name: str) -> None:
 def module_timers(model, clock: PhaseClock) -> None:
     """Forward-hook timers on every attention and every FFN / MoE module (nested in `forward`,
     so their time is taken out of it); the vision tower's encode calls are wrapped in main."""
+
     def hook(name):
         def pre(mod, args):
             if clock.on:
@@ -96,6 +104,7 @@ def module_timers(model, clock: PhaseClock) -> None:
                 clock.total[name] += spent - frame[2]
                 if clock.stack:
                     clock.stack[-1][2] += spent
+
         return pre, post
 
     targets = []
@@ -112,14 +121,24 @@ def module_timers(model, clock: PhaseClock) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/demo.yaml", help="the run's config (default configs/demo.yaml)")
+    p.add_argument(
+        "--config", default="configs/demo.yaml", help="the run's config (default configs/demo.yaml)"
+    )
     p.add_argument("--steps", type=int, default=40, help="measured steps (default 40)")
     p.add_argument("--warmup", type=int, default=10, help="steps before measuring (default 10)")
-    p.add_argument("--ops", type=int, default=0, metavar="N",
-                   help="also profile ops on rank 0 and print the N with the most self time")
+    p.add_argument(
+        "--ops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile ops on rank 0 and print the N with the most self time",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
-    p.add_argument("--run-dir", default="runs/profile_step",
-                   help="the throw-away run directory, deleted at the end (default runs/profile_step)")
+    p.add_argument(
+        "--run-dir",
+        default="runs/profile_step",
+        help="the throw-away run directory, deleted at the end (default runs/profile_step)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
@@ -151,8 +170,7 @@ def main(argv=None) -> int:
 
     first = args.warmup
     last = args.warmup + args.steps
-    state = {"t0": None, "t1": None, "prof": None, "hooked": False, "tokens": 0.0, "loss": 0.0,
-             "slots": 0}
+    state = {"t0": None, "t1": None, "prof": None, "hooked": False, "tokens": 0.0, "loss": 0.0, "slots": 0}
     original_step = T.train_step
 
     def train_step(parts, batches, step):
@@ -183,9 +201,18 @@ def main(argv=None) -> int:
 
     T.train_step = train_step
     run_dir = args.run_dir  # the same on every rank: they write one checkpoint there at the end
-    cfg = load_config(args.config, [*args.overrides, f"train.steps={last}", "train.ckpt_every=0",
-                                    "train.eval_every=0", "train.resume=none", f"run.dir={run_dir}",
-                                    f"train.log_every={last}"])
+    cfg = load_config(
+        args.config,
+        [
+            *args.overrides,
+            f"train.steps={last}",
+            "train.ckpt_every=0",
+            "train.eval_every=0",
+            "train.resume=none",
+            f"run.dir={run_dir}",
+            f"train.log_every={last}",
+        ],
+    )
     T.train(cfg)
 
     import fusion.dist as fdist
@@ -195,43 +222,74 @@ def main(argv=None) -> int:
     shares = dict(clock.total)
     compute = sum(v for k, v in shares.items() if k not in ("data", "all-reduce"))
     cpu = state["c1"] - state["c0"]  # this process's CPU time: what other programs' load hides less
-    mine = torch.tensor([wall, compute, shares.get("all-reduce", 0.0), shares.get("data", 0.0), cpu],
-                        dtype=torch.float64)
+    mine = torch.tensor(
+        [wall, compute, shares.get("all-reduce", 0.0), shares.get("data", 0.0), cpu], dtype=torch.float64
+    )
     gathered = [mine.clone() for _ in range(world)]
     if world > 1:
         tdist.all_gather(gathered, mine)
     if rank == 0:
-        phases = ["data", "forward", "forward: vision", "forward: attention", "forward: ffn / moe",
-                  "forward: cross-attention", "backward", "all-reduce", "optimizer"]
+        phases = [
+            "data",
+            "forward",
+            "forward: vision",
+            "forward: attention",
+            "forward: ffn / moe",
+            "forward: cross-attention",
+            "backward",
+            "all-reduce",
+            "optimizer",
+        ]
         accounted = sum(shares.values())
         rows = [(k, shares[k]) for k in phases if k in shares]
         rows.append(("other (loop, stats, Python between phases)", wall - accounted))
-        print(f"\n{args.steps} steps after {args.warmup} warm-up steps, world {world}, "
-              f"{torch.get_num_threads()} thread(s) per rank; {wall / args.steps * 1e3:.0f} ms per step on rank 0")
+        print(
+            f"\n{args.steps} steps after {args.warmup} warm-up steps, world {world}, "
+            f"{torch.get_num_threads()} thread(s) per rank; {wall / args.steps * 1e3:.0f} ms per step on rank 0"
+        )
         print(f"{'phase':<46}{'ms/step':>9}{'share':>8}")
         for k, v in rows:
             print(f"{k:<46}{v / args.steps * 1e3:>9.1f}{v / wall:>8.1%}")
         slots = max(state["slots"], 1)
-        print(f"rows on rank 0: padding {1 - state['tokens'] / slots:.1%} of positions, "
-              f"loss on {state['loss'] / slots:.1%}")
-        print("per rank: " + "; ".join(
-            f"rank {r}: compute {g[1] / args.steps * 1e3:.0f} ms, collectives {g[2] / args.steps * 1e3:.0f} ms, "
-            f"data {g[3] / args.steps * 1e3:.0f} ms, CPU time {g[4] / args.steps * 1e3:.0f} ms"
-            for r, g in enumerate(gathered)) + " per step")
-        out = {"world": world, "steps": args.steps, "ms_per_step": wall / args.steps * 1e3,
-               "padding": 1 - state["tokens"] / slots, "loss_tokens": state["loss"] / slots,
-               "shares": {k: v / wall for k, v in rows},
-               "per_rank": [{"compute_ms": g[1].item() / args.steps * 1e3,
-                             "collectives_ms": g[2].item() / args.steps * 1e3,
-                             "data_ms": g[3].item() / args.steps * 1e3,
-                             "cpu_ms": g[4].item() / args.steps * 1e3} for g in gathered]}
+        print(
+            f"rows on rank 0: padding {1 - state['tokens'] / slots:.1%} of positions, "
+            f"loss on {state['loss'] / slots:.1%}"
+        )
+        print(
+            "per rank: "
+            + "; ".join(
+                f"rank {r}: compute {g[1] / args.steps * 1e3:.0f} ms, collectives {g[2] / args.steps * 1e3:.0f} ms, "
+                f"data {g[3] / args.steps * 1e3:.0f} ms, CPU time {g[4] / args.steps * 1e3:.0f} ms"
+                for r, g in enumerate(gathered)
+            )
+            + " per step"
+        )
+        out = {
+            "world": world,
+            "steps": args.steps,
+            "ms_per_step": wall / args.steps * 1e3,
+            "padding": 1 - state["tokens"] / slots,
+            "loss_tokens": state["loss"] / slots,
+            "shares": {k: v / wall for k, v in rows},
+            "per_rank": [
+                {
+                    "compute_ms": g[1].item() / args.steps * 1e3,
+                    "collectives_ms": g[2].item() / args.steps * 1e3,
+                    "data_ms": g[3].item() / args.steps * 1e3,
+                    "cpu_ms": g[4].item() / args.steps * 1e3,
+                }
+                for g in gathered
+            ],
+        }
         prof = state["prof"]
         if prof is not None:
             events = prof.key_averages()
             top = [e for e in events if e.key != "ProfilerStep*"]
             op_self = sum(e.self_cpu_time_total for e in top) / 1e6
-            print(f"\nop profile (rank 0): time inside ops {op_self / wall:.1%} of the measured wall time; "
-                  f"outside any op (Python, dispatch, the loop; upper bound) {1 - op_self / wall:.1%}")
+            print(
+                f"\nop profile (rank 0): time inside ops {op_self / wall:.1%} of the measured wall time; "
+                f"outside any op (Python, dispatch, the loop; upper bound) {1 - op_self / wall:.1%}"
+            )
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.ops))
             out["inside_ops"] = op_self / wall
         if args.json:

@@ -28,26 +28,29 @@ def dense_baseline_ffn_dim(moe: MoEConfig) -> int:
 @dataclass
 class Derived:
     world_size: int
-    dp_size: int            # data-parallel ranks (all ranks: experts shard inside them)
-    global_batch: int       # sequences per optimizer step over all ranks
+    dp_size: int  # data-parallel ranks (all ranks: experts shard inside them)
+    global_batch: int  # sequences per optimizer step over all ranks
     tokens_per_step: int
     head_dim: int
     moe_layers: list[int]
-    image_tokens: int       # sequence tokens of one image, markers included
-    video_tokens: int       # sequence tokens of one video of data.n_frames frames
+    image_tokens: int  # sequence tokens of one image, markers included
+    video_tokens: int  # sequence tokens of one video of data.n_frames frames
 
 
 def finalize(cfg: Config, world_size: int) -> Derived:
     """Every derived value, computed once, with assertions that say what broke."""
     m, t = cfg.model, cfg.train
     if m.moe.ep_size > 1 and world_size % m.moe.ep_size:
-        raise ConfigError(f"config key 'model.moe.ep_size': world size {world_size} is not divisible "
-                          f"by ep_size={m.moe.ep_size}")
+        raise ConfigError(
+            f"config key 'model.moe.ep_size': world size {world_size} is not divisible "
+            f"by ep_size={m.moe.ep_size}"
+        )
     image_tokens = tokens_per_image(m.vision) + 2
     video_tokens = tokens_per_video(m.vision, cfg.data.n_frames)
     global_batch = t.micro_batch * t.grad_accum * world_size
-    assert global_batch == t.micro_batch * t.grad_accum * world_size, \
+    assert global_batch == t.micro_batch * t.grad_accum * world_size, (
         "micro_batch * grad_accum * world must equal global_batch"
+    )
     return Derived(
         world_size=world_size,
         dp_size=world_size,

@@ -59,7 +59,7 @@ def _nest(flat: dict[str, Any], source: str) -> dict[str, Any]:
         tree = out.setdefault(field, {})
         if not isinstance(tree, dict):
             raise ConfigError(f"config key '{key}' in {source}: '{field}' is not a mapping")
-        *path, leaf = key[len(field) + 1:].split(".")
+        *path, leaf = key[len(field) + 1 :].split(".")
         for part in path:
             tree = tree.setdefault(part, {})
             if not isinstance(tree, dict):
@@ -114,6 +114,7 @@ def _unknown_key_message(key: str, source: str) -> str:
 
 def _coerce(key: str, value: Any, ftype: Any, source: str) -> Any:
     """Check (and gently convert) a value against a field type; raise naming the key."""
+
     def bad() -> ConfigError:
         tname = getattr(ftype, "__name__", str(ftype))
         return ConfigError(f"config key '{key}' in {source}: expected {tname}, got {value!r}")
@@ -198,8 +199,9 @@ def _read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                source: str = "the command line") -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, source: str = "the command line"
+) -> Config:
     """Defaults -> named size -> YAML file -> `key=value` overrides, all checked. Errors name the
     overrides' `source` (e.g. the model.json they were read from)."""
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -223,8 +225,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             size = _coerce("model.size", flat["model.size"], str, source)
             size_source = source
     if size not in SIZES:
-        raise ConfigError(f"config key 'model.size' in {size_source if size != cfg.model.size else 'defaults'}: "
-                          f"unknown size '{size}' (known: {', '.join(SIZES)})")
+        raise ConfigError(
+            f"config key 'model.size' in {size_source if size != cfg.model.size else 'defaults'}: "
+            f"unknown size '{size}' (known: {', '.join(SIZES)})"
+        )
     apply_size(cfg, size)
 
     for source, flat in layers:
@@ -279,17 +283,51 @@ def validate(cfg: Config) -> None:
     _check_training(cfg)
 
 
-_POSITIVE = ["model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.ffn_dim",
-             "model.moe.every", "model.moe.moe_ffn_dim", "model.moe.ep_size",
-             "model.vision.img_size", "model.vision.patch_size", "model.vision.temporal_merge",
-             "model.vision.max_frames", "data.n_frames", "data.max_pixels", "data.decode_timeout",
-             "train.steps", "train.micro_batch", "train.grad_accum", "train.seq_len", "train.log_every"]
-_NON_NEGATIVE = ["model.vocab_size", "model.moe.n_experts", "model.moe.n_shared", "model.moe.aux_coef",
-                 "model.moe.z_coef", "model.moe.bias_rate", "train.lr", "train.warmup", "train.grad_clip",
-                 "train.ckpt_every", "train.eval_every", "train.weight_decay",
-                 "train.keep_checkpoints", "train.max_nonfinite",
-                 "data.num_workers", "data.shuffle_buffer", "data.alpha", "train.peak_tflops",
-                 "data.eval_limit", "model.vision.width", "model.vision.lr_scale"]
+_POSITIVE = [
+    "model.dim",
+    "model.n_layers",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.ffn_dim",
+    "model.moe.every",
+    "model.moe.moe_ffn_dim",
+    "model.moe.ep_size",
+    "model.vision.img_size",
+    "model.vision.patch_size",
+    "model.vision.temporal_merge",
+    "model.vision.max_frames",
+    "data.n_frames",
+    "data.max_pixels",
+    "data.decode_timeout",
+    "train.steps",
+    "train.micro_batch",
+    "train.grad_accum",
+    "train.seq_len",
+    "train.log_every",
+]
+_NON_NEGATIVE = [
+    "model.vocab_size",
+    "model.moe.n_experts",
+    "model.moe.n_shared",
+    "model.moe.aux_coef",
+    "model.moe.z_coef",
+    "model.moe.bias_rate",
+    "train.lr",
+    "train.warmup",
+    "train.grad_clip",
+    "train.ckpt_every",
+    "train.eval_every",
+    "train.weight_decay",
+    "train.keep_checkpoints",
+    "train.max_nonfinite",
+    "data.num_workers",
+    "data.shuffle_buffer",
+    "data.alpha",
+    "train.peak_tflops",
+    "data.eval_limit",
+    "model.vision.width",
+    "model.vision.lr_scale",
+]
 
 
 def _check_choices_and_signs(cfg: Config) -> None:
@@ -308,12 +346,16 @@ def _check_choices_and_signs(cfg: Config) -> None:
 def _check_model_shape(m) -> None:
     """Heads, RoPE / NoPE and chunked attention, norms and init, cross-attention spacing (model.*)."""
     if m.dim % m.n_heads:
-        raise ConfigError(f"config key 'model.n_heads': model.dim={m.dim} is not divisible by n_heads={m.n_heads}")
+        raise ConfigError(
+            f"config key 'model.n_heads': model.dim={m.dim} is not divisible by n_heads={m.n_heads}"
+        )
     if (m.dim // m.n_heads) % 2:
         raise ConfigError(f"config key 'model.n_heads': head dim {m.dim // m.n_heads} must be even for RoPE")
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"config key 'model.n_kv_heads': n_heads={m.n_heads} is not divisible by "
-                          f"n_kv_heads={m.n_kv_heads}")
+        raise ConfigError(
+            f"config key 'model.n_kv_heads': n_heads={m.n_heads} is not divisible by "
+            f"n_kv_heads={m.n_kv_heads}"
+        )
     for name in ("nope_every", "attn_chunk"):
         if getattr(m, name) < 0:
             raise ConfigError(f"config key 'model.{name}' must be >= 0 (0 = off), got {getattr(m, name)}")
@@ -321,8 +363,10 @@ def _check_model_shape(m) -> None:
         if getattr(m, name) <= 0:
             raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
     if m.rope_high_freq_factor < m.rope_low_freq_factor:
-        raise ConfigError(f"config key 'model.rope_high_freq_factor': {m.rope_high_freq_factor} is below "
-                          f"model.rope_low_freq_factor={m.rope_low_freq_factor}")
+        raise ConfigError(
+            f"config key 'model.rope_high_freq_factor': {m.rope_high_freq_factor} is below "
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor}"
+        )
     for name in ("norm_eps", "rope_theta", "init_std"):
         if not getattr(m, name) > 0:
             raise ConfigError(f"config key 'model.{name}' must be positive, got {getattr(m, name)}")
@@ -335,51 +379,75 @@ def _check_moe(m) -> None:
     the dense baseline, which needs MoE layers to replace."""
     moe = m.moe
     if moe.n_experts and not 1 <= moe.top_k <= moe.n_experts:
-        raise ConfigError(f"config key 'model.moe.top_k': must be in 1..n_experts={moe.n_experts}, "
-                          f"got {moe.top_k}")
+        raise ConfigError(
+            f"config key 'model.moe.top_k': must be in 1..n_experts={moe.n_experts}, got {moe.top_k}"
+        )
     if moe.n_experts and moe.n_experts % moe.ep_size:
-        raise ConfigError(f"config key 'model.moe.ep_size': n_experts={moe.n_experts} is not divisible "
-                          f"by ep_size={moe.ep_size}")
+        raise ConfigError(
+            f"config key 'model.moe.ep_size': n_experts={moe.n_experts} is not divisible "
+            f"by ep_size={moe.ep_size}"
+        )
     if moe.n_groups < 1 or (moe.n_experts and moe.n_experts % moe.n_groups):
-        raise ConfigError(f"config key 'model.moe.n_groups': must be >= 1 and divide "
-                          f"n_experts={moe.n_experts}, got {moe.n_groups}")
+        raise ConfigError(
+            f"config key 'model.moe.n_groups': must be >= 1 and divide "
+            f"n_experts={moe.n_experts}, got {moe.n_groups}"
+        )
     if not 1 <= moe.topk_groups <= moe.n_groups:
-        raise ConfigError(f"config key 'model.moe.topk_groups': must be in 1..n_groups={moe.n_groups}, "
-                          f"got {moe.topk_groups}")
+        raise ConfigError(
+            f"config key 'model.moe.topk_groups': must be in 1..n_groups={moe.n_groups}, "
+            f"got {moe.topk_groups}"
+        )
     if moe.n_experts and moe.top_k > moe.topk_groups * (moe.n_experts // moe.n_groups):
-        raise ConfigError(f"config key 'model.moe.topk_groups': top_k={moe.top_k} experts do not fit in "
-                          f"{moe.topk_groups} group(s) of {moe.n_experts // moe.n_groups} experts")
+        raise ConfigError(
+            f"config key 'model.moe.topk_groups': top_k={moe.top_k} experts do not fit in "
+            f"{moe.topk_groups} group(s) of {moe.n_experts // moe.n_groups} experts"
+        )
     if m.dense_baseline and not moe.n_experts:
-        raise ConfigError("config key 'model.dense_baseline': the model has no MoE layers to replace "
-                          "(model.moe.n_experts=0)")
+        raise ConfigError(
+            "config key 'model.dense_baseline': the model has no MoE layers to replace "
+            "(model.moe.n_experts=0)"
+        )
 
 
 def _check_media_and_lengths(cfg: Config) -> None:
     """Modality weights, the vision grid and frames, and one image or video fitting in train.seq_len."""
     if len(cfg.data.weights) != 3:
-        raise ConfigError(f"config key 'data.weights': expected 3 weights (text, image, video), "
-                          f"got {cfg.data.weights}")
+        raise ConfigError(
+            f"config key 'data.weights': expected 3 weights (text, image, video), got {cfg.data.weights}"
+        )
     if any(w < 0 for w in cfg.data.weights):
         raise ConfigError(f"config key 'data.weights': weights must be >= 0, got {cfg.data.weights}")
     v = cfg.model.vision
     if v.img_size % v.patch_size:
-        raise ConfigError(f"config key 'model.vision.patch_size': img_size={v.img_size} is not divisible "
-                          f"by patch_size={v.patch_size}")
+        raise ConfigError(
+            f"config key 'model.vision.patch_size': img_size={v.img_size} is not divisible "
+            f"by patch_size={v.patch_size}"
+        )
     if v.pixel_shuffle and (v.img_size // v.patch_size) % 2:
-        raise ConfigError(f"config key 'model.vision.pixel_shuffle': the patch grid "
-                          f"{v.img_size // v.patch_size} must be even to shuffle")
+        raise ConfigError(
+            f"config key 'model.vision.pixel_shuffle': the patch grid "
+            f"{v.img_size // v.patch_size} must be even to shuffle"
+        )
     if cfg.data.n_frames % v.temporal_merge:
-        raise ConfigError(f"config key 'data.n_frames': {cfg.data.n_frames} frames are not divisible by "
-                          f"model.vision.temporal_merge={v.temporal_merge}")
+        raise ConfigError(
+            f"config key 'data.n_frames': {cfg.data.n_frames} frames are not divisible by "
+            f"model.vision.temporal_merge={v.temporal_merge}"
+        )
     if cfg.data.n_frames > v.max_frames:
-        raise ConfigError(f"config key 'data.n_frames': {cfg.data.n_frames} frames exceed "
-                          f"model.vision.max_frames={v.max_frames}")
+        raise ConfigError(
+            f"config key 'data.n_frames': {cfg.data.n_frames} frames exceed "
+            f"model.vision.max_frames={v.max_frames}"
+        )
     if cfg.data.image and tokens_per_image(v) + 2 > cfg.train.seq_len:
-        raise ConfigError(f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one image's "
-                          f"{tokens_per_image(v) + 2} tokens")
+        raise ConfigError(
+            f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one image's "
+            f"{tokens_per_image(v) + 2} tokens"
+        )
     if cfg.data.video and tokens_per_video(v, cfg.data.n_frames) > cfg.train.seq_len:
-        raise ConfigError(f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one video's "
-                          f"{tokens_per_video(v, cfg.data.n_frames)} tokens ({cfg.data.n_frames} frames)")
+        raise ConfigError(
+            f"config key 'train.seq_len': {cfg.train.seq_len} is smaller than one video's "
+            f"{tokens_per_video(v, cfg.data.n_frames)} tokens ({cfg.data.n_frames} frames)"
+        )
 
 
 def _check_training(cfg: Config) -> None:
@@ -387,8 +455,10 @@ def _check_training(cfg: Config) -> None:
     distill.*)."""
     t = cfg.train
     if t.activation_checkpointing < 0:
-        raise ConfigError(f"config key 'train.activation_checkpointing' must be >= 0 (0 = off), "
-                          f"got {t.activation_checkpointing}")
+        raise ConfigError(
+            f"config key 'train.activation_checkpointing' must be >= 0 (0 = off), "
+            f"got {t.activation_checkpointing}"
+        )
     if t.eval_every and not cfg.data.eval:
         raise ConfigError("config key 'train.eval_every' is set but 'data.eval' names no VQA set")
     if len(t.betas) != 2:

@@ -18,6 +18,23 @@ from fusion.convert.hf_config import ARCHITECTURES, CONFIG, hf_config_from_model
 from fusion.convert.tensor_files import INDEX, WEIGHTS, Entry, SafeTensorsDir, write_safetensors
 from fusion.convert.weights import count_experts, entries_from_hf, entries_to_hf
 
-__all__ = ["ARCHITECTURES", "CONFIG", "DTYPES", "INDEX", "WEIGHTS", "ConvertError", "Entry", "SafeTensorsDir",
-           "count_experts", "entries_from_hf", "entries_to_hf", "from_hf", "hf_config_from_model", "main",
-           "model_overrides_from_hf", "parse_args", "to_hf", "write_safetensors"]
+__all__ = [
+    "ARCHITECTURES",
+    "CONFIG",
+    "DTYPES",
+    "INDEX",
+    "WEIGHTS",
+    "ConvertError",
+    "Entry",
+    "SafeTensorsDir",
+    "count_experts",
+    "entries_from_hf",
+    "entries_to_hf",
+    "from_hf",
+    "hf_config_from_model",
+    "main",
+    "model_overrides_from_hf",
+    "parse_args",
+    "to_hf",
+    "write_safetensors",
+]

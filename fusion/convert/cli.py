@@ -26,8 +26,12 @@ import torch
 from fusion.config import model_overrides, moe_layer_ids
 from fusion.convert import weights as weight_map
 from fusion.convert.errors import ConvertError
-from fusion.convert.hf_config import (CONFIG, hf_config_from_model, model_overrides_from_hf,
-                                      read_hf_text_config)
+from fusion.convert.hf_config import (
+    CONFIG,
+    hf_config_from_model,
+    model_overrides_from_hf,
+    read_hf_text_config,
+)
 from fusion.convert.tensor_files import WEIGHTS, Entry, SafeTensorsDir, write_safetensors
 from fusion.convert.weights import count_experts, entries_from_hf, entries_to_hf, hf_prefixes
 
@@ -43,14 +47,15 @@ def _check_out_dir(out: Path, names: tuple[str, ...], force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int = 0,
-            force: bool = False, log=print) -> Path:
+def from_hf(
+    hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int = 0, force: bool = False, log=print
+) -> Path:
     """Hugging Face Llama 4 text checkpoint -> fusion model directory. Returns the directory."""
     from fusion.config import ConfigError, load_config, to_dict
     from fusion.data.tokenizer import build_tokenizer
-    from fusion.schema import SpecialIds
     from fusion.model.fusion import FusionModel
     from fusion.model.vision import VisionTower
+    from fusion.schema import SpecialIds
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
@@ -59,8 +64,10 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
     values = model_overrides_from_hf(tc, hf_dir / CONFIG)
     weights = SafeTensorsDir(hf_dir)
     if hf_prefixes(weights)[1] is None and not values["tie_embeddings"]:
-        log(f"note: {hf_dir} has no lm_head (a bare Llama4TextModel): the output head is tied to the "
-            "input embeddings")
+        log(
+            f"note: {hf_dir} has no lm_head (a bare Llama4TextModel): the output head is tied to the "
+            "input embeddings"
+        )
         values["tie_embeddings"] = True
 
     tok_spec = "byte"
@@ -68,9 +75,11 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
         tok_spec = "tokenizer.json"
     tokenizer = build_tokenizer(str(hf_dir / tok_spec) if tok_spec != "byte" else "byte")
     if tokenizer.vocab_size > values["vocab_size"]:
-        raise ConvertError(f"{hf_dir}: the tokenizer needs {tokenizer.vocab_size} ids (fusion's special tokens "
-                           f"appended) but vocab_size is {values['vocab_size']}"
-                           + ("" if tok_spec != "byte" else "; add the checkpoint's tokenizer.json"))
+        raise ConvertError(
+            f"{hf_dir}: the tokenizer needs {tokenizer.vocab_size} ids (fusion's special tokens "
+            f"appended) but vocab_size is {values['vocab_size']}"
+            + ("" if tok_spec != "byte" else "; add the checkpoint's tokenizer.json")
+        )
 
     overrides = model_overrides(values)
     try:
@@ -109,8 +118,12 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
 
     _check_out_dir(out, (WEIGHTS, "model.json"), force)
     write_safetensors(out / WEIGHTS, entries)
-    meta = {"model": to_dict(cfg)["model"], "tokenizer": tok_spec, "vocab_size": values["vocab_size"],
-            "source": {"format": "huggingface", "architecture": arch, "path": str(hf_dir.resolve())}}
+    meta = {
+        "model": to_dict(cfg)["model"],
+        "tokenizer": tok_spec,
+        "vocab_size": values["vocab_size"],
+        "source": {"format": "huggingface", "architecture": arch, "path": str(hf_dir.resolve())},
+    }
     if tok_spec != "byte":
         shutil.copyfile(hf_dir / tok_spec, out / tok_spec)
     (out / "model.json").write_text(json.dumps(meta, indent=1))
@@ -120,20 +133,35 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int 
     if n_hf != n_fu:
         raise ConvertError(f"{hf_dir} holds {n_hf} routed experts but {n_fu} were written")
     n_moe = len(moe_layer_ids(m.n_layers, m.moe.every, m.moe.n_experts))
-    log(f"from-hf: {arch} {hf_dir} -> {out}: {m.n_layers} layers ({n_moe} MoE), {n_fu} routed experts "
-        f"+ {n_moe} shared, vocab {values['vocab_size']}, tokenizer {tok_spec}")
+    log(
+        f"from-hf: {arch} {hf_dir} -> {out}: {m.n_layers} layers ({n_moe} MoE), {n_fu} routed experts "
+        f"+ {n_moe} shared, vocab {values['vocab_size']}, tokenizer {tok_spec}"
+    )
     return out
 
 
-def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: bool = False,
-          ignore_router_bias: bool = False, log=print) -> Path:
+def to_hf(
+    run_or_ckpt: str | Path,
+    out_dir: str | Path,
+    dtype: str = "",
+    force: bool = False,
+    ignore_router_bias: bool = False,
+    log=print,
+) -> Path:
     """A fusion model directory (or run / checkpoints dir) -> Hugging Face `Llama4ForCausalLM` dir."""
-    from fusion.checkpoint import (MANIFEST, TOKENIZER, CheckpointError, check_weight_shapes,
-                                   find_model_dir, read_model_json, verify_checkpoint)
+    from fusion.checkpoint import (
+        MANIFEST,
+        TOKENIZER,
+        CheckpointError,
+        check_weight_shapes,
+        find_model_dir,
+        read_model_json,
+        verify_checkpoint,
+    )
     from fusion.config import ConfigError, load_config
     from fusion.data.tokenizer import build_tokenizer
-    from fusion.schema import SpecialIds
     from fusion.model.fusion import FusionModel
+    from fusion.schema import SpecialIds
 
     try:
         model_dir = find_model_dir(run_or_ckpt)
@@ -168,15 +196,20 @@ def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: 
     with torch.device("meta"):  # the shapes model.json promises, without allocating them
         skeleton = FusionModel(m, vocab, SpecialIds.of(tokenizer))
     try:
-        check_weight_shapes(model_dir / WEIGHTS, {k: src.shape(k) for k in src.keys()},
-                            {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+        check_weight_shapes(
+            model_dir / WEIGHTS,
+            {k: src.shape(k) for k in src.keys()},
+            {k: tuple(v.shape) for k, v in skeleton.state_dict().items()},
+        )
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     biased = [k for k in src.keys() if k.endswith("router.expert_bias") and src.get(k).abs().max() > 0]
     if biased and not ignore_router_bias:
-        raise ConvertError(f"{model_dir}: {len(biased)} MoE layers carry a trained aux-loss-free routing bias "
-                           "(model.moe.balance=bias), which a Hugging Face Llama 4 router cannot hold; pass "
-                           "--ignore-router-bias to export without it (expert choices will differ)")
+        raise ConvertError(
+            f"{model_dir}: {len(biased)} MoE layers carry a trained aux-loss-free routing bias "
+            "(model.moe.balance=bias), which a Hugging Face Llama 4 router cannot hold; pass "
+            "--ignore-router-bias to export without it (expert choices will differ)"
+        )
     if biased:
         log(f"warning: dropping the routing bias of {len(biased)} MoE layers")
     n_vision = sum(1 for k in src.keys() if k.startswith("vision."))
@@ -192,26 +225,45 @@ def to_hf(run_or_ckpt: str | Path, out_dir: str | Path, dtype: str = "", force: 
     if n_fu != n_hf:
         raise ConvertError(f"{model_dir} holds {n_fu} routed experts but {n_hf} were written")
     note = f"; {n_vision} vision tensors not exported (text decoder only)" if n_vision else ""
-    log(f"to-hf: {model_dir} -> {out_dir}: Llama4ForCausalLM, {m.n_layers} layers, {n_hf} routed experts{note}")
+    log(
+        f"to-hf: {model_dir} -> {out_dir}: Llama4ForCausalLM, {m.n_layers} layers, {n_hf} routed experts{note}"
+    )
     return out_dir
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="fusion-convert", description=__doc__, epilog=weight_map.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fusion-convert",
+        description=__doc__,
+        epilog=weight_map.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{from-hf,to-hf}")
     a = sub.add_parser("from-hf", help="Hugging Face Llama 4 text checkpoint -> fusion model directory")
     a.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and safetensors weights")
-    a.add_argument("out_dir", metavar="OUT_DIR", help="fusion model directory to write (fusion.load_model reads it)")
+    a.add_argument(
+        "out_dir", metavar="OUT_DIR", help="fusion model directory to write (fusion.load_model reads it)"
+    )
     a.add_argument("--seed", type=int, default=0, help="seed of the fresh vision-tower weights (default 0)")
     b = sub.add_parser("to-hf", help="fusion model -> Hugging Face Llama4ForCausalLM directory")
-    b.add_argument("src", metavar="RUN_OR_CKPT", help="a run dir, its checkpoints/ dir, or a checkpoint / model dir")
-    b.add_argument("out_dir", metavar="OUT_DIR", help="directory to write config.json + model.safetensors into")
-    b.add_argument("--ignore-router-bias", action="store_true",
-                   help="export even though MoE layers carry an aux-loss-free routing bias (it is dropped)")
+    b.add_argument(
+        "src", metavar="RUN_OR_CKPT", help="a run dir, its checkpoints/ dir, or a checkpoint / model dir"
+    )
+    b.add_argument(
+        "out_dir", metavar="OUT_DIR", help="directory to write config.json + model.safetensors into"
+    )
+    b.add_argument(
+        "--ignore-router-bias",
+        action="store_true",
+        help="export even though MoE layers carry an aux-loss-free routing bias (it is dropped)",
+    )
     for s in (a, b):
-        s.add_argument("--dtype", choices=sorted(DTYPES), default="",
-                       help="store weights in this dtype (default: as stored in the source)")
+        s.add_argument(
+            "--dtype",
+            choices=sorted(DTYPES),
+            default="",
+            help="store weights in this dtype (default: as stored in the source)",
+        )
         s.add_argument("--force", action="store_true", help="overwrite weights already in OUT_DIR")
     return p.parse_args(argv)
 
@@ -228,8 +280,13 @@ def _main(argv) -> int:
         if args.cmd == "from-hf":
             from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, seed=args.seed, force=args.force)
         else:
-            to_hf(args.src, args.out_dir, dtype=args.dtype, force=args.force,
-                  ignore_router_bias=args.ignore_router_bias)
+            to_hf(
+                args.src,
+                args.out_dir,
+                dtype=args.dtype,
+                force=args.force,
+                ignore_router_bias=args.ignore_router_bias,
+            )
     except BrokenPipeError:  # an OSError too: for pipe_safe
         raise
     except (ConvertError, OSError) as e:  # OSError: e.g. a missing file, no permission

@@ -51,15 +51,18 @@ def _rope_params(tc: dict, path: Path) -> dict:
         raise ConvertError(f"{path}: rope type {kind!r} is not supported (default or llama3)")
     out = {"rope_theta": float(params.get("rope_theta", tc.get("rope_theta", 500000.0)))}
     if kind == "llama3":
-        out.update(rope_factor=float(params["factor"]),
-                   rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                   rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                   rope_original_ctx=int(params.get("original_max_position_embeddings", 8192)))
+        out.update(
+            rope_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            rope_original_ctx=int(params.get("original_max_position_embeddings", 8192)),
+        )
     return out
 
 
 def model_overrides_from_hf(tc: dict, path: Path) -> dict:
     """The fusion `model.*` values of a Hugging Face Llama 4 text config; refuses what differs."""
+
     def need(key):
         if key not in tc:
             raise ConvertError(f"{path}: key '{key}' is missing")
@@ -69,12 +72,16 @@ def model_overrides_from_hf(tc: dict, path: Path) -> dict:
     Hkv = tc.get("num_key_value_heads") or Hq
     head_dim = tc.get("head_dim") or D // Hq
     if head_dim * Hq != D:
-        raise ConvertError(f"{path}: key 'head_dim' is {head_dim}, but fusion needs head_dim = hidden_size / "
-                           f"num_attention_heads = {D}/{Hq}")
+        raise ConvertError(
+            f"{path}: key 'head_dim' is {head_dim}, but fusion needs head_dim = hidden_size / "
+            f"num_attention_heads = {D}/{Hq}"
+        )
     if tc.get("attention_bias"):
         raise ConvertError(f"{path}: key 'attention_bias' is true; fusion's attention has no biases")
     if tc.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{path}: key 'hidden_act' is {tc['hidden_act']!r}; fusion's FFNs are SwiGLU (silu)")
+        raise ConvertError(
+            f"{path}: key 'hidden_act' is {tc['hidden_act']!r}; fusion's FFNs are SwiGLU (silu)"
+        )
 
     # NoPE layers: fusion places them every nope_every layers, as Llama 4's no_rope_layer_interval
     no_rope = tc.get("no_rope_layers") or []
@@ -84,16 +91,20 @@ def model_overrides_from_hf(tc: dict, path: Path) -> dict:
     nope_ids = [i for i, r in enumerate(no_rope) if not r]
     nope_every = nope_ids[0] + 1 if nope_ids else 0
     if nope_ids != [i for i in range(L) if nope_every and (i + 1) % nope_every == 0]:
-        raise ConvertError(f"{path}: key 'no_rope_layers' puts NoPE layers at {nope_ids}; fusion supports "
-                           f"one every k layers (k-1, 2k-1, ...)")
+        raise ConvertError(
+            f"{path}: key 'no_rope_layers' puts NoPE layers at {nope_ids}; fusion supports "
+            f"one every k layers (k-1, 2k-1, ...)"
+        )
 
     chunk = tc.get("attention_chunk_size") or 0
     types = tc.get("layer_types")
     if types:
         expect = ["chunked_attention" if r and chunk else "full_attention" for r in no_rope]
         if list(types) != expect:
-            raise ConvertError(f"{path}: key 'layer_types' is {types}; fusion chunks exactly the RoPE layers "
-                               f"when attention_chunk_size is set")
+            raise ConvertError(
+                f"{path}: key 'layer_types' is {types}; fusion chunks exactly the RoPE layers "
+                f"when attention_chunk_size is set"
+            )
 
     n_experts = need("num_local_experts")
     step = tc.get("interleave_moe_layer_step", 1)
@@ -101,23 +112,40 @@ def model_overrides_from_hf(tc: dict, path: Path) -> dict:
     if moe_ids is None:
         moe_ids = list(range(step - 1, L, step))
     if list(moe_ids) and list(moe_ids) != list(range(moe_ids[0], L, moe_ids[0] + 1)):
-        raise ConvertError(f"{path}: key 'moe_layers' is {moe_ids}; fusion supports MoE layers every k "
-                           f"layers (k-1, 2k-1, ...)")
+        raise ConvertError(
+            f"{path}: key 'moe_layers' is {moe_ids}; fusion supports MoE layers every k "
+            f"layers (k-1, 2k-1, ...)"
+        )
     every = moe_ids[0] + 1 if moe_ids else 1
     if not moe_ids:
         n_experts = 0
 
     tuning = tc.get("attn_temperature_tuning", True)
     out = dict(
-        vocab_size=need("vocab_size"), dim=D, n_layers=L, n_heads=Hq, n_kv_heads=Hkv,
-        ffn_dim=tc.get("intermediate_size_mlp", 16384), norm_eps=float(tc.get("rms_norm_eps", 1e-5)),
+        vocab_size=need("vocab_size"),
+        dim=D,
+        n_layers=L,
+        n_heads=Hq,
+        n_kv_heads=Hkv,
+        ffn_dim=tc.get("intermediate_size_mlp", 16384),
+        norm_eps=float(tc.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(tc.get("tie_word_embeddings", False)),
-        nope_every=nope_every, attn_chunk=int(chunk), qk_norm=bool(tc.get("use_qk_norm", True)),
-        temp_tuning=bool(tuning), floor_scale=int(tc.get("floor_scale", 8192)),
+        nope_every=nope_every,
+        attn_chunk=int(chunk),
+        qk_norm=bool(tc.get("use_qk_norm", True)),
+        temp_tuning=bool(tuning),
+        floor_scale=int(tc.get("floor_scale", 8192)),
         attn_scale=float(tc.get("attn_scale", 0.1)),
         rope_factor=1.0,
-        moe=dict(n_experts=n_experts, top_k=tc.get("num_experts_per_tok", 1), n_shared=1, every=every,
-                 moe_ffn_dim=need("intermediate_size"), score="sigmoid", gate_on="input"),
+        moe=dict(
+            n_experts=n_experts,
+            top_k=tc.get("num_experts_per_tok", 1),
+            n_shared=1,
+            every=every,
+            moe_ffn_dim=need("intermediate_size"),
+            score="sigmoid",
+            gate_on="input",
+        ),
     )
     out.update(_rope_params(tc, path))
     return out
@@ -128,22 +156,34 @@ def hf_config_from_model(m: ModelConfig, vocab_size: int, special) -> dict:
     moe = m.moe
     if m.fusion != "early" or m.dense_baseline:  # the research switches (README: Research switches)
         key = "model.fusion" if m.fusion != "early" else "model.dense_baseline"
-        raise ConvertError(f"config key '{key}': a late-fusion or dense-baseline model has no Hugging Face "
-                           "Llama 4 text equivalent; to-hf converts early-fusion models as built")
+        raise ConvertError(
+            f"config key '{key}': a late-fusion or dense-baseline model has no Hugging Face "
+            "Llama 4 text equivalent; to-hf converts early-fusion models as built"
+        )
     moe_ids = moe_layer_ids(m.n_layers, moe.every, moe.n_experts)
     if moe_ids:
-        for key, value, want in (("score", moe.score, "sigmoid"), ("gate_on", moe.gate_on, "input"),
-                                 ("n_shared", moe.n_shared, 1)):
+        for key, value, want in (
+            ("score", moe.score, "sigmoid"),
+            ("gate_on", moe.gate_on, "input"),
+            ("n_shared", moe.n_shared, 1),
+        ):
             if value != want:
-                raise ConvertError(f"config key 'model.moe.{key}' is {value!r}; a Hugging Face Llama 4 MoE "
-                                   f"layer needs {want!r}")
+                raise ConvertError(
+                    f"config key 'model.moe.{key}' is {value!r}; a Hugging Face Llama 4 MoE "
+                    f"layer needs {want!r}"
+                )
     no_rope = [int(m.nope_every == 0 or (i + 1) % m.nope_every != 0) for i in range(m.n_layers)]
     if m.rope_factor == 1.0:
         rope = {"rope_type": "default", "rope_theta": m.rope_theta}
     else:
-        rope = {"rope_type": "llama3", "rope_theta": m.rope_theta, "factor": m.rope_factor,
-                "low_freq_factor": m.rope_low_freq_factor, "high_freq_factor": m.rope_high_freq_factor,
-                "original_max_position_embeddings": m.rope_original_ctx}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": m.rope_theta,
+            "factor": m.rope_factor,
+            "low_freq_factor": m.rope_low_freq_factor,
+            "high_freq_factor": m.rope_high_freq_factor,
+            "original_max_position_embeddings": m.rope_original_ctx,
+        }
     chunk = m.attn_chunk or None
     return {
         "architectures": ["Llama4ForCausalLM"],

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -17,8 +17,16 @@ from fusion.convert.errors import ConvertError
 
 INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class SafeTensorsDir:
@@ -32,14 +40,22 @@ class SafeTensorsDir:
             try:
                 weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConvertError(f"{directory / INDEX}: not a safetensors index with a weight_map ({e})") from None
+                raise ConvertError(
+                    f"{directory / INDEX}: not a safetensors index with a weight_map ({e})"
+                ) from None
             files = sorted(set(weight_map.values()))
         elif (directory / WEIGHTS).is_file():
             files = [WEIGHTS]
         else:
             pickled = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-            hint = (f" (found {', '.join(sorted(pickled)[:3])}: pickled weights are not read; save the "
-                    "model with safetensors first)") if pickled else ""
+            hint = (
+                (
+                    f" (found {', '.join(sorted(pickled)[:3])}: pickled weights are not read; save the "
+                    "model with safetensors first)"
+                )
+                if pickled
+                else ""
+            )
             raise ConvertError(f"{directory}: no {WEIGHTS} or {INDEX}{hint}")
         self._handles = {}
         self.where: dict[str, str] = {}
@@ -101,8 +117,11 @@ def write_safetensors(path: Path, entries: list[Entry]) -> None:
         n = e.dtype.itemsize
         for d in e.shape:
             n *= d
-        header[e.name] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + n]}
+        header[e.name] = {
+            "dtype": _ST_DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned

@@ -14,7 +14,7 @@ Weight layout (fusion <- Hugging Face, per layer i; E experts, D dim, H expert w
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +29,10 @@ def hf_prefixes(w: SafeTensorsDir) -> tuple[str, str | None]:
         if prefix + "embed_tokens.weight" in w:
             break
     else:
-        raise ConvertError(f"{w.dir}: no embed_tokens.weight under any known prefix (model., "
-                           "language_model.model.): not a Llama 4 text checkpoint")
+        raise ConvertError(
+            f"{w.dir}: no embed_tokens.weight under any known prefix (model., "
+            "language_model.model.): not a Llama 4 text checkpoint"
+        )
     for head in ("lm_head.weight", "language_model.lm_head.weight"):
         if head in w:
             return prefix, head
@@ -41,12 +43,17 @@ def _expert_tensors(w: SafeTensorsDir, base: str, E: int, H: int):
     """(w1, w3, w2) makers for one MoE layer, from the fused or the per-expert layout."""
     fused = base + "experts.gate_up_proj"
     if fused in w:
-        return (lambda: w.get(fused)[..., :H], lambda: w.get(fused)[..., H:],
-                lambda: w.get(base + "experts.down_proj"))
+        return (
+            lambda: w.get(fused)[..., :H],
+            lambda: w.get(fused)[..., H:],
+            lambda: w.get(base + "experts.down_proj"),
+        )
     per = base + "experts.0.gate_proj.weight"
     if per in w:
+
         def stack(name):
             return lambda: torch.stack([w.get(f"{base}experts.{e}.{name}.weight").t() for e in range(E)])
+
         return stack("gate_proj"), stack("up_proj"), stack("down_proj")
     raise ConvertError(f"{w.dir}: MoE layer has neither '{fused}' nor '{per}'")
 
@@ -111,9 +118,14 @@ def entries_to_hf(src: SafeTensorsDir, m: ModelConfig, dtype: torch.dtype | None
         if i in moe_ids:
             copy(ff + "router.weight", f"{s}moe.router.gate.weight")
             E, D, H = src.shape(f"{s}moe.experts.w1")
-            out.append(Entry(ff + "experts.gate_up_proj", (E, D, 2 * H), dtype or src.dtype(f"{s}moe.experts.w1"),
-                             lambda s=s: torch.cat([src.get(f"{s}moe.experts.w1"),
-                                                    src.get(f"{s}moe.experts.w3")], -1)))  # (E, D, 2H)
+            out.append(
+                Entry(
+                    ff + "experts.gate_up_proj",
+                    (E, D, 2 * H),
+                    dtype or src.dtype(f"{s}moe.experts.w1"),
+                    lambda s=s: torch.cat([src.get(f"{s}moe.experts.w1"), src.get(f"{s}moe.experts.w3")], -1),
+                )
+            )  # (E, D, 2H)
             copy(ff + "experts.down_proj", f"{s}moe.experts.w2")
             for a, b in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 copy(f"{ff}shared_expert.{b}.weight", f"{s}moe.shared.{a}.weight")

@@ -32,7 +32,8 @@ from __future__ import annotations
 import io
 import random
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,16 +43,21 @@ from fusion.data.shards import SampleError
 # Pillow warns at 89.5 M pixels; 50 M (e.g. 8660 x 5773) keeps a worker's decoded RGB image under
 # 150 MB while admitting any ordinary photograph.
 DEFAULT_MAX_PIXELS = 50_000_000
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")       # Pillow plugin ids that are decoded
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # Pillow plugin ids that are decoded
 RESIZE_MODES = ("keep_ratio", "center_crop", "pad", "none")
 ENCODINGS = ("jpg", "png", "webp")
 EXTENSION = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # formats a shard stores as is
 WHITE = (255, 255, 255)
 # EXIF orientation tag (0x0112) value -> the transposition that makes the picture upright.
-_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-           8: Image.Transpose.ROTATE_90}
+_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # Where Pillow's `getexif` finds an orientation (EXIF proper, PNG's text form, XMP), once loaded.
 _EXIF_INFO = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
@@ -60,20 +66,27 @@ _EXIF_INFO = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "x
 _FOREIGN = (
     (b"%PDF-", "PDF"),
     (b"SIMPLE  =", "FITS"),
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
     (b"8BPS", "PSD"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
-    (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
     (b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
-    (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
-    (b"<svg", "SVG"), (b"<?xml", "XML/SVG"), (b"<!DOCTYPE", "HTML"), (b"<html", "HTML"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x1f\x8b", "gzip"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML/SVG"),
+    (b"<!DOCTYPE", "HTML"),
+    (b"<html", "HTML"),
 )
 
 
 class Decoded(NamedTuple):
     image: Image.Image  # mode RGB, EXIF orientation applied, fully decoded
-    format: str         # Pillow's name of the source format: JPEG, MPO, PNG, WEBP, GIF, BMP
-    rotated: bool       # True when an EXIF orientation was applied (the source bytes are sideways)
+    format: str  # Pillow's name of the source format: JPEG, MPO, PNG, WEBP, GIF, BMP
+    rotated: bool  # True when an EXIF orientation was applied (the source bytes are sideways)
 
 
 def _foreign_format(data: bytes) -> str | None:
@@ -116,16 +129,18 @@ def read_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         except UnidentifiedImageError:
             other = _identify(data)
             if other:
-                raise SampleError("unsupported_format", f"{other} is not decoded "
-                                  f"(only {', '.join(FORMATS)})") from None
+                raise SampleError(
+                    "unsupported_format", f"{other} is not decoded (only {', '.join(FORMATS)})"
+                ) from None
             raise SampleError("bad_image", "not a recognisable image") from None
         except Exception as exn:  # a plugin choking on a damaged header
             raise SampleError("bad_image", f"{type(exn).__name__}: {exn}") from None
         with im:
             width, height = im.size
             if width * height > max_pixels:  # from the header: nothing decoded yet
-                raise SampleError("too_many_pixels", f"{width}x{height} = {width * height:,} pixels "
-                                  f"> {max_pixels:,}")
+                raise SampleError(
+                    "too_many_pixels", f"{width}x{height} = {width * height:,} pixels > {max_pixels:,}"
+                )
             if width < 1 or height < 1:
                 raise SampleError("bad_image", f"size {width}x{height}")
             fmt = im.format
@@ -211,9 +226,15 @@ def encode(img: Image.Image, fmt: str = "jpg", quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
-              train: bool = False, rng: random.Random | None = None,
-              scale: tuple[float, float] = (0.8, 1.0)):
+def to_tensor(
+    img: Image.Image,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool = False,
+    rng: random.Random | None = None,
+    scale: tuple[float, float] = (0.8, 1.0),
+):
     """RGB image -> normalised float32 tensor (3, size, size).
 
     Evaluation (train=False): the shorter side resized to `size`, the centre `size` x `size` kept:

@@ -34,16 +34,16 @@ import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fusion.schema import MODALITIES
 from fusion.data.sequence import Packer, collate
 from fusion.data.shards import ErrorCounter, list_shards, read_shard_stats
 from fusion.data.tar import iter_samples
+from fusion.schema import MODALITIES
 
 
 class NoDataError(RuntimeError):
@@ -57,9 +57,9 @@ class NoDataError(RuntimeError):
         return last.split("NoDataError: ", 1)[-1]
 
 
-
-def assigned_samples(urls: list[str], sid: int, n_sub: int, seed: int, epoch: int,
-                     counter: ErrorCounter) -> Iterator[dict]:
+def assigned_samples(
+    urls: list[str], sid: int, n_sub: int, seed: int, epoch: int, counter: ErrorCounter
+) -> Iterator[dict]:
     """The raw samples of one sub-stream for one epoch, before shuffling."""
     order = list(urls)
     random.Random(f"{seed}-{epoch}").shuffle(order)
@@ -84,15 +84,22 @@ class ShardStream(IterableDataset):
     (this worker's cumulative failure counts, for logging).
     """
 
-    def __init__(self, spec: str, rank: int, world: int, seed: int, shuffle_buffer: int,
-                 decode: Callable[[dict], dict | None]):
+    def __init__(
+        self,
+        spec: str,
+        rank: int,
+        world: int,
+        seed: int,
+        shuffle_buffer: int,
+        decode: Callable[[dict], dict | None],
+    ):
         self.urls = list_shards(spec)
         self.spec, self.rank, self.world = spec, rank, world
         self.seed, self.shuffle_buffer, self.decode = seed, shuffle_buffer, decode
-        self.skip_per_worker: list[int] = []   # indexed by the worker's role (see __iter__)
+        self.skip_per_worker: list[int] = []  # indexed by the worker's role (see __iter__)
         self.role_offset = 0
-        self.chunk = 0          # 0: yield samples; n: yield lists of n samples (worker messages)
-        self.first_chunk = 0    # size of loader worker 0's first chunk when resuming mid-chunk
+        self.chunk = 0  # 0: yield samples; n: yield lists of n samples (worker messages)
+        self.first_chunk = 0  # size of loader worker 0's first chunk when resuming mid-chunk
 
     def __iter__(self):
         info = get_worker_info()
@@ -139,8 +146,10 @@ class ShardStream(IterableDataset):
                 else:
                     yield self._emit(raw, counter)
             if produced == 0:
-                raise NoDataError(f"no readable samples for rank {self.rank} worker {worker} in "
-                                   f"'{self.spec}' (failures: {dict(counter.counts)})")
+                raise NoDataError(
+                    f"no readable samples for rank {self.rank} worker {worker} in "
+                    f"'{self.spec}' (failures: {dict(counter.counts)})"
+                )
             epoch += 1
 
     def _emit(self, raw: dict, counter: ErrorCounter) -> dict:
@@ -166,9 +175,9 @@ class ModalityRows:
     def __init__(self, stream: ShardStream, seq_len: int, pad_id: int, num_workers: int):
         self.stream, self.num_workers = stream, num_workers
         self.packer = Packer(seq_len, pad_id)
-        self.consumed = 0                      # samples taken from the DataLoader so far
-        self.errors: dict[int, dict] = {}      # worker -> its cumulative failure counts
-        self.keys: list[str] = []              # keys started since the last `take_keys()`
+        self.consumed = 0  # samples taken from the DataLoader so far
+        self.errors: dict[int, dict] = {}  # worker -> its cumulative failure counts
+        self.keys: list[str] = []  # keys started since the last `take_keys()`
         self._it = None
 
     def _role(self, n: int) -> int:
@@ -189,8 +198,14 @@ class ModalityRows:
         skip[full % W] += off
         stream.skip_per_worker, stream.role_offset = skip, full % W
         stream.chunk, stream.first_chunk = k, k - off
-        loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=W,
-                            persistent_workers=True, prefetch_factor=2)
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=W,
+            persistent_workers=True,
+            prefetch_factor=2,
+        )
         return itertools.chain.from_iterable(loader)
 
     def next_row(self) -> dict:
@@ -206,13 +221,20 @@ class ModalityRows:
             else:
                 self.keys.append(sample["__key__"])
                 dropped = self.packer.dropped
-                self.packer.add(sample["tokens"], sample["modality"], sample.get("loss_mask"),
-                                images=sample.get("images", ()), videos=sample.get("videos", ()),
-                                min_pairs=sample.get("min_pairs", 0))
+                self.packer.add(
+                    sample["tokens"],
+                    sample["modality"],
+                    sample.get("loss_mask"),
+                    images=sample.get("images", ()),
+                    videos=sample.get("videos", ()),
+                    min_pairs=sample.get("min_pairs", 0),
+                )
                 failures = failures + 1 if self.packer.dropped > dropped else 0
             if failures >= self.MAX_FAILURES_IN_A_ROW:
-                raise NoDataError(f"{failures} unusable samples in a row from '{self.stream.spec}' "
-                                   f"(failures: {self.failures()})")
+                raise NoDataError(
+                    f"{failures} unusable samples in a row from '{self.stream.spec}' "
+                    f"(failures: {self.failures()})"
+                )
         return self.packer.ready.pop(0)
 
     def failures(self) -> dict[str, int]:
@@ -224,13 +246,18 @@ class ModalityRows:
         return dict(total)
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "packer": self.packer.state_dict(),
-                "num_workers": self.num_workers}
+        return {
+            "consumed": self.consumed,
+            "packer": self.packer.state_dict(),
+            "num_workers": self.num_workers,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_workers"] != self.num_workers:
-            raise ValueError(f"data.num_workers changed from {state['num_workers']} to "
-                             f"{self.num_workers}: the sample order cannot be resumed exactly")
+            raise ValueError(
+                f"data.num_workers changed from {state['num_workers']} to "
+                f"{self.num_workers}: the sample order cannot be resumed exactly"
+            )
         self.consumed = state["consumed"]
         self.packer.load_state_dict(state["packer"])
         self._it = None
@@ -248,8 +275,9 @@ def plan_next(probs: dict[str, float], rows: dict[str, int]) -> str:
     return max(probs, key=lambda m: (probs[m] * total - rows[m], -MODALITIES.index(m)))
 
 
-def target_shares(specs: dict[str, str], weights: dict[str, float], alpha: float,
-                  sizes: dict[str, int] | None = None) -> dict[str, float]:
+def target_shares(
+    specs: dict[str, str], weights: dict[str, float], alpha: float, sizes: dict[str, int] | None = None
+) -> dict[str, float]:
     """p_m ~ w_m * n_m^alpha over the modalities in use (n_m: `sizes`, by default
     `dataset_sizes`; not read when alpha is 0)."""
     if not alpha:
@@ -310,8 +338,8 @@ class Batches:
 
     def __init__(self, sources: dict[str, ModalityRows], probs: dict[str, float], micro_batch: int):
         self.sources, self.probs, self.micro_batch = sources, probs, micro_batch
-        self.rows = {m: 0 for m in probs}          # rows planned per modality
-        self.tokens = {m: 0 for m in MODALITIES}   # non-padding tokens delivered per modality
+        self.rows = {m: 0 for m in probs}  # rows planned per modality
+        self.tokens = {m: 0 for m in MODALITIES}  # non-padding tokens delivered per modality
 
     def __iter__(self):
         return self
@@ -345,13 +373,18 @@ class Batches:
         return keys
 
     def state_dict(self) -> dict:
-        return {"rows": dict(self.rows), "tokens": dict(self.tokens),
-                "sources": {m: src.state_dict() for m, src in self.sources.items()}}
+        return {
+            "rows": dict(self.rows),
+            "tokens": dict(self.tokens),
+            "sources": {m: src.state_dict() for m, src in self.sources.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["sources"]) != set(self.sources):
-            raise ValueError(f"the checkpoint's modalities {sorted(state['sources'])} differ from this "
-                             f"run's {sorted(self.sources)} (data.text / data.image / data.video)")
+            raise ValueError(
+                f"the checkpoint's modalities {sorted(state['sources'])} differ from this "
+                f"run's {sorted(self.sources)} (data.text / data.image / data.video)"
+            )
         self.rows = dict(state["rows"])
         self.tokens = dict(state["tokens"])
         for m, src in self.sources.items():
@@ -365,17 +398,28 @@ def build_batches(cfg, tokenizer, rank: int, world: int, train: bool = True) -> 
     d, t = cfg.data, cfg.train
     specs = {m: getattr(d, m) for m in MODALITIES if getattr(d, m)}
     if not specs:
-        raise ValueError("config keys 'data.text', 'data.image', 'data.video' are all empty: "
-                         "give at least one shard directory")
+        raise ValueError(
+            "config keys 'data.text', 'data.image', 'data.video' are all empty: "
+            "give at least one shard directory"
+        )
     weights = dict(zip(MODALITIES, d.weights))
     sizes, unit = dataset_sizes(specs) if d.alpha else (None, "samples")
     probs = target_shares(specs, weights, d.alpha, sizes)
     if unit == "shards" and rank == 0:
-        print("data.alpha: some modality's sample count is unknown (no index.json or shard stats, "
-              "e.g. remote shards): sizes are counted in shards for every modality", flush=True)
+        print(
+            "data.alpha: some modality's sample count is unknown (no index.json or shard stats, "
+            "e.g. remote shards): sizes are counted in shards for every modality",
+            flush=True,
+        )
     sources = {}
     for m in probs:
-        stream = ShardStream(specs[m], rank, world, t.seed + MODALITIES.index(m), d.shuffle_buffer,
-                             SampleMaker(cfg, tokenizer, train=train))
+        stream = ShardStream(
+            specs[m],
+            rank,
+            world,
+            t.seed + MODALITIES.index(m),
+            d.shuffle_buffer,
+            SampleMaker(cfg, tokenizer, train=train),
+        )
         sources[m] = ModalityRows(stream, t.seq_len, tokenizer.pad_id, d.num_workers)
     return Batches(sources, probs, t.micro_batch)

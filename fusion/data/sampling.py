@@ -42,18 +42,17 @@ PAD_POLICIES = ("repeat_last", "loop", "none")
 class FrameSampling:
     """How many frames to take from a video and which ones."""
 
-    strategy: str = "uniform"   # "uniform" | "fps" | "segment_random" | "segment_middle"
-    n_frames: int = 8           # frames per video (uniform, segment_*); a multiple of round_to
-    fps: float = 2.0            # target frames per second of video (strategy="fps")
-    min_frames: int = 4         # lower cap on the fps count (the decoded count still wins)
-    max_frames: int = 32        # upper cap on the fps count
-    round_to: int = 1           # the count is a multiple of this (2 for Qwen2-VL temporal patches)
-    pad: str = "repeat_last"    # short-video policy: "repeat_last" | "loop" | "none"
+    strategy: str = "uniform"  # "uniform" | "fps" | "segment_random" | "segment_middle"
+    n_frames: int = 8  # frames per video (uniform, segment_*); a multiple of round_to
+    fps: float = 2.0  # target frames per second of video (strategy="fps")
+    min_frames: int = 4  # lower cap on the fps count (the decoded count still wins)
+    max_frames: int = 32  # upper cap on the fps count
+    round_to: int = 1  # the count is a multiple of this (2 for Qwen2-VL temporal patches)
+    pad: str = "repeat_last"  # short-video policy: "repeat_last" | "loop" | "none"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"FrameSampling.strategy={self.strategy!r}: "
-                             f"expected one of {STRATEGIES}")
+            raise ValueError(f"FrameSampling.strategy={self.strategy!r}: expected one of {STRATEGIES}")
         if self.pad not in PAD_POLICIES:
             raise ValueError(f"FrameSampling.pad={self.pad!r}: expected one of {PAD_POLICIES}")
         for name in ("n_frames", "min_frames", "max_frames", "round_to"):
@@ -63,11 +62,14 @@ class FrameSampling:
         if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"FrameSampling.fps={self.fps!r}: expected a finite number > 0")
         if self.strategy != "fps" and self.n_frames % self.round_to:
-            raise ValueError(f"FrameSampling.n_frames={self.n_frames} is not a multiple of "
-                             f"round_to={self.round_to}")
+            raise ValueError(
+                f"FrameSampling.n_frames={self.n_frames} is not a multiple of round_to={self.round_to}"
+            )
         if self.strategy == "fps" and self.count_bounds()[0] > self.count_bounds()[1]:
-            raise ValueError(f"FrameSampling: no multiple of round_to={self.round_to} lies in "
-                             f"[min_frames={self.min_frames}, max_frames={self.max_frames}]")
+            raise ValueError(
+                f"FrameSampling: no multiple of round_to={self.round_to} lies in "
+                f"[min_frames={self.min_frames}, max_frames={self.max_frames}]"
+            )
 
     def count_bounds(self) -> tuple[int, int]:
         """(lo, hi): min_frames rounded up and max_frames rounded down to multiples of round_to."""
@@ -81,7 +83,7 @@ class VideoMeta:
 
     n_frames: int
     fps: float
-    duration: float    # seconds
+    duration: float  # seconds
     width: int
     height: int
 
@@ -92,25 +94,30 @@ class VideoMeta:
                 raise ValueError(f"VideoMeta.{name}={value!r}: expected an int >= 0")
         for name in ("fps", "duration"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
-                    or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.floating))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(f"VideoMeta.{name}={value!r}: expected a finite number >= 0")
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "VideoMeta":
+    def from_json(cls, d: dict[str, Any]) -> VideoMeta:
         """Build from a shard's `.json` dict; raise ValueError naming any missing or bad field."""
         if not isinstance(d, dict):
             raise ValueError(f"video meta: expected a dict, got {type(d).__name__}")
         fields = ("n_frames", "fps", "duration", "width", "height")
         missing = [f for f in fields if f not in d]
         if missing:
-            raise ValueError(f"video meta is missing field(s) {', '.join(map(repr, missing))} "
-                             f"(has: {sorted(d)})")
+            raise ValueError(
+                f"video meta is missing field(s) {', '.join(map(repr, missing))} (has: {sorted(d)})"
+            )
         values = {}
         for f in ("n_frames", "width", "height"):
             v = d[f]
             if isinstance(v, float) and v.is_integer():
-                v = int(v)      # json writers that emit 20.0 for a count
+                v = int(v)  # json writers that emit 20.0 for a count
             values[f] = v
         values["fps"], values["duration"] = d["fps"], d["duration"]
         return cls(**values)
@@ -131,8 +138,9 @@ def frame_count(meta: VideoMeta, cfg: FrameSampling) -> int:
     lo, hi = cfg.count_bounds()
     seconds = meta.seconds
     if seconds <= 0:
-        raise ValueError(f"strategy='fps' needs the clip length: meta has fps={meta.fps} and "
-                         f"duration={meta.duration}")
+        raise ValueError(
+            f"strategy='fps' needs the clip length: meta has fps={meta.fps} and duration={meta.duration}"
+        )
     count = min(max(round(seconds * cfg.fps), lo), hi, meta.n_frames)
     count = count // cfg.round_to * cfg.round_to
     # A clip shorter than round_to frames: ask for round_to and let the pad policy fill it.
@@ -144,8 +152,9 @@ def segment_bounds(n: int, count: int) -> np.ndarray:
     return np.arange(count + 1, dtype=np.int64) * n // count
 
 
-def sample_frame_indices(meta: VideoMeta, cfg: FrameSampling,
-                         rng: np.random.Generator | None = None) -> list[int]:
+def sample_frame_indices(
+    meta: VideoMeta, cfg: FrameSampling, rng: np.random.Generator | None = None
+) -> list[int]:
     """Sorted frame indices in [0, meta.n_frames - 1]; see the module docstring for the rules.
 
     Only `segment_random` draws from `rng` (and requires one); the others are deterministic.
@@ -155,7 +164,7 @@ def sample_frame_indices(meta: VideoMeta, cfg: FrameSampling,
         raise ValueError(f"cannot sample frames from a video with {n} decoded frames")
     count = frame_count(meta, cfg)
 
-    if count > n:                                   # short video: every frame, then the pad policy
+    if count > n:  # short video: every frame, then the pad policy
         frames = list(range(n))
         if cfg.pad == "repeat_last":
             return frames + [n - 1] * (count - n)
@@ -165,17 +174,19 @@ def sample_frame_indices(meta: VideoMeta, cfg: FrameSampling,
 
     if cfg.strategy == "uniform":
         if count == 1:
-            return [(n - 1) // 2]                   # the middle, not the (often black) first frame
+            return [(n - 1) // 2]  # the middle, not the (often black) first frame
         # step (n - 1) / (count - 1) >= 1, so the rounded indices are distinct
         return np.rint(np.linspace(0, n - 1, count)).astype(np.int64).tolist()
 
-    bounds = segment_bounds(n, count)               # count <= n: every segment holds >= 1 frame
+    bounds = segment_bounds(n, count)  # count <= n: every segment holds >= 1 frame
     start, stop = bounds[:-1], bounds[1:]
     if cfg.strategy in ("segment_middle", "fps"):
         # fps: segments are 1 / fps seconds long when the count is not capped, so their middles
         # are exactly one frame every 1 / fps seconds.
         return (start + (stop - start) // 2).tolist()
     if rng is None:
-        raise ValueError("strategy='segment_random' needs an rng (numpy.random.Generator), e.g. "
-                         "one seeded from the sample key, so that sampling is reproducible")
-    return rng.integers(start, stop).tolist()       # one uniform draw per segment, high exclusive
+        raise ValueError(
+            "strategy='segment_random' needs an rng (numpy.random.Generator), e.g. "
+            "one seeded from the sample key, so that sampling is reproducible"
+        )
+    return rng.integers(start, stop).tolist()  # one uniform draw per segment, high exclusive

@@ -95,12 +95,19 @@ class Packer:
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.row = _empty_row()
-        self.next_doc = 0      # doc ids count up within a row
+        self.next_doc = 0  # doc ids count up within a row
         self.ready: list[dict] = []
-        self.dropped = 0       # media samples whose media alone exceed seq_len
+        self.dropped = 0  # media samples whose media alone exceed seq_len
 
-    def add(self, tokens: list[int], modality: int = 0, loss_mask: list[bool] | None = None,
-            images: list = (), videos: list = (), min_pairs: int = 0) -> None:
+    def add(
+        self,
+        tokens: list[int],
+        modality: int = 0,
+        loss_mask: list[bool] | None = None,
+        images: list = (),
+        videos: list = (),
+        min_pairs: int = 0,
+    ) -> None:
         """Add one sample; complete rows accumulate in `self.ready`."""
         if len(tokens) < 2:
             return
@@ -128,7 +135,7 @@ class Packer:
         while start < len(inputs):
             room = self.seq_len - len(self.row["input_ids"])
             take = min(room, len(inputs) - start)
-            self._append(inputs[start:start + take], targets[start:start + take], modality)
+            self._append(inputs[start : start + take], targets[start : start + take], modality)
             start += take
             if len(self.row["input_ids"]) == self.seq_len:
                 self._emit()
@@ -161,8 +168,12 @@ class Packer:
         self.next_doc = 0
 
     def state_dict(self) -> dict:
-        return {"row": _row_to_json(self.row), "next_doc": self.next_doc, "dropped": self.dropped,
-                "ready": [_row_to_json(r) for r in self.ready]}
+        return {
+            "row": _row_to_json(self.row),
+            "next_doc": self.next_doc,
+            "dropped": self.dropped,
+            "ready": [_row_to_json(r) for r in self.ready],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.row = _row_from_json(state["row"])
@@ -173,7 +184,11 @@ class Packer:
 
 def _pixels_to_json(t) -> dict:
     arr = np.ascontiguousarray(np.asarray(t))
-    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "b64": base64.b64encode(arr.tobytes()).decode()}
+    return {
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "b64": base64.b64encode(arr.tobytes()).decode(),
+    }
 
 
 def _pixels_from_json(d: dict) -> np.ndarray:

@@ -47,6 +47,7 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: 
 
 # ---------------------------------------------------------------- errors and counting
 
+
 class SampleError(ValueError):
     """A sample (or input record) that cannot be used; `reason` is the short counted name."""
 
@@ -114,12 +115,18 @@ class ErrorCounter:
 
 
 # What the shard builder and verify call a video that fails, by `fusion.data.video` reason.
-VIDEO_FAILURES = {"empty": "empty_file", "unreadable": "corrupt_video", "corrupt": "corrupt_video",
-                  "no_video_stream": "no_video_stream", "zero_frames": "zero_frames",
-                  "timeout": "decode_timeout"}
+VIDEO_FAILURES = {
+    "empty": "empty_file",
+    "unreadable": "corrupt_video",
+    "corrupt": "corrupt_video",
+    "no_video_stream": "no_video_stream",
+    "zero_frames": "zero_frames",
+    "timeout": "decode_timeout",
+}
 
 
 # ---------------------------------------------------------------- keys and names
+
 
 def is_valid_key(key: str) -> bool:
     """True if `key` may name a sample: [0-9A-Za-z_-]+ (no dots, no slashes)."""
@@ -164,8 +171,10 @@ def missing(sample: Mapping[str, Any], ext: str | Iterable[str], reason: str) ->
     """The reason a sample lacks its `ext` member: `reason`, or `dotted_key` when a member such as
     `a.b.ext` carries it (a dotted key, which webdataset splits as key `a`, member `b.ext`)."""
     exts = (ext,) if isinstance(ext, str) else tuple(ext)
-    dotted = any(isinstance(name, str) and not name.startswith("__") and "." in name
-                 and name.rsplit(".", 1)[1] in exts for name in sample)
+    dotted = any(
+        isinstance(name, str) and not name.startswith("__") and "." in name and name.rsplit(".", 1)[1] in exts
+        for name in sample
+    )
     return "dotted_key" if dotted else reason
 
 
@@ -183,10 +192,13 @@ def _natural(name: str) -> list:
     # 000999.tar < 001000.tar < 1000000.tar: compare digit runs as numbers.
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
+
 # ---------------------------------------------------------------- stats files
 
-def is_shard_complete(directory: str | os.PathLike, index: int, count: int | None = None,
-                      input_sha256: str | None = None) -> bool:
+
+def is_shard_complete(
+    directory: str | os.PathLike, index: int, count: int | None = None, input_sha256: str | None = None
+) -> bool:
     """True if shard `index` has its tar and a readable stats file whose `bytes` match the tar
     (and whose `count` and `input_sha256` equal the ones given): a resumed build may skip it."""
     path = Path(directory) / shard_name(index)
@@ -211,6 +223,7 @@ def read_shard_stats(shard: str | os.PathLike) -> dict | None:
 
 
 # ---------------------------------------------------------------- finding shards
+
 
 def _split_spec(spec: str) -> list[str]:
     # Commas separate items except inside braces ({a,b} is a brace pattern); whitespace separates
@@ -240,8 +253,11 @@ def shards_in_dir(directory: str | os.PathLike) -> list[str]:
     """Paths of the `*.tar` files in a local directory, natural-sorted (`.tar.tmp` excluded)."""
     directory = str(directory)
     names = [n for n in os.listdir(directory) if n.endswith(".tar") and not n.startswith(".")]
-    return [os.path.join(directory, n) for n in sorted(names, key=_natural)
-            if os.path.isfile(os.path.join(directory, n))]
+    return [
+        os.path.join(directory, n)
+        for n in sorted(names, key=_natural)
+        if os.path.isfile(os.path.join(directory, n))
+    ]
 
 
 def list_shards(spec: str | Iterable[str]) -> list[str]:
@@ -287,14 +303,16 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
                 missing.append(path)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"shards not found for spec '{spec}': "
-                                + ", ".join(f"'{m}'" for m in missing[:3]) + more)
+        raise FileNotFoundError(
+            f"shards not found for spec '{spec}': " + ", ".join(f"'{m}'" for m in missing[:3]) + more
+        )
     if not urls:
         raise ValueError(f"no shards in spec '{spec}'")
     return urls
 
 
 # ---------------------------------------------------------------- index and stats
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -303,8 +321,14 @@ def sha256_file(path: str | os.PathLike) -> str:
             h.update(block)
     return h.hexdigest()
 
-def write_index(directory: str | os.PathLike, modality: str, *, names: Iterable[str] | None = None,
-                counts: Mapping[str, int] | None = None) -> dict:
+
+def write_index(
+    directory: str | os.PathLike,
+    modality: str,
+    *,
+    names: Iterable[str] | None = None,
+    counts: Mapping[str, int] | None = None,
+) -> dict:
     """Write DIR/index.json atomically and return it.
 
     `names`: shard file names to list (default: every `*.tar` in DIR, natural order). `counts`:
@@ -324,11 +348,14 @@ def write_index(directory: str | os.PathLike, modality: str, *, names: Iterable[
         if n is None:
             stats = read_shard_stats(path)
             if not stats or "successes" not in stats:
-                raise ValueError(f"{path}: no count given and no stats file to take it from "
-                                 f"(fusion-data verify counts every shard and writes the index)")
+                raise ValueError(
+                    f"{path}: no count given and no stats file to take it from "
+                    f"(fusion-data verify counts every shard and writes the index)"
+                )
             n = stats["successes"]
-        shards.append({"name": name, "n_samples": int(n), "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path)})
+        shards.append(
+            {"name": name, "n_samples": int(n), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
     index = {"modality": modality, "n_samples": sum(s["n_samples"] for s in shards), "shards": shards}
     write_atomic(directory / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
     return index
@@ -374,8 +401,9 @@ def collect_stats(directory: str | os.PathLike) -> dict:
         found = stats.get("failures")
         if not isinstance(found, dict):  # img2dataset counts failures as failed_to_download, ...
             found = {k: v for k, v in stats.items() if k.startswith("failed_to_")}
-        failures.update({str(k): v for k, v in found.items()
-                         if isinstance(v, int) and not isinstance(v, bool) and v > 0})
+        failures.update(
+            {str(k): v for k, v in found.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+        )
     index = read_index(directory)
     return {
         "dir": str(directory),
@@ -393,7 +421,7 @@ def collect_stats(directory: str | os.PathLike) -> dict:
 
 # ---------------------------------------------------------------- whose shards are in a directory
 
-_BUILT_SHARD = re.compile(r"\d{6}\.tar")   # the names ShardWriter gives
+_BUILT_SHARD = re.compile(r"\d{6}\.tar")  # the names ShardWriter gives
 
 
 def foreign_shards(directory: Path, is_ours: Callable[[dict], bool]) -> list[tuple[str, dict | None]]:
@@ -408,9 +436,12 @@ def foreign_shards(directory: Path, is_ours: Callable[[dict], bool]) -> list[tup
         return []
     shards = [(os.path.basename(p), read_shard_stats(p)) for p in shards_in_dir(directory)]
     any_ours = any(stats is not None and is_ours(stats) for _, stats in shards)
-    return [(name, stats) for name, stats in shards
-            if (stats is None and not (any_ours and _BUILT_SHARD.fullmatch(name)))
-            or (stats is not None and not is_ours(stats))]
+    return [
+        (name, stats)
+        for name, stats in shards
+        if (stats is None and not (any_ours and _BUILT_SHARD.fullmatch(name)))
+        or (stats is not None and not is_ours(stats))
+    ]
 
 
 def shard_origin(stats: dict | None) -> str:

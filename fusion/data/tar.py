@@ -58,6 +58,7 @@ EXT_PATTERN = re.compile(r"[0-9a-z_]+(\.[0-9a-z_]+)*")
 
 # ---------------------------------------------------------------- writing one shard
 
+
 def _encode_member(key: str, ext: str, value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -90,19 +91,21 @@ def _member_header(name: str, size: int) -> bytes:
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     size_field = b"%011o\0" % size
     checksum = _HEADER_SUM + sum(raw) + sum(size_field)
-    return b"".join([raw.ljust(100, b"\0"), _HEADER_IDS, size_field, _HEADER_MTIME,
-                     b"%06o\0 " % checksum, _HEADER_REST])
+    return b"".join(
+        [raw.ljust(100, b"\0"), _HEADER_IDS, size_field, _HEADER_MTIME, b"%06o\0 " % checksum, _HEADER_REST]
+    )
 
 
-_HEADER_IDS = b"0000644\0" b"0000000\0" b"0000000\0"    # mode, uid, gid
-_HEADER_MTIME = b"00000000000\0"                         # mtime 0
-_HEADER_REST = (b"0"                                      # type: regular file
-                + b"\0" * 100                            # linkname
-                + b"ustar\x0000"                         # magic, version
-                + b"\0" * 64                             # uname, gname
-                + b"\0" * 16                             # devmajor, devminor: empty
-                + b"\0" * 155                            # prefix
-                ).ljust(512 - 156, b"\0")
+_HEADER_IDS = b"0000644\00000000\00000000\0"  # mode, uid, gid
+_HEADER_MTIME = b"00000000000\0"  # mtime 0
+_HEADER_REST = (
+    b"0"  # type: regular file
+    + b"\0" * 100  # linkname
+    + b"ustar\x0000"  # magic, version
+    + b"\0" * 64  # uname, gname
+    + b"\0" * 16  # devmajor, devminor: empty
+    + b"\0" * 155  # prefix
+).ljust(512 - 156, b"\0")
 # the checksum counts its own 8 bytes as spaces; name and size are added per header
 _HEADER_SUM = sum(_HEADER_IDS) + sum(_HEADER_MTIME) + 8 * 32 + sum(_HEADER_REST)
 
@@ -205,6 +208,7 @@ class ShardWriter:
 
 # ---------------------------------------------------------------- reading
 
+
 def _report(counter: ErrorCounter | None, exn: Exception, url: str) -> None:
     if counter is None:
         raise exn
@@ -219,8 +223,17 @@ def _member_problem(info: tarfile.TarInfo) -> str | None:
     Members are only ever read as bytes, so none of these could write or follow anything here;
     they are refused because no shard writer produces them and a sample holding one is suspect."""
     if not info.isreg():
-        kind = ("symlink" if info.issym() else "hardlink" if info.islnk() else
-                "device" if info.ischr() or info.isblk() else "fifo" if info.isfifo() else "special")
+        kind = (
+            "symlink"
+            if info.issym()
+            else "hardlink"
+            if info.islnk()
+            else "device"
+            if info.ischr() or info.isblk()
+            else "fifo"
+            if info.isfifo()
+            else "special"
+        )
         return f"{kind} entry"
     name = info.name
     if name.startswith("/") or ".." in name.split("/"):
@@ -228,8 +241,16 @@ def _member_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-_SPECIAL_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE,
-                  tarfile.BLKTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)
+_SPECIAL_TYPES = (
+    tarfile.REGTYPE,
+    tarfile.AREGTYPE,
+    tarfile.LNKTYPE,
+    tarfile.SYMTYPE,
+    tarfile.CHRTYPE,
+    tarfile.BLKTYPE,
+    tarfile.DIRTYPE,
+    tarfile.FIFOTYPE,
+)
 
 
 def _other_member(header: bytes) -> tarfile.TarInfo | None:
@@ -353,7 +374,7 @@ def _iter_shard(url: str, counter: ErrorCounter | None) -> Iterator[dict]:
         _report(counter, exn, url)
         return
     current: dict | None = None
-    bad = False      # the sample in progress is dropped when complete (reason already counted)
+    bad = False  # the sample in progress is dropped when complete (reason already counted)
     seen: set[str] = set()  # keys of this shard: a key that comes back later is a duplicate
     try:
         for member in _tar_members(stream):
@@ -363,7 +384,9 @@ def _iter_shard(url: str, counter: ErrorCounter | None) -> Iterator[dict]:
             key, ext = split_member_name(name)
             if key is None:
                 if isinstance(member, tarfile.TarInfo):
-                    _report(counter, SampleError("unsafe_member", f"{name!r}: {_member_problem(member)}"), url)
+                    _report(
+                        counter, SampleError("unsafe_member", f"{name!r}: {_member_problem(member)}"), url
+                    )
                 continue
             ext = ext.lower()
             if current is None or key != current["__key__"]:
@@ -458,11 +481,13 @@ def iter_samples(urls: str | Iterable[str], counter: ErrorCounter | None = None)
 def tar_samples(counter: ErrorCounter):
     """A webdataset pipeline stage: `{"url": ...}` dicts (or URL strings) -> raw samples.
 
-        wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tar_samples(counter))
+    wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_worker, tar_samples(counter))
     """
+
     def stage(src: Iterable[dict | str]) -> Iterator[dict]:
         for item in src:
             yield from _iter_shard(item["url"] if isinstance(item, dict) else item, counter)
+
     return stage
 
 

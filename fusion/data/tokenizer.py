@@ -55,8 +55,10 @@ class HFTokenizer(_Specials):
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
-            raise ValueError(f"data.tokenizer: {path} is not a tokenizer.json the tokenizers "
-                             f"library can read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise ValueError(
+                f"data.tokenizer: {path} is not a tokenizer.json the tokenizers "
+                f"library can read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:

@@ -36,8 +36,8 @@ import os
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from fusion.cli import CliError, int_at_least
 from fusion.data.shards import IMAGE_EXTS, VIDEO_EXTS, ErrorCounter, SampleError, shards_in_dir
@@ -51,11 +51,12 @@ KINDS = ("bpe", "word")
 WORD_PATTERN = re.compile(r"\w+|[^\w\s]+")
 UNKNOWN_WORD = "<|unk|>"
 DEFAULT_BPE_VOCAB = 8192
-MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)     # the byte alphabet and the special tokens
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
 MAX_VOCAB = 1 << 20
 
 
 # ---------------------------------------------------------------- building tokenizers
+
 
 def prompt_words() -> tuple[str, ...]:
     """Words every word-level tokenizer holds: the VQA prompt's own ("Q", ":", "A"), so any set
@@ -94,9 +95,12 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -113,10 +117,10 @@ def save_tokenizer(tok, path: str | os.PathLike, check: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         if check:
-            HFTokenizer(tmp)   # what training and fusion-eval will do with it
+            HFTokenizer(tmp)  # what training and fusion-eval will do with it
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it 0600; give it what open() would
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -124,6 +128,7 @@ def save_tokenizer(tok, path: str | os.PathLike, check: bool = False) -> None:
 
 
 # ---------------------------------------------------------------- reading text from shards
+
 
 def sample_texts(sample: dict) -> list[str]:
     """The texts of one raw shard sample, as training tokenizes them (see the module docstring).
@@ -186,8 +191,10 @@ def check_inputs(inputs: list[str]) -> list[Path]:
         if not path.exists():
             raise CliError(f"--input: no such directory: '{path}'")
         if not path.is_dir():
-            raise CliError(f"--input: '{path}' is not a directory (give shard directories, "
-                           f"e.g. what `fusion-data images --output` wrote)")
+            raise CliError(
+                f"--input: '{path}' is not a directory (give shard directories, "
+                f"e.g. what `fusion-data images --output` wrote)"
+            )
         if not shards_in_dir(path):
             raise CliError(f"--input: no .tar shards in '{path}'")
         dirs.append(path)
@@ -199,10 +206,15 @@ def check_vocab_size(kind: str, vocab_size: int | None) -> None:
         return
     low = min_vocab(kind)
     if vocab_size < low:
-        what = ("the 256 bytes and" if kind == "bpe" else
-                f"{UNKNOWN_WORD}, the VQA prompt's {len(prompt_words())} words and")
-        raise CliError(f"--vocab-size: {vocab_size} is too small for --kind {kind}: at least "
-                       f"{low} ({what} {len(SPECIAL_TOKENS)} special tokens)")
+        what = (
+            "the 256 bytes and"
+            if kind == "bpe"
+            else f"{UNKNOWN_WORD}, the VQA prompt's {len(prompt_words())} words and"
+        )
+        raise CliError(
+            f"--vocab-size: {vocab_size} is too small for --kind {kind}: at least "
+            f"{low} ({what} {len(SPECIAL_TOKENS)} special tokens)"
+        )
     if vocab_size > MAX_VOCAB:
         raise CliError(f"--vocab-size: {vocab_size} is larger than {MAX_VOCAB:,}")
 
@@ -210,15 +222,16 @@ def check_vocab_size(kind: str, vocab_size: int | None) -> None:
 def check_output(output: str) -> Path:
     path = Path(output)
     if path.is_dir():
-        raise CliError(f"--output: '{path}' is a directory; give the file to write, "
-                       f"e.g. '{path / 'tokenizer.json'}'")
+        raise CliError(
+            f"--output: '{path}' is a directory; give the file to write, e.g. '{path / 'tokenizer.json'}'"
+        )
     return path
 
 
 # ---------------------------------------------------------------- training
 
-def train_tokenizer(inputs: list[str], output: str, kind: str = "bpe",
-                    vocab_size: int | None = None) -> dict:
+
+def train_tokenizer(inputs: list[str], output: str, kind: str = "bpe", vocab_size: int | None = None) -> dict:
     """Train a `kind` tokenizer on the text of the shard directories `inputs`, write it to
     `output`; return a summary {output, kind, vocab_size, samples, with_text, chars, skipped,
     words, words_kept}. CliError (one line naming the flag or file) on bad input."""
@@ -245,55 +258,86 @@ def train_tokenizer(inputs: list[str], output: str, kind: str = "bpe",
     if reader.chars == 0 or tok is None:
         names = ", ".join(f"'{d}'" for d in dirs)
         skipped = f"; skipped: {reader.counter.summary()}" if reader.counter.total else ""
-        raise CliError(f"--input: no text in the {reader.samples:,} samples of {names} (text "
-                       f"shards: .txt; caption shards: .txt; VQA shards: the .json's question, "
-                       f"answer and choices){skipped}")
+        raise CliError(
+            f"--input: no text in the {reader.samples:,} samples of {names} (text "
+            f"shards: .txt; caption shards: .txt; VQA shards: the .json's question, "
+            f"answer and choices){skipped}"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tok, path, check=True)
     except OSError as exn:
         raise CliError(f"--output: cannot write '{path}': {exn.strerror or exn}") from None
     loaded = HFTokenizer(path)
-    return {"output": str(path), "kind": kind, "vocab_size": loaded.vocab_size,
-            "samples": reader.samples, "with_text": reader.with_text, "chars": reader.chars,
-            "skipped": dict(reader.counter.counts), "words": words_total, "words_kept": words_kept,
-            "inputs": [str(d) for d in dirs]}
+    return {
+        "output": str(path),
+        "kind": kind,
+        "vocab_size": loaded.vocab_size,
+        "samples": reader.samples,
+        "with_text": reader.with_text,
+        "chars": reader.chars,
+        "skipped": dict(reader.counter.counts),
+        "words": words_total,
+        "words_kept": words_kept,
+        "inputs": [str(d) for d in dirs],
+    }
 
 
 def format_summary(s: dict) -> str:
-    line = (f"tokenizer: {s['kind']}, vocabulary {s['vocab_size']:,} ({len(SPECIAL_TOKENS)} special "
-            f"tokens) from {s['chars']:,} characters of {s['with_text']:,} samples in "
-            f"{', '.join(s['inputs'])} -> {s['output']}")
+    line = (
+        f"tokenizer: {s['kind']}, vocabulary {s['vocab_size']:,} ({len(SPECIAL_TOKENS)} special "
+        f"tokens) from {s['chars']:,} characters of {s['with_text']:,} samples in "
+        f"{', '.join(s['inputs'])} -> {s['output']}"
+    )
     if s["words"] is not None and s["words_kept"] < s["words"]:
-        line += (f"; {s['words_kept']:,} of {s['words']:,} words kept (the rarer ones become "
-                 f"{UNKNOWN_WORD})")
+        line += f"; {s['words_kept']:,} of {s['words']:,} words kept (the rarer ones become {UNKNOWN_WORD})"
     skipped = sum(s["skipped"].values())
     if skipped:
-        line += "; skipped: " + ", ".join(f"{r}: {n:,}" for r, n in
-                                          sorted(s["skipped"].items(), key=lambda x: (-x[1], x[0])))
+        line += "; skipped: " + ", ".join(
+            f"{r}: {n:,}" for r, n in sorted(s["skipped"].items(), key=lambda x: (-x[1], x[0]))
+        )
     return line
 
 
 # ---------------------------------------------------------------- command line
 
+
 def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `fusion-data tokenizer`."""
-    p.add_argument("--input", required=True, nargs="+", metavar="DIR",
-                   help="shard directories to read the text of: text shards (.txt), image or "
-                        "video caption shards (.txt), VQA shards (the .json's question, answer "
-                        "and choices); read in the order given")
-    p.add_argument("--output", required=True, metavar="FILE",
-                   help="the tokenizer.json to write (parent directories are created; an "
-                        "existing file is replaced atomically); use it as data.tokenizer")
-    p.add_argument("--kind", choices=KINDS, default="bpe",
-                   help="bpe: byte-level BPE, any text encodes (default); word: one token per "
-                        f"word or punctuation run, unseen words become {UNKNOWN_WORD} (for small "
-                        "closed vocabularies such as the toy world's)")
-    p.add_argument("--vocab-size", type=int_at_least(1), default=None, metavar="N",
-                   help=f"vocabulary size including the {len(SPECIAL_TOKENS)} special tokens; bpe: "
-                        f"at least {MIN_BPE_VOCAB} (default {DEFAULT_BPE_VOCAB}; a small corpus "
-                        f"may give fewer); word: keep the most frequent words (default: every "
-                        f"word)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="DIR",
+        help="shard directories to read the text of: text shards (.txt), image or "
+        "video caption shards (.txt), VQA shards (the .json's question, answer "
+        "and choices); read in the order given",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="the tokenizer.json to write (parent directories are created; an "
+        "existing file is replaced atomically); use it as data.tokenizer",
+    )
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="bpe",
+        help="bpe: byte-level BPE, any text encodes (default); word: one token per "
+        f"word or punctuation run, unseen words become {UNKNOWN_WORD} (for small "
+        "closed vocabularies such as the toy world's)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help=f"vocabulary size including the {len(SPECIAL_TOKENS)} special tokens; bpe: "
+        f"at least {MIN_BPE_VOCAB} (default {DEFAULT_BPE_VOCAB}; a small corpus "
+        f"may give fewer); word: keep the most frequent words (default: every "
+        f"word)",
+    )
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:

@@ -84,8 +84,9 @@ def _text_problems(sample: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _media_problems(sample: Mapping[str, Any], allow_image: bool, allow_video: bool,
-                    max_pixels: int | None) -> tuple[list[str], dict]:
+def _media_problems(
+    sample: Mapping[str, Any], allow_image: bool, allow_video: bool, max_pixels: int | None
+) -> tuple[list[str], dict]:
     """Check the media member: (problems, what was measured: {width, height} or {n_frames})."""
     images = [e for e in IMAGE_EXTS if e in sample] if allow_image else []
     videos = [e for e in VIDEO_EXTS if e in sample] if allow_video else []
@@ -97,7 +98,8 @@ def _media_problems(sample: Mapping[str, Any], allow_image: bool, allow_video: b
         return [reason] if reason else [], {"n_frames": n_frames} if n_frames is not None else {}
     wanted = (IMAGE_EXTS if allow_image else ()) + (VIDEO_EXTS if allow_video else ())
     reason = {(True, False): "missing_image", (False, True): "missing_mp4"}.get(
-        (allow_image, allow_video), "missing_media")
+        (allow_image, allow_video), "missing_media"
+    )
     return [missing(sample, wanted, reason)], {}
 
 
@@ -109,8 +111,9 @@ def _meta_problems(sample: Mapping[str, Any], modality: str, measured: dict) -> 
         return [reason]
     problems = []
     if modality == "vqa":
-        if not all(k in meta for k in ("question", "answer", "choices")) \
-                or not isinstance(meta["choices"], list):
+        if not all(k in meta for k in ("question", "answer", "choices")) or not isinstance(
+            meta["choices"], list
+        ):
             return ["bad_vqa_json"]
         if meta["answer"] not in meta["choices"]:
             problems.append("answer_not_in_choices")
@@ -181,9 +184,9 @@ class ShardReport:
     name: str
     n_samples: int
     keys: list[str]
-    problems: list[tuple[str, str]]   # (key or '', reason)
-    unreadable: dict[str, int]        # reason -> n: the shard could not be read to its end
-    message: str                      # first read error, for the report
+    problems: list[tuple[str, str]]  # (key or '', reason)
+    unreadable: dict[str, int]  # reason -> n: the shard could not be read to its end
+    message: str  # first read error, for the report
 
 
 def verify_shard(path: str, modality: str, max_pixels: int | None = None) -> ShardReport:
@@ -200,10 +203,12 @@ def verify_shard(path: str, modality: str, max_pixels: int | None = None) -> Sha
     stats = read_shard_stats(path)
     if stats is not None:
         if "successes" in stats and stats["successes"] != len(keys):
-            problems.append(("", f"stats_mismatch: {stats['successes']} samples in stats, "
-                                 f"{len(keys)} in the tar"))
+            problems.append(
+                ("", f"stats_mismatch: {stats['successes']} samples in stats, {len(keys)} in the tar")
+            )
         if "bytes" in stats and stats["bytes"] != os.path.getsize(path):
-            problems.append(("", f"stats_mismatch: {stats['bytes']} bytes in stats, "
-                                 f"{os.path.getsize(path)} on disk"))
+            problems.append(
+                ("", f"stats_mismatch: {stats['bytes']} bytes in stats, {os.path.getsize(path)} on disk")
+            )
     message = next((m[0] for m in counter.examples.values() if m), "")
     return ShardReport(os.path.basename(path), len(keys), keys, problems, read_errors, message)

@@ -58,17 +58,25 @@ import io
 import itertools
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from fusion.data.sampling import VideoMeta
 
 BACKENDS = ("decord", "pyav", "auto")
-REASONS = ("empty", "unreadable", "corrupt", "no_video_stream", "zero_frames", "timeout",
-           "unsupported_format")          # the last: only from the builders' strict reading
+REASONS = (
+    "empty",
+    "unreadable",
+    "corrupt",
+    "no_video_stream",
+    "zero_frames",
+    "timeout",
+    "unsupported_format",
+)  # the last: only from the builders' strict reading
 
 # decord 0.6.0 returns frames of a wrong shape for these widths (even widths 2..2100 were tried with
 # yuv420p H.264; heights 2..198 all decode). tests/unit/test_build_media.py checks the neighbours.
@@ -91,10 +99,10 @@ class VideoDecodeError(Exception):
 class DecodeStats:
     """Counters a caller passes in and later logs; one per worker, never shared between threads."""
 
-    decoded: int = 0                                       # calls that returned frames / meta
-    fallbacks: int = 0                                     # auto: decord failed, PyAV was tried
-    fallback_reasons: Counter = field(default_factory=Counter)   # decord's reason -> count
-    failures: Counter = field(default_factory=Counter)           # raised reason -> count
+    decoded: int = 0  # calls that returned frames / meta
+    fallbacks: int = 0  # auto: decord failed, PyAV was tried
+    fallback_reasons: Counter = field(default_factory=Counter)  # decord's reason -> count
+    failures: Counter = field(default_factory=Counter)  # raised reason -> count
 
     def as_dict(self) -> dict[str, int]:
         out = {"decoded": self.decoded, "fallbacks": self.fallbacks}
@@ -108,9 +116,14 @@ class DecodeStats:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode(data: bytes, indices: list[int], backend: str = "auto",
-           size: tuple[int, int] | None = None, timeout: float | None = None,
-           stats: DecodeStats | None = None) -> np.ndarray:
+def decode(
+    data: bytes,
+    indices: list[int],
+    backend: str = "auto",
+    size: tuple[int, int] | None = None,
+    timeout: float | None = None,
+    stats: DecodeStats | None = None,
+) -> np.ndarray:
     """The frames at `indices` as uint8 (F, H, W, 3) RGB, F = len(indices), in the given order."""
     indices = [int(i) for i in indices]
     if not indices:
@@ -123,8 +136,9 @@ def decode(data: bytes, indices: list[int], backend: str = "auto",
     return _resize(frames, size) if size is not None else frames
 
 
-def probe(data: bytes, backend: str = "auto", timeout: float | None = None,
-          stats: DecodeStats | None = None) -> VideoMeta:
+def probe(
+    data: bytes, backend: str = "auto", timeout: float | None = None, stats: DecodeStats | None = None
+) -> VideoMeta:
     """Frame count, fps, duration (n_frames / fps) and size of a video.
 
     decord's count is `len(VideoReader)`, taken from the container; PyAV decodes every frame and
@@ -154,8 +168,14 @@ def encoder_available(codec: str = "libx264") -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dispatch(op: str, data: bytes, indices: list[int] | None, backend: str,
-              timeout: float | None, stats: DecodeStats | None) -> Any:
+def _dispatch(
+    op: str,
+    data: bytes,
+    indices: list[int] | None,
+    backend: str,
+    timeout: float | None,
+    stats: DecodeStats | None,
+) -> Any:
     """Run `op` ("decode" | "probe") on the chosen backend, with the auto fallback; count it."""
     if backend not in BACKENDS:
         raise ValueError(f"video backend {backend!r}: expected one of {BACKENDS}")
@@ -175,16 +195,17 @@ def _dispatch(op: str, data: bytes, indices: list[int] | None, backend: str,
     return out
 
 
-def _auto(op: str, data: bytes, indices: list[int] | None, timeout: float | None,
-          stats: DecodeStats) -> Any:
+def _auto(op: str, data: bytes, indices: list[int] | None, timeout: float | None, stats: DecodeStats) -> Any:
     have_decord, have_pyav = _installed("decord"), _installed("av")
     if not have_decord and not have_pyav:
-        raise ImportError("video backend 'auto' needs the 'decord' or the 'av' package; neither "
-                          "is installed (pip install decord av)")
+        raise ImportError(
+            "video backend 'auto' needs the 'decord' or the 'av' package; neither "
+            "is installed (pip install decord av)"
+        )
     if have_decord:
         try:
             return _with_timeout(lambda: _call("decord", op, data, indices), timeout, "decord")
-        except Exception as e:          # decord's own errors are wrapped; anything else too
+        except Exception as e:  # decord's own errors are wrapped; anything else too
             if not have_pyav:
                 raise
             stats.fallbacks += 1
@@ -208,15 +229,16 @@ def _with_timeout(fn: Callable[[], Any], timeout: float | None, backend: str) ->
     def run() -> None:
         try:
             box["out"] = fn()
-        except BaseException as e:          # re-raised in the caller's thread
+        except BaseException as e:  # re-raised in the caller's thread
             box["err"] = e
 
     worker = threading.Thread(target=run, name=f"video-decode-{backend}", daemon=True)
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise VideoDecodeError("timeout", f"no result after {timeout:g} s; the decode thread is "
-                                          f"abandoned, not stopped", backend)
+        raise VideoDecodeError(
+            "timeout", f"no result after {timeout:g} s; the decode thread is abandoned, not stopped", backend
+        )
     if "err" in box:
         raise box["err"]
     return box["out"]
@@ -237,9 +259,11 @@ def _installed(module: str) -> bool:
 def _require(backend: str) -> None:
     module = _MODULES[backend]
     if not _installed(module):
-        raise ImportError(f"video backend {backend!r} needs the '{module}' package, which is not "
-                          f"installed (pip install {'decord' if module == 'decord' else 'av'}), "
-                          f"or choose another backend")
+        raise ImportError(
+            f"video backend {backend!r} needs the '{module}' package, which is not "
+            f"installed (pip install {'decord' if module == 'decord' else 'av'}), "
+            f"or choose another backend"
+        )
 
 
 def _clamp(indices: list[int], n: int) -> np.ndarray:
@@ -256,14 +280,14 @@ def _open_decord(data: bytes):
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    except AssertionError as e:         # decord asserts a positive frame count after opening
+    except AssertionError as e:  # decord asserts a positive frame count after opening
         raise VideoDecodeError("zero_frames", str(e), "decord") from e
-    except Exception as e:              # RuntimeError("Error reading N bytes..."), DECORDError
+    except Exception as e:  # RuntimeError("Error reading N bytes..."), DECORDError
         msg = str(e)
         if "cannot find video stream" in msg:
             raise VideoDecodeError("no_video_stream", "no video stream", "decord") from e
         raise VideoDecodeError("unreadable", _first_line(msg), "decord") from e
-    if len(reader) <= 0:                # the assertion above is gone under python -O
+    if len(reader) <= 0:  # the assertion above is gone under python -O
         raise VideoDecodeError("zero_frames", "container reports 0 frames", "decord")
     return reader
 
@@ -271,10 +295,10 @@ def _open_decord(data: bytes):
 def _decord_decode(data: bytes, indices: list[int]) -> np.ndarray:
     reader = _open_decord(data)
     wanted = _clamp(indices, len(reader))
-    unique, inverse = np.unique(wanted, return_inverse=True)   # decode each frame once, sorted
+    unique, inverse = np.unique(wanted, return_inverse=True)  # decode each frame once, sorted
     try:
         batch = _to_numpy(reader.get_batch(unique.tolist()))  # (U, H, W, 3)
-        reader.seek(0)                                         # decord #208: frees buffered frames
+        reader.seek(0)  # decord #208: frees buffered frames
     except Exception as e:
         raise VideoDecodeError("corrupt", _first_line(str(e)), "decord") from e
     if batch.ndim != 4 or batch.shape[-1] != 3:
@@ -287,13 +311,14 @@ def _decord_probe(data: bytes) -> VideoMeta:
     reader = _open_decord(data)
     try:
         fps = float(reader.get_avg_fps())
-        height, width = _to_numpy(reader[0]).shape[:2]         # decord exposes no frame size
+        height, width = _to_numpy(reader[0]).shape[:2]  # decord exposes no frame size
         reader.seek(0)
     except Exception as e:
         raise VideoDecodeError("corrupt", _first_line(str(e)), "decord") from e
     n = len(reader)
-    return VideoMeta(n_frames=n, fps=fps, duration=n / fps if fps > 0 else 0.0,
-                     width=int(width), height=int(height))
+    return VideoMeta(
+        n_frames=n, fps=fps, duration=n / fps if fps > 0 else 0.0, width=int(width), height=int(height)
+    )
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -315,7 +340,7 @@ def _open_pyav(data: bytes):
 
     try:
         container = av.open(io.BytesIO(data), mode="r")
-    except Exception as e:              # av.error.InvalidDataError and friends
+    except Exception as e:  # av.error.InvalidDataError and friends
         raise VideoDecodeError("unreadable", _first_line(str(e)), "pyav") from e
     if not container.streams.video:
         container.close()
@@ -336,18 +361,18 @@ def _pyav_decode(data: bytes, indices: list[int]) -> np.ndarray:
     wanted = set(indices)
     last_wanted = max(indices)
     got: dict[int, np.ndarray] = {}
-    last = None                                 # (index, frame) of the latest decoded frame
+    last = None  # (index, frame) of the latest decoded frame
     with _open_pyav(data) as container:
         for i, frame in enumerate(_pyav_frames(container)):
             if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")      # (H, W, 3)
+                got[i] = frame.to_ndarray(format="rgb24")  # (H, W, 3)
             last = (i, frame)
             if i >= last_wanted:
                 break
         if last is None:
             raise VideoDecodeError("zero_frames", "the stream decoded to 0 frames", "pyav")
         n = last[0] + 1
-        if last_wanted >= n:                    # the clip ended early: clamp, as decord does
+        if last_wanted >= n:  # the clip ended early: clamp, as decord does
             got[n - 1] = last[1].to_ndarray(format="rgb24")
     return np.stack([got[i] for i in _clamp(indices, n).tolist()])  # (F, H, W, 3)
 
@@ -369,8 +394,7 @@ def _count_frames(container, frames: Iterable) -> VideoMeta:
     if n == 0:
         raise VideoDecodeError("zero_frames", "the stream decoded to 0 frames", "pyav")
     fps = float(rate) if rate else 0.0
-    return VideoMeta(n_frames=n, fps=fps, duration=n / fps if fps > 0 else 0.0,
-                     width=width, height=height)
+    return VideoMeta(n_frames=n, fps=fps, duration=n / fps if fps > 0 else 0.0, width=width, height=height)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,8 +402,15 @@ def _count_frames(container, frames: Iterable) -> VideoMeta:
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_frames(frames: np.ndarray, fps: int | Fraction, *, crf: int, keyframe_interval: int,
-                  preset: str = "medium", scene_cuts: bool = False) -> bytes:
+def encode_frames(
+    frames: np.ndarray,
+    fps: int | Fraction,
+    *,
+    crf: int,
+    keyframe_interval: int,
+    preset: str = "medium",
+    scene_cuts: bool = False,
+) -> bytes:
     """H.264 yuv420p mp4 of uint8 (F, H, W, 3) RGB frames (H and W even), `fps` frames a second.
 
     scene_cuts=True keeps x264's scene-cut detection, which may add keyframes between the regular
@@ -390,12 +421,18 @@ def encode_frames(frames: np.ndarray, fps: int | Fraction, *, crf: int, keyframe
     height, width = frames.shape[1], frames.shape[2]
     # The encoder numbers the frames 0, 1, ... and converts rgb24 to yuv420p itself (bilinear).
     rgb = (av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in frames)
-    return _write_h264(rgb, fps, width, height,
-                       _x264_options(crf, keyframe_interval, preset, scene_cuts))
+    return _write_h264(rgb, fps, width, height, _x264_options(crf, keyframe_interval, preset, scene_cuts))
 
 
-def transcode(data: bytes, *, fps: float = 0.0, max_side: int = 0, crf: int = 23,
-              keyframe_interval: int = 8, preset: str = "medium") -> bytes:
+def transcode(
+    data: bytes,
+    *,
+    fps: float = 0.0,
+    max_side: int = 0,
+    crf: int = 23,
+    keyframe_interval: int = 8,
+    preset: str = "medium",
+) -> bytes:
     """Any video ffmpeg reads -> H.264 (libx264, yuv420p) mp4 bytes, video only.
 
     Constant frame rate: the source's average rate (`fps` 0) or `fps`, frames dropped or repeated
@@ -406,8 +443,7 @@ def transcode(data: bytes, *, fps: float = 0.0, max_side: int = 0, crf: int = 23
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         src_rate = Fraction(rate).limit_denominator(1001) if rate and rate > 0 else None
-        out_rate = (Fraction(fps).limit_denominator(1001) if fps > 0
-                    else src_rate or Fraction(25))
+        out_rate = Fraction(fps).limit_denominator(1001) if fps > 0 else src_rate or Fraction(25)
         frames = _strict_frames(container)
         if fps > 0:
             frames = _retime(frames, src_rate, out_rate)
@@ -416,8 +452,9 @@ def transcode(data: bytes, *, fps: float = 0.0, max_side: int = 0, crf: int = 23
             raise VideoDecodeError("zero_frames", "the stream decoded to 0 frames", "pyav")
         width, height = encoded_size(first.width, first.height, max_side)
         yuv = _to_yuv420p(itertools.chain([first], frames), width, height, out_rate)
-        return _write_h264(yuv, out_rate, width, height,
-                           _x264_options(crf, keyframe_interval, preset, scene_cuts=False))
+        return _write_h264(
+            yuv, out_rate, width, height, _x264_options(crf, keyframe_interval, preset, scene_cuts=False)
+        )
 
 
 def container_format(data: bytes) -> str:
@@ -453,12 +490,11 @@ def _x264_options(crf: int, keyframe_interval: int, preset: str, scene_cuts: boo
     options = {"crf": str(crf), "g": str(keyframe_interval), "bf": "0"}
     if not scene_cuts:
         options["sc_threshold"] = "0"
-    options.update(preset=preset, threads="1")   # = thread_count 1, set on the stream too
+    options.update(preset=preset, threads="1")  # = thread_count 1, set on the stream too
     return options
 
 
-def _write_h264(frames: Iterable, rate: int | Fraction, width: int, height: int,
-                options: dict) -> bytes:
+def _write_h264(frames: Iterable, rate: int | Fraction, width: int, height: int, options: dict) -> bytes:
     """An mp4 of the av.VideoFrames encoded by libx264 at `rate`, as bytes."""
     import av
 
@@ -477,8 +513,7 @@ def _write_h264(frames: Iterable, rate: int | Fraction, width: int, height: int,
 def _to_yuv420p(frames: Iterable, width: int, height: int, rate: Fraction) -> Iterator:
     """Decoded frames resized (bicubic) to yuv420p, numbered 0, 1, ... at `rate`."""
     for n, frame in enumerate(frames):
-        out = frame.reformat(width=width, height=height, format="yuv420p",
-                             interpolation="BICUBIC")
+        out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
         out.pts, out.time_base = n, 1 / rate
         out.pict_type = 0  # NONE: a decoded I frame would force a keyframe in libx264
         yield out
@@ -514,16 +549,14 @@ def _open_strict(data: bytes):
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as e:  # InvalidDataError: garbage, or an mp4 cut before its index
-        raise VideoDecodeError("unreadable", f"does not open: {_exception_line(e)}",
-                               "pyav") from e
+        raise VideoDecodeError("unreadable", f"does not open: {_exception_line(e)}", "pyav") from e
     name = container.format.name
     if name == "image2" or name.endswith("_pipe"):  # ffmpeg opens a PNG as a 1-frame video
         container.close()
         raise VideoDecodeError("unsupported_format", f"a still image ({name}), not a video", "pyav")
     if not container.streams.video:
         container.close()
-        raise VideoDecodeError("no_video_stream",
-                               f"streams: {[s.type for s in container.streams]}", "pyav")
+        raise VideoDecodeError("no_video_stream", f"streams: {[s.type for s in container.streams]}", "pyav")
     return container
 
 
@@ -541,8 +574,11 @@ def _strict_frames(container) -> Iterator:
     except Exception as e:
         raise VideoDecodeError("corrupt", f"decoding failed: {_exception_line(e)}", "pyav") from e
     if declared and packets < declared:
-        raise VideoDecodeError("corrupt", f"the index lists {declared} frames, only {packets} "
-                                          f"are in the file (truncated)", "pyav")
+        raise VideoDecodeError(
+            "corrupt",
+            f"the index lists {declared} frames, only {packets} are in the file (truncated)",
+            "pyav",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,7 +594,7 @@ def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return frames
     bilinear = Image.Resampling.BILINEAR
     out = [np.asarray(Image.fromarray(f).resize((width, height), bilinear)) for f in frames]
-    return np.stack(out)                        # (F, H, W, 3)
+    return np.stack(out)  # (F, H, W, 3)
 
 
 def _first_line(msg: str) -> str:

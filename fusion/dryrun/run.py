@@ -12,8 +12,15 @@ from torch import nn
 
 from fusion import dist
 from fusion.config import Config, ConfigError, finalize
-from fusion.dryrun.standins import (META, CheckedStreams, DryRunError, StandInEngine, SyntheticBatches,
-                                    fake_world, gpu_precision)
+from fusion.dryrun.standins import (
+    META,
+    CheckedStreams,
+    DryRunError,
+    StandInEngine,
+    SyntheticBatches,
+    fake_world,
+    gpu_precision,
+)
 from fusion.dryrun.watch import StepWatch, _dtype
 
 GPU_GIB = 80  # an H100's memory, for the dry run's warning
@@ -62,13 +69,17 @@ def dry_run(cfg: Config, world: int, name: str = "the config") -> Report:
     derived = finalize(cfg, world)
     report = Report(config=name, world=world)
     if cfg.model.moe.path != "fast" and cfg.model.moe.n_experts and not cfg.model.dense_baseline:
-        report.notes.append(f"model.moe.path={cfg.model.moe.path} reads expert counts on the host in every "
-                            "MoE layer by design; the dry run checks the step with model.moe.path=fast")
+        report.notes.append(
+            f"model.moe.path={cfg.model.moe.path} reads expert counts on the host in every "
+            "MoE layer by design; the dry run checks the step with model.moe.path=fast"
+        )
         cfg.model.moe.path = "fast"
     flex = cfg.model.attn_impl == "flex"
     if flex:
-        report.notes.append("model.attn_impl=flex: the whole step runs with sdpa masks on meta (FlexAttention "
-                            "refuses meta tensors); flex is checked in a forward on fake CUDA tensors")
+        report.notes.append(
+            "model.attn_impl=flex: the whole step runs with sdpa masks on meta (FlexAttention "
+            "refuses meta tensors); flex is checked in a forward on fake CUDA tensors"
+        )
         cfg.model.attn_impl = "sdpa"
     tokenizer = _tokenizer(cfg, report)
     with fake_world(world):
@@ -89,8 +100,9 @@ def dry_run(cfg: Config, world: int, name: str = "the config") -> Report:
         report.shapes = {k: v for k, v in watch.shapes.items() if k.count(".") <= 4}
         report.kernels = watch.kernels
         report.host_reads = Counter(reads)
-        report.collectives = Counter(f"{c['op']} {c['dtype']} {c['device']} over {c['group_size']} ranks"
-                                     for c in collectives)
+        report.collectives = Counter(
+            f"{c['op']} {c['dtype']} {c['device']} over {c['group_size']} ranks" for c in collectives
+        )
     if flex:
         cfg.model.attn_impl = "flex"
         report.checks.append(_flex_forward_on_fake_cuda(cfg, tokenizer))
@@ -120,16 +132,31 @@ def _stand_in_parts(cfg: Config, tokenizer):
     model.use_kernels(Kernels(grouped_mm=True, side_stream=True, compile_flex=False), streams=streams)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
     groups = param_groups(model, t.weight_decay, cfg.model.vision.lr_scale)
-    optimizer = torch.optim.AdamW([g for g in groups if g["name"] != "experts"], lr=t.lr,
-                                  betas=tuple(t.betas), weight_decay=t.weight_decay, foreach=False)
-    engine = StandInEngine(experts.engine_module(), optimizer, compute == torch.bfloat16,
-                           t.grad_accum, t.zero_stage, t.grad_clip)
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["name"] != "experts"],
+        lr=t.lr,
+        betas=tuple(t.betas),
+        weight_decay=t.weight_decay,
+        foreach=False,
+    )
+    engine = StandInEngine(
+        experts.engine_module(), optimizer, compute == torch.bfloat16, t.grad_accum, t.zero_stage, t.grad_clip
+    )
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip)
     experts.restore_buffer_dtypes()  # as the trainer does after the engine's cast
     guard = NonFiniteGuard(model, [optimizer, experts.optimizer], META, streams)
-    parts = StepParts(cfg=cfg, engine=engine, optimizer=optimizer, experts=experts, guard=guard,
-                      faults=Faults("", 0, model), distiller=None, model=model, device=META,
-                      bf16=compute == torch.bfloat16)
+    parts = StepParts(
+        cfg=cfg,
+        engine=engine,
+        optimizer=optimizer,
+        experts=experts,
+        guard=guard,
+        faults=Faults("", 0, model),
+        distiller=None,
+        model=model,
+        device=META,
+        bf16=compute == torch.bfloat16,
+    )
     engine.train()
     return parts, streams, fpt
 
@@ -163,9 +190,11 @@ def _check_streams(streams: CheckedStreams, model: nn.Module, grad_accum: int) -
     shared_layers = sum(1 for m in model.moe_layers if m.shared is not None)
     expected = 4 * shared_layers * grad_accum  # in, out; forward and backward
     if streams.handovers < expected:
-        streams.violations.append(f"{streams.handovers} hand-overs between the main and the side "
-                                  f"stream, {expected} expected ({shared_layers} shared expert(s) "
-                                  f"x {grad_accum} micro-step(s) x in and out, forward and backward)")
+        streams.violations.append(
+            f"{streams.handovers} hand-overs between the main and the side "
+            f"stream, {expected} expected ({shared_layers} shared expert(s) "
+            f"x {grad_accum} micro-step(s) x in and out, forward and backward)"
+        )
     if streams.violations:
         raise DryRunError("side stream: " + "; ".join(dict.fromkeys(streams.violations)))
 
@@ -184,8 +213,10 @@ def _step_checks(cfg: Config, batches, streams: CheckedStreams, experts, n_metri
         "broadcast, the evaluation's reduction" + ("; the experts' gather for checkpoints" if ep else ""),
     ]
     if ep:
-        checks.append(f"expert parallelism {cfg.model.moe.ep_size}: the all-to-all dispatcher forward "
-                      "and backward, the expert gradients' reduction")
+        checks.append(
+            f"expert parallelism {cfg.model.moe.ep_size}: the all-to-all dispatcher forward "
+            "and backward, the expert gradients' reduction"
+        )
     return checks
 
 
@@ -195,12 +226,14 @@ def _add_plan(report: Report, cfg: Config, world: int) -> None:
     plan = make_plan(cfg, world=world)
     report.plan = _plan_memory(format_plan(plan, cfg), cfg.train.zero_stage)
     row = plan["memory"]["bytes"][cfg.train.zero_stage]
-    need = (row["total_ckpt"] if cfg.train.activation_checkpointing else row["total"]) / 2 ** 30
+    need = (row["total_ckpt"] if cfg.train.activation_checkpointing else row["total"]) / 2**30
     if need > GPU_GIB:
-        report.notes.append(f"fusion-plan predicts {need:.0f} GiB per GPU at train.zero_stage="
-                            f"{cfg.train.zero_stage}: more than an {GPU_GIB} GiB GPU holds (raise "
-                            "model.moe.ep_size or the ZeRO stage, turn on train.activation_checkpointing, "
-                            "lower train.micro_batch)")
+        report.notes.append(
+            f"fusion-plan predicts {need:.0f} GiB per GPU at train.zero_stage="
+            f"{cfg.train.zero_stage}: more than an {GPU_GIB} GiB GPU holds (raise "
+            "model.moe.ep_size or the ZeRO stage, turn on train.activation_checkpointing, "
+            "lower train.micro_batch)"
+        )
 
 
 def _tokenizer(cfg: Config, report: Report):
@@ -208,8 +241,10 @@ def _tokenizer(cfg: Config, report: Report):
 
     spec = cfg.data.tokenizer
     if spec not in ("", "byte") and not Path(spec).is_file():
-        report.notes.append(f"data.tokenizer {spec} is not here: the byte tokenizer stands in "
-                            f"(vocabulary {cfg.model.vocab_size or 'of bytes'})")
+        report.notes.append(
+            f"data.tokenizer {spec} is not here: the byte tokenizer stands in "
+            f"(vocabulary {cfg.model.vocab_size or 'of bytes'})"
+        )
         spec = cfg.data.tokenizer = "byte"
     return build_tokenizer(spec)
 
@@ -217,21 +252,28 @@ def _tokenizer(cfg: Config, report: Report):
 def _check_parameter_dtypes(model: nn.Module, experts, compute: torch.dtype) -> str:
     wrong = [f"{n} {_dtype(p.dtype)}" for n, p in model.named_parameters() if p.dtype != compute]
     if wrong:
-        raise DryRunError(f"dtype: parameters not in {_dtype(compute)} after the engine's cast: "
-                          + ", ".join(wrong[:3]))
+        raise DryRunError(
+            f"dtype: parameters not in {_dtype(compute)} after the engine's cast: " + ", ".join(wrong[:3])
+        )
     for moe in model.moe_layers:
         if moe.router.expert_bias.dtype != torch.float32:
-            raise DryRunError(f"dtype: the router bias is {_dtype(moe.router.expert_bias.dtype)}: its "
-                              "1e-3 steps vanish below bf16 resolution (keep it fp32)")
+            raise DryRunError(
+                f"dtype: the router bias is {_dtype(moe.router.expert_bias.dtype)}: its "
+                "1e-3 steps vanish below bf16 resolution (keep it fp32)"
+            )
         if moe.load.dtype != torch.float64:
-            raise DryRunError(f"dtype: the expert-load counts are {_dtype(moe.load.dtype)}: counts past "
-                              "2^8 (bf16) or 2^24 (fp32) are not exact (keep them float64)")
+            raise DryRunError(
+                f"dtype: the expert-load counts are {_dtype(moe.load.dtype)}: counts past "
+                "2^8 (bf16) or 2^24 (fp32) are not exact (keep them float64)"
+            )
     masters = [m for _, m in (experts.masters or [])]
     if any(m.dtype != torch.float32 for m in masters):
         raise DryRunError("dtype: the routed experts' master weights are not fp32")
-    return (f"parameters in {_dtype(compute)}"
-            + (f", {len(masters)} fp32 expert master weights" if masters else "")
-            + ("; router bias fp32 and load counts float64" if model.moe_layers else ""))
+    return (
+        f"parameters in {_dtype(compute)}"
+        + (f", {len(masters)} fp32 expert master weights" if masters else "")
+        + ("; router bias fp32 and load counts float64" if model.moe_layers else "")
+    )
 
 
 def _flex_forward_on_fake_cuda(cfg: Config, tokenizer) -> str:
@@ -255,15 +297,24 @@ def _flex_forward_on_fake_cuda(cfg: Config, tokenizer) -> str:
                 model = build_model(cfg.model, tokenizer)
         finally:
             torch.set_default_dtype(default)
-        model.use_kernels(Kernels(grouped_mm=True, side_stream=True, compile_flex=False),
-                          streams=CheckedStreams())
+        model.use_kernels(
+            Kernels(grouped_mm=True, side_stream=True, compile_flex=False), streams=CheckedStreams()
+        )
         fake = {k: v.to(cuda) for k, v in batch.items()}
         with torch.no_grad():
-            out = model(fake["input_ids"], labels=fake["labels"], positions=fake["positions"],
-                        doc_ids=fake["doc_ids"], sample_modality=fake["sample_modality"],
-                        images=fake.get("images"), videos=fake.get("videos"))
-    return (f"a forward with model.attn_impl=flex on fake CUDA tensors ({_dtype(gpu_precision(cfg))}, "
-            f"uncompiled: no driver to compile for): loss {_dtype(out.loss.dtype)} on {out.loss.device}")
+            out = model(
+                fake["input_ids"],
+                labels=fake["labels"],
+                positions=fake["positions"],
+                doc_ids=fake["doc_ids"],
+                sample_modality=fake["sample_modality"],
+                images=fake.get("images"),
+                videos=fake.get("videos"),
+            )
+    return (
+        f"a forward with model.attn_impl=flex on fake CUDA tensors ({_dtype(gpu_precision(cfg))}, "
+        f"uncompiled: no driver to compile for): loss {_dtype(out.loss.dtype)} on {out.loss.device}"
+    )
 
 
 def _plan_memory(text: str, stage: int) -> str:
@@ -288,12 +339,16 @@ def explain(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "No backend type associated with device type cpu" in text:
         what = "a CPU tensor was handed to a collective (NCCL takes CUDA tensors only)"
-    elif "meta" in text and any(k in text for k in ("item()", "Cannot copy out", "nonzero",
-                                                  "data-dependent", "no data", "fake impl")):
+    elif "meta" in text and any(
+        k in text for k in ("item()", "Cannot copy out", "nonzero", "data-dependent", "no data", "fake impl")
+    ):
         what = f"a host sync inside the step (reading a device value: {text})"
     else:
         what = f"{type(error).__name__}: {text}"
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if "/fusion/" in f.filename and "/fusion/dryrun/" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if "/fusion/" in f.filename and "/fusion/dryrun/" not in f.filename
+    ]
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
     return what + where

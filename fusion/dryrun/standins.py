@@ -80,8 +80,10 @@ class CheckedStreams:
 
     def record(self, tensor: torch.Tensor, stream: str) -> None:
         if self.last_wait is None or self.last_wait[0] != stream:
-            self.violations.append(f"a tensor {tuple(tensor.shape)} handed to stream {stream} without "
-                                   f"{stream} waiting for the stream that made it")
+            self.violations.append(
+                f"a tensor {tuple(tensor.shape)} handed to stream {stream} without "
+                f"{stream} waiting for the stream that made it"
+            )
         self.last_wait = None
         self.handovers += 1
 
@@ -112,8 +114,15 @@ class StandInEngine:
     gradients are all-reduced (one flat fp32 buffer on the communication device, divided by the
     world size), clipped with the global norm, and the torch optimizer steps."""
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, bf16: bool,
-                 grad_accum: int, zero_stage: int, grad_clip: float):
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        bf16: bool,
+        grad_accum: int,
+        zero_stage: int,
+        grad_clip: float,
+    ):
         if bf16:
             module.to(torch.bfloat16)
         self.module = module
@@ -145,7 +154,7 @@ class StandInEngine:
                 flat /= dist.world()
                 offset = 0
                 for g in grads:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
             self.norm = self.optimizer.scaled_global_norm()
             if self.grad_clip > 0:
@@ -185,10 +194,14 @@ class SyntheticBatches:
         size = cfg.model.vision.img_size
         makers = {
             "text": lambda: ([text], {}),
-            "image": lambda: ([("image", v.tokens_per_image), " a caption."],
-                              {"images": [torch.zeros(3, size, size, dtype=torch.uint8)]}),
-            "video": lambda: ([("video", groups, v.tokens_per_frame_group), " a caption."],
-                              {"videos": [torch.zeros(cfg.data.n_frames, 3, size, size, dtype=torch.uint8)]}),
+            "image": lambda: (
+                [("image", v.tokens_per_image), " a caption."],
+                {"images": [torch.zeros(3, size, size, dtype=torch.uint8)]},
+            ),
+            "video": lambda: (
+                [("video", groups, v.tokens_per_frame_group), " a caption."],
+                {"videos": [torch.zeros(cfg.data.n_frames, 3, size, size, dtype=torch.uint8)]},
+            ),
         }
         self.rows: dict[str, list[dict]] = {}
         self.skipped: list[str] = []

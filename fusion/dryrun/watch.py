@@ -9,10 +9,21 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "convolution", "_convolution",
-           "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-           "_scaled_dot_product_fused_attention_overrideable", "scaled_dot_product_attention"}
+MATMULS = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_grouped_mm",
+    "convolution",
+    "_convolution",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "scaled_dot_product_attention",
+}
 FP32_BY_DESIGN = ("router",)  # module names whose matrix products run in fp32 on purpose
 
 
@@ -71,6 +82,7 @@ class StepWatch(TorchDispatchMode):
         def hook(module, args):
             if not self.in_backward():
                 self.stack.append(name)
+
         return hook
 
     def _leave(self, name):
@@ -82,6 +94,7 @@ class StepWatch(TorchDispatchMode):
             kind = self._kind(name)
             if kind not in self.shapes:
                 self.shapes[kind] = _describe(output)
+
         return hook
 
     def remove(self) -> None:
@@ -102,12 +115,16 @@ class StepWatch(TorchDispatchMode):
         if self.in_backward():  # a recompute: checked in the forward
             return
         where = self._kind(self.stack[-1]) if self.stack else "?"
-        self.kernels.setdefault("scaled_dot_product_attention",
-                                " x ".join(f"{tuple(t.shape)}" for t in qkv) + f" {_dtype(qkv[0].dtype)}")
+        self.kernels.setdefault(
+            "scaled_dot_product_attention",
+            " x ".join(f"{tuple(t.shape)}" for t in qkv) + f" {_dtype(qkv[0].dtype)}",
+        )
         bad = [t.dtype for t in qkv if t.dtype != self.compute]
         if bad:
-            self.violations.append(f"attention in {where} runs in {_dtype(bad[0])}, the GPU run computes "
-                                   f"in {_dtype(self.compute)}")
+            self.violations.append(
+                f"attention in {where} runs in {_dtype(bad[0])}, the GPU run computes "
+                f"in {_dtype(self.compute)}"
+            )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,17 +137,25 @@ class StepWatch(TorchDispatchMode):
         if op in MATMULS:
             tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
             if op not in self.kernels and forward:  # backward shapes are the forward's transposes
-                self.kernels[op] = " x ".join(f"{tuple(a.shape)}" for a in tensors[:3]) + f" {_dtype(tensors[0].dtype)}" if tensors else ""
+                self.kernels[op] = (
+                    " x ".join(f"{tuple(a.shape)}" for a in tensors[:3]) + f" {_dtype(tensors[0].dtype)}"
+                    if tensors
+                    else ""
+                )
             in_router = any(part in FP32_BY_DESIGN for part in where.split("."))
             bad = [a.dtype for a in tensors if a.dtype != self.compute]
             if bad and not (in_router and all(d == torch.float32 for d in bad)) and forward:
-                self.violations.append(f"{op} in {where} runs in {_dtype(bad[0])}, the GPU run computes in "
-                                       f"{_dtype(self.compute)}")
+                self.violations.append(
+                    f"{op} in {where} runs in {_dtype(bad[0])}, the GPU run computes in "
+                    f"{_dtype(self.compute)}"
+                )
         if torch.is_grad_enabled():
-            for o in (out if isinstance(out, (tuple, list)) else [out]):
+            for o in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(o, torch.Tensor) and o.dtype == torch.float64 and o.requires_grad:
-                    self.violations.append(f"{op} in {where} makes a float64 tensor that autograd "
-                                           f"records (float64 runs at a fraction of GPU speed)")
+                    self.violations.append(
+                        f"{op} in {where} makes a float64 tensor that autograd "
+                        f"records (float64 runs at a fraction of GPU speed)"
+                    )
         return out
 
 
@@ -143,6 +168,6 @@ def _describe(x) -> str:
         return f"{tuple(x.shape)} {_dtype(x.dtype)}"
     if isinstance(x, (tuple, list)):
         return ", ".join(_describe(v) for v in x if isinstance(v, (torch.Tensor, tuple, list)))
-    if hasattr(x, "loss") and isinstance(getattr(x, "loss"), torch.Tensor):
+    if hasattr(x, "loss") and isinstance(x.loss, torch.Tensor):
         return f"loss {_describe(x.loss)}"
     return type(x).__name__

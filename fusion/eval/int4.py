@@ -55,7 +55,9 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     g = x.unflatten(-1, (n_groups, group_size))  # (..., n_groups, G)
     lo, hi = g.amin(-1), g.amax(-1)  # (..., n_groups)
     offset = lo.half()
-    offset = torch.where(offset.float() > lo, torch.nextafter(offset, torch.full_like(offset, -math.inf)), offset)
+    offset = torch.where(
+        offset.float() > lo, torch.nextafter(offset, torch.full_like(offset, -math.inf)), offset
+    )
     scale = ((hi - offset.float()) / 15).half()
     short = offset.float() + 15 * scale.float() < hi  # fp16 rounding lost part of the range
     scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
@@ -66,8 +68,9 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return codes.contiguous(), scale, offset
 
 
-def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, K: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, K: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The inverse of quantize_int4: (..., K) in `dtype`."""
     q = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)  # (..., n_groups * G)
     g = q.unflatten(-1, (scale.shape[-1], -1)).float()  # (..., n_groups, G)
@@ -165,7 +168,9 @@ def quantize_model(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> di
         report["tensors"] += len(weights)
         report["params"] += sum(w.numel() for w in weights)
         report["bytes_before"] += sum(w.numel() * w.element_size() for w in weights)
-        new = Int4Experts(module, group_size) if isinstance(module, Experts) else Int4Linear(module, group_size)
+        new = (
+            Int4Experts(module, group_size) if isinstance(module, Experts) else Int4Linear(module, group_size)
+        )
         report["bytes_after"] += sum(q.nbytes() for q in new.modules() if isinstance(q, Int4Weight))
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
@@ -184,9 +189,18 @@ def weight_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_int4_results(model, results: dict[str, dict], out_dir: Path, *, group_size: int,
-                     batch_size: int = 16, limit: int | None = None, blind: bool = True,
-                     device=None, progress: bool = False) -> dict[str, dict]:
+def add_int4_results(
+    model,
+    results: dict[str, dict],
+    out_dir: Path,
+    *,
+    group_size: int,
+    batch_size: int = 16,
+    limit: int | None = None,
+    blind: bool = True,
+    device=None,
+    progress: bool = False,
+) -> dict[str, dict]:
     """Quantise `model` in place and evaluate it on the sets of `results` (fusion-eval's results of
     the same model unquantised); each SET.json gains "weight_bytes" and "dtype" of the original and
     an "int4" section {group_size, overall, by_type, weight_bytes, quantized, seconds}."""
@@ -199,13 +213,27 @@ def add_int4_results(model, results: dict[str, dict], out_dir: Path, *, group_si
     after = weight_bytes(model)
     for name, result in results.items():
         t0 = time.perf_counter()
-        q, _ = run_evaluation(model, result["vqa_dir"], batch_size=batch_size, limit=limit, blind=blind,
-                              n_frames=result["n_frames"], device=device, progress=progress, examples=0)
+        q, _ = run_evaluation(
+            model,
+            result["vqa_dir"],
+            batch_size=batch_size,
+            limit=limit,
+            blind=blind,
+            n_frames=result["n_frames"],
+            device=device,
+            progress=progress,
+            examples=0,
+        )
         result["dtype"] = dtype
         result["weight_bytes"] = before
-        result["int4"] = {"group_size": group_size, "overall": q["overall"], "by_type": q["by_type"],
-                          "weight_bytes": after, "quantized": report,
-                          "seconds": round(time.perf_counter() - t0, 2)}
+        result["int4"] = {
+            "group_size": group_size,
+            "overall": q["overall"],
+            "by_type": q["by_type"],
+            "weight_bytes": after,
+            "quantized": report,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         write_atomic(Path(out_dir) / f"{name}.json", (json.dumps(result, indent=1) + "\n").encode())
     return results
 
@@ -213,9 +241,12 @@ def add_int4_results(model, results: dict[str, dict], out_dir: Path, *, group_si
 def format_int4(result: dict) -> str:
     """One line: int4 accuracy beside the original's, and the weight memory of each."""
     q = result["int4"]
-    mib = 2 ** 20
+    mib = 2**20
     blind = q["overall"]["blind_acc"]
-    return (f"int4 (group {q['group_size']}): acc {q['overall']['acc']:.3f} vs {result['dtype']} "
-            f"{result['overall']['acc']:.3f}" + (f", blind {blind:.3f}" if blind is not None else "")
-            + f"; weights {q['weight_bytes'] / mib:.2f} MiB vs {result['weight_bytes'] / mib:.2f} MiB "
-            f"({q['weight_bytes'] / result['weight_bytes']:.2f}x)")
+    return (
+        f"int4 (group {q['group_size']}): acc {q['overall']['acc']:.3f} vs {result['dtype']} "
+        f"{result['overall']['acc']:.3f}"
+        + (f", blind {blind:.3f}" if blind is not None else "")
+        + f"; weights {q['weight_bytes'] / mib:.2f} MiB vs {result['weight_bytes'] / mib:.2f} MiB "
+        f"({q['weight_bytes'] / result['weight_bytes']:.2f}x)"
+    )

@@ -5,9 +5,9 @@ training code's own sample maker, so evaluation sees exactly what training saw."
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -23,9 +23,9 @@ class Question:
     answer: str
     choices: list[str]
     type: str
-    part: tuple                 # ("image", n_tokens) or ("video", n_groups, n_tokens): the media run
-    pixels: torch.Tensor        # uint8 (3, S, S) image or (F, 3, S, S) video frames
-    modality: int               # 1 image, 2 video
+    part: tuple  # ("image", n_tokens) or ("video", n_groups, n_tokens): the media run
+    pixels: torch.Tensor  # uint8 (3, S, S) image or (F, 3, S, S) video frames
+    modality: int  # 1 image, 2 video
 
     @property
     def chance(self) -> float:
@@ -68,9 +68,14 @@ def make_question(raw: dict, maker) -> Question | None:
     except SampleError as e:
         return skip(e)
     choices = meta.get("choices") if isinstance(meta, dict) else None
-    if (not isinstance(meta, dict) or not isinstance(meta.get("question"), str) or "answer" not in meta
-            or not isinstance(choices, list) or not choices
-            or not all(isinstance(c, (str, int, float)) for c in choices)):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("question"), str)
+        or "answer" not in meta
+        or not isinstance(choices, list)
+        or not choices
+        or not all(isinstance(c, (str, int, float)) for c in choices)
+    ):
         return skip("bad_vqa_json")
     choices = [str(c).strip() for c in choices]
     answer = str(meta["answer"]).strip()
@@ -87,9 +92,16 @@ def make_question(raw: dict, maker) -> Question | None:
     if media is None:  # counted by the maker
         return None
     part, pixels, modality = media
-    return Question(key=key, question=meta["question"].strip(), answer=answer, choices=choices,
-                    type=vqa_type(meta.get("type")), part=part,
-                    pixels=torch.as_tensor(pixels), modality=modality)
+    return Question(
+        key=key,
+        question=meta["question"].strip(),
+        answer=answer,
+        choices=choices,
+        type=vqa_type(meta.get("type")),
+        part=part,
+        pixels=torch.as_tensor(pixels),
+        modality=modality,
+    )
 
 
 def iter_questions(vqa_dir: str | Path, maker) -> Iterator[Question]:

@@ -38,7 +38,7 @@ def _picture(q: Question, max_frames: int = 8, per_row: int = 4):
     sheet = torch.full((3, rows * (S + 1) - 1, cols * (S + 1) - 1), 255, dtype=torch.uint8)
     for i, frame in enumerate(frames):  # a 1-pixel white line between frames
         r, c = divmod(i, per_row)
-        sheet[:, r * (S + 1): r * (S + 1) + S, c * (S + 1): c * (S + 1) + S] = frame
+        sheet[:, r * (S + 1) : r * (S + 1) + S, c * (S + 1) : c * (S + 1) + S] = frame
     return sheet.permute(1, 2, 0).numpy()
 
 
@@ -54,16 +54,30 @@ def plot_examples(shown: list[Shown], path: Path, title: str = "", cols: int = 4
     rows = math.ceil(n / cols)
     cell_h, head = 3.9, 0.5  # inches: picture + question above + prediction below; title band
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, cell_h * rows + head), squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.7 / (cell_h * rows + head),
-                        top=1 - (head + 0.6) / (cell_h * rows + head), wspace=0.15, hspace=0.6)
+    fig.subplots_adjust(
+        left=0.02,
+        right=0.98,
+        bottom=0.7 / (cell_h * rows + head),
+        top=1 - (head + 0.6) / (cell_h * rows + head),
+        wspace=0.15,
+        hspace=0.6,
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, s in zip(axes.flat, shown):
         q = s.question
         ax.imshow(_picture(q), interpolation="nearest")
         ax.set_title("\n".join(textwrap.wrap(f"[{q.type}] {q.question}", 36)[:3]), fontsize=8)
-        ax.text(0.5, -0.03, f"pred: {s.prediction}\nanswer: {q.answer}", transform=ax.transAxes,
-                ha="center", va="top", fontsize=9, color="green" if s.correct else "red")
+        ax.text(
+            0.5,
+            -0.03,
+            f"pred: {s.prediction}\nanswer: {q.answer}",
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=9,
+            color="green" if s.correct else "red",
+        )
     if title:
         fig.suptitle(title, y=1 - 0.15 / (cell_h * rows + head))
     tmp = path.with_name(path.name + ".tmp")

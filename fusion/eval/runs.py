@@ -50,9 +50,11 @@ def check_out_dir(out_dir: str | Path, flag: str = "--out") -> Path:
 
     ckpt = checkpoint_covering(out_dir)
     if ckpt is not None:
-        raise EvalError(f"{flag} {out_dir}: inside checkpoint {ckpt}, whose manifest.json lists every "
-                        f"file there (an eval file would make resuming refuse it); write elsewhere, "
-                        f"e.g. {default_out_dir(ckpt)}")
+        raise EvalError(
+            f"{flag} {out_dir}: inside checkpoint {ckpt}, whose manifest.json lists every "
+            f"file there (an eval file would make resuming refuse it); write elsewhere, "
+            f"e.g. {default_out_dir(ckpt)}"
+        )
     return Path(out_dir)
 
 

@@ -36,17 +36,25 @@ import json
 import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from fusion.eval.questions import EvalError, Question, Shown, iter_questions, make_sample_maker, set_name, set_size
+from fusion.eval.questions import (
+    EvalError,
+    Question,
+    Shown,
+    iter_questions,
+    make_sample_maker,
+    set_name,
+    set_size,
+)
 from fusion.eval.report import plot_examples
 from fusion.eval.runs import check_out_dir, check_sets, default_out_dir, load_for_eval, run_n_frames
 from fusion.files import write_atomic
 
-GREY = 128            # the blind baseline's pixel value (uint8)
-MAX_NEW_TOKENS = 8    # --generate stops here if no eos came first
+GREY = 128  # the blind baseline's pixel value (uint8)
+MAX_NEW_TOKENS = 8  # --generate stops here if no eos came first
 
 
 def prompt_tokens(tok, q: Question) -> list[int]:
@@ -77,8 +85,9 @@ def padded_length(n: int) -> int:
     return -(-n // 1024) * 1024
 
 
-def forward_rows(model, rows: list[list[int]], questions: list[Question], blind: bool = False,
-                 device=None) -> torch.Tensor:
+def forward_rows(
+    model, rows: list[list[int]], questions: list[Question], blind: bool = False, device=None
+) -> torch.Tensor:
     """Logits (B, T, V) of token rows, each holding the media of its question, T the longest row.
     The forward pass pads on the right to `padded_length(T)` (pad id, position 0, doc id -1:
     attention and routing never see the padding, so the logits are those of the exact length)."""
@@ -99,14 +108,14 @@ def forward_rows(model, rows: list[list[int]], questions: list[Question], blind:
         if pixels:
             stacked = torch.stack(pixels)  # (N, 3, S, S) or (M, F, 3, S, S)
             media[name] = (torch.full_like(stacked, GREY) if blind else stacked).to(device)
-    logits = model(input_ids.to(device), positions=positions.to(device), doc_ids=doc_ids.to(device),
-                   **media)
+    logits = model(input_ids.to(device), positions=positions.to(device), doc_ids=doc_ids.to(device), **media)
     return logits[:, :T]  # (B, T, V)
 
 
 @torch.no_grad()
-def score_choices(model, questions: list[Question], *, blind: bool = False, batch_size: int = 16,
-                  device=None) -> list[list[float]]:
+def score_choices(
+    model, questions: list[Question], *, blind: bool = False, batch_size: int = 16, device=None
+) -> list[list[float]]:
     """Per question, per choice: mean log-prob of the choice's tokens (eos included) after the
     prompt. One row per (question, choice), `batch_size` rows per forward pass."""
     tok = model.tokenizer
@@ -117,40 +126,45 @@ def score_choices(model, questions: list[Question], *, blind: bool = False, batc
             pairs.append((qi, ci, len(prompt), prompt + answer_tokens(tok, choice)))
     scores = [[0.0] * len(q.choices) for q in questions]
     for start in range(0, len(pairs), batch_size):
-        batch = pairs[start:start + batch_size]
+        batch = pairs[start : start + batch_size]
         rows = [full[:-1] for _, _, _, full in batch]  # inputs; targets are full[1:]
         logits = forward_rows(model, rows, [questions[qi] for qi, *_ in batch], blind, device)
         for b, (qi, ci, n_prompt, full) in enumerate(batch):
             # logits at i predict full[i + 1]: the continuation full[n_prompt:] is predicted
             # from positions n_prompt-1 .. len(full)-2
             cont = torch.tensor(full[n_prompt:], device=logits.device)
-            logp = logits[b, n_prompt - 1: len(full) - 1].float().log_softmax(-1)  # (C, V)
+            logp = logits[b, n_prompt - 1 : len(full) - 1].float().log_softmax(-1)  # (C, V)
             scores[qi][ci] = logp.gather(1, cont[:, None]).mean().item()
     return scores
 
 
 @torch.no_grad()
-def generate_answers(model, questions: list[Question], *, batch_size: int = 16, device=None,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+def generate_answers(
+    model,
+    questions: list[Question],
+    *,
+    batch_size: int = 16,
+    device=None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[str]:
     """Greedy answers after each prompt (re-running the model each token, no KV cache). Special
     tokens other than eos are never generated: a stray placeholder would have no media."""
     tok = model.tokenizer
     banned = torch.tensor(sorted(set(tok.special_ids.values()) - {tok.eos_id}))
     answers = []
     for start in range(0, len(questions), batch_size):
-        batch = questions[start:start + batch_size]
+        batch = questions[start : start + batch_size]
         seqs = [prompt_tokens(tok, q) for q in batch]
         new: list[list[int]] = [[] for _ in batch]
         active = list(range(len(batch)))
         for _ in range(max_new_tokens):
             if not active:
                 break
-            logits = forward_rows(model, [seqs[i] for i in active], [batch[i] for i in active],
-                                  device=device)
+            logits = forward_rows(model, [seqs[i] for i in active], [batch[i] for i in active], device=device)
             last = logits[torch.arange(len(active)), torch.tensor([len(seqs[i]) - 1 for i in active])]
             last = last.float()  # (B, V)
             last[:, banned.to(last.device)] = -math.inf
-            last[:, tok.vocab_size:] = -math.inf  # rows past the tokenizer (padded vocab)
+            last[:, tok.vocab_size :] = -math.inf  # rows past the tokenizer (padded vocab)
             still = []
             for i, nxt in zip(active, last.argmax(-1).tolist()):
                 if nxt == tok.eos_id:
@@ -171,17 +185,18 @@ def generate_answers(model, questions: list[Question], *, batch_size: int = 16, 
 ScoreFn = Callable[..., list[list[float]]]
 
 
-
-
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first best on ties
 
 
 def _summary(rows: list[dict], blind: bool, generate: bool) -> dict:
     n = len(rows)
-    out = {"acc": sum(r["correct"] for r in rows) / n, "n": n,
-           "chance": sum(r["chance"] for r in rows) / n,
-           "blind_acc": sum(r["blind_correct"] for r in rows) / n if blind else None}
+    out = {
+        "acc": sum(r["correct"] for r in rows) / n,
+        "n": n,
+        "chance": sum(r["chance"] for r in rows) / n,
+        "blind_acc": sum(r["blind_correct"] for r in rows) / n if blind else None,
+    }
     if generate:
         out["gen_acc"] = sum(r["gen_correct"] for r in rows) / n
     return out
@@ -200,8 +215,9 @@ def reduce_results(values: torch.Tensor) -> torch.Tensor:
 RESULT_COLUMNS = ("correct", "blind_correct", "gen_correct", "prediction")
 
 
-def _score_batch(model, chunk: list[Question], score_fn: ScoreFn, blind: bool, generate: bool,
-                 **kw) -> list[list[float]]:
+def _score_batch(
+    model, chunk: list[Question], score_fn: ScoreFn, blind: bool, generate: bool, **kw
+) -> list[list[float]]:
     """RESULT_COLUMNS of each question of `chunk`: correct, blind correct, generation correct, the
     predicted choice's index."""
     scores = score_fn(model, chunk, blind=False, **kw)
@@ -222,14 +238,24 @@ def _check_args(model, batch_size: int, limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be positive, got {limit}")
     if getattr(model, "tokenizer", None) is None:
-        raise EvalError("the model has no tokenizer (load it with fusion.load_model, or set "
-                        "model.tokenizer)")
+        raise EvalError("the model has no tokenizer (load it with fusion.load_model, or set model.tokenizer)")
 
 
-def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = None,
-                   generate: bool = False, blind: bool = True, n_frames: int = 8, device=None,
-                   progress: bool = True, examples: int = 16, score_fn: ScoreFn | None = None,
-                   shard: tuple[int, int] = (0, 1)) -> tuple[dict, list[Shown]]:
+def run_evaluation(
+    model,
+    vqa_dir,
+    *,
+    batch_size: int = 16,
+    limit: int | None = None,
+    generate: bool = False,
+    blind: bool = True,
+    n_frames: int = 8,
+    device=None,
+    progress: bool = True,
+    examples: int = 16,
+    score_fn: ScoreFn | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[dict, list[Shown]]:
     """(result dict, the first `examples` questions with their predictions).
 
     `shard=(rank, world)`: the ranks of a process group share the work, batch i scored by rank
@@ -254,19 +280,30 @@ def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = 
     values: list[list[float]] = []  # per question: RESULT_COLUMNS, zeros where another rank scores
     questions = iter_questions(vqa_dir, maker)
     try:
-        with tqdm(total=total, desc=name, unit="q", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total, desc=name, unit="q", file=sys.stderr, disable=not progress, dynamic_ncols=True
+        ) as bar:
             while limit is None or len(rows) < limit:
                 want = batch_size if limit is None else min(batch_size, limit - len(rows))
                 chunk = [q for _, q in zip(range(want), questions)]
                 if not chunk:
                     break
                 mine = (len(rows) // batch_size) % world == rank  # batch i is rank i % world's
-                values += (_score_batch(model, chunk, score_fn or score_choices, blind, generate,
-                                        batch_size=batch_size, device=device) if mine
-                           else [[0.0] * len(RESULT_COLUMNS) for _ in chunk])
+                values += (
+                    _score_batch(
+                        model,
+                        chunk,
+                        score_fn or score_choices,
+                        blind,
+                        generate,
+                        batch_size=batch_size,
+                        device=device,
+                    )
+                    if mine
+                    else [[0.0] * len(RESULT_COLUMNS) for _ in chunk]
+                )
                 rows += [{"type": q.type, "chance": q.chance} for q in chunk]
-                kept += chunk[:examples - len(kept)]
+                kept += chunk[: examples - len(kept)]
                 bar.update(len(chunk))
     finally:
         questions.close()
@@ -274,43 +311,97 @@ def run_evaluation(model, vqa_dir, *, batch_size: int = 16, limit: int | None = 
     if world > 1:
         from fusion import dist
 
-        values = reduce_results(dist.tensor(values, dtype=torch.float64).reshape(-1, len(RESULT_COLUMNS))).tolist()
+        values = reduce_results(
+            dist.tensor(values, dtype=torch.float64).reshape(-1, len(RESULT_COLUMNS))
+        ).tolist()
     if not rows:
-        raise EvalError(f"--vqa {vqa_dir}: no usable questions (skipped {counter.total}: "
-                        f"{counter.summary()})")
+        raise EvalError(
+            f"--vqa {vqa_dir}: no usable questions (skipped {counter.total}: {counter.summary()})"
+        )
     for row, (correct, blind_ok, gen_ok, _) in zip(rows, values):
-        row.update(correct=bool(correct), **({"blind_correct": bool(blind_ok)} if blind else {}),
-                   **({"gen_correct": bool(gen_ok)} if generate else {}))
+        row.update(
+            correct=bool(correct),
+            **({"blind_correct": bool(blind_ok)} if blind else {}),
+            **({"gen_correct": bool(gen_ok)} if generate else {}),
+        )
     shown = [Shown(q, q.choices[int(values[i][3])], rows[i]["correct"]) for i, q in enumerate(kept)]
-    result = {"set": name, "vqa_dir": str(vqa_dir), "overall": _summary(rows, blind, generate),
-              "by_type": {t: _summary([r for r in rows if r["type"] == t], blind, generate)
-                          for t in sorted({r["type"] for r in rows})},
-              "skipped": counter.total, "skipped_reasons": dict(counter.counts),
-              "n_frames": n_frames, "seconds": round(time.perf_counter() - t0, 2),
-              "examples": [{"key": s.question.key, "type": s.question.type,
-                            "question": s.question.question, "answer": s.question.answer,
-                            "prediction": s.prediction, "correct": s.correct} for s in shown]}
+    result = {
+        "set": name,
+        "vqa_dir": str(vqa_dir),
+        "overall": _summary(rows, blind, generate),
+        "by_type": {
+            t: _summary([r for r in rows if r["type"] == t], blind, generate)
+            for t in sorted({r["type"] for r in rows})
+        },
+        "skipped": counter.total,
+        "skipped_reasons": dict(counter.counts),
+        "n_frames": n_frames,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "examples": [
+            {
+                "key": s.question.key,
+                "type": s.question.type,
+                "question": s.question.question,
+                "answer": s.question.answer,
+                "prediction": s.prediction,
+                "correct": s.correct,
+            }
+            for s in shown
+        ],
+    }
     return result, shown
 
 
-def evaluate(model, vqa_dir, batch_size: int = 16, limit: int | None = None, generate: bool = False,
-             blind: bool = True, n_frames: int = 8, device=None, progress: bool = True,
-             score_fn: ScoreFn | None = None) -> dict:
+def evaluate(
+    model,
+    vqa_dir,
+    batch_size: int = 16,
+    limit: int | None = None,
+    generate: bool = False,
+    blind: bool = True,
+    n_frames: int = 8,
+    device=None,
+    progress: bool = True,
+    score_fn: ScoreFn | None = None,
+) -> dict:
     """Evaluate `model` (with `model.tokenizer`) on one VQA set; returns the SET.json content:
     {"overall": {acc, n, chance, blind_acc[, gen_acc]}, "by_type": {type: {...}}, "skipped", ...}.
     `device=None` runs where the model is; `blind=False` gives blind_acc None."""
-    result, _ = run_evaluation(model, vqa_dir, batch_size=batch_size, limit=limit, generate=generate,
-                               blind=blind, n_frames=n_frames, device=device, progress=progress,
-                               examples=0, score_fn=score_fn)
+    result, _ = run_evaluation(
+        model,
+        vqa_dir,
+        batch_size=batch_size,
+        limit=limit,
+        generate=generate,
+        blind=blind,
+        n_frames=n_frames,
+        device=device,
+        progress=progress,
+        examples=0,
+        score_fn=score_fn,
+    )
     return result
 
 
-def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: int | None = None,
-                 checkpoint: str | None = None,
-                 batch_size: int = 16, limit: int | None = None, generate: bool = False,
-                 blind: bool = True, n_frames: int | None = None, device=None, examples: int = 16,
-                 progress: bool = False, score_fn: ScoreFn | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+def evaluate_run(
+    run_dir=None,
+    vqa_dirs=(),
+    *,
+    model=None,
+    out_dir=None,
+    step: int | None = None,
+    checkpoint: str | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    generate: bool = False,
+    blind: bool = True,
+    n_frames: int | None = None,
+    device=None,
+    examples: int = 16,
+    progress: bool = False,
+    score_fn: ScoreFn | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, dict]:
     """Evaluate on each VQA set and write OUT/SET.json and OUT/SET.png (OUT = `out_dir`, default
     `default_out_dir`: RUN/eval). `run_dir` may also be a checkpoints dir, a step dir or a model
     dir. `model=None` loads its latest checkpoint; the trainer passes its live model (put back in
@@ -341,10 +432,20 @@ def evaluate_run(run_dir=None, vqa_dirs=(), *, model=None, out_dir=None, step: i
         out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, vqa_dir in zip(names, vqa_dirs):
-        result, shown = run_evaluation(model, vqa_dir, batch_size=batch_size, limit=limit,
-                                       generate=generate, blind=blind, n_frames=n_frames,
-                                       device=device, progress=progress, examples=examples,
-                                       score_fn=score_fn, shard=shard)
+        result, shown = run_evaluation(
+            model,
+            vqa_dir,
+            batch_size=batch_size,
+            limit=limit,
+            generate=generate,
+            blind=blind,
+            n_frames=n_frames,
+            device=device,
+            progress=progress,
+            examples=examples,
+            score_fn=score_fn,
+            shard=shard,
+        )
         result = {**meta, **result}
         results[name] = result
         if not write:

@@ -76,8 +76,14 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
-def rope_frequencies(head_dim: int, theta: float, factor: float = 1.0, low_freq_factor: float = 1.0,
-                     high_freq_factor: float = 4.0, original_ctx: int = 8192) -> torch.Tensor:
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_ctx: int = 8192,
+) -> torch.Tensor:
     """Inverse frequencies (Dh/2,), with Llama 3's long-context scaling when factor != 1.
 
     Wavelengths longer than original_ctx / low_freq_factor are stretched by `factor`; those shorter
@@ -103,8 +109,15 @@ class Rotary(nn.Module):
 
     inv_freq: torch.Tensor  # (Dh/2,) fp32 buffer, registered in __init__
 
-    def __init__(self, head_dim: int, theta: float, factor: float = 1.0, low_freq_factor: float = 1.0,
-                 high_freq_factor: float = 4.0, original_ctx: int = 8192):
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        factor: float = 1.0,
+        low_freq_factor: float = 1.0,
+        high_freq_factor: float = 4.0,
+        original_ctx: int = 8192,
+    ):
         super().__init__()
         inv_freq = rope_frequencies(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_ctx)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -145,15 +158,18 @@ def chunked_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | No
 
 def document_block_mask(doc_ids: torch.Tensor, compiled: bool | None = None):
     """`document_mask` as a FlexAttention BlockMask (no dense T x T tensor when `compiled`)."""
+
     def mask_mod(b, h, q, kv):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
 
     return _block_mask(mask_mod, doc_ids, compiled)
 
 
-def chunked_block_mask(positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | None = None,
-                       compiled: bool | None = None):
+def chunked_block_mask(
+    positions: torch.Tensor, chunk: int, doc_ids: torch.Tensor | None = None, compiled: bool | None = None
+):
     """`chunked_mask` as a FlexAttention BlockMask."""
+
     def mask_mod(b, h, q, kv):
         keep = (positions[b, q] // chunk == positions[b, kv] // chunk) & (kv <= q)
         if doc_ids is not None:
@@ -283,9 +299,17 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, i in moe_ids) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, vocab_size, bias=False)
-        self.checkpoint_every = 0  # train.activation_checkpointing: recompute layers 0, k, 2k, ... in backward
-        self.rotary = Rotary(cfg.dim // cfg.n_heads, cfg.rope_theta, cfg.rope_factor,
-                             cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_ctx)
+        self.checkpoint_every = (
+            0  # train.activation_checkpointing: recompute layers 0, k, 2k, ... in backward
+        )
+        self.rotary = Rotary(
+            cfg.dim // cfg.n_heads,
+            cfg.rope_theta,
+            cfg.rope_factor,
+            cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor,
+            cfg.rope_original_ctx,
+        )
         init_matrix(self.tok_embeddings.weight, cfg.init_std)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -305,8 +329,9 @@ class Decoder(nn.Module):
         """The MoE layers of the blocks, in layer order."""
         return [b.moe for b in self.layers if isinstance(b, Block) and b.moe is not None]
 
-    def attention_inputs(self, positions: torch.Tensor, doc_ids: torch.Tensor | None
-                         ) -> tuple[Mask, Mask, torch.Tensor | None]:
+    def attention_inputs(
+        self, positions: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> tuple[Mask, Mask, torch.Tensor | None]:
         """What the layers share: (full mask, chunked mask, NoPE query scale); None where unused.
         Masks are dense bool tensors (attn_impl "sdpa") or FlexAttention BlockMasks ("flex")."""
         cfg = self.cfg
@@ -317,24 +342,33 @@ class Decoder(nn.Module):
             full = document_block_mask(doc_ids, compiled) if flex else document_mask(doc_ids)
         chunk = None
         if any(b.chunked for b in self.layers):
-            chunk = (chunked_block_mask(positions, cfg.attn_chunk, doc_ids, compiled) if flex
-                     else chunked_mask(positions, cfg.attn_chunk, doc_ids))
+            chunk = (
+                chunked_block_mask(positions, cfg.attn_chunk, doc_ids, compiled)
+                if flex
+                else chunked_mask(positions, cfg.attn_chunk, doc_ids)
+            )
         q_scale = None
         if cfg.temp_tuning and not all(b.use_rope for b in self.layers):
             q_scale = attention_temperature(positions, cfg.floor_scale, cfg.attn_scale)
         return full, chunk, q_scale
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                token_modality: torch.Tensor | None = None,
-                cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        token_modality: torch.Tensor | None = None,
+        cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h (B, T, D) embeddings -> (logits (B, T, V), aux_loss, z_loss) means over MoE layers.
         `cross(i, h) -> h` runs before layer i (late fusion's cross-attention, fusion/model/late.py)."""
         B, T, _ = h.shape
         if self.cfg.attn_impl == "flex" and not h.is_cuda and torch.is_grad_enabled() and h.requires_grad:
-            raise ValueError("config key 'model.attn_impl': flex trains on CUDA only (PyTorch has no "
-                             "FlexAttention backward on this device); use model.attn_impl=sdpa")
+            raise ValueError(
+                "config key 'model.attn_impl': flex trains on CUDA only (PyTorch has no "
+                "FlexAttention backward on this device); use model.attn_impl=sdpa"
+            )
         if positions is None:
             positions = torch.arange(T, device=h.device).expand(B, T)
         cos, sin = self.rotary(positions)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusion.config import ModelConfig
-from fusion.schema import IGNORE, MODALITIES, SpecialIds, Tokenizer
 from fusion.model.decoder import Attention, Decoder
 from fusion.model.kernels import Kernels
 from fusion.model.moe import CudaStreams, MoE, Streams
+from fusion.schema import IGNORE, MODALITIES, SpecialIds, Tokenizer
 
 if TYPE_CHECKING:
     from fusion.model.late import LateFusion
@@ -33,12 +33,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelOutput:
-    loss: torch.Tensor                 # what is backpropagated: lm + weighted balancing losses
-    lm_loss: torch.Tensor              # mean next-token loss over labelled tokens of this batch
-    aux_loss: torch.Tensor             # raw Switch aux loss, mean over MoE layers
-    z_loss: torch.Tensor               # raw router z-loss, mean over MoE layers
-    loss_sum: torch.Tensor             # (3,) summed token losses per sample modality (detached)
-    loss_count: torch.Tensor           # (3,) labelled tokens per sample modality
+    loss: torch.Tensor  # what is backpropagated: lm + weighted balancing losses
+    lm_loss: torch.Tensor  # mean next-token loss over labelled tokens of this batch
+    aux_loss: torch.Tensor  # raw Switch aux loss, mean over MoE layers
+    z_loss: torch.Tensor  # raw router z-loss, mean over MoE layers
+    loss_sum: torch.Tensor  # (3,) summed token losses per sample modality (detached)
+    loss_count: torch.Tensor  # (3,) labelled tokens per sample modality
     logits: torch.Tensor | None = None
 
 
@@ -47,15 +47,20 @@ def check_count(slots: torch.Tensor, n_feats: int, kind: str, given: bool = True
     known on the host). On the CPU: a ValueError with both numbers. On an accelerator the count
     lives on the device and reading it would stall every step, so the device asserts it instead
     (the error names the embeddings' count; `check_count` on CPU copies of the inputs gives both)."""
-    what = f"{n_feats} {kind} embeddings from the vision tower" if given else \
-        f"0 {kind} embeddings (no {kind}s were given)"
+    what = (
+        f"{n_feats} {kind} embeddings from the vision tower"
+        if given
+        else f"0 {kind} embeddings (no {kind}s were given)"
+    )
     if slots.device.type == "cpu":
         n_slots = int(slots.sum())
         if n_slots != n_feats:
             raise ValueError(f"{n_slots} {kind} placeholder tokens in input_ids but {what}")
     else:
-        torch._assert_async(slots.sum() == n_feats,
-                            f"the number of {kind} placeholder tokens in input_ids is not {n_feats}: {what}")
+        torch._assert_async(
+            slots.sum() == n_feats,
+            f"the number of {kind} placeholder tokens in input_ids is not {n_feats}: {what}",
+        )
 
 
 def media_slots(input_ids: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +118,9 @@ class FusionModel(nn.Module):
         x = (x - self.pixel_mean) / self.pixel_std
         return x.to(self.decoder.tok_embeddings.weight.dtype)
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
-              videos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, input_ids: torch.Tensor, images: torch.Tensor | None = None, videos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with vision embeddings spliced in. -> (h (B, T, D), token_modality (B, T))"""
         h = self.decoder.tok_embeddings(input_ids)  # (B, T, D)
         img_slots, vid_slots = media_slots(input_ids, self.special)
@@ -150,22 +156,45 @@ class FusionModel(nn.Module):
         check_count(slots, 0, kind, given=False)
 
     @overload
-    def forward(self, input_ids: torch.Tensor, labels: None = None, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, sample_modality: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, videos: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, return_logits: bool = False) -> torch.Tensor: ...
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        sample_modality: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        videos: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor: ...
 
     @overload
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, sample_modality: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, videos: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, return_logits: bool = False) -> ModelOutput: ...
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        sample_modality: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        videos: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> ModelOutput: ...
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                sample_modality: torch.Tensor | None = None, images: torch.Tensor | None = None,
-                videos: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                return_logits: bool = False) -> torch.Tensor | ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        sample_modality: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        videos: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor | ModelOutput:
         """Run the model on a batch of B rows of T tokens.
 
         input_ids: (B, T) long, token ids; every `<|patch|>` placeholder takes one vision
@@ -200,8 +229,9 @@ class FusionModel(nn.Module):
             h, token_modality = self.embed(input_ids, images, videos)
             if valid is None and doc_ids is not None:
                 valid = doc_ids >= 0
-            logits, aux, z = self.decoder(h, positions=positions, doc_ids=doc_ids, valid=valid,
-                                          token_modality=token_modality)
+            logits, aux, z = self.decoder(
+                h, positions=positions, doc_ids=doc_ids, valid=valid, token_modality=token_modality
+            )
         if labels is None:
             return logits
         return self.loss(logits, labels, aux, z, sample_modality, return_logits)
@@ -209,12 +239,20 @@ class FusionModel(nn.Module):
     if TYPE_CHECKING:  # model(...) is forward(...), with its overloads
         __call__ = forward
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor, aux: torch.Tensor, z: torch.Tensor,
-             sample_modality: torch.Tensor | None, return_logits: bool) -> ModelOutput:
+    def loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        aux: torch.Tensor,
+        z: torch.Tensor,
+        sample_modality: torch.Tensor | None,
+        return_logits: bool,
+    ) -> ModelOutput:
         """The batch's loss from the logits (B, T, V) and the labels (B, T); `aux`, `z` the raw
         router losses (fp32 scalars), weighted here by `model.moe`."""
-        per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                    ignore_index=IGNORE, reduction="none")  # (B*T,)
+        per_token = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
+        )  # (B*T,)
         mask = labels.flatten() != IGNORE  # (B*T,)
         n = mask.sum()
         lm_loss = per_token.sum() / n.clamp(min=1)
@@ -229,9 +267,15 @@ class FusionModel(nn.Module):
         total = lm_loss + moe.z_coef * z
         if moe.balance == "aux":
             total = total + moe.aux_coef * aux
-        return ModelOutput(loss=total, lm_loss=lm_loss.detach(), aux_loss=aux.detach(),
-                           z_loss=z.detach(), loss_sum=loss_sum, loss_count=loss_count,
-                           logits=logits if return_logits else None)
+        return ModelOutput(
+            loss=total,
+            lm_loss=lm_loss.detach(),
+            aux_loss=aux.detach(),
+            z_loss=z.detach(),
+            loss_sum=loss_sum,
+            loss_count=loss_count,
+            logits=logits if return_logits else None,
+        )
 
 
 def install_kernels(model: nn.Module, kernels: Kernels, streams: Streams | None = None) -> None:
@@ -258,6 +302,8 @@ def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> FusionModel:
     the tokenizer's; `model.tokenizer` is left to the caller (fusion.build_model sets it)."""
     vocab = cfg.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
-        raise ValueError(f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} tokens")
+        raise ValueError(
+            f"config key 'model.vocab_size': {vocab} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens"
+        )
     return FusionModel(cfg, vocab, SpecialIds.of(tokenizer))

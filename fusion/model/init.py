@@ -44,16 +44,18 @@ def residual_std(init_std: float, n_layers: int | None) -> float:
     return init_std if n_layers is None else init_std / math.sqrt(2 * n_layers)
 
 
-def init_matrix(weight: torch.Tensor, init_std: float, n_layers: int | None = None,
-                residual: bool = False) -> None:
+def init_matrix(
+    weight: torch.Tensor, init_std: float, n_layers: int | None = None, residual: bool = False
+) -> None:
     """Draw a weight matrix (or a stack of them) in place: N(0, init_std), or N(0, residual_std)
     when it writes into the residual stream."""
     std = residual_std(init_std, n_layers) if residual else init_std
     nn.init.normal_(weight, 0.0, std)
 
 
-def init_linear(layer: nn.Linear, init_std: float, n_layers: int | None = None,
-                residual: bool = False) -> None:
+def init_linear(
+    layer: nn.Linear, init_std: float, n_layers: int | None = None, residual: bool = False
+) -> None:
     """`init_matrix` of the layer's weight; its bias, if any, 0."""
     init_matrix(layer.weight, init_std, n_layers, residual)
     if layer.bias is not None:

@@ -28,8 +28,8 @@ import torch
 
 @dataclass(frozen=True)
 class Kernels:
-    grouped_mm: bool = False    # torch._grouped_mm for the routed experts where dtype and alignment allow
-    side_stream: bool = False   # the shared expert of the fast MoE path on a second stream
+    grouped_mm: bool = False  # torch._grouped_mm for the routed experts where dtype and alignment allow
+    side_stream: bool = False  # the shared expert of the fast MoE path on a second stream
     compile_flex: bool = False  # compiled flex_attention / create_block_mask
 
     @staticmethod
@@ -47,8 +47,11 @@ class Kernels:
             if not torch.cuda.is_available():
                 return Kernels()
             capability = torch.cuda.get_device_capability(device)
-            return Kernels(grouped_mm=has_grouped and dtype == torch.bfloat16 and capability >= (9, 0),
-                           side_stream=True, compile_flex=True)
+            return Kernels(
+                grouped_mm=has_grouped and dtype == torch.bfloat16 and capability >= (9, 0),
+                side_stream=True,
+                compile_flex=True,
+            )
         if device.type == "cpu":
             return Kernels(grouped_mm=has_grouped and dtype in (torch.float32, torch.bfloat16, torch.float16))
         return Kernels()
@@ -64,4 +67,3 @@ def default_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
     if key not in _DEFAULTS:
         _DEFAULTS[key] = Kernels.for_device(*key)
     return _DEFAULTS[key]
-

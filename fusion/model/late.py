@@ -64,8 +64,9 @@ class CrossAttention(nn.Module):
         q = self.wq(x).view(B, Tt, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, Tt, Dh)
         k = self.wk(media).view(B, Nm, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Nm, Dh)
         v = self.wv(media).view(B, Nm, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, Nm, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, Hq, Tt, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # (B, Hq, Tt, Dh)
         return self.wo(y.transpose(1, 2).reshape(B, Tt, -1))  # (B, Tt, D)
 
 
@@ -151,8 +152,11 @@ class LateFusion(nn.Module):
         media = h.gather(1, idx_m[..., None].expand(-1, -1, D))  # (B, Nm, D)
         doc_m = doc.gather(1, idx_m).masked_fill(~ok_m, -2)  # (B, Nm); -2 matches no token
         # token i sees media j: same document, and the placeholder came before the token
-        mask = ((doc_m[:, None, :] == doc_t[:, :, None]) & (idx_m[:, None, :] < idx_t[:, :, None])
-                & seen_t[:, :, None])  # (B, Tt, Nm)
+        mask = (
+            (doc_m[:, None, :] == doc_t[:, :, None])
+            & (idx_m[:, None, :] < idx_t[:, :, None])
+            & seen_t[:, :, None]
+        )  # (B, Tt, Nm)
         sees = mask.any(-1)  # (B, Tt)
         mask = (mask | ~sees[..., None])[:, None]  # (B, 1, Tt, Nm): no empty softmax row
         sees = sees[..., None].to(h.dtype)  # (B, Tt, 1)
@@ -163,9 +167,14 @@ class LateFusion(nn.Module):
             block = blocks.get(i)
             return x if block is None else block(x, media, mask, sees)
 
-        logits, aux, z = model.decoder(text, positions=pos_t, doc_ids=doc_t if padded else None,
-                                       valid=seen_t if padded else None,
-                                       token_modality=torch.zeros_like(doc_t), cross=cross)
+        logits, aux, z = model.decoder(
+            text,
+            positions=pos_t,
+            doc_ids=doc_t if padded else None,
+            valid=seen_t if padded else None,
+            token_modality=torch.zeros_like(doc_t),
+            cross=cross,
+        )
         V = logits.shape[-1]
         out = logits.new_zeros(B, T, V)
         out.scatter_(1, idx_t[..., None].expand(-1, -1, V), logits * ok_t[..., None].to(logits.dtype))

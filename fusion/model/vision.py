@@ -47,7 +47,7 @@ class PatchGrid(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.grid = img_size // patch_size
-        self.n_patches = self.grid ** 2
+        self.n_patches = self.grid**2
         self.width = width
 
     def _add_positions(self) -> None:
@@ -63,7 +63,7 @@ class PatchLinear(PatchGrid):
 
     def __init__(self, img_size: int, patch_size: int, width: int, in_chans: int = 3):
         super().__init__(img_size, patch_size, width)
-        self.proj = nn.Linear(in_chans * patch_size ** 2, width)
+        self.proj = nn.Linear(in_chans * patch_size**2, width)
         self._add_positions()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,8 +79,10 @@ def conv_stem_channels(patch_size: int, width: int) -> list[int]:
     stride-2 convs doubling the channels up to `width` (the last one always gives `width`)."""
     n_down = patch_size.bit_length() - 1
     if patch_size < 2 or 1 << n_down != patch_size:
-        raise ValueError(f"vision.encoder {CONV_STEM!r} needs a patch_size that is a power of 2 "
-                         f"(its total stride), got {patch_size}")
+        raise ValueError(
+            f"vision.encoder {CONV_STEM!r} needs a patch_size that is a power of 2 "
+            f"(its total stride), got {patch_size}"
+        )
     first = max(16, width >> n_down)  # the full-resolution conv is the costly one: keep it narrow
     return [min(width, first << k) for k in range(n_down)] + [width]
 
@@ -116,21 +118,30 @@ def create_timm_vit(name: str, img_size: int, patch_size: int) -> nn.Module:
     import timm  # imported here: a text-only or own-encoder run does not pay for it
 
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
-                                  patch_size=patch_size, dynamic_img_size=False)
+        model = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            img_size=img_size,
+            patch_size=patch_size,
+            dynamic_img_size=False,
+        )
     except TypeError as e:
         raise ValueError(
             f"timm model {name!r} does not take img_size / patch_size / dynamic_img_size ({e}); "
             "vision.encoder must be a ViT-style timm model such as 'vit_tiny_patch16_224', "
-            f"or {PATCH_LINEAR!r} / {CONV_STEM!r}") from e
+            f"or {PATCH_LINEAR!r} / {CONV_STEM!r}"
+        ) from e
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(f"vision.encoder {name!r} is not a timm model name ({e})") from e
         raise
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is None or not hasattr(model, "num_prefix_tokens"):
-        raise ValueError(f"timm model {name!r} has no patch_embed.grid_size / num_prefix_tokens: "
-                         "vision.encoder must be a ViT-style model")
+        raise ValueError(
+            f"timm model {name!r} has no patch_embed.grid_size / num_prefix_tokens: "
+            "vision.encoder must be a ViT-style model"
+        )
     if grid[0] != grid[1]:
         raise ValueError(f"timm model {name!r} has a non-square patch grid {grid[0]}x{grid[1]}")
     return model
@@ -161,8 +172,7 @@ class TimmEncoder(nn.Module):
     the surrounding model is put in train mode.
     """
 
-    def __init__(self, name: str, img_size: int, patch_size: int, checkpoint: str = "",
-                 freeze: bool = False):
+    def __init__(self, name: str, img_size: int, patch_size: int, checkpoint: str = "", freeze: bool = False):
         super().__init__()
         self.model = create_timm_vit(name, img_size, patch_size)
         gh, gw = self.vit.patch_embed.grid_size
@@ -196,9 +206,11 @@ class TimmEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             x = self.vit.forward_features(images)  # (N, prefix + P, C)
         if x.ndim != 3 or x.shape[1] != self.num_prefix_tokens + self.n_patches:
-            raise ValueError(f"timm model {self.name!r} forward_features gave {tuple(x.shape)}; "
-                             f"expected (N, {self.num_prefix_tokens} + {self.n_patches}, C)")
-        return x[:, self.num_prefix_tokens:]  # (N, P, C)
+            raise ValueError(
+                f"timm model {self.name!r} forward_features gave {tuple(x.shape)}; "
+                f"expected (N, {self.num_prefix_tokens} + {self.n_patches}, C)"
+            )
+        return x[:, self.num_prefix_tokens :]  # (N, P, C)
 
 
 def load_encoder_weights(model: nn.Module, path: str) -> None:
@@ -216,6 +228,7 @@ def load_encoder_weights(model: nn.Module, path: str) -> None:
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(file), device="cpu")
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -236,8 +249,11 @@ def load_encoder_weights(model: nn.Module, path: str) -> None:
         own = model.state_dict()
         heads = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
         heads = (heads,) if isinstance(heads, str) else tuple(heads)
-        state = {k: v for k, v in state.items()
-                 if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
+        state = {
+            k: v
+            for k, v in state.items()
+            if k in own or not any(k == h or k.startswith(h + ".") for h in heads)
+        }
         missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as e:
         raise ValueError(f"vision checkpoint {path} does not fit {type(model).__name__}: {e}") from e
@@ -245,7 +261,8 @@ def load_encoder_weights(model: nn.Module, path: str) -> None:
         raise ValueError(
             f"vision checkpoint {path} does not fit {type(model).__name__}: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:5]}")
+            f"{unexpected[:5]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,16 +344,21 @@ class VisionTower(nn.Module):
         super().__init__()
         if cfg.encoder in (PATCH_LINEAR, CONV_STEM):
             if cfg.checkpoint:
-                raise ValueError(f"vision.checkpoint {cfg.checkpoint!r} is set but vision.encoder is "
-                                 f"{cfg.encoder!r}, which has no checkpoint to load")
+                raise ValueError(
+                    f"vision.checkpoint {cfg.checkpoint!r} is set but vision.encoder is "
+                    f"{cfg.encoder!r}, which has no checkpoint to load"
+                )
             if cfg.freeze:
-                raise ValueError(f"vision.freeze with vision.encoder={cfg.encoder!r} would freeze "
-                                 "random weights; freeze applies to a timm encoder")
+                raise ValueError(
+                    f"vision.freeze with vision.encoder={cfg.encoder!r} would freeze "
+                    "random weights; freeze applies to a timm encoder"
+                )
             own = PatchLinear if cfg.encoder == PATCH_LINEAR else ConvStem
             self.encoder = own(cfg.img_size, cfg.patch_size, cfg.width or dim)
         else:
-            self.encoder = TimmEncoder(cfg.encoder, cfg.img_size, cfg.patch_size,
-                                       checkpoint=cfg.checkpoint, freeze=cfg.freeze)
+            self.encoder = TimmEncoder(
+                cfg.encoder, cfg.img_size, cfg.patch_size, checkpoint=cfg.checkpoint, freeze=cfg.freeze
+            )
         self.cfg = cfg
         self.img_size = cfg.img_size
         self.shuffle = bool(cfg.pixel_shuffle)
@@ -346,7 +368,8 @@ class VisionTower(nn.Module):
             if self.encoder.grid % s:
                 raise ValueError(
                     f"vision.pixel_shuffle needs an even patch grid; img_size {cfg.img_size} / "
-                    f"patch_size {cfg.patch_size} gives {self.encoder.grid} patches per side")
+                    f"patch_size {cfg.patch_size} gives {self.encoder.grid} patches per side"
+                )
             channels *= s * s
         if cfg.temporal_merge < 1:
             raise ValueError(f"vision.temporal_merge must be >= 1, got {cfg.temporal_merge}")
@@ -355,8 +378,10 @@ class VisionTower(nn.Module):
         if cfg.frame_pos:
             n_groups = cfg.max_frames // self.temporal_merge
             if n_groups < 1:
-                raise ValueError(f"vision.max_frames {cfg.max_frames} is smaller than "
-                                 f"vision.temporal_merge {self.temporal_merge}")
+                raise ValueError(
+                    f"vision.max_frames {cfg.max_frames} is smaller than "
+                    f"vision.temporal_merge {self.temporal_merge}"
+                )
             self.frame_pos = nn.Parameter(torch.randn(n_groups, dim) * 0.02)  # (G_max, D)
         else:
             self.register_parameter("frame_pos", None)
@@ -404,23 +429,27 @@ class VisionTower(nn.Module):
 
     def _check_frames(self, n_frames: int) -> None:
         if n_frames % self.temporal_merge:
-            raise ValueError(f"{n_frames} frames are not divisible by vision.temporal_merge "
-                             f"{self.temporal_merge}")
+            raise ValueError(
+                f"{n_frames} frames are not divisible by vision.temporal_merge {self.temporal_merge}"
+            )
 
     # ---- encoding -----------------------------------------------------------------------------
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, T, C'): encoder patch tokens, pixel-shuffled when configured."""
         if images.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"vision input is {tuple(images.shape[-2:])} pixels; the encoder was "
-                             f"built for {self.img_size}x{self.img_size} (vision.img_size)")
+            raise ValueError(
+                f"vision input is {tuple(images.shape[-2:])} pixels; the encoder was "
+                f"built for {self.img_size}x{self.img_size} (vision.img_size)"
+            )
         dtype = next(self.encoder.parameters()).dtype
         x = self.encoder(images.to(dtype))  # (N, P, C)
         return pixel_shuffle(x) if self.shuffle else x  # (N, T, C')
 
     def _empty(self, *lead: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*lead, self.tokens_per_image, self.dim, device=like.device,
-                           dtype=self.projector.proj.weight.dtype)
+        return torch.zeros(
+            *lead, self.tokens_per_image, self.dim, device=like.device, dtype=self.projector.proj.weight.dtype
+        )
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, T, D). With temporal_merge k an image is k identical frames
@@ -439,8 +468,10 @@ class VisionTower(nn.Module):
         self._check_frames(f)
         g = f // self.temporal_merge
         if self.frame_pos is not None and g > self.frame_pos.shape[0]:
-            raise ValueError(f"{f} frames make {g} frame groups; the frame-position table has "
-                             f"{self.frame_pos.shape[0]} (vision.max_frames // temporal_merge)")
+            raise ValueError(
+                f"{f} frames make {g} frame groups; the frame-position table has "
+                f"{self.frame_pos.shape[0]} (vision.max_frames // temporal_merge)"
+            )
         if m == 0 or f == 0:
             return self._empty(m, g, like=videos)
         x = self._features(videos.flatten(0, 1))  # (M*F, T, C')

@@ -53,5 +53,12 @@ from fusion.parallel.engine_view import EngineView, expert_parameter_names, rest
 from fusion.parallel.experts import ExpertParallel
 from fusion.parallel.files import EXPERT_FILE
 
-__all__ = ["EXPERT_FILE", "EngineView", "ExpertDispatcher", "ExpertParallel", "even_split",
-           "expert_parameter_names", "restore_buffer_dtypes"]
+__all__ = [
+    "EXPERT_FILE",
+    "EngineView",
+    "ExpertDispatcher",
+    "ExpertParallel",
+    "even_split",
+    "expert_parameter_names",
+    "restore_buffer_dtypes",
+]

@@ -27,4 +27,3 @@ def fp32_grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if t.grad is None:
             t.grad = torch.zeros_like(t)
     return [t.grad for t in tensors]
-

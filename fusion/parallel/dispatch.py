@@ -10,7 +10,7 @@ P = ep_size ranks, El = E / P local experts.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -46,18 +46,25 @@ class ExpertDispatcher:
     def __init__(self, group, ep_size: int, n_experts: int):
         self.group, self.ep_size, self.n_experts = group, ep_size, n_experts
 
-    def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor,
-                 run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self,
+        x_sorted: torch.Tensor,
+        counts: torch.Tensor,
+        run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         P, El = self.ep_size, self.n_experts // self.ep_size
         # 1. counts: row (s, l) of recv_counts = rows source s sends to my local expert l
         recv_counts = torch.empty_like(counts)  # (E,) = (P * El,)
         dist.all_to_all(recv_counts, counts, group=self.group)
         both = torch.stack([counts, recv_counts]).view(2, P, El).sum(2)  # (2, P) rows per rank
         rows = x_sorted.shape[0]
-        host = dist.fetch(both, "expert parallelism: rows per rank for the all-to-all",
-                          stand_in=lambda: even_split(rows, P).expand(2, P))
+        host = dist.fetch(
+            both,
+            "expert parallelism: rows per rank for the all-to-all",
+            stand_in=lambda: even_split(rows, P).expand(2, P),
+        )
         send_splits, recv_splits = host.tolist()  # rows for each destination / from each source rank
-        x_sorted = x_sorted[:sum(send_splits)]  # padding pairs stay home
+        x_sorted = x_sorted[: sum(send_splits)]  # padding pairs stay home
         # 2. rows: arrive grouped by source, then by local expert
         recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group)  # (R, D)
         local_expert = torch.arange(P * El, device=counts.device) % El  # (P*El,)

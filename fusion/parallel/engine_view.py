@@ -49,8 +49,9 @@ class EngineView(nn.Module):
         result = self.model.load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if k not in self.expert_names]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, "
-                               f"unexpected {result.unexpected_keys}")
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing {missing}, unexpected {result.unexpected_keys}"
+            )
         return result
 
 
@@ -68,7 +69,10 @@ def restore_buffer_dtypes(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
-        for owner, key, dtype in ((module.router, "expert_bias", torch.float32), (module, "load", torch.float64)):
+        for owner, key, dtype in (
+            (module.router, "expert_bias", torch.float32),
+            (module, "load", torch.float64),
+        ):
             buf = owner._buffers.get(key)
             if buf is not None and buf.dtype != dtype:
                 owner._buffers[key] = buf.to(dtype)

@@ -54,8 +54,10 @@ class ExpertParallel:
         self.world = dist.world()
         self.rank = dist.rank()
         if self.world % ep_size:
-            raise ValueError(f"config key 'model.moe.ep_size': world size {self.world} is not divisible "
-                             f"by ep_size={ep_size}")
+            raise ValueError(
+                f"config key 'model.moe.ep_size': world size {self.world} is not divisible "
+                f"by ep_size={ep_size}"
+            )
         self.names = expert_parameter_names(model)
         self.ep_rank = self.rank % ep_size
         self.ep_group = self.ep_dp_group = None
@@ -63,8 +65,10 @@ class ExpertParallel:
         if self.names:
             self.n_experts = model.get_parameter(self.names[0]).shape[0]
             if self.n_experts % ep_size:
-                raise ValueError(f"config key 'model.moe.ep_size': n_experts={self.n_experts} is not "
-                                 f"divisible by ep_size={ep_size}")
+                raise ValueError(
+                    f"config key 'model.moe.ep_size': n_experts={self.n_experts} is not "
+                    f"divisible by ep_size={ep_size}"
+                )
         if self.names and self.world > 1:
             self.ep_group, self.ep_dp_group = dist.expert_groups(ep_size)
         if ep_size > 1 and self.names:
@@ -170,7 +174,7 @@ class ExpertParallel:
             flat /= self.world  # the data-parallel mean, as DeepSpeed does for the rest
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         sq = torch.stack([g.pow(2).sum() for g in grads]).sum()
         if self.ep_group is not None and self.ep_size > 1:

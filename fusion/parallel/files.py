@@ -56,8 +56,12 @@ def save_shard(ep, directory: str | Path) -> list[Path]:
     if ep.rank < ep.ep_size:  # ranks 0..P-1: one of each shard
         path = directory / EXPERT_FILE.format(rank=ep.ep_rank, size=ep.ep_size)
         tmp = path.with_name(path.name + ".tmp")
-        meta = {"ep_size": str(ep.ep_size), "ep_rank": str(ep.ep_rank),
-                "n_experts": str(ep.n_experts), "names": ",".join(ep.names)}
+        meta = {
+            "ep_size": str(ep.ep_size),
+            "ep_rank": str(ep.ep_rank),
+            "n_experts": str(ep.n_experts),
+            "names": ",".join(ep.names),
+        }
         save_file(_state_tensors(ep), str(tmp), metadata=meta)
         tmp.replace(path)
         written.append(path)
@@ -70,8 +74,10 @@ def _open_shards(directory: Path, n_experts: int) -> list:
 
     files = sorted(p for p in directory.iterdir() if _EXPERT_FILE_RE.fullmatch(p.name))
     if not files:
-        raise FileNotFoundError(f"checkpoint {directory} has no expert files ({EXPERT_FILE.format(rank=0, size=1)}"
-                                f" ...): it holds no routed-expert weights")
+        raise FileNotFoundError(
+            f"checkpoint {directory} has no expert files ({EXPERT_FILE.format(rank=0, size=1)}"
+            f" ...): it holds no routed-expert weights"
+        )
     saved_size = int(_EXPERT_FILE_RE.fullmatch(files[0].name).group(2))
     shards = [directory / EXPERT_FILE.format(rank=r, size=saved_size) for r in range(saved_size)]
     for s in shards:
@@ -80,8 +86,10 @@ def _open_shards(directory: Path, n_experts: int) -> list:
     handles = [safe_open(str(s), framework="pt") for s in shards]
     meta = handles[0].metadata()
     if int(meta["n_experts"]) != n_experts:
-        raise ValueError(f"checkpoint {directory} has {meta['n_experts']} experts per layer, the model "
-                         f"has {n_experts} (config key 'model.moe.n_experts')")
+        raise ValueError(
+            f"checkpoint {directory} has {meta['n_experts']} experts per layer, the model "
+            f"has {n_experts} (config key 'model.moe.n_experts')"
+        )
     return handles
 
 
@@ -94,16 +102,19 @@ def load_slice(ep, directory: str | Path) -> None:
     lo, hi = ep.local_experts
     masters = {id(p): m for p, m in (ep.masters or [])}
     for name, p in zip(ep.names, ep.params):
+
         def full(key):
             if key not in handles[0].keys():
                 return None
             return torch.cat([h.get_tensor(key) for h in handles])  # (E, ...) every expert
+
         w = full(f"param/{name}")
         if w is None:
             raise ValueError(f"checkpoint {directory}: no weights for expert parameter {name}")
         if w.shape[0] != ep.n_experts:
-            raise ValueError(f"checkpoint {directory}: {name} has {w.shape[0]} experts, expected "
-                             f"{ep.n_experts}")
+            raise ValueError(
+                f"checkpoint {directory}: {name} has {w.shape[0]} experts, expected {ep.n_experts}"
+            )
         target = masters.get(id(p), p)
         with torch.no_grad():
             target.copy_(w[lo:hi])

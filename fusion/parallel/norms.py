@@ -54,13 +54,14 @@ def hook_norm(ep, engine) -> str:
     if is_unfused_bf16(opt):
         take_over_unfused(ep, opt)
         return "unfused"
-    if isinstance(opt, torch.optim.Optimizer) and not engine.bfloat16_enabled() \
-            and not engine.fp16_enabled():
+    if isinstance(opt, torch.optim.Optimizer) and not engine.bfloat16_enabled() and not engine.fp16_enabled():
         # plain fp32 data parallel: reduce_grads clips the dense grads with the global norm
         engine.clip_fp32_gradients = lambda: None
         return "fp32"
-    raise ValueError(f"routed experts: no way to add their gradient norm to DeepSpeed's "
-                     f"{type(opt).__name__} (use ZeRO 0/1/2 with fp32 or bf16)")
+    raise ValueError(
+        f"routed experts: no way to add their gradient norm to DeepSpeed's "
+        f"{type(opt).__name__} (use ZeRO 0/1/2 with fp32 or bf16)"
+    )
 
 
 def take_over_unfused(ep, opt) -> None:

@@ -14,36 +14,60 @@ and `.numpy()` of the device's expert-load tensor at the first checkpoint.
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from fusion.config import load_config
 from fusion.dryrun import DryRunError, dry_run
 from tests.conftest import BIN, run_cli
 
 # the reads the step is allowed (fusion.dist.fetch reasons): boundaries and expert parallelism
-ALLOWED = {"optimizer step: skip decision (non-finite loss or gradient)",
-           "expert parallelism: rows per rank for the all-to-all",
-           "logging: the interval's losses, tokens and router loads",
-           "logging: grad_norm",
-           "checkpoint: the expert-load heatmap",
-           "evaluation: the questions' results from every rank"}
+ALLOWED = {
+    "optimizer step: skip decision (non-finite loss or gradient)",
+    "expert parallelism: rows per rank for the all-to-all",
+    "logging: the interval's losses, tokens and router loads",
+    "logging: grad_norm",
+    "checkpoint: the expert-load heatmap",
+    "evaluation: the questions' results from every rank",
+}
 
 
 def small(*extra: str):
-    return load_config("configs/small.yaml", ["model.moe.ep_size=2", "model.moe.path=fast",
-                                              "model.attn_impl=flex", "train.micro_batch=3",
-                                              "train.grad_accum=2", *extra])
+    return load_config(
+        "configs/small.yaml",
+        [
+            "model.moe.ep_size=2",
+            "model.moe.path=fast",
+            "model.attn_impl=flex",
+            "train.micro_batch=3",
+            "train.grad_accum=2",
+            *extra,
+        ],
+    )
 
 
 def llama4(*extra: str):
     """NoPE every 4th layer, 64-token chunks on the others, QK norm, temperature tuning, and
     activation checkpointing (the MoE layers' recompute)."""
-    return load_config(None, ["model.size=scout-mini", "model.n_layers=4", "model.attn_chunk=64",
-                              "model.floor_scale=64", "model.moe.ep_size=2", "model.moe.path=fast",
-                              "model.vision.encoder=conv-stem", "model.vision.patch_size=8",
-                              "train.seq_len=256", "train.micro_batch=3", "train.grad_accum=2",
-                              "train.activation_checkpointing=1", "data.n_frames=4", *extra])
+    return load_config(
+        None,
+        [
+            "model.size=scout-mini",
+            "model.n_layers=4",
+            "model.attn_chunk=64",
+            "model.floor_scale=64",
+            "model.moe.ep_size=2",
+            "model.moe.path=fast",
+            "model.vision.encoder=conv-stem",
+            "model.vision.patch_size=8",
+            "train.seq_len=256",
+            "train.micro_batch=3",
+            "train.grad_accum=2",
+            "train.activation_checkpointing=1",
+            "data.n_frames=4",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +188,19 @@ def test_a_wrong_dtype_fails(monkeypatch):
 def test_dry_run_command_on_llama4_scout_at_world_64():
     """The published Scout shape (107 B parameters) at 8k tokens, 16-way expert parallelism, 64
     ranks: one rank's view on meta tensors, on this machine."""
-    r = run_cli([str(BIN / "fusion-train"), "--dry-run", "--world", "64", "model.size=llama4-scout",
-                 "train.seq_len=8192", "train.micro_batch=1", "model.moe.ep_size=16"], timeout=600)
+    r = run_cli(
+        [
+            str(BIN / "fusion-train"),
+            "--dry-run",
+            "--world",
+            "64",
+            "model.size=llama4-scout",
+            "train.seq_len=8192",
+            "train.micro_batch=1",
+            "model.moe.ep_size=16",
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "as rank 0 of 64" in r.stdout
     assert "decoder.tok_embeddings" in r.stdout and "(1, 8192, 5120) bfloat16" in r.stdout
@@ -176,8 +211,17 @@ def test_dry_run_command_on_llama4_scout_at_world_64():
 def test_dry_run_command_names_what_a_gpu_run_would_hit():
     """fp32 on a GPU: `torch._grouped_mm` takes bf16 only, so the fast path falls back to a
     per-expert loop that reads its group offsets on the host in every MoE layer."""
-    r = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml", "--dry-run",
-                 "train.precision=fp32", "model.moe.path=fast"], timeout=300)
+    r = run_cli(
+        [
+            str(BIN / "fusion-train"),
+            "--config",
+            "configs/debug.yaml",
+            "--dry-run",
+            "train.precision=fp32",
+            "model.moe.path=fast",
+        ],
+        timeout=300,
+    )
     assert r.returncode == 1, r.stdout[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("fusion-train: dry run: a host sync inside the step") and "fast.py" in line, line

@@ -37,15 +37,27 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 TOLERANCE = 0.02  # |loss_bf16 - loss_fp32| per step; measured at most 0.0031
-LAUNCHED = ["--config", "configs/debug.yaml", "train.seq_len=64", "train.micro_batch=4", "train.lr=3e-3",
-            "train.warmup=3", "data.num_workers=1", "data.shuffle_buffer=32", "train.zero_stage=1",
-            "model.moe.ep_size=2", "train.grad_accum=2", f"train.steps={STEPS}", "train.ckpt_every=0"]
+LAUNCHED = [
+    "--config",
+    "configs/debug.yaml",
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.lr=3e-3",
+    "train.warmup=3",
+    "data.num_workers=1",
+    "data.shuffle_buffer=32",
+    "train.zero_stage=1",
+    "model.moe.ep_size=2",
+    "train.grad_accum=2",
+    f"train.steps={STEPS}",
+    "train.ckpt_every=0",
+]
 
 CONFIGS = [(zero, ep) for zero in (0, 1, 2) for ep in (1, 2)]
 WRAPPER = {0: "FP16_UnfusedOptimizer", 1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer"}
 TRAIN_STEPS = 5
-FP32_SUM = 0.5 + 2.0 ** -11  # what two micro-steps of gradient 0.5 and 2**-11 add up to
-BF16_SUM = 0.5               # ... summed in bf16 (its spacing at 0.5 is 2**-8)
+FP32_SUM = 0.5 + 2.0**-11  # what two micro-steps of gradient 0.5 and 2**-11 add up to
+BF16_SUM = 0.5  # ... summed in bf16 (its spacing at 0.5 is 2**-8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,9 +66,19 @@ BF16_SUM = 0.5               # ... summed in bf16 (its spacing at 0.5 is 2**-8)
 
 
 def launch(precision: str, run_dir, text_shards):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "fusion.train", *LAUNCHED, f"train.precision={precision}",
-           f"data.text={text_shards}", f"run.dir={run_dir}"]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fusion.train",
+        *LAUNCHED,
+        f"train.precision={precision}",
+        f"data.text={text_shards}",
+        f"run.dir={run_dir}",
+    ]
     r = run_cli(cmd, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -71,15 +93,28 @@ def test_bf16_trains_like_fp32(text_shards, tmp_path):
     # saved its loss scaler and stage too)
     step_dir = tmp_path / "bf16" / "checkpoints" / f"step_{STEPS}"
     ds_config = safe_torch_load(step_dir / "mp_rank_00_model_states.pt")["ds_config"]
-    assert ds_config["data_types"]["grad_accum_dtype"] == "fp32" and ds_config["communication_data_type"] == "fp32"
-    optim = safe_torch_load(step_dir / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
-    assert "single_partition_of_fp32_groups" in optim and "zero_stage" not in optim and "loss_scaler" not in optim
+    assert (
+        ds_config["data_types"]["grad_accum_dtype"] == "fp32"
+        and ds_config["communication_data_type"] == "fp32"
+    )
+    optim = safe_torch_load(step_dir / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")[
+        "optimizer_state_dict"
+    ]
+    assert (
+        "single_partition_of_fp32_groups" in optim
+        and "zero_stage" not in optim
+        and "loss_scaler" not in optim
+    )
     assert sorted(bf16) == sorted(fp32) == list(range(1, STEPS + 1))
     for step in bf16:
         a, b = bf16[step], fp32[step]
         assert math.isfinite(a["loss"]) and math.isfinite(a["grad_norm"]), (step, a)
         assert abs(a["loss"] - b["loss"]) <= TOLERANCE, (step, a["loss"], b["loss"])
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.05), (step, a["grad_norm"], b["grad_norm"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.05), (
+            step,
+            a["grad_norm"],
+            b["grad_norm"],
+        )
     assert bf16[STEPS]["loss"] < 0.8 * bf16[1]["loss"]
     assert bf16[STEPS]["nonfinite_skips"] == 0
 
@@ -106,6 +141,7 @@ def host_reads_from(where: str):
             if where in caller.co_filename:
                 seen.append(f"{name} in {caller.co_name}")
             return original(self, *args, **kwargs)
+
         return read
 
     for name in HOST_READS:
@@ -131,9 +167,17 @@ def _engine(zero: int, ep: int, extra: list[str] = ()):
     from fusion.parallel import ExpertParallel
     from fusion.train import init_distributed, param_groups
 
-    cfg = load_config("configs/debug.yaml", [f"train.zero_stage={zero}", f"model.moe.ep_size={ep}",
-                                             "train.grad_accum=2", "train.precision=bf16",
-                                             "train.grad_clip=0", *extra])
+    cfg = load_config(
+        "configs/debug.yaml",
+        [
+            f"train.zero_stage={zero}",
+            f"model.moe.ep_size={ep}",
+            "train.grad_accum=2",
+            "train.precision=bf16",
+            "train.grad_clip=0",
+            *extra,
+        ],
+    )
     _, world, device = init_distributed()
     finalize(cfg, world)
     torch.manual_seed(0)
@@ -141,8 +185,9 @@ def _engine(zero: int, ep: int, extra: list[str] = ()):
     experts = ExpertParallel(model, ep)
     groups = param_groups(model, 0.1, 1.0)
     optimizer = torch.optim.AdamW([g for g in groups if g["name"] != "experts"], lr=1e-3, weight_decay=0.1)
-    engine, _, _, _ = deepspeed.initialize(model=experts.engine_module(), optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world, True))
+    engine, _, _, _ = deepspeed.initialize(
+        model=experts.engine_module(), optimizer=optimizer, config=deepspeed_config(cfg, world, True)
+    )
     cast = {n: b.dtype for n, b in model.named_buffers() if n.endswith(("expert_bias", ".load"))}
     experts.attach(engine, [g for g in groups if g["name"] == "experts"], (0.9, 0.95), 0.0)
     restored = getattr(experts, "restore_buffer_dtypes", list)()
@@ -192,28 +237,39 @@ def _probe(zero: int, ep: int) -> dict:
     from fusion import dist
 
     model, experts, engine, guard, cast, restored = _engine(zero, ep)
-    result = {"wrapper": type(engine.optimizer).__name__, "mode": getattr(experts, "norm_mode", None),
-              "buffers": sorted({str(d) for d in cast.values()}), "restored": restored}
+    result = {
+        "wrapper": type(engine.optimizer).__name__,
+        "mode": getattr(experts, "norm_mode", None),
+        "buffers": sorted({str(d) for d in cast.values()}),
+        "restored": restored,
+    }
     n_dense = sum(p.numel() for p in engine.module.parameters())
     n_experts = sum(p.numel() for p in experts.params) * ep  # every shard
     share = 1.0 if ep == 1 else 1.0 / dist.world()  # ep 2 on 2 ranks: each expert's grads come from one rank
 
     def want(g):
-        return g * math.sqrt(n_dense + share ** 2 * n_experts)
+        return g * math.sqrt(n_dense + share**2 * n_experts)
 
-    skipped, norm, grads, reads = _step(model, experts, engine, guard, [1.0, 2.0 ** -10])
-    result.update(first_skipped=skipped, norm=float(norm), norm_fp32=want(FP32_SUM), norm_bf16=want(BF16_SUM),
-                  norm_is_tensor=isinstance(norm, torch.Tensor), host_reads=reads,
-                  expert_grad_dtypes=sorted({str(g.dtype) for g in grads}),
-                  expert_grads=sorted({float(v) for g in grads for v in g.unique()}),
-                  expert_grad_fp32=FP32_SUM * share,
-                  bf16_grads_freed=all(p.grad is None for p in experts.params))
+    skipped, norm, grads, reads = _step(model, experts, engine, guard, [1.0, 2.0**-10])
+    result.update(
+        first_skipped=skipped,
+        norm=float(norm),
+        norm_fp32=want(FP32_SUM),
+        norm_bf16=want(BF16_SUM),
+        norm_is_tensor=isinstance(norm, torch.Tensor),
+        host_reads=reads,
+        expert_grad_dtypes=sorted({str(g.dtype) for g in grads}),
+        expert_grads=sorted({float(v) for g in grads for v in g.unique()}),
+        expert_grad_fp32=FP32_SUM * share,
+        bf16_grads_freed=all(p.grad is None for p in experts.params),
+    )
     before = _state(model, experts, engine)
     skipped, norm, _, _ = _step(model, experts, engine, guard, [1.0, float("nan")])
     after = _state(model, experts, engine)
-    result.update(nan_skipped=skipped,
-                  changed_by_skip=[k for k in before if not torch.equal(before[k], after[k])])
-    skipped, norm, _, _ = _step(model, experts, engine, guard, [1.0, 2.0 ** -10])
+    result.update(
+        nan_skipped=skipped, changed_by_skip=[k for k in before if not torch.equal(before[k], after[k])]
+    )
+    skipped, norm, _, _ = _step(model, experts, engine, guard, [1.0, 2.0**-10])
     result.update(after_skip_skipped=skipped, after_skip_norm=float(norm))
     return result
 
@@ -227,11 +283,25 @@ def _train(zero: int, ep: int, shards: str, run_dir: str) -> dict:
     from fusion.config import load_config
     from fusion.train import train
 
-    cfg = load_config("configs/debug.yaml", [
-        f"train.zero_stage={zero}", f"model.moe.ep_size={ep}", "train.grad_accum=2", "train.precision=bf16",
-        "train.seq_len=64", "train.micro_batch=4", "train.warmup=2", f"train.steps={TRAIN_STEPS}",
-        "train.ckpt_every=0", "data.num_workers=0", "data.shuffle_buffer=32", "model.moe.balance=bias",
-        f"data.text={shards}", f"run.dir={run_dir}"])
+    cfg = load_config(
+        "configs/debug.yaml",
+        [
+            f"train.zero_stage={zero}",
+            f"model.moe.ep_size={ep}",
+            "train.grad_accum=2",
+            "train.precision=bf16",
+            "train.seq_len=64",
+            "train.micro_batch=4",
+            "train.warmup=2",
+            f"train.steps={TRAIN_STEPS}",
+            "train.ckpt_every=0",
+            "data.num_workers=0",
+            "data.shuffle_buffer=32",
+            "model.moe.balance=bias",
+            f"data.text={shards}",
+            f"run.dir={run_dir}",
+        ],
+    )
     made = {}
     initialize, attach = deepspeed.initialize, parallel.ExpertParallel.attach
 
@@ -254,17 +324,27 @@ def _train(zero: int, ep: int, shards: str, run_dir: str) -> dict:
     saved = load_file(f"{run_dir}/checkpoints/step_{TRAIN_STEPS}/model.safetensors")
     bias = saved["decoder.layers.0.moe.router.expert_bias"]
     accum = getattr(experts, "accum", [])
-    return {"losses": [r["loss"] for r in rows if "loss" in r], "bias_dtype": str(bias.dtype),
-            "bias_beyond_bf16": bool((bias.to(torch.bfloat16).float() != bias).any()),
-            # DeepSpeed's own fp32 accumulation (ZeRO 1/2), or fusion.parallel's (no ZeRO)
-            "dense_fp32": engine.get_data_types()[1] == torch.float32
-            or getattr(experts, "norm_mode", None) == "unfused",
-            "experts_fp32": bool(accum) and all(t.dtype == torch.float32 for t in accum)}
+    return {
+        "losses": [r["loss"] for r in rows if "loss" in r],
+        "bias_dtype": str(bias.dtype),
+        "bias_beyond_bf16": bool((bias.to(torch.bfloat16).float() != bias).any()),
+        # DeepSpeed's own fp32 accumulation (ZeRO 1/2), or fusion.parallel's (no ZeRO)
+        "dense_fp32": engine.get_data_types()[1] == torch.float32
+        or getattr(experts, "norm_mode", None) == "unfused",
+        "experts_fp32": bool(accum) and all(t.dtype == torch.float32 for t in accum),
+    }
 
 
 def _world(rank: int, port: int, out_dir: str, shards: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     results: dict = {}
     for zero, ep in CONFIGS:
         try:
@@ -315,7 +395,12 @@ def test_gradients_accumulate_and_reduce_in_fp32(world, zero, ep):
         assert r["wrapper"] == WRAPPER[zero]
         assert not r["first_skipped"]
         # the global norm (dense and experts) is that of the fp32 sums, not of the bf16 ones
-        assert r["norm"] == pytest.approx(r["norm_fp32"], rel=1e-5), (rank, r["norm"], r["norm_fp32"], r["norm_bf16"])
+        assert r["norm"] == pytest.approx(r["norm_fp32"], rel=1e-5), (
+            rank,
+            r["norm"],
+            r["norm_fp32"],
+            r["norm_bf16"],
+        )
         # the experts: fp32 gradients (the bf16 ones freed), each element the fp32 sum
         assert r["expert_grad_dtypes"] == ["torch.float32"] and r["bf16_grads_freed"], (rank, r)
         assert r["expert_grads"] == [r["expert_grad_fp32"]], (rank, r["expert_grads"])
@@ -337,8 +422,9 @@ def test_moe_buffers_keep_their_dtypes(world):
     for rank, r in _results(world, "cast_buffers"):
         # told to cast buffers (data_types.buffer_dtype=bf16), it does; restore_buffer_dtypes undoes it
         assert r["cast"] == ["torch.bfloat16"], (rank, r)
-        assert sorted(r["restored"]) == sorted(f"decoder.layers.{i}.moe.{b}" for i in (0, 1)
-                                               for b in ("router.expert_bias", "load")), (rank, r)
+        assert sorted(r["restored"]) == sorted(
+            f"decoder.layers.{i}.moe.{b}" for i in (0, 1) for b in ("router.expert_bias", "load")
+        ), (rank, r)
 
 
 @pytest.mark.parametrize("zero,ep", CONFIGS)
@@ -347,7 +433,7 @@ def test_every_zero_stage_and_ep_size_trains_in_bf16(world, zero, ep):
     and the same as at ZeRO 1 with ep_size 1: measured within 2e-4 of each other over 5 steps
     (ZeRO 0 is 0.03 off at step 2 if its wrapper's AdamW step at init is not undone)."""
     ref = world[0]["train/1/1"]["losses"]
-    for rank, r in _results(world, f"train/{zero}/{ep}"):
+    for _rank, r in _results(world, f"train/{zero}/{ep}"):
         losses = r["losses"]
         assert len(losses) == TRAIN_STEPS and all(math.isfinite(x) for x in losses), losses
         assert losses[-1] < losses[0] - 0.2, losses

@@ -16,16 +16,38 @@ pytestmark = pytest.mark.slow
 
 STEPS = 20
 # top-2 of 4 experts with the aux-free bias on; clipping at 1.0 is active (the norm starts near 2)
-COMMON = ["train.seq_len=64", "train.micro_batch=4", "train.lr=3e-3", "train.warmup=3",
-          "train.precision=fp32", "train.grad_clip=1.0", "data.num_workers=1", "data.shuffle_buffer=32",
-          "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.balance=bias",
-          f"train.steps={STEPS}", "train.ckpt_every=10"]
+COMMON = [
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.lr=3e-3",
+    "train.warmup=3",
+    "train.precision=fp32",
+    "train.grad_clip=1.0",
+    "data.num_workers=1",
+    "data.shuffle_buffer=32",
+    "model.moe.n_experts=4",
+    "model.moe.top_k=2",
+    "model.moe.balance=bias",
+    f"train.steps={STEPS}",
+    "train.ckpt_every=10",
+]
 COMPARED = ("loss", "grad_norm", "router/max_load", "router/dead_experts", "z_loss")
 
 
 def launch(args: list[str]):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "fusion.train", "--config", "configs/debug.yaml", *COMMON, *args]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fusion.train",
+        "--config",
+        "configs/debug.yaml",
+        *COMMON,
+        *args,
+    ]
     r = run_cli(cmd, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r
@@ -72,8 +94,10 @@ def expert_files(step_dir) -> list:
 def test_expert_shards_hold_every_expert_and_its_optimizer_state(ep1, ep2):
     d1, d2 = ep1 / "checkpoints" / "step_10", ep2 / "checkpoints" / "step_10"
     assert [f.name for f in expert_files(d1)] == ["experts-00000-of-00001.safetensors"]
-    assert [f.name for f in expert_files(d2)] == ["experts-00000-of-00002.safetensors",
-                                                  "experts-00001-of-00002.safetensors"]
+    assert [f.name for f in expert_files(d2)] == [
+        "experts-00000-of-00002.safetensors",
+        "experts-00001-of-00002.safetensors",
+    ]
     whole = load_file(str(expert_files(d1)[0]))
     halves = [load_file(str(f)) for f in expert_files(d2)]
     assert set(whole) == set(halves[0]) == set(halves[1])
@@ -103,8 +127,16 @@ def test_checkpoint_resumes_at_the_other_ep_size(source, target, ep1, ep2, text_
     zero = 0 if source == "ep1" else 2
     run = tmp_path / "resumed"
     extra = ["train.activation_checkpointing=1"] if target == 2 else []
-    r = launch([f"data.text={text_shards}", f"model.moe.ep_size={target}", f"train.zero_stage={zero}",
-                f"run.dir={run}", f"train.resume={src / 'checkpoints' / 'step_10'}", *extra])
+    r = launch(
+        [
+            f"data.text={text_shards}",
+            f"model.moe.ep_size={target}",
+            f"train.zero_stage={zero}",
+            f"run.dir={run}",
+            f"train.resume={src / 'checkpoints' / 'step_10'}",
+            *extra,
+        ]
+    )
     assert "resumed from" in r.stdout
     original, resumed = metrics(src), metrics(run)
     assert sorted(resumed) == list(range(11, STEPS + 1))

@@ -14,11 +14,25 @@ pytestmark = pytest.mark.slow
 
 
 def train(run_dir, text_shards, image_shards, steps: int):
-    r = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml",
-                 f"data.text={text_shards}", f"data.image={image_shards}", "data.weights=[1,1,1]",
-                 "data.num_workers=0", "data.shuffle_buffer=16", "train.seq_len=96", "train.micro_batch=1",
-                 f"train.steps={steps}", "train.log_every=3", "train.ckpt_every=3", f"run.dir={run_dir}"],
-                timeout=600)
+    r = run_cli(
+        [
+            str(BIN / "fusion-train"),
+            "--config",
+            "configs/debug.yaml",
+            f"data.text={text_shards}",
+            f"data.image={image_shards}",
+            "data.weights=[1,1,1]",
+            "data.num_workers=0",
+            "data.shuffle_buffer=16",
+            "train.seq_len=96",
+            "train.micro_batch=1",
+            f"train.steps={steps}",
+            "train.log_every=3",
+            "train.ckpt_every=3",
+            f"run.dir={run_dir}",
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -27,14 +27,44 @@ def test_two_launchers_as_two_nodes_train_one_run(text_shards, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     procs = []
     for node in (0, 1):
-        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--module", "fusion.train", "--config", "configs/debug.yaml",
-               f"data.text={text_shards}", f"run.dir={run}", f"train.steps={STEPS}", "train.seq_len=64",
-               "train.micro_batch=4", "train.warmup=2", "data.num_workers=1", "data.shuffle_buffer=32",
-               "model.moe.ep_size=2", "model.moe.top_k=2", "train.zero_stage=1"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        cmd = [
+            str(BIN / "deepspeed"),
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--module",
+            "fusion.train",
+            "--config",
+            "configs/debug.yaml",
+            f"data.text={text_shards}",
+            f"run.dir={run}",
+            f"train.steps={STEPS}",
+            "train.seq_len=64",
+            "train.micro_batch=4",
+            "train.warmup=2",
+            "data.num_workers=1",
+            "data.shuffle_buffer=32",
+            "model.moe.ep_size=2",
+            "model.moe.top_k=2",
+            "train.zero_stage=1",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -54,4 +84,6 @@ def test_two_launchers_as_two_nodes_train_one_run(text_shards, tmp_path):
     final = run / "checkpoints" / f"step_{STEPS}"
     assert (final / "rank0.json").is_file() and (final / "rank1.json").is_file()
     assert sorted(f.name for f in final.glob("experts-*.safetensors")) == [
-        "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors"]
+        "experts-00000-of-00002.safetensors",
+        "experts-00001-of-00002.safetensors",
+    ]

@@ -30,15 +30,20 @@ from tests.conftest import BIN, ROOT, run_cli
 pytestmark = pytest.mark.slow
 
 SECTION = "### Train on your own images"
-MARGIN = 0.3          # overall accuracy - blind accuracy; a run gives about 0.5 (README)
-TOOLS = ["fusion-data images", "fusion-data vqa", "fusion-data vqa", "fusion-data tokenizer",
-         "fusion-train", "fusion-eval"]
+MARGIN = 0.3  # overall accuracy - blind accuracy; a run gives about 0.5 (README)
+TOOLS = [
+    "fusion-data images",
+    "fusion-data vqa",
+    "fusion-data vqa",
+    "fusion-data tokenizer",
+    "fusion-train",
+    "fusion-eval",
+]
 
 # ---------------------------------------------------------------- the pictures and questions
 
 SIDE = 48
-INKS = {"teal": (0, 150, 150), "amber": (235, 160, 20), "violet": (140, 60, 210),
-        "crimson": (205, 30, 55)}
+INKS = {"teal": (0, 150, 150), "amber": (235, 160, 20), "violet": (140, 60, 210), "crimson": (205, 30, 55)}
 GROUNDS = {"light": (215, 215, 205), "dark": (28, 30, 36)}
 PATTERNS = ("stripes", "checks", "dots")
 DIRECTIONS = ("horizontal", "vertical")
@@ -94,8 +99,12 @@ def make_dataset(root: Path, n_train: int = 600, n_test: int = 100, seed: int = 
     asked = 0
     for split, n in (("train", n_train), ("test", n_test)):
         for i in range(n):
-            tile = {"pattern": rng.choice(PATTERNS), "ink": rng.choice(list(INKS)),
-                    "ground": rng.choice(list(GROUNDS)), "stripes": rng.choice(DIRECTIONS)}
+            tile = {
+                "pattern": rng.choice(PATTERNS),
+                "ink": rng.choice(list(INKS)),
+                "ground": rng.choice(list(GROUNDS)),
+                "stripes": rng.choice(DIRECTIONS),
+            }
             questions = []
             for t in (TYPES[(2 * i) % len(TYPES)], TYPES[(2 * i + 1) % len(TYPES)]):
                 choices = QUESTIONS[t][1]
@@ -110,13 +119,15 @@ def make_dataset(root: Path, n_train: int = 600, n_test: int = 100, seed: int = 
                 rows["captions"].append({"image": name, "caption": caption(tile)})
             for t in questions:
                 question, choices = QUESTIONS[t]
-                rows[f"vqa_{split}"].append({"image": name, "question": question,
-                                             "answer": tile[t], "choices": choices, "type": t})
+                rows[f"vqa_{split}"].append(
+                    {"image": name, "question": question, "answer": tile[t], "choices": choices, "type": t}
+                )
     for name, records in rows.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 # ---------------------------------------------------------------- the recipe, from README.md
+
 
 def recipe() -> tuple[list[str], str, str]:
     """(commands, config file name, config text) from README.md's section SECTION."""
@@ -141,8 +152,9 @@ def recipe() -> tuple[list[str], str, str]:
 
 def test_readme_recipe_trains_on_own_images_above_the_blind_baseline(tmp_path):
     commands, config_name, config = recipe()
-    assert [" ".join(shlex.split(c)[:2]) if c.startswith("fusion-data") else shlex.split(c)[0]
-            for c in commands] == TOOLS
+    assert [
+        " ".join(shlex.split(c)[:2]) if c.startswith("fusion-data") else shlex.split(c)[0] for c in commands
+    ] == TOOLS
     make_dataset(tmp_path / "mydata")
     (tmp_path / config_name).write_text(config)
     env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -161,7 +173,7 @@ def test_readme_recipe_trains_on_own_images_above_the_blind_baseline(tmp_path):
 
     cfg = load_config(tmp_path / config_name)
     tok = build_tokenizer(str(tmp_path / cfg.data.tokenizer))
-    for _, choices in QUESTIONS.values():                 # every answer is one word-level token
+    for _, choices in QUESTIONS.values():  # every answer is one word-level token
         assert all(len(tok.encode(" " + c)) == 1 for c in choices)
     run = tmp_path / cfg.run.dir
     assert (run / "checkpoints" / "latest").exists()

@@ -11,18 +11,40 @@ from tests.conftest import BIN, free_port, run_cli
 pytestmark = pytest.mark.slow
 
 
-def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, video_shards, toy_world,
-                                                    tmp_path):
+def test_mixture_trains_with_zero2_and_accumulation(
+    text_shards, image_shards, video_shards, toy_world, tmp_path
+):
     run_dir = tmp_path / "mix"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "fusion.train", "--config", "configs/debug.yaml",
-           f"data.text={text_shards}", f"data.image={image_shards}", f"data.video={video_shards}",
-           "data.n_frames=4", "data.shuffle_buffer=16", "data.weights=[1,1,1]",
-           "train.seq_len=160", "train.micro_batch=3", "train.grad_accum=2", "train.zero_stage=2",
-           "train.steps=30", "train.lr=3e-3", "train.warmup=3", "train.ckpt_every=15",
-           "model.vision.lr_scale=0.5", f"run.dir={run_dir}",
-           f"data.eval={toy_world / 'vqa_image_test'},{toy_world / 'vqa_video_test'}",
-           "train.eval_every=15", "data.eval_limit=30"]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fusion.train",
+        "--config",
+        "configs/debug.yaml",
+        f"data.text={text_shards}",
+        f"data.image={image_shards}",
+        f"data.video={video_shards}",
+        "data.n_frames=4",
+        "data.shuffle_buffer=16",
+        "data.weights=[1,1,1]",
+        "train.seq_len=160",
+        "train.micro_batch=3",
+        "train.grad_accum=2",
+        "train.zero_stage=2",
+        "train.steps=30",
+        "train.lr=3e-3",
+        "train.warmup=3",
+        "train.ckpt_every=15",
+        "model.vision.lr_scale=0.5",
+        f"run.dir={run_dir}",
+        f"data.eval={toy_world / 'vqa_image_test'},{toy_world / 'vqa_video_test'}",
+        "train.eval_every=15",
+        "data.eval_limit=30",
+    ]
     r = run_cli(cmd, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -37,9 +59,20 @@ def test_mixture_trains_with_zero2_and_accumulation(text_shards, image_shards, v
     # the two ranks shared the 30 image questions (batches of 16: one batch each); the results
     # equal one process scoring them all from the step-30 checkpoint
     alone = tmp_path / "alone"
-    r = run_cli([str(BIN / "fusion-eval"), "--checkpoint", str(run_dir / "checkpoints" / "step_30"),
-                 "--vqa", str(toy_world / "vqa_image_test"), "--limit", "30", "--out", str(alone),
-                 "--no-progress"])
+    r = run_cli(
+        [
+            str(BIN / "fusion-eval"),
+            "--checkpoint",
+            str(run_dir / "checkpoints" / "step_30"),
+            "--vqa",
+            str(toy_world / "vqa_image_test"),
+            "--limit",
+            "30",
+            "--out",
+            str(alone),
+            "--no-progress",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     shared = json.loads((run_dir / "eval" / "step_30" / "vqa_image_test.json").read_text())
     single = json.loads((alone / "vqa_image_test.json").read_text())

@@ -10,13 +10,30 @@ from tests.conftest import BIN, free_port, leaked_shm_buffers, run_cli
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["train.seq_len=64", "train.micro_batch=4", "train.lr=3e-3", "train.warmup=3",
-          "data.num_workers=1", "data.shuffle_buffer=32"]
+COMMON = [
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.lr=3e-3",
+    "train.warmup=3",
+    "data.num_workers=1",
+    "data.shuffle_buffer=32",
+]
 
 
 def launch(config_args: list[str], nproc: int = 2):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           "--module", "fusion.train", "--config", "configs/debug.yaml", *COMMON, *config_args]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fusion.train",
+        "--config",
+        "configs/debug.yaml",
+        *COMMON,
+        *config_args,
+    ]
     r = run_cli(cmd, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     # DeepSpeed never removes its 66 MiB-per-rank shm buffers; fusion.train unlinks them
@@ -42,8 +59,17 @@ def test_loss_falls_and_router_metrics_logged(trained):
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < 0.6 * first, (first, last)
     for r in rows:
-        for key in ("loss/text", "lr", "grad_norm", "tokens_per_s", "aux_loss", "z_loss",
-                    "router/max_load", "router/dead_experts", "tokens/text"):
+        for key in (
+            "loss/text",
+            "lr",
+            "grad_norm",
+            "tokens_per_s",
+            "aux_loss",
+            "z_loss",
+            "router/max_load",
+            "router/dead_experts",
+            "tokens/text",
+        ):
             assert key in r, key
         assert r["router/max_load"] >= 1.0
     assert (trained / "config.yaml").is_file() and any((trained / "tb").iterdir())
@@ -56,8 +82,14 @@ def test_loss_falls_and_router_metrics_logged(trained):
 def test_resume_continues_where_it_stopped(trained, text_shards, tmp_path):
     """Resuming from step 15 into a fresh run dir reproduces the original steps 16..30."""
     run2 = tmp_path / "r2"
-    r = launch([f"data.text={text_shards}", "train.steps=30", f"run.dir={run2}",
-                f"train.resume={trained / 'checkpoints' / 'step_15'}"])
+    r = launch(
+        [
+            f"data.text={text_shards}",
+            "train.steps=30",
+            f"run.dir={run2}",
+            f"train.resume={trained / 'checkpoints' / 'step_15'}",
+        ]
+    )
     assert "resumed from" in r.stdout
     original = {row["step"]: row["loss"] for row in metrics(trained)}
     resumed = metrics(run2)

@@ -25,8 +25,7 @@ from fusion.model.fusion import install_kernels
 from fusion.model.kernels import Kernels
 from fusion.model.moe import MoE
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEV = "cuda"
 
@@ -37,8 +36,17 @@ def sm90() -> bool:
 
 def moe_layer(path: str, dtype, side_stream: bool = True, **kw) -> MoE:
     """An MoE layer on the GPU with the device's kernels (with or without the side stream)."""
-    cfg = dict(n_experts=8, top_k=2, n_shared=1, moe_ffn_dim=512, score="sigmoid", gate_on="input",
-               balance="aux", z_coef=1e-3, path=path)
+    cfg = dict(
+        n_experts=8,
+        top_k=2,
+        n_shared=1,
+        moe_ffn_dim=512,
+        score="sigmoid",
+        gate_on="input",
+        balance="aux",
+        z_coef=1e-3,
+        path=path,
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     moe = MoE(256, MoEConfig(**cfg))
@@ -70,13 +78,15 @@ def moe_inputs(B=4, T=512, D=256):
 def test_fast_bf16_matches_fp32_reference_with_grads(gate_on, k, monkeypatch):
     x, valid, g = moe_inputs()
     ref = fwd_bwd(moe_layer("loop", torch.float32, gate_on=gate_on, top_k=k), x, valid, g)
-    loop16 = fwd_bwd(moe_layer("loop", torch.bfloat16, gate_on=gate_on, top_k=k),
-                     x.bfloat16(), valid, g.bfloat16())
+    loop16 = fwd_bwd(
+        moe_layer("loop", torch.bfloat16, gate_on=gate_on, top_k=k), x.bfloat16(), valid, g.bfloat16()
+    )
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    fast16 = fwd_bwd(moe_layer("fast", torch.bfloat16, gate_on=gate_on, top_k=k),
-                     x.bfloat16(), valid, g.bfloat16())
+    fast16 = fwd_bwd(
+        moe_layer("fast", torch.bfloat16, gate_on=gate_on, top_k=k), x.bfloat16(), valid, g.bfloat16()
+    )
     if Kernels.for_device(DEV, torch.bfloat16).grouped_mm:
         assert len(calls) == 3  # the fast result came from the grouped GEMMs, not the fallback loop
     names = ["y", "x.grad"] + [n for n, _ in moe_layer("loop", torch.float32).named_parameters()]
@@ -109,8 +119,11 @@ def test_side_stream_changes_nothing_and_the_guard_sums_across_streams():
     torch.testing.assert_close(guard.grad_sq, expected, rtol=1e-3, atol=0)
 
 
-@pytest.mark.skipif(not sm90(), reason="torch._grouped_mm needs sm90+ (elsewhere fast falls back to a "
-                                        "per-expert loop, which reads the group offsets on the host)")
+@pytest.mark.skipif(
+    not sm90(),
+    reason="torch._grouped_mm needs sm90+ (elsewhere fast falls back to a "
+    "per-expert loop, which reads the group offsets on the host)",
+)
 def test_fast_forward_and_backward_have_no_host_sync():
     moe = moe_layer("fast", torch.bfloat16).train()
     torch.manual_seed(3)
@@ -153,10 +166,22 @@ def packed(dim: int, dtype):
 
 def llama4_decoder(*overrides, dtype=torch.float32):
     """The same weights on every call (seed 0), on the GPU in `dtype`, with the device's kernels."""
-    cfg = load_config(None, ["model.dim=256", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=4",
-                             "model.nope_every=2", "model.attn_chunk=128", "model.qk_norm=true",
-                             "model.floor_scale=64", "model.moe.every=2", "model.moe.path=fast",
-                             *overrides]).model
+    cfg = load_config(
+        None,
+        [
+            "model.dim=256",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.n_layers=4",
+            "model.nope_every=2",
+            "model.attn_chunk=128",
+            "model.qk_norm=true",
+            "model.floor_scale=64",
+            "model.moe.every=2",
+            "model.moe.path=fast",
+            *overrides,
+        ],
+    ).model
     torch.manual_seed(0)
     dec = Decoder(cfg, 128).to(device=DEV, dtype=dtype)
     install_kernels(dec, Kernels.for_device(DEV, dtype))
@@ -179,7 +204,9 @@ def test_flex_attention_matches_dense_masks_with_grads():
         assert (b - a).abs().max() <= 1e-3 * a.abs().max().clamp(min=1e-6)
 
 
-@pytest.mark.parametrize("layer", [0, 1])  # 0: RoPE, chunked mask, QK norm; 1: NoPE, document mask, temperature
+@pytest.mark.parametrize(
+    "layer", [0, 1]
+)  # 0: RoPE, chunked mask, QK norm; 1: NoPE, document mask, temperature
 def test_flex_attention_matches_sdpa_in_bf16_with_grads(layer):
     """One attention layer in bf16: compiled FlexAttention with block masks against SDPA with the
     dense masks, both against the fp32 SDPA reference (outputs, input and weight gradients): flex
@@ -222,7 +249,12 @@ def test_train_compile_with_inductor_matches_eager():
     the gate value) puts experts 0 and 1 far above the others, so each token's top-2 set is {0, 1}
     in eager and compiled code alike, whatever rounding does to the logits; experts 2-7 get no token.
     The gate values, and everything else, still depend on the computation compared."""
-    overrides = ("model.attn_impl=flex", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.balance=bias")
+    overrides = (
+        "model.attn_impl=flex",
+        "model.moe.n_experts=8",
+        "model.moe.top_k=2",
+        "model.moe.balance=bias",
+    )
     eager = llama4_decoder(*overrides, dtype=torch.bfloat16)
     compiled = llama4_decoder(*overrides, dtype=torch.bfloat16)
     for dec in (eager, compiled):

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 import fusion
-from fusion.checkpoint import (CheckpointError, export_model, prune_checkpoints, resolve_resume,
-                               safe_torch_load, verify_checkpoint, write_manifest)
+from fusion.checkpoint import (
+    CheckpointError,
+    export_model,
+    prune_checkpoints,
+    resolve_resume,
+    safe_torch_load,
+    verify_checkpoint,
+    write_manifest,
+)
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model
@@ -32,7 +39,7 @@ def make_checkpoint(root, step: int, manifest: bool = True):
     d = root / "checkpoints" / f"step_{step}"
     d.mkdir(parents=True)
     torch.save({"module": {"w": torch.full((3,), float(step))}}, d / "mp_rank_00_model_states.pt")
-    (d / "rank0.json").write_text('{"step": %d}' % step)
+    (d / "rank0.json").write_text(f'{{"step": {step}}}')
     (d / "sub").mkdir()
     (d / "sub" / "extra.safetensors").write_bytes(b"x" * step)
     if manifest:
@@ -51,18 +58,26 @@ def test_manifest_lists_every_file_and_verifies(tmp_path):
     assert m["files"]["sub/extra.safetensors"]["bytes"] == 4 and len(m["files"]["rank0.json"]["sha256"]) == 64
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "rank0.json").unlink(), "file rank0.json is missing"),
-    (lambda d: (d / "sub" / "extra.safetensors").write_bytes(b"x" * 5),
-     "file sub/extra.safetensors has 5 bytes, manifest.json says 8"),
-    (lambda d: (d / "sub" / "extra.safetensors").write_bytes(b"x" * 7 + b"y"),
-     "file sub/extra.safetensors was altered"),
-    (lambda d: (d / "evil.pt").write_bytes(b"\x80\x04N."), "file evil.pt is not in manifest.json"),
-    (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
-    (lambda d: (d / "manifest.json").write_text("{"), "manifest.json is not a valid manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "rank0.json").unlink(), "file rank0.json is missing"),
+        (
+            lambda d: (d / "sub" / "extra.safetensors").write_bytes(b"x" * 5),
+            "file sub/extra.safetensors has 5 bytes, manifest.json says 8",
+        ),
+        (
+            lambda d: (d / "sub" / "extra.safetensors").write_bytes(b"x" * 7 + b"y"),
+            "file sub/extra.safetensors was altered",
+        ),
+        (lambda d: (d / "evil.pt").write_bytes(b"\x80\x04N."), "file evil.pt is not in manifest.json"),
+        (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+        (lambda d: (d / "manifest.json").write_text("{"), "manifest.json is not a valid manifest"),
+    ],
+)
 def test_auto_resume_refuses_a_damaged_checkpoint_naming_the_file_and_uses_the_previous(
-        tmp_path, damage, message):
+    tmp_path, damage, message
+):
     make_checkpoint(tmp_path, 4)
     newest = make_checkpoint(tmp_path, 8)
     point_latest(tmp_path, 8)
@@ -143,9 +158,16 @@ def test_crafted_pickle_is_refused_by_the_loader_even_with_a_forged_manifest(tmp
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     ok = d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum(1),
-                                         "base_optimizer_state": {"state": {0: {"step": torch.tensor(3.0)}}}}},
-               ok)
+    torch.save(
+        {
+            "optimizer_state_dict": {
+                "loss_scaler": LossScaler(1.0),
+                "zero_stage": ZeroStageEnum(1),
+                "base_optimizer_state": {"state": {0: {"step": torch.tensor(3.0)}}},
+            }
+        },
+        ok,
+    )
     loaded = safe_torch_load(ok)
     assert loaded["optimizer_state_dict"]["zero_stage"] == ZeroStageEnum(1)
 

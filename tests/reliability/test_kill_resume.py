@@ -28,19 +28,43 @@ from tests.conftest import BIN, ROOT, free_port, leaked_shm_buffers, run_cli
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 12, 4
-ARGS = ["--config", "configs/debug.yaml", "train.seq_len=64", "train.micro_batch=4", "train.lr=3e-3",
-        "train.warmup=3", "data.num_workers=1", "data.shuffle_buffer=32", "train.zero_stage=1",
-        f"train.steps={STEPS}", f"train.ckpt_every={EVERY}",
-        "train.keep_checkpoints=2", "train.debug_log=true", "model.moe.balance=bias"]
+ARGS = [
+    "--config",
+    "configs/debug.yaml",
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.lr=3e-3",
+    "train.warmup=3",
+    "data.num_workers=1",
+    "data.shuffle_buffer=32",
+    "train.zero_stage=1",
+    f"train.steps={STEPS}",
+    f"train.ckpt_every={EVERY}",
+    "train.keep_checkpoints=2",
+    "train.debug_log=true",
+    "model.moe.balance=bias",
+]
 # bf16: two micro-steps per step, so that the fp32 gradient accumulation is part of what resumes
-PRECISION = {"fp32": ["train.precision=fp32"],
-             "bf16": ["train.precision=bf16", "train.grad_accum=2", "model.moe.ep_size=2"]}
+PRECISION = {
+    "fp32": ["train.precision=fp32"],
+    "bf16": ["train.precision=bf16", "train.grad_accum=2", "model.moe.ep_size=2"],
+}
 
 
 def command(run_dir, text_shards, precision: str) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "--module", "fusion.train", *ARGS, *PRECISION[precision], f"data.text={text_shards}",
-            f"run.dir={run_dir}"]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fusion.train",
+        *ARGS,
+        *PRECISION[precision],
+        f"data.text={text_shards}",
+        f"run.dir={run_dir}",
+    ]
 
 
 def last_rows(path, key="step") -> dict[int, dict]:
@@ -68,8 +92,14 @@ def kill_when(cmd, run_dir, ready, env: dict | None = None, timeout: float = 600
     Returns the run's output."""
     log = run_dir.parent / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                                env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})},
+        )
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline and proc.poll() is None and not ready(log.read_text()):
@@ -87,15 +117,19 @@ def logged(run_dir, step: int):
     metrics = run_dir / "metrics.jsonl"
 
     def ready(_output: str) -> bool:
-        return metrics.is_file() and any(json.loads(l)["step"] >= step
-                                         for l in metrics.read_text().splitlines() if l.strip())
+        return metrics.is_file() and any(
+            json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()
+        )
+
     return ready
 
 
 def both_ranks_paused(step: int):
     """ready() once both ranks have announced that they stopped in the checkpoint of `step`."""
+
     def ready(output: str) -> bool:
         return all(CKPT_MARKER.format(step=step, rank=r, path="") in output for r in (0, 1))
+
     return ready
 
 
@@ -120,12 +154,21 @@ def runs(request, text_shards, tmp_path_factory):
     else:
         # SIGKILL while the last checkpoint is being written: each rank has written its expert
         # shard and its state, rank 0 the exported model; DeepSpeed's files and the manifest are not
-        out = kill_when(command(killed, text_shards, precision), killed, both_ranks_paused(STEPS),
-                        env={"FUSION_FAULTS": f"ckpt@{STEPS}"})
+        out = kill_when(
+            command(killed, text_shards, precision),
+            killed,
+            both_ranks_paused(STEPS),
+            env={"FUSION_FAULTS": f"ckpt@{STEPS}"},
+        )
         assert both_ranks_paused(STEPS)(out), out[-3000:]
         written = sorted(p.name for p in half.iterdir())
-        assert {"rank0.json", "rank1.json", "model.safetensors", "experts-00000-of-00002.safetensors",
-                "experts-00001-of-00002.safetensors"} <= set(written), written
+        assert {
+            "rank0.json",
+            "rank1.json",
+            "model.safetensors",
+            "experts-00000-of-00002.safetensors",
+            "experts-00001-of-00002.safetensors",
+        } <= set(written), written
         assert "manifest.json" not in written and "mp_rank_00_model_states.pt" not in written, written
         assert not (ckpts / f"step_{STEPS}").exists()
     assert half.is_dir()
@@ -136,8 +179,13 @@ def runs(request, text_shards, tmp_path_factory):
     (ckpts / "step_8" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps({"x": Payload(sentinel)}))
     resumed = run_cli(command(killed, text_shards, precision), timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return {"full": full, "killed": killed, "sentinel": sentinel, "stdout": resumed.stdout,
-            "precision": precision}
+    return {
+        "full": full,
+        "killed": killed,
+        "sentinel": sentinel,
+        "stdout": resumed.stdout,
+        "precision": precision,
+    }
 
 
 def test_killed_run_resumes_bitwise_from_the_previous_good_checkpoint(runs):
@@ -170,9 +218,15 @@ def test_checkpoints_after_resume_are_complete_and_pruned(runs):
     for tag in ("step_8", "step_12"):
         manifest = verify_checkpoint(ckpts / tag)
         optim = "bf16_zero" if runs["precision"] == "bf16" else "zero"  # BF16_Optimizer's files
-        assert {"rank0.json", "rank1.json", "model.safetensors", "model.json", "mp_rank_00_model_states.pt",
-                f"{optim}_pp_rank_0_mp_rank_00_optim_states.pt",  # ZeRO-1 partitions: loaded weights-only
-                f"{optim}_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])
+        assert {
+            "rank0.json",
+            "rank1.json",
+            "model.safetensors",
+            "model.json",
+            "mp_rank_00_model_states.pt",
+            f"{optim}_pp_rank_0_mp_rank_00_optim_states.pt",  # ZeRO-1 partitions: loaded weights-only
+            f"{optim}_pp_rank_1_mp_rank_00_optim_states.pt",
+        } <= set(manifest["files"])
         assert manifest["step"] == int(tag.split("_")[1]) and manifest["world_size"] == 2
     # the re-saved checkpoints equal the uninterrupted run's, byte for byte where it is ours
     full = runs["full"] / "checkpoints" / "step_12"

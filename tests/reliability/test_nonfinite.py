@@ -17,9 +17,20 @@ from tests.conftest import BIN, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["train.seq_len=64", "train.micro_batch=4", "train.lr=3e-3", "train.warmup=3",
-        "data.num_workers=1", "data.shuffle_buffer=32", "train.precision=fp32", "train.steps=12",
-        "train.ckpt_every=4", "train.max_nonfinite=2", "train.debug_log=true", "model.moe.balance=bias"]
+ARGS = [
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.lr=3e-3",
+    "train.warmup=3",
+    "data.num_workers=1",
+    "data.shuffle_buffer=32",
+    "train.precision=fp32",
+    "train.steps=12",
+    "train.ckpt_every=4",
+    "train.max_nonfinite=2",
+    "train.debug_log=true",
+    "model.moe.balance=bias",
+]
 # step 2: rank 0's loss; step 4: a gradient on rank 1 only; step 6: rank 0's router logits;
 # steps 8 and 9: the loss on both ranks -> two in a row stops the run after step 9
 FAULTS = "loss@2:0,grad@4:1,router@6:0,loss@8,loss@9"
@@ -28,13 +39,26 @@ SKIPPED = {2, 4, 6, 8, 9}
 
 def test_nonfinite_steps_are_skipped_alike_counted_and_stop_the_run(text_shards, tmp_path):
     run = tmp_path / "run"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "fusion.train", "--config", "configs/debug.yaml", *ARGS,
-           f"data.text={text_shards}", f"run.dir={run}"]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "fusion.train",
+        "--config",
+        "configs/debug.yaml",
+        *ARGS,
+        f"data.text={text_shards}",
+        f"run.dir={run}",
+    ]
     r = run_cli(cmd, timeout=900, env={"FUSION_FAULTS": FAULTS})
     assert r.returncode != 0
-    assert ("2 optimizer steps in a row had a non-finite loss or gradient norm (config key "
-            "'train.max_nonfinite'=2); stopped at step 9") in r.stderr, r.stderr[-3000:]
+    assert (
+        "2 optimizer steps in a row had a non-finite loss or gradient norm (config key "
+        "'train.max_nonfinite'=2); stopped at step 9"
+    ) in r.stderr, r.stderr[-3000:]
     assert "step_8, is intact" in r.stderr
 
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -48,8 +72,9 @@ def test_nonfinite_steps_are_skipped_alike_counted_and_stop_the_run(text_shards,
         # the injected loss NaN hits what backward sees; NaN router logits poison the logged loss too
         assert math.isnan(row["loss"]) == (row["step"] == 6)
 
-    debug = [[json.loads(l) for l in (run / "debug" / f"rank{r}.jsonl").read_text().splitlines()]
-             for r in (0, 1)]
+    debug = [
+        [json.loads(l) for l in (run / "debug" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
     assert [d["step"] for d in debug[0]] == [d["step"] for d in debug[1]] == list(range(1, 10))
     previous = None
     for d0, d1 in zip(*debug):

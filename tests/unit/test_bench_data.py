@@ -14,14 +14,39 @@ from tests.conftest import ROOT, run_cli
 
 def test_photo_inputs_are_measured_and_reported(tmp_path):
     work = tmp_path / "bench"
-    r = run_cli([sys.executable, str(ROOT / "tools" / "bench_data.py"), "--inputs", "photo",
-                 "--n-images", "6", "--n-videos", "2", "--image-size", "48", "--video-size", "32",
-                 "--crop", "32", "--repeats", "1", "--workdir", str(work)], timeout=300)
+    r = run_cli(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench_data.py"),
+            "--inputs",
+            "photo",
+            "--n-images",
+            "6",
+            "--n-videos",
+            "2",
+            "--image-size",
+            "48",
+            "--video-size",
+            "32",
+            "--crop",
+            "32",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(work),
+        ],
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((work / "results-photo-p1.json").read_text())
     s = out["settings"]
-    assert (s["inputs"], s["image_size"], s["video_size"], s["crop"], s["loader_workers"]) == \
-        ("photo", 48, 32, 32, 0)
+    assert (s["inputs"], s["image_size"], s["video_size"], s["crop"], s["loader_workers"]) == (
+        "photo",
+        48,
+        32,
+        32,
+        0,
+    )
     assert s["bytes_per_picture"] > 1000  # textured JPEGs, not flat colour
     inputs = work / "photo-48-32"
     files = [json.loads(line) for line in (inputs / "images.jsonl").read_text().splitlines()]
@@ -39,9 +64,30 @@ def test_photo_inputs_are_measured_and_reported(tmp_path):
     assert rows["builder"]["subject_runs"][0][0] == 6  # the builder wrote every picture
     assert "images" in r.stdout and "cpu ratio" in r.stdout
     # a second run reuses the inputs instead of building them again
-    r = run_cli([sys.executable, str(ROOT / "tools" / "bench_data.py"), "--inputs", "photo",
-                 "--n-images", "6", "--n-videos", "2", "--image-size", "48", "--video-size", "32",
-                 "--crop", "32", "--repeats", "1", "--workdir", str(work), "--out",
-                 str(tmp_path / "again.json")], timeout=300)
+    r = run_cli(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench_data.py"),
+            "--inputs",
+            "photo",
+            "--n-images",
+            "6",
+            "--n-videos",
+            "2",
+            "--image-size",
+            "48",
+            "--video-size",
+            "32",
+            "--crop",
+            "32",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(work),
+            "--out",
+            str(tmp_path / "again.json"),
+        ],
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "again.json").read_text())["settings"]["inputs_reused"] is True

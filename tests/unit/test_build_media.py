@@ -30,6 +30,7 @@ av = pytest.importorskip("av")
 
 # ---------------------------------------------------------------- fixtures
 
+
 def image_bytes(fmt="JPEG", size=(32, 32), mode="RGB", seed=0, **save):
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -43,11 +44,17 @@ def image_bytes(fmt="JPEG", size=(32, 32), mode="RGB", seed=0, **save):
 def png_bomb(width=20000, height=20000):
     """A 100-byte PNG whose header claims width x height pixels; its pixel data is garbage, so a
     decoder that got past the header would fail with bad_image, not too_many_pixels."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
@@ -59,7 +66,7 @@ def zero_frame_avi():
     with av.open(buf, "w", format="avi") as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        container.start_encoding()       # a header with a video stream, then no frames
+        container.start_encoding()  # a header with a video stream, then no frames
     return buf.getvalue()
 
 
@@ -127,6 +134,7 @@ def image_dir(tmp_path_factory):
 
 # ---------------------------------------------------------------- images.py
 
+
 def test_read_image_reasons_and_colour_conversion():
     limit = Image.MAX_IMAGE_PIXELS
     t0 = time.perf_counter()
@@ -134,22 +142,27 @@ def test_read_image_reasons_and_colour_conversion():
         open_image(png_bomb(20000, 20000), 50_000_000)  # over Pillow's hard limit too
     assert e.value.reason == "too_many_pixels"
     with pytest.raises(SampleError) as e:
-        open_image(png_bomb(2000, 2000), 1_000_000)     # under Pillow's, over ours
+        open_image(png_bomb(2000, 2000), 1_000_000)  # under Pillow's, over ours
     assert e.value.reason == "too_many_pixels" and "2000x2000" in str(e.value)
-    assert time.perf_counter() - t0 < 0.5               # nothing was decoded
+    assert time.perf_counter() - t0 < 0.5  # nothing was decoded
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                  # Pillow's bomb warning never escapes
+        warnings.simplefilter("error")  # Pillow's bomb warning never escapes
         with pytest.raises(SampleError) as e:
             open_image(png_bomb(10000, 10000), 200_000_000)
     assert e.value.reason == "too_many_pixels"
     assert Image.MAX_IMAGE_PIXELS == limit
 
     jpg = image_bytes("JPEG")
-    for data, reason in [(b"", "empty_file"), (jpg[: len(jpg) // 2], "bad_image"),
-                         (b"\xff\xd8\xff" + b"garbage" * 20, "bad_image"), (b"hello" * 30, "bad_image"),
-                         (PDF, "unsupported_format"), (FITS, "unsupported_format"),
-                         (image_bytes("TIFF"), "unsupported_format"),
-                         (image_bytes("ICO"), "unsupported_format")]:
+    for data, reason in [
+        (b"", "empty_file"),
+        (jpg[: len(jpg) // 2], "bad_image"),
+        (b"\xff\xd8\xff" + b"garbage" * 20, "bad_image"),
+        (b"hello" * 30, "bad_image"),
+        (PDF, "unsupported_format"),
+        (FITS, "unsupported_format"),
+        (image_bytes("TIFF"), "unsupported_format"),
+        (image_bytes("ICO"), "unsupported_format"),
+    ]:
         with pytest.raises(SampleError) as e:
             open_image(data, 10**6)
         assert e.value.reason == reason, (data[:10], str(e.value))
@@ -172,8 +185,13 @@ def test_read_image_reasons_and_colour_conversion():
     Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(buf, "PNG")
     img = open_image(buf.getvalue())
     assert img.mode == "RGB" and np.asarray(img)[0, 0].tolist() == [128, 128, 128]
-    for data in (image_bytes("JPEG", mode="CMYK"), image_bytes("GIF", mode="P"), image_bytes("BMP"),
-                 image_bytes("PNG", mode="L"), image_bytes("WEBP")):
+    for data in (
+        image_bytes("JPEG", mode="CMYK"),
+        image_bytes("GIF", mode="P"),
+        image_bytes("BMP"),
+        image_bytes("PNG", mode="L"),
+        image_bytes("WEBP"),
+    ):
         img = open_image(data)
         assert img.mode == "RGB" and img.size == (32, 32)
 
@@ -186,7 +204,7 @@ def test_read_image_reasons_and_colour_conversion():
 def test_resize_encode_and_to_tensor():
     img = open_image(image_bytes("PNG", size=(64, 32)))
     assert resize(img, 16, "keep_ratio").size == (16, 8)
-    assert resize(img, 128, "keep_ratio") is img                 # never enlarged
+    assert resize(img, 128, "keep_ratio") is img  # never enlarged
     assert resize(img, 16, "center_crop").size == (16, 16)
     assert resize(img, 16, "pad").size == (16, 16)
     assert np.asarray(resize(img, 16, "pad"))[0, 0].tolist() == [255, 255, 255]
@@ -197,7 +215,7 @@ def test_resize_encode_and_to_tensor():
     assert a.shape == (3, 16, 16) and str(a.dtype) == "torch.float32"
     assert (to_tensor(img, 16, mean, std) == a).all()
     white = Image.new("RGB", (40, 20), (255, 255, 255))
-    assert to_tensor(white, 8, mean, std).eq(2.0).all()          # (1 - 0.5) / 0.25
+    assert to_tensor(white, 8, mean, std).eq(2.0).all()  # (1 - 0.5) / 0.25
     t1 = to_tensor(img, 16, mean, std, train=True, rng=random.Random(3))
     t2 = to_tensor(img, 16, mean, std, train=True, rng=random.Random(3))
     assert t1.shape == (3, 16, 16) and (t1 == t2).all()
@@ -205,13 +223,20 @@ def test_resize_encode_and_to_tensor():
 
 # ---------------------------------------------------------------- images
 
+
 def test_images_bad_inputs_counted_good_ones_readable(image_dir, tmp_path, capsys):
     good = ["good.jpg", "alpha.png", "anim.gif", "plain.bmp", "cmyk.jpg", "wide.webp"]
-    records = [{"id": f"g{i}", "image": f"sub/{name}", "caption": f"picture {i}"}
-               for i, name in enumerate(good)]
-    bad = {"truncated.jpg": "bad_image", "bomb.png": "too_many_pixels",
-           "paper.jpg": "unsupported_format", "sky.jpg": "unsupported_format",
-           "empty.jpg": "empty_file", "missing.jpg": "missing_file"}
+    records = [
+        {"id": f"g{i}", "image": f"sub/{name}", "caption": f"picture {i}"} for i, name in enumerate(good)
+    ]
+    bad = {
+        "truncated.jpg": "bad_image",
+        "bomb.png": "too_many_pixels",
+        "paper.jpg": "unsupported_format",
+        "sky.jpg": "unsupported_format",
+        "empty.jpg": "empty_file",
+        "missing.jpg": "missing_file",
+    }
     records += [{"id": f"b{i}", "image": f"sub/{name}", "caption": "x"} for i, name in enumerate(bad)]
     records += [
         {"id": "c1", "image": "sub/good.jpg", "caption": "  "},
@@ -221,27 +246,38 @@ def test_images_bad_inputs_counted_good_ones_readable(image_dir, tmp_path, capsy
     ]
     src = write_jsonl(image_dir / "pairs.jsonl", records)
     out = tmp_path / "out"
-    assert build("images", src, out, "--key-col", "id", "--samples-per-shard", "5",
-                 "--workers", "2") == 0
+    assert build("images", src, out, "--key-col", "id", "--samples-per-shard", "5", "--workers", "2") == 0
     summary = capsys.readouterr().out
     assert "16 records" in summary and "6 samples in 4 shards" in summary and "samples/s" in summary
-    assert failures(out) == {"bad_image": 1, "too_many_pixels": 1, "unsupported_format": 2,
-                             "empty_file": 1, "missing_file": 1, "empty_caption": 2, "bad_utf8": 1,
-                             "duplicate_key": 1}
+    assert failures(out) == {
+        "bad_image": 1,
+        "too_many_pixels": 1,
+        "unsupported_format": 2,
+        "empty_file": 1,
+        "missing_file": 1,
+        "empty_caption": 2,
+        "bad_utf8": 1,
+        "duplicate_key": 1,
+    }
 
     got = members_by_key(out)
     assert sorted(got) == [f"g{i}" for i in range(6)]
     # --format keep: unchanged JPEG/PNG/WEBP stored as they are; GIF and BMP become PNG
     assert {k: sorted(v) for k, v in got.items()} == {
-        "g0": ["jpg", "json", "txt"], "g1": ["json", "png", "txt"], "g2": ["json", "png", "txt"],
-        "g3": ["json", "png", "txt"], "g4": ["jpg", "json", "txt"], "g5": ["json", "txt", "webp"]}
+        "g0": ["jpg", "json", "txt"],
+        "g1": ["json", "png", "txt"],
+        "g2": ["json", "png", "txt"],
+        "g3": ["json", "png", "txt"],
+        "g4": ["jpg", "json", "txt"],
+        "g5": ["json", "txt", "webp"],
+    }
     assert got["g0"]["jpg"] == (image_dir / "sub/good.jpg").read_bytes()
     assert json.loads(got["g5"]["json"]) == {"width": 64, "height": 32, "source": "sub/wide.webp"}
     assert got["g1"]["txt"] == b"picture 1"
 
     wds_samples = webdataset_samples(out)
     assert sorted(wds_samples) == sorted(got)
-    for key, s in wds_samples.items():
+    for s in wds_samples.values():
         ext = next(e for e in ("jpg", "png", "webp") if e in s)
         img = Image.open(io.BytesIO(s[ext]))
         meta = json.loads(s["json"])
@@ -251,11 +287,30 @@ def test_images_bad_inputs_counted_good_ones_readable(image_dir, tmp_path, capsy
 
 
 def test_images_resize_and_reencode(image_dir, tmp_path):
-    src = write_jsonl(image_dir / "two.jsonl", [{"image": "sub/wide.webp", "caption": "a"},
-                                                {"image": str(image_dir / "sub/good.jpg"), "caption": "b"}])
+    src = write_jsonl(
+        image_dir / "two.jsonl",
+        [
+            {"image": "sub/wide.webp", "caption": "a"},
+            {"image": str(image_dir / "sub/good.jpg"), "caption": "b"},
+        ],
+    )
     out = tmp_path / "crop"
-    assert build("images", src, out, "--max-side", "16", "--resize-mode", "center_crop",
-                 "--format", "png", "--workers", "1") == 0
+    assert (
+        build(
+            "images",
+            src,
+            out,
+            "--max-side",
+            "16",
+            "--resize-mode",
+            "center_crop",
+            "--format",
+            "png",
+            "--workers",
+            "1",
+        )
+        == 0
+    )
     got = members_by_key(out)
     for s in got.values():
         assert Image.open(io.BytesIO(s["png"])).size == (16, 16)
@@ -268,16 +323,18 @@ def test_images_resize_and_reencode(image_dir, tmp_path):
 
 
 def test_images_resume_is_byte_identical(image_dir, tmp_path):
-    records = [{"image": f"sub/{n}", "caption": f"c{i}"}
-               for i, n in enumerate(["good.jpg", "alpha.png", "wide.webp", "bomb.png", "cmyk.jpg"] * 2)]
+    records = [
+        {"image": f"sub/{n}", "caption": f"c{i}"}
+        for i, n in enumerate(["good.jpg", "alpha.png", "wide.webp", "bomb.png", "cmyk.jpg"] * 2)
+    ]
     src = write_jsonl(image_dir / "resume.jsonl", records)
     flags = ["--samples-per-shard", "3", "--max-side", "24", "--format", "webp", "--workers", "2"]
     ref = tmp_path / "ref"
     assert build("images", src, ref, *flags) == 0
     out = tmp_path / "out"
     assert build("images", src, out, *flags) == 0
-    (out / "000001_stats.json").unlink()                     # interrupted before its stats
-    (out / "000002.tar").rename(out / "000002.tar.tmp")      # interrupted while writing
+    (out / "000001_stats.json").unlink()  # interrupted before its stats
+    (out / "000002.tar").rename(out / "000002.tar.tmp")  # interrupted while writing
     (out / "000002_stats.json").unlink()
     assert build("images", src, out, *flags) == 0
     assert tars(out) == tars(ref) and len(tars(ref)) == 4
@@ -291,8 +348,12 @@ def test_malformed_input_names_file_and_line_and_keeps_shards(image_dir, tmp_pat
     assert build("images", src, out, "--samples-per-shard", "2", "--workers", "1") == 1
     err = capsys.readouterr().err
     assert "broken.jsonl:5" in err and "invalid JSON" in err and err.count("\n") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000000_stats.json",
-                                                     "000001.tar", "000001_stats.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000000.tar",
+        "000000_stats.json",
+        "000001.tar",
+        "000001_stats.json",
+    ]
     assert len(members_by_key(out)) == 4
 
     src = write_jsonl(image_dir / "nocap.jsonl", [{"image": "sub/good.jpg", "text": "t"}])
@@ -307,6 +368,7 @@ def test_malformed_input_names_file_and_line_and_keeps_shards(image_dir, tmp_pat
 
 # ---------------------------------------------------------------- videos
 
+
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
@@ -318,9 +380,9 @@ def video_dir(tmp_path_factory):
         "clip.mp4": clip,
         "narrow.mp4": videos.encode_video(n_frames=10, height=32, width=24, fps=10),
         "empty.mp4": b"",
-        "cut_index.mp4": clip[: len(clip) // 2],      # the index (moov, written last) is lost
+        "cut_index.mp4": clip[: len(clip) // 2],  # the index (moov, written last) is lost
         "cut_media.mp4": fast[: len(fast) * 3 // 4],  # index first, media cut mid-packet
-        "cut_packet.mp4": fast[: offsets[6]],         # cut exactly between packets: decodes 6 frames
+        "cut_packet.mp4": fast[: offsets[6]],  # cut exactly between packets: decodes 6 frames
         "audio.mp4": videos.encode_audio_only(),
         "zero.avi": zero_frame_avi(),
         "still.mp4": image_bytes("PNG"),
@@ -334,36 +396,54 @@ def test_videos_reencode_counts_bad_inputs_and_decodes(video_dir, tmp_path, caps
     from fusion.data.video import decode, probe
 
     records = [{"video": "clip.mp4", "caption": "a clip"}, {"video": "narrow.mp4", "caption": "narrow"}]
-    bad = {"empty.mp4": "empty_file", "cut_index.mp4": "corrupt_video",
-           "cut_media.mp4": "corrupt_video", "cut_packet.mp4": "corrupt_video",
-           "audio.mp4": "no_video_stream", "zero.avi": "zero_frames",
-           "still.mp4": "unsupported_format", "gone.mp4": "missing_file"}
+    bad = {
+        "empty.mp4": "empty_file",
+        "cut_index.mp4": "corrupt_video",
+        "cut_media.mp4": "corrupt_video",
+        "cut_packet.mp4": "corrupt_video",
+        "audio.mp4": "no_video_stream",
+        "zero.avi": "zero_frames",
+        "still.mp4": "unsupported_format",
+        "gone.mp4": "missing_file",
+    }
     records += [{"video": name, "caption": "bad"} for name in bad]
-    records += [{"video": "clip.mp4", "caption": ""},
-                b'{"video": "clip.mp4", "caption": "\xff\xfe"}\n']
+    records += [{"video": "clip.mp4", "caption": ""}, b'{"video": "clip.mp4", "caption": "\xff\xfe"}\n']
     src = write_jsonl(video_dir / "clips.jsonl", records)
     out = tmp_path / "out"
     assert build("videos", src, out, "--samples-per-shard", "4", "--workers", "2") == 0
     assert "12 records" in capsys.readouterr().out
-    assert failures(out) == {"empty_file": 1, "corrupt_video": 3, "no_video_stream": 1,
-                             "zero_frames": 1, "unsupported_format": 1, "missing_file": 1,
-                             "empty_caption": 1, "bad_utf8": 1}
+    assert failures(out) == {
+        "empty_file": 1,
+        "corrupt_video": 3,
+        "no_video_stream": 1,
+        "zero_frames": 1,
+        "unsupported_format": 1,
+        "missing_file": 1,
+        "empty_caption": 1,
+        "bad_utf8": 1,
+    }
     samples = webdataset_samples(out)
     assert sorted(samples) == ["000000000", "000000001"]
     meta = json.loads(samples["000000000"]["json"])
-    assert meta == {"fps": 10.0, "n_frames": 10, "duration": 1.0, "width": 40, "height": 32,
-                    "source": "clip.mp4"}
+    assert meta == {
+        "fps": 10.0,
+        "n_frames": 10,
+        "duration": 1.0,
+        "width": 40,
+        "height": 32,
+        "source": "clip.mp4",
+    }
     data = samples["000000000"]["mp4"]
     with av.open(io.BytesIO(data)) as c:
         stream = c.streams.video[0]
         assert stream.codec_context.name == "h264" and stream.format.name == "yuv420p"
         assert len(c.streams.audio) == 0
         keyframes = [p.is_keyframe for p in c.demux(stream) if p.size]
-    assert keyframes == [True] + [False] * 7 + [True, False]         # --keyframe-interval 8
+    assert keyframes == [True] + [False] * 7 + [True, False]  # --keyframe-interval 8
     for backend in ("decord", "pyav"):
         frames = decode(data, list(range(10)), backend=backend)
         assert frames.shape == (10, 32, 40, 3)
-        assert videos.frame_ids(frames) == list(range(10))         # the right frames, in order
+        assert videos.frame_ids(frames) == list(range(10))  # the right frames, in order
     # a 24-pixel-wide source (decord 0.6.0 misreads width 24) is stored 22 wide
     narrow = samples["000000001"]
     assert json.loads(narrow["json"])["width"] == 22
@@ -392,15 +472,17 @@ def test_video_fps_max_side_and_decord_safe_widths(video_dir, tmp_path):
 
 
 def test_video_copy_keeps_bytes_and_resume_is_byte_identical(video_dir, tmp_path):
-    src = write_jsonl(video_dir / "copy.jsonl", [{"video": "clip.mp4", "caption": "c"},
-                                                 {"video": "zero.avi", "caption": "z"}])
+    src = write_jsonl(
+        video_dir / "copy.jsonl",
+        [{"video": "clip.mp4", "caption": "c"}, {"video": "zero.avi", "caption": "z"}],
+    )
     out = tmp_path / "copy"
     assert build("videos", src, out, "--copy") == 0
     s = members_by_key(out)["000000000"]
     assert s["mp4"] == (video_dir / "clip.mp4").read_bytes()
     assert json.loads(s["json"])["n_frames"] == 10
-    assert failures(out) == {"unsupported_format": 1}                  # --copy stores mp4 only
-    assert main(["verify", str(out)]) == 0                              # n_frames as PyAV decodes
+    assert failures(out) == {"unsupported_format": 1}  # --copy stores mp4 only
+    assert main(["verify", str(out)]) == 0  # n_frames as PyAV decodes
 
     records = [{"video": n, "caption": f"c{i}"} for i, n in enumerate(["clip.mp4", "narrow.mp4"] * 3)]
     src = write_jsonl(video_dir / "resume.jsonl", records)
@@ -411,10 +493,11 @@ def test_video_copy_keeps_bytes_and_resume_is_byte_identical(video_dir, tmp_path
     (out / "000000_stats.json").unlink()
     (out / "000002.tar").rename(out / "000002.tar.tmp")
     assert build("videos", src, out, *flags) == 0
-    assert tars(out) == tars(ref) and len(tars(ref)) == 3           # libx264 on one thread
+    assert tars(out) == tars(ref) and len(tars(ref)) == 3  # libx264 on one thread
 
 
 # ---------------------------------------------------------------- vqa
+
 
 def test_vqa_images_and_videos_with_choice_validation(image_dir, video_dir, tmp_path):
     (video_dir / "pic.jpg").write_bytes((image_dir / "sub/good.jpg").read_bytes())
@@ -422,33 +505,47 @@ def test_vqa_images_and_videos_with_choice_validation(image_dir, video_dir, tmp_
     csv_src.write_text(
         "image,video,question,answer,choices,type\n"
         "pic.jpg,,What color?,red,red|green|blue,color\n"
-        ",clip.mp4,What moves?,the ball,\"[\"\"the ball\"\", \"\"the cube\"\"]\",motion\n"
+        ',clip.mp4,What moves?,the ball,"[""the ball"", ""the cube""]",motion\n'
         "pic.jpg,,How many?,4,1|2|3,count\n"
         "pic.jpg,,Which?,a,a,count\n"
         "pic.jpg,,Which?,a,a|a,count\n"
         ",,Where?,up,up|down,place\n"
         "pic.jpg,clip.mp4,Both?,x,x|y,place\n"
         "pic.jpg,, ,x,x|y,place\n"
-        "sub/missing.jpg,,Where?,up,up|down,place\n")
+        "sub/missing.jpg,,Where?,up,up|down,place\n"
+    )
     out = tmp_path / "vqa"
     assert build("vqa", csv_src, out, "--workers", "1") == 0
-    assert failures(out) == {"answer_not_in_choices": 1, "bad_choices": 2, "missing_file": 2,
-                             "ambiguous_media": 1, "empty_question": 1}
+    assert failures(out) == {
+        "answer_not_in_choices": 1,
+        "bad_choices": 2,
+        "missing_file": 2,
+        "ambiguous_media": 1,
+        "empty_question": 1,
+    }
     got = members_by_key(out)
     assert sorted(got) == ["000000000", "000000001"]
     assert sorted(got["000000000"]) == ["jpg", "json"] and sorted(got["000000001"]) == ["json", "mp4"]
     q0 = json.loads(got["000000000"]["json"])
-    assert q0 == {"question": "What color?", "answer": "red", "choices": ["red", "green", "blue"],
-                  "type": "color", "source": "pic.jpg", "width": 32, "height": 32}
+    assert q0 == {
+        "question": "What color?",
+        "answer": "red",
+        "choices": ["red", "green", "blue"],
+        "type": "color",
+        "source": "pic.jpg",
+        "width": 32,
+        "height": 32,
+    }
     q1 = json.loads(got["000000001"]["json"])
     assert q1["choices"] == ["the ball", "the cube"] and q1["n_frames"] == 10 and q1["type"] == "motion"
     assert read_index(out)["modality"] == "vqa"
     assert main(["verify", str(out)]) == 0
 
-    src = write_jsonl(video_dir / "qa.jsonl", [
-        {"image": "pic.jpg", "question": "Q?", "answer": 2, "choices": [1, 2, 3]}])
+    src = write_jsonl(
+        video_dir / "qa.jsonl", [{"image": "pic.jpg", "question": "Q?", "answer": 2, "choices": [1, 2, 3]}]
+    )
     out = tmp_path / "vqa2"
-    assert build("vqa", src, out) == 0                               # no type column: 'default'
+    assert build("vqa", src, out) == 0  # no type column: 'default'
     meta = json.loads(next(iter(members_by_key(out).values()))["json"])
     assert (meta["answer"], meta["choices"], meta["type"]) == ("2", ["1", "2", "3"], "default")
 
@@ -456,13 +553,16 @@ def test_vqa_images_and_videos_with_choice_validation(image_dir, video_dir, tmp_
 def test_vqa_jsonl_decides_media_and_type_per_record(image_dir, video_dir, tmp_path, capsys):
     (video_dir / "pic.jpg").write_bytes((image_dir / "sub/good.jpg").read_bytes())
     qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"]}
-    src = write_jsonl(video_dir / "mixed.jsonl", [
-        {"image": "pic.jpg", **qa},                          # no type, no video column
-        {"video": "clip.mp4", **qa, "type": "motion"},       # no image column
-        {"image": "pic.jpg", **qa, "type": "color"},
-        {"video": "clip.mp4", "image": None, **qa},          # both columns, one filled
-        {"image": "pic.jpg", "video": "clip.mp4", **qa},     # both filled: ambiguous_media
-    ])
+    src = write_jsonl(
+        video_dir / "mixed.jsonl",
+        [
+            {"image": "pic.jpg", **qa},  # no type, no video column
+            {"video": "clip.mp4", **qa, "type": "motion"},  # no image column
+            {"image": "pic.jpg", **qa, "type": "color"},
+            {"video": "clip.mp4", "image": None, **qa},  # both columns, one filled
+            {"image": "pic.jpg", "video": "clip.mp4", **qa},  # both filled: ambiguous_media
+        ],
+    )
     out = tmp_path / "mixed"
     assert build("vqa", src, out, "--workers", "1") == 0
     assert "3 of 5 records in mixed.jsonl have no 'type' column" in capsys.readouterr().err
@@ -471,13 +571,16 @@ def test_vqa_jsonl_decides_media_and_type_per_record(image_dir, video_dir, tmp_p
     kinds = {k: next(e for e in v if e != "json") for k, v in got.items()}
     types = {k: json.loads(v["json"])["type"] for k, v in got.items()}
     assert kinds == {"000000000": "jpg", "000000001": "mp4", "000000002": "jpg", "000000003": "mp4"}
-    assert types == {"000000000": "default", "000000001": "motion", "000000002": "color",
-                     "000000003": "default"}
+    assert types == {
+        "000000000": "default",
+        "000000001": "motion",
+        "000000002": "color",
+        "000000003": "default",
+    }
     assert main(["verify", str(out)]) == 0
 
     # A record naming no media column at all is a malformed input, named by file and line.
-    src = write_jsonl(video_dir / "nomedia.jsonl", [{"image": "pic.jpg", **qa},
-                                                    {"picture": "pic.jpg", **qa}])
+    src = write_jsonl(video_dir / "nomedia.jsonl", [{"image": "pic.jpg", **qa}, {"picture": "pic.jpg", **qa}])
     assert build("vqa", src, tmp_path / "bad") == 1
     err = capsys.readouterr().err
     assert "nomedia.jsonl:2: missing column 'image' or 'video'" in err and len(err.splitlines()) == 1
@@ -493,33 +596,40 @@ def test_vqa_conversations_in_a_turns_column(image_dir, tmp_path, capsys):
     (what `verify` and fusion-eval read); a record mixing both forms uses its turns."""
     from fusion.data.samples import vqa_turns
 
-    turns = [{"question": "What color?", "answer": "red", "choices": ["red", "blue"], "type": "color"},
-             {"question": "How many?", "answer": 2, "choices": [1, 2, 3], "type": "count"}]
+    turns = [
+        {"question": "What color?", "answer": "red", "choices": ["red", "blue"], "type": "color"},
+        {"question": "How many?", "answer": 2, "choices": [1, 2, 3], "type": "count"},
+    ]
     qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"], "type": "t"}
-    src = write_jsonl(image_dir / "conv.jsonl", [
-        {"image": "sub/good.jpg", "turns": turns},
-        {"image": "sub/good.jpg", **qa},                                   # one question: as before
-        {"image": "sub/good.jpg", **qa, "turns": turns[1:]},               # turns win
-        {"image": "sub/good.jpg", "turns": [{**turns[0], "answer": "green"}]},
-        {"image": "sub/good.jpg", "turns": [turns[0], {"question": "Q?", "answer": "a"}]},
-        {"image": "sub/good.jpg", "turns": []},
-        {"image": "sub/good.jpg", "turns": "not json"},
-    ])
+    src = write_jsonl(
+        image_dir / "conv.jsonl",
+        [
+            {"image": "sub/good.jpg", "turns": turns},
+            {"image": "sub/good.jpg", **qa},  # one question: as before
+            {"image": "sub/good.jpg", **qa, "turns": turns[1:]},  # turns win
+            {"image": "sub/good.jpg", "turns": [{**turns[0], "answer": "green"}]},
+            {"image": "sub/good.jpg", "turns": [turns[0], {"question": "Q?", "answer": "a"}]},
+            {"image": "sub/good.jpg", "turns": []},
+            {"image": "sub/good.jpg", "turns": "not json"},
+        ],
+    )
     out = tmp_path / "conv"
     assert build("vqa", src, out, "--workers", "1") == 0
     assert failures(out) == {"answer_not_in_choices": 1, "bad_choices": 1, "bad_turns": 2}
     got = {k: json.loads(v["json"]) for k, v in members_by_key(out).items()}
     assert sorted(got) == ["000000000", "000000001", "000000002"]
     first = got["000000000"]
-    assert first["turns"] == [{**turns[0]}, {"question": "How many?", "answer": "2",
-                                             "choices": ["1", "2", "3"], "type": "count"}]
+    assert first["turns"] == [
+        {**turns[0]},
+        {"question": "How many?", "answer": "2", "choices": ["1", "2", "3"], "type": "count"},
+    ]
     assert {k: first[k] for k in ("question", "answer", "choices", "type")} == first["turns"][0]
     assert "turns" not in got["000000001"] and got["000000002"]["question"] == "How many?"
     assert vqa_turns(first) == [("What color?", "red"), ("How many?", "2")]
     assert main(["verify", str(out)]) == 0
     capsys.readouterr()
 
-    csv_src = image_dir / "conv.csv"                     # a CSV cell holds the JSON list
+    csv_src = image_dir / "conv.csv"  # a CSV cell holds the JSON list
     csv_src.write_text('image,turns\nsub/good.jpg,"' + json.dumps(turns).replace('"', '""') + '"\n')
     assert build("vqa", csv_src, tmp_path / "csv", "--workers", "1") == 0
     assert len(json.loads(next(iter(members_by_key(tmp_path / "csv").values()))["json"])["turns"]) == 2
@@ -536,33 +646,43 @@ def test_vqa_needs_pyav_only_for_its_first_video(image_dir, tmp_path, capsys, mo
     qa = {"question": "Q?", "answer": "a", "choices": ["a", "b"]}
     src = write_jsonl(image_dir / "novideo.jsonl", [{"image": "sub/good.jpg", **qa}])
     assert build("vqa", src, tmp_path / "images", "--workers", "1") == 0
-    src = write_jsonl(image_dir / "withvideo.jsonl", [{"image": "sub/good.jpg", **qa},
-                                                      {"video": "clip.mp4", **qa}])
+    src = write_jsonl(
+        image_dir / "withvideo.jsonl", [{"image": "sub/good.jpg", **qa}, {"video": "clip.mp4", **qa}]
+    )
     assert build("vqa", src, tmp_path / "mixed", "--workers", "1") == 1
     err = capsys.readouterr().err
     assert "withvideo.jsonl:2: a video question, but fusion-data vqa with videos needs PyAV" in err
 
 
 def test_vqa_stores_jpg_or_png_only(image_dir, tmp_path):
-    records = [{"image": f"sub/{n}", "question": "Q?", "answer": "a", "choices": "a|b", "type": "t"}
-               for n in ("wide.webp", "good.jpg", "alpha.png", "anim.gif")]
+    records = [
+        {"image": f"sub/{n}", "question": "Q?", "answer": "a", "choices": "a|b", "type": "t"}
+        for n in ("wide.webp", "good.jpg", "alpha.png", "anim.gif")
+    ]
     src = write_jsonl(image_dir / "formats.jsonl", records)
     out = tmp_path / "keep"
     assert build("vqa", src, out, "--workers", "1") == 0
     got = members_by_key(out)
     assert {k: sorted(v) for k, v in got.items()} == {
-        "000000000": ["json", "png"], "000000001": ["jpg", "json"], "000000002": ["json", "png"],
-        "000000003": ["json", "png"]}
+        "000000000": ["json", "png"],
+        "000000001": ["jpg", "json"],
+        "000000002": ["json", "png"],
+        "000000003": ["json", "png"],
+    }
     webp = Image.open(image_dir / "sub/wide.webp").convert("RGB")
     stored = Image.open(io.BytesIO(got["000000000"]["png"]))
     assert stored.size == (64, 32) and np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(webp))
     assert got["000000001"]["jpg"] == (image_dir / "sub/good.jpg").read_bytes()
     assert main(["verify", str(out)]) == 0
-    assert build("vqa", src, tmp_path / "webp", "--format", "webp") == 2     # not a vqa format
+    assert build("vqa", src, tmp_path / "webp", "--format", "webp") == 2  # not a vqa format
     out = tmp_path / "resized"
     assert build("vqa", src, out, "--max-side", "16", "--workers", "1") == 0
-    assert [next(e for e in v if e != "json") for v in members_by_key(out).values()] == \
-        ["png", "jpg", "png", "png"]
+    assert [next(e for e in v if e != "json") for v in members_by_key(out).values()] == [
+        "png",
+        "jpg",
+        "png",
+        "png",
+    ]
 
 
 def test_vqa_bom_csv(image_dir, tmp_path):
@@ -601,10 +721,25 @@ def test_every_media_command_is_registered_with_help(capsys):
     for name in ("images", "videos", "vqa"):
         assert main([name, "--help"]) == 0
     text = capsys.readouterr().out
-    for flag in ("--image-col", "--video-col", "--caption-col", "--max-pixels", "--max-side",
-                 "--resize-mode", "--format", "--quality", "--reencode", "--copy", "--fps",
-                 "--keyframe-interval", "--crf", "--question-col", "--answer-col", "--choices-col",
-                 "--type-col"):
+    for flag in (
+        "--image-col",
+        "--video-col",
+        "--caption-col",
+        "--max-pixels",
+        "--max-side",
+        "--resize-mode",
+        "--format",
+        "--quality",
+        "--reencode",
+        "--copy",
+        "--fps",
+        "--keyframe-interval",
+        "--crf",
+        "--question-col",
+        "--answer-col",
+        "--choices-col",
+        "--type-col",
+    ):
         assert flag in text
     assert main(["images", "--input", "x.jsonl", "--output", "o", "--bogus"]) == 2
 

@@ -48,6 +48,7 @@ def build(src, out, *extra):
 
 # ---------------------------------------------------------------- building
 
+
 def test_jsonl_round_trip_keys_json_and_index(tmp_path, capsys):
     src = write_jsonl(tmp_path / "docs.jsonl", docs(25))
     out = tmp_path / "out"
@@ -55,9 +56,15 @@ def test_jsonl_round_trip_keys_json_and_index(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "25 records" in summary and "25 samples in 3 shards" in summary and "samples/s" in summary
 
-    assert sorted(os.listdir(out)) == ["000000.tar", "000000_stats.json", "000001.tar",
-                                       "000001_stats.json", "000002.tar", "000002_stats.json",
-                                       "index.json"]
+    assert sorted(os.listdir(out)) == [
+        "000000.tar",
+        "000000_stats.json",
+        "000001.tar",
+        "000001_stats.json",
+        "000002.tar",
+        "000002_stats.json",
+        "index.json",
+    ]
     got = samples_by_key(out)
     assert list(got) == [f"{i:09d}" for i in range(25)]
     s = got["000000007"]
@@ -74,30 +81,37 @@ def test_jsonl_round_trip_keys_json_and_index(tmp_path, capsys):
 
 def test_bad_records_counted_by_reason_and_shard_position_fixed(tmp_path, capsys):
     lines = [
-        json.dumps({"id": "a", "text": "good one"}),       # 0 -> shard 0
-        json.dumps({"id": "b", "text": "   "}),            # 1 empty_text
-        json.dumps({"id": "a", "text": "again"}),          # 2 duplicate_key
-        json.dumps({"id": "c", "text": "ab"}),             # 3 too_short (min 3)
-        "",                                                # blank line: not a record
-        '{"id": "d", "text": "bad \xff\xfe bytes"}',       # 4 bad_utf8 (raw bytes, not UTF-8)
-        json.dumps({"id": "e", "text": None}),             # 5 empty_text -> shard 1
-        json.dumps({"id": "f.1", "text": "fine text"}),    # 6 key f_1
-        json.dumps({"id": "", "text": "no key"}),          # 7 empty_key
-        json.dumps({"id": "g", "text": 42}),               # 8 not_text
-        json.dumps({"id": "h", "text": "last doc"}),       # 9 -> shard 2
+        json.dumps({"id": "a", "text": "good one"}),  # 0 -> shard 0
+        json.dumps({"id": "b", "text": "   "}),  # 1 empty_text
+        json.dumps({"id": "a", "text": "again"}),  # 2 duplicate_key
+        json.dumps({"id": "c", "text": "ab"}),  # 3 too_short (min 3)
+        "",  # blank line: not a record
+        '{"id": "d", "text": "bad \xff\xfe bytes"}',  # 4 bad_utf8 (raw bytes, not UTF-8)
+        json.dumps({"id": "e", "text": None}),  # 5 empty_text -> shard 1
+        json.dumps({"id": "f.1", "text": "fine text"}),  # 6 key f_1
+        json.dumps({"id": "", "text": "no key"}),  # 7 empty_key
+        json.dumps({"id": "g", "text": 42}),  # 8 not_text
+        json.dumps({"id": "h", "text": "last doc"}),  # 9 -> shard 2
     ]
     src = tmp_path / "mixed.jsonl"
-    src.write_bytes(b"\n".join(
-        line.encode("latin-1") if "\xff" in line else line.encode() for line in lines) + b"\n")
+    src.write_bytes(
+        b"\n".join(line.encode("latin-1") if "\xff" in line else line.encode() for line in lines) + b"\n"
+    )
     out = tmp_path / "out"
-    assert build(src, out, "--key-col", "id", "--min-chars", "3", "--samples-per-shard", "4",
-                 "--workers", "2") == 0
+    assert (
+        build(src, out, "--key-col", "id", "--min-chars", "3", "--samples-per-shard", "4", "--workers", "2")
+        == 0
+    )
     summary = capsys.readouterr().out
     assert "7 failed" in summary and "empty_text: 2" in summary
 
     stats = [json.loads((out / f"00000{i}_stats.json").read_text()) for i in range(3)]
-    assert stats[0] == {**stats[0], "count": 4, "successes": 1,
-                        "failures": {"duplicate_key": 1, "empty_text": 1, "too_short": 1}}
+    assert stats[0] == {
+        **stats[0],
+        "count": 4,
+        "successes": 1,
+        "failures": {"duplicate_key": 1, "empty_text": 1, "too_short": 1},
+    }
     assert stats[1]["count"] == 4 and stats[1]["successes"] == 1
     assert stats[1]["failures"] == {"bad_utf8": 1, "empty_key": 1, "empty_text": 1}
     assert stats[2]["failures"] == {"not_text": 1} and stats[2]["successes"] == 1
@@ -108,8 +122,14 @@ def test_bad_records_counted_by_reason_and_shard_position_fixed(tmp_path, capsys
 
     assert main(["stats", str(out), "--json"]) == 0
     total = json.loads(capsys.readouterr().out)
-    assert total["failures"] == {"bad_utf8": 1, "duplicate_key": 1, "empty_key": 1,
-                                 "empty_text": 2, "not_text": 1, "too_short": 1}
+    assert total["failures"] == {
+        "bad_utf8": 1,
+        "duplicate_key": 1,
+        "empty_key": 1,
+        "empty_text": 2,
+        "not_text": 1,
+        "too_short": 1,
+    }
     assert (total["count"], total["successes"], total["shards"]) == (10, 3, 3)
     assert main(["stats", str(out)]) == 0
     assert "10 records -> 3 samples; 7 failed" in capsys.readouterr().out
@@ -148,6 +168,7 @@ def test_workers_do_not_change_the_bytes(tmp_path):
 
 
 # ---------------------------------------------------------------- resume
+
 
 def test_resume_after_interruption_is_byte_identical(tmp_path, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", docs(35))
@@ -189,6 +210,7 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, capsys):
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_malformed_jsonl_names_file_and_line_and_keeps_complete_shards(tmp_path, capsys):
     src = tmp_path / "broken.jsonl"
     lines = [json.dumps(d) for d in docs(23)]
@@ -209,11 +231,14 @@ def test_malformed_jsonl_names_file_and_line_and_keeps_complete_shards(tmp_path,
     assert "1 written, 2 reused" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, args, message", [
-    ('{"text": "a"}\n{"body": "b"}\n', [], "bad.jsonl:2: missing column 'text' in record"),
-    ('{"text": "a"}\n[1, 2]\n', [], "bad.jsonl:2: expected a JSON object"),
-    ('{"text": "a", "id": 1}\n{"text": "b"}\n', ["--key-col", "id"], "bad.jsonl:2: missing column 'id'"),
-])
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ('{"text": "a"}\n{"body": "b"}\n', [], "bad.jsonl:2: missing column 'text' in record"),
+        ('{"text": "a"}\n[1, 2]\n', [], "bad.jsonl:2: expected a JSON object"),
+        ('{"text": "a", "id": 1}\n{"text": "b"}\n', ["--key-col", "id"], "bad.jsonl:2: missing column 'id'"),
+    ],
+)
 def test_bad_records_in_jsonl(tmp_path, capsys, content, args, message):
     src = tmp_path / "bad.jsonl"
     src.write_text(content)
@@ -278,19 +303,26 @@ def test_shards_left_from_a_longer_build_of_the_same_input_are_removed(tmp_path,
     out = tmp_path / "out"
     assert build(write_jsonl(src, docs(30)), out, "--samples-per-shard", "10") == 0
     assert build(write_jsonl(src, docs(12)), out, "--samples-per-shard", "10") == 0
-    assert "removed 1 shard(s) left by an earlier, longer build of this input (000002.tar)" \
+    assert (
+        "removed 1 shard(s) left by an earlier, longer build of this input (000002.tar)"
         in capsys.readouterr().err
+    )
     assert [e["name"] for e in read_index(out)["shards"]] == ["000000.tar", "000001.tar"]
-    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000000_stats.json", "000001.tar",
-                                                     "000001_stats.json", "index.json"]
-    assert len(samples_by_key(out)) == 12                  # what training reads == index.json
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000000.tar",
+        "000000_stats.json",
+        "000001.tar",
+        "000001_stats.json",
+        "index.json",
+    ]
+    assert len(samples_by_key(out)) == 12  # what training reads == index.json
 
 
 def test_another_input_into_an_output_with_shards_is_refused(tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", docs(25))
     b = write_jsonl(tmp_path / "b.jsonl", docs(8, start=100))
     out = tmp_path / "out"
-    assert build(a, out, "--samples-per-shard", "10") == 0      # 3 shards
+    assert build(a, out, "--samples-per-shard", "10") == 0  # 3 shards
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
 
@@ -299,7 +331,7 @@ def test_another_input_into_an_output_with_shards_is_refused(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     assert f"--output: '{out}' already holds 3 shard(s) not built from this input" in err
     assert str(a.resolve()) in err and "another --output" in err and "--overwrite" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before       # nothing touched
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
     # --overwrite: the old shards go (the stale 000001 and 000002 too); index and directory agree.
     assert build(b, out, "--samples-per-shard", "10", "--overwrite") == 0
@@ -316,9 +348,9 @@ def test_another_input_into_an_output_with_shards_is_refused(tmp_path, capsys):
 
 def test_shards_of_another_tool_are_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
-    with ShardWriter(out, 0) as w:          # a plain shard: no record of the input behind it
+    with ShardWriter(out, 0) as w:  # a plain shard: no record of the input behind it
         w.write("mine", {"txt": "keep me"})
-    with tarfile.open(out / "000001.tar", "w"):    # a plain tarfile, no stats at all
+    with tarfile.open(out / "000001.tar", "w"):  # a plain tarfile, no stats at all
         pass
     src = write_jsonl(tmp_path / "d.jsonl", docs(3))
     assert build(src, out) == 1
@@ -342,14 +374,17 @@ def test_output_holding_another_modality_is_refused_unless_overwrite(tmp_path, c
     assert read_index(out)["modality"] == "text"
 
 
-@pytest.mark.parametrize("name, content", [
-    ("bom.jsonl", '\ufeff{"text": "first doc"}\n{"text": "second doc"}\n'),
-    ("bom.csv", '\ufefftext,lang\nfirst doc,en\nsecond doc,en\n'),
-    ("bom.txt", '\ufefffirst doc\nsecond doc\n'),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("bom.jsonl", '\ufeff{"text": "first doc"}\n{"text": "second doc"}\n'),
+        ("bom.csv", "\ufefftext,lang\nfirst doc,en\nsecond doc,en\n"),
+        ("bom.txt", "\ufefffirst doc\nsecond doc\n"),
+    ],
+)
 def test_utf8_bom_at_the_start_is_skipped(tmp_path, name, content):
     src = tmp_path / name
-    src.write_bytes(content.encode("utf-8"))              # Excel's "CSV UTF-8" starts so
+    src.write_bytes(content.encode("utf-8"))  # Excel's "CSV UTF-8" starts so
     assert build(src, tmp_path / "out", "--workers", "1") == 0
     got = samples_by_key(tmp_path / "out")
     assert [s["txt"] for s in got.values()] == [b"first doc", b"second doc"]
@@ -366,6 +401,7 @@ def test_every_flag_has_help():
 
 
 # ---------------------------------------------------------------- verify
+
 
 def test_verify_ok_then_detects_corruption(tmp_path, capsys):
     src = write_jsonl(tmp_path / "d.jsonl", docs(30))
@@ -425,19 +461,38 @@ def test_verify_image_modality_from_flag(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the installed console script
 
+
 def test_console_script(tmp_path):
     assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e the project"
     src = write_jsonl(tmp_path / "d.jsonl", docs(12))
     out = tmp_path / "out"
-    run = subprocess.run([str(SCRIPT), "text", "--input", str(src), "--output", str(out),
-                          "--samples-per-shard", "5", "--workers", "2"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            str(SCRIPT),
+            "text",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--samples-per-shard",
+            "5",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "12 samples in 3 shards" in run.stdout
     assert "rec" in run.stderr  # the progress bar
     run = subprocess.run([str(SCRIPT), "stats", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "12 records -> 12 samples" in run.stdout
-    run = subprocess.run([str(SCRIPT), "text", "--input", str(tmp_path / "nope.jsonl"),
-                          "--output", str(out)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [str(SCRIPT), "text", "--input", str(tmp_path / "nope.jsonl"), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1 and run.stderr.strip().count("\n") == 0 and "nope.jsonl" in run.stderr
     shutil.rmtree(out)

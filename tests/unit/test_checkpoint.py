@@ -1,15 +1,24 @@
 import torch
 
 import fusion
-from fusion.checkpoint import export_model, set_rng_state, rng_state
+from fusion.checkpoint import export_model, rng_state, set_rng_state
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model
 
 
 def test_export_then_load_model_gives_the_same_logits(tmp_path):
-    cfg = load_config(None, ["model.moe.balance=bias", "model.vision.pixel_shuffle=true", "model.tie_embeddings=true",
-                             "model.vision.img_size=32", "model.vision.patch_size=8", "model.dim=48"])
+    cfg = load_config(
+        None,
+        [
+            "model.moe.balance=bias",
+            "model.vision.pixel_shuffle=true",
+            "model.tie_embeddings=true",
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "model.dim=48",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, ByteTokenizer()).eval()
     model.moe_layers[0].router.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, -0.2]))
@@ -43,7 +52,9 @@ def test_a_tokenizer_file_travels_with_the_export(tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg.model, tok).eval()
     export_model(model, cfg, tmp_path / "run" / "step_1")
-    assert json.loads((tmp_path / "run" / "step_1" / "model.json").read_text())["tokenizer"] == "tokenizer.json"
+    assert (
+        json.loads((tmp_path / "run" / "step_1" / "model.json").read_text())["tokenizer"] == "tokenizer.json"
+    )
     shutil.rmtree(tok_path.parent)
     shutil.move(tmp_path / "run", tmp_path / "moved")
     loaded = fusion.load_model(tmp_path / "moved" / "step_1")
@@ -72,8 +83,12 @@ def test_a_model_started_from_a_local_vit_file_loads_and_converts_without_it(tmp
 
     from fusion.convert import main as convert
 
-    vit = ["model.vision.encoder=vit_tiny_patch16_224", "model.vision.img_size=32",
-           "model.vision.patch_size=8", "model.dim=32"]
+    vit = [
+        "model.vision.encoder=vit_tiny_patch16_224",
+        "model.vision.img_size=32",
+        "model.vision.patch_size=8",
+        "model.dim=32",
+    ]
     torch.manual_seed(0)
     model = build_model(load_config(None, vit).model, ByteTokenizer()).eval()
     weights = tmp_path / "vit.safetensors"  # as if the run had started from these ViT weights

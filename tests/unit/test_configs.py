@@ -19,8 +19,7 @@ def test_the_shipped_configs_are_found():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_accepts_text_image_and_video(path):
-    cfg = load_config(path, ["data.text=shards/text", "data.image=shards/image",
-                             "data.video=shards/video"])
+    cfg = load_config(path, ["data.text=shards/text", "data.image=shards/image", "data.video=shards/video"])
     derived = finalize(cfg, world_size=1)
     v = cfg.model.vision
     assert derived.image_tokens == tokens_per_image(v) + 2 <= cfg.train.seq_len

@@ -2,8 +2,8 @@ import torch
 
 from fusion.config import load_config
 from fusion.data.sequence import Packer, collate
-from fusion.model.decoder import apply_rotary, document_mask
 from fusion.data.tokenizer import ByteTokenizer
+from fusion.model.decoder import apply_rotary, document_mask
 from fusion.model.fusion import build_model
 
 VOCAB = ByteTokenizer().vocab_size
@@ -24,11 +24,10 @@ def test_input_ids_alone_give_logits():
 
 def test_document_mask_is_block_diagonal_causal():
     m = document_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0]
-    expected = torch.tensor([[1, 0, 0, 0, 0],
-                             [1, 1, 0, 0, 0],
-                             [0, 0, 1, 0, 0],
-                             [0, 0, 1, 1, 0],
-                             [0, 0, 0, 0, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+        dtype=torch.bool,
+    )
     assert torch.equal(m, expected)
 
 
@@ -36,15 +35,15 @@ def test_packed_documents_cannot_see_each_other():
     _, model = tiny("model.moe.path=loop")
     model.eval()
     p = Packer(seq_len=16, pad_id=0)
-    p.add(list(range(1, 8)))      # doc 0: 6 positions
-    p.add(list(range(20, 31)))    # doc 1: 10 positions
+    p.add(list(range(1, 8)))  # doc 0: 6 positions
+    p.add(list(range(20, 31)))  # doc 1: 10 positions
     b = collate(p.ready)
     logits = model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"])
     perturbed = b["input_ids"].clone()
     perturbed[0, :6] = torch.randint(100, 200, (6,))  # plain bytes, no placeholders
     logits2 = model(perturbed, positions=b["positions"], doc_ids=b["doc_ids"])
-    assert torch.allclose(logits[0, 6:], logits2[0, 6:], atol=1e-5)   # doc 1 unchanged
-    assert not torch.allclose(logits[0, :6], logits2[0, :6])          # doc 0 did change
+    assert torch.allclose(logits[0, 6:], logits2[0, 6:], atol=1e-5)  # doc 1 unchanged
+    assert not torch.allclose(logits[0, :6], logits2[0, :6])  # doc 0 did change
     # and doc 1 alone, at positions 0.., gives the same logits as inside the packed row
     alone = model(b["input_ids"][:, 6:])
     assert torch.allclose(alone[0], logits[0, 6:], atol=1e-5)
@@ -54,6 +53,7 @@ def test_rotary_is_a_rotation_and_relative():
     x = torch.randn(1, 2, 5, 8)
     pos = torch.arange(5)[None]
     from fusion.model.decoder import Rotary
+
     rot = Rotary(8, 10000.0)
     cos, sin = rot(pos)
     y = apply_rotary(x, cos, sin)
@@ -85,7 +85,7 @@ def test_padding_gets_no_loss_and_no_router_counts():
     model.train()
     p = Packer(seq_len=16, pad_id=0)
     p.add(list(range(1, 6)))
-    p.flush()   # 4 real positions, 12 padding
+    p.flush()  # 4 real positions, 12 padding
     b = collate(p.ready)
     out = model(b["input_ids"], labels=b["labels"], positions=b["positions"], doc_ids=b["doc_ids"])
     assert out.loss_count.sum() == 4

@@ -11,9 +11,14 @@ from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model
 from fusion.plan import active_parameters, count_parameters, count_parameters_of, flops_per_token, make_plan
 
-CASES = [("debug",), ("demo",), ("debug", "model.moe.top_k=2", "model.moe.n_shared=0"),
-         ("demo", "model.moe.top_k=2", "model.moe.n_shared=2", "model.moe.n_experts=8"),
-         ("scout-mini",), ("maverick-mini",)]
+CASES = [
+    ("debug",),
+    ("demo",),
+    ("debug", "model.moe.top_k=2", "model.moe.n_shared=0"),
+    ("demo", "model.moe.top_k=2", "model.moe.n_shared=2", "model.moe.n_experts=8"),
+    ("scout-mini",),
+    ("maverick-mini",),
+]
 
 
 def build(size, *overrides):
@@ -38,8 +43,10 @@ def test_active_parameters_equal_from_the_plan_and_the_built_model(case):
     n_dense = sum(p.numel() for p in dense.parameters())
     # the built MoE model's active parameters: routed experts count top_k / E, router gates none
     m = moe_cfg.model
-    active_moe = sum(p.numel() * (m.moe.top_k / m.moe.n_experts if ".moe.experts." in name else 1)
-                     for name, p in moe.named_parameters())
+    active_moe = sum(
+        p.numel() * (m.moe.top_k / m.moe.n_experts if ".moe.experts." in name else 1)
+        for name, p in moe.named_parameters()
+    )
     gates = sum(p.numel() for name, p in moe.named_parameters() if name.endswith(".router.gate.weight"))
     assert gates == router_gates(m) > 0
     assert n_dense == active_moe - gates
@@ -84,8 +91,10 @@ def test_dense_baseline_trains_and_needs_moe_layers():
         load_config(None, ["model.dense_baseline=true", "model.moe.n_experts=0"])
 
 
-@pytest.mark.parametrize("switch,key", [("model.dense_baseline=true", "model.dense_baseline"),
-                                        ("model.fusion=late", "model.fusion")])
+@pytest.mark.parametrize(
+    "switch,key",
+    [("model.dense_baseline=true", "model.dense_baseline"), ("model.fusion=late", "model.fusion")],
+)
 def test_to_hf_refuses_the_research_switches(switch, key):
     """A Hugging Face Llama 4 text model has neither: fusion-convert to-hf says so instead of
     dropping weights."""

@@ -105,15 +105,38 @@ def test_teacher_errors_name_the_key(teacher_dir, tmp_path):
 def test_fusion_train_student_kl_falls(teacher_dir, text_shards, tmp_path):
     """fusion-train a dense student against the MoE teacher: distill/kl is logged and falls."""
     run_dir = tmp_path / "student"
-    r = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml", "model.dense_baseline=true",
-                 f"distill.teacher={teacher_dir}", "distill.temperature=2", "distill.weight=0.9",
-                 f"data.text={text_shards}", "data.num_workers=0", "train.steps=16", "train.seq_len=64",
-                 "train.lr=1e-2", "train.warmup=2", f"run.dir={run_dir}"], env={"OMP_NUM_THREADS": "2"})
+    r = run_cli(
+        [
+            str(BIN / "fusion-train"),
+            "--config",
+            "configs/debug.yaml",
+            "model.dense_baseline=true",
+            f"distill.teacher={teacher_dir}",
+            "distill.temperature=2",
+            "distill.weight=0.9",
+            f"data.text={text_shards}",
+            "data.num_workers=0",
+            "train.steps=16",
+            "train.seq_len=64",
+            "train.lr=1e-2",
+            "train.warmup=2",
+            f"run.dir={run_dir}",
+        ],
+        env={"OMP_NUM_THREADS": "2"},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kl = [row["distill/kl"] for row in got]
     assert len(kl) == 16 and all(k >= 0 for k in kl)
     assert sum(kl[-3:]) / 3 < 0.5 * sum(kl[:3]) / 3, kl
-    bad = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml", f"data.text={text_shards}",
-                   f"distill.teacher={tmp_path / 'missing'}", f"run.dir={tmp_path / 'x'}"])
+    bad = run_cli(
+        [
+            str(BIN / "fusion-train"),
+            "--config",
+            "configs/debug.yaml",
+            f"data.text={text_shards}",
+            f"distill.teacher={tmp_path / 'missing'}",
+            f"run.dir={tmp_path / 'x'}",
+        ]
+    )
     assert bad.returncode == 2 and "distill.teacher" in bad.stderr.strip().splitlines()[-1]

@@ -22,12 +22,19 @@ from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import cli, questions, vqa
 from fusion.model.fusion import build_model
 
-COLORS = ["red", "green", "blue"]       # type "color": 3 choices
-SIDES = ["left", "right"]               # type "side": 2 choices
+COLORS = ["red", "green", "blue"]  # type "color": 3 choices
+SIDES = ["left", "right"]  # type "side": 2 choices
 # (type, answer) in shard order; the answer is the first choice for 2 of 4 colour questions and
 # 1 of 3 side questions
-QUESTIONS = [("color", "red"), ("side", "left"), ("color", "green"), ("side", "right"),
-             ("color", "blue"), ("side", "right"), ("color", "red")]
+QUESTIONS = [
+    ("color", "red"),
+    ("side", "left"),
+    ("color", "green"),
+    ("side", "right"),
+    ("color", "blue"),
+    ("side", "right"),
+    ("color", "red"),
+]
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -48,14 +55,43 @@ def vqa_set(tmp_path_factory):
                 key = f"q{shard}_{i}"
                 pixels[key] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 question = "What color is it?" if qtype == "color" else "Is it on the left or the right?"
-                w.write(key, {"png": png(pixels[key]), "json": {
-                    "question": question, "answer": answer, "type": qtype,
-                    "choices": COLORS if qtype == "color" else SIDES}})
+                w.write(
+                    key,
+                    {
+                        "png": png(pixels[key]),
+                        "json": {
+                            "question": question,
+                            "answer": answer,
+                            "type": qtype,
+                            "choices": COLORS if qtype == "color" else SIDES,
+                        },
+                    },
+                )
             if shard == 1:  # corrupt samples: skipped and counted, never fatal
-                w.write("bad_image", {"png": b"\x89PNG not really", "json": {
-                    "question": "What color?", "answer": "red", "choices": COLORS, "type": "color"}})
-                w.write("bad_answer", {"png": png(pixels[key]), "json": {
-                    "question": "What color?", "answer": "pink", "choices": COLORS, "type": "color"}})
+                w.write(
+                    "bad_image",
+                    {
+                        "png": b"\x89PNG not really",
+                        "json": {
+                            "question": "What color?",
+                            "answer": "red",
+                            "choices": COLORS,
+                            "type": "color",
+                        },
+                    },
+                )
+                w.write(
+                    "bad_answer",
+                    {
+                        "png": png(pixels[key]),
+                        "json": {
+                            "question": "What color?",
+                            "answer": "pink",
+                            "choices": COLORS,
+                            "type": "color",
+                        },
+                    },
+                )
     write_index(root, "vqa")
     return root, pixels
 
@@ -70,11 +106,21 @@ def video_set(tmp_path_factory):
             frames = np.zeros((6, 32, 32, 3), np.uint8)
             for f in range(6):
                 x = 4 + 4 * f if direction == "right" else 24 - 4 * f
-                frames[f, 12:20, x:x + 6] = (220, 40, 40)
+                frames[f, 12:20, x : x + 6] = (220, 40, 40)
             data = encode_mp4(frames)
-            w.write(f"v{i}", {"mp4": data, "json": {
-                "question": "Which way does the red square move?", "answer": direction,
-                "choices": ["left", "right", "up", "down"], "type": "direction", **video_meta(data)}})
+            w.write(
+                f"v{i}",
+                {
+                    "mp4": data,
+                    "json": {
+                        "question": "Which way does the red square move?",
+                        "answer": direction,
+                        "choices": ["left", "right", "up", "down"],
+                        "type": "direction",
+                        **video_meta(data),
+                    },
+                },
+            )
     write_index(root, "vqa")
     return root
 
@@ -106,8 +152,12 @@ def first(model, questions, **kw):
 def test_scores_decide_accuracy_and_chance_is_per_question(model, vqa_set):
     root, _ = vqa_set
     r = vqa.evaluate(model, root, score_fn=gold, progress=False, batch_size=3)
-    assert r["overall"] == {"acc": 1.0, "n": 7, "chance": pytest.approx((4 / 3 + 3 / 2) / 7),
-                            "blind_acc": 1.0}
+    assert r["overall"] == {
+        "acc": 1.0,
+        "n": 7,
+        "chance": pytest.approx((4 / 3 + 3 / 2) / 7),
+        "blind_acc": 1.0,
+    }
     assert r["by_type"]["color"]["chance"] == pytest.approx(1 / 3)
     assert r["by_type"]["side"]["chance"] == pytest.approx(1 / 2)
     assert (r["by_type"]["color"]["n"], r["by_type"]["side"]["n"]) == (4, 3)
@@ -135,7 +185,7 @@ def test_choice_score_is_mean_token_log_prob_of_the_training_text(model, vqa_set
         with torch.no_grad():
             logits = model(torch.tensor([tokens[:-1]]), images=q.pixels[None])[0]  # (T, V)
         logp = logits.log_softmax(-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
-        cont = logp[n_prompt - 1:]  # the answer's tokens and eos
+        cont = logp[n_prompt - 1 :]  # the answer's tokens and eos
         assert len(cont) == len(vqa_answer(choice)) + 1
         assert score == pytest.approx(cont.mean().item(), abs=1e-5)
         assert score != pytest.approx(cont.sum().item(), abs=1e-3)
@@ -166,8 +216,21 @@ def test_blind_baseline_gives_grey_media_with_the_same_tokens(model, vqa_set):
 
 def test_cli_writes_json_table_and_picture(run_dir, vqa_set, video_set, tmp_path, capsys):
     root, _ = vqa_set
-    rc = cli.main(["--run", str(run_dir), "--vqa", str(root), str(video_set), "--generate",
-                   "--batch-size", "5", "--n-frames", "2", "--no-progress"])
+    rc = cli.main(
+        [
+            "--run",
+            str(run_dir),
+            "--vqa",
+            str(root),
+            str(video_set),
+            "--generate",
+            "--batch-size",
+            "5",
+            "--n-frames",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "overall" in out and "direction" in out and "blind" in out
@@ -183,8 +246,20 @@ def test_cli_writes_json_table_and_picture(run_dir, vqa_set, video_set, tmp_path
     assert result["overall"]["chance"] == pytest.approx(0.25)
 
     # --checkpoint writes to --out; the trainer's call keeps its model in training mode
-    rc = cli.main(["--checkpoint", str(run_dir / "checkpoints"), "--vqa", str(root),
-                   "--out", str(tmp_path / "out"), "--no-blind", "--examples", "0", "--no-progress"])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(run_dir / "checkpoints"),
+            "--vqa",
+            str(root),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-blind",
+            "--examples",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "out" / "mini_vqa.json").read_text())
     assert result["overall"]["blind_acc"] is None and not (tmp_path / "out" / "mini_vqa.png").exists()
@@ -210,8 +285,12 @@ def test_unusable_inputs_are_one_line_errors(run_dir, vqa_set, tmp_path, capsys)
         assert len(err.splitlines()) == 1 and needle in err, err
 
     # the real command line (no model given at all)
-    r = subprocess.run([sys.executable, "-m", "fusion.eval.cli", "--vqa", str(root)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fusion.eval.cli", "--vqa", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "--run" in r.stderr
 

@@ -51,9 +51,18 @@ def image_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("vqa") / "out_nums"
     with ShardWriter(root, 0) as w:
         for i, answer in enumerate(["red", "blue"]):
-            w.write(f"q{i}", {"png": png(square_frame(answer, 4, 4)), "json": {
-                "question": "What color is the square?", "answer": answer,
-                "choices": ["red", "blue"], "type": "color"}})
+            w.write(
+                f"q{i}",
+                {
+                    "png": png(square_frame(answer, 4, 4)),
+                    "json": {
+                        "question": "What color is the square?",
+                        "answer": answer,
+                        "choices": ["red", "blue"],
+                        "type": "color",
+                    },
+                },
+            )
     return root
 
 
@@ -74,8 +83,11 @@ def plain_video_set(tmp_path_factory):
         for i, (direction, qtype) in enumerate([("right", "direction"), ("left", None)]):
             xs = [2 + 3 * f for f in range(6)]
             frames = [square_frame("red", x if direction == "right" else 22 - x, 11) for x in xs]
-            meta = {"question": "Which way does the square move?", "answer": direction,
-                    "choices": ["left", "right"]}
+            meta = {
+                "question": "Which way does the square move?",
+                "answer": direction,
+                "choices": ["left", "right"],
+            }
             if qtype:
                 meta["type"] = qtype
             add_member(tar, f"clip{i}.mp4", encode_mp4(frames))
@@ -109,11 +121,14 @@ def test_a_question_without_a_type_has_the_builders_default_type(run):
         assert questions.make_question(raw, maker).type == expected
 
 
-def test_checkpoint_without_out_writes_the_runs_eval_never_a_checkpoint(run, image_set, tmp_path,
-                                                                          capsys):
+def test_checkpoint_without_out_writes_the_runs_eval_never_a_checkpoint(run, image_set, tmp_path, capsys):
     step = run / "checkpoints" / "step_2"
-    for source in (["--run", str(step)], ["--checkpoint", str(step)],
-                   ["--checkpoint", str(run / "checkpoints")], ["--run", str(run)]):
+    for source in (
+        ["--run", str(step)],
+        ["--checkpoint", str(step)],
+        ["--checkpoint", str(run / "checkpoints")],
+        ["--run", str(run)],
+    ):
         target = run / "eval" / "out_nums.json"
         target.unlink(missing_ok=True)
         assert cli.main(source + ["--vqa", str(image_set)] + FAST) == 0, capsys.readouterr().err
@@ -202,7 +217,19 @@ def run_into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_results_into_a_closed_pipe_are_no_traceback(run, image_set, tmp_path):
-    r = run_into_closed_pipe([sys.executable, "-m", "fusion.eval.cli", "--run", str(run), "--vqa",
-                              str(image_set), "--out", str(tmp_path)] + FAST)
+    r = run_into_closed_pipe(
+        [
+            sys.executable,
+            "-m",
+            "fusion.eval.cli",
+            "--run",
+            str(run),
+            "--vqa",
+            str(image_set),
+            "--out",
+            str(tmp_path),
+        ]
+        + FAST
+    )
     assert r.stderr == "" and r.returncode == 141, r.stderr  # 128 + SIGPIPE, as `cat` gives
     assert json.loads((tmp_path / "out_nums.json").read_text())["overall"]["n"] == 2

@@ -15,8 +15,17 @@ from fusion.model.fusion import build_model
 
 
 def test_padded_length_buckets():
-    assert [vqa.padded_length(n) for n in (1, 31, 32, 33, 64, 65, 200, 1000, 1024)] == \
-        [32, 32, 32, 64, 64, 128, 256, 1024, 1024]
+    assert [vqa.padded_length(n) for n in (1, 31, 32, 33, 64, 65, 200, 1000, 1024)] == [
+        32,
+        32,
+        32,
+        64,
+        64,
+        128,
+        256,
+        1024,
+        1024,
+    ]
     assert [vqa.padded_length(n) for n in (1025, 2048, 2049, 5000)] == [2048, 2048, 3072, 5120]
     assert all(vqa.padded_length(n) >= n for n in range(1, 5000))
     assert len({vqa.padded_length(n) for n in range(1, 4097)}) == 9  # 32 ... 1024, 2048, 3072, 4096
@@ -25,18 +34,35 @@ def test_padded_length_buckets():
 @pytest.fixture(scope="module")
 def tiny():
     # a dense decoder (dense_baseline): a whole forward is one graph, so each compilation is a shape
-    cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8", "model.dim=64",
-                             "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                             "model.dense_baseline=true"])
+    cfg = load_config(
+        None,
+        [
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "model.dim=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.dense_baseline=true",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, ByteTokenizer()).eval()
     model.tokenizer = ByteTokenizer()
     g = torch.Generator().manual_seed(0)
-    questions = [questions.Question(key=f"q{i}", question="why " * i + "?", answer="yes", choices=["yes", "no"],
-                              type="default", part=("image", model.vision.tokens_per_image),
-                              pixels=torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g),
-                              modality=1)
-                 for i in range(0, 36, 3)]  # 12 questions, rows of 12 lengths
+    questions = [
+        questions.Question(
+            key=f"q{i}",
+            question="why " * i + "?",
+            answer="yes",
+            choices=["yes", "no"],
+            type="default",
+            part=("image", model.vision.tokens_per_image),
+            pixels=torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g),
+            modality=1,
+        )
+        for i in range(0, 36, 3)
+    ]  # 12 questions, rows of 12 lengths
     return model, questions
 
 

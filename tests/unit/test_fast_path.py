@@ -21,8 +21,17 @@ D, H = 8, 16  # fp32 rows of 32 and 64 bytes: what _grouped_mm accepts
 
 def make_pair(seed: int = 0, **kw) -> tuple[MoE, MoE]:
     """The same layer twice: path "loop" (the reference) and path "fast"."""
-    cfg = dict(n_experts=4, top_k=1, n_shared=1, moe_ffn_dim=H, score="sigmoid", gate_on="input",
-               balance="aux", z_coef=1e-3, path="loop")
+    cfg = dict(
+        n_experts=4,
+        top_k=1,
+        n_shared=1,
+        moe_ffn_dim=H,
+        score="sigmoid",
+        gate_on="input",
+        balance="aux",
+        z_coef=1e-3,
+        path="loop",
+    )
     cfg.update(kw)
     torch.manual_seed(seed)
     ref = MoE(D, MoEConfig(**cfg), init_std=0.3)
@@ -48,10 +57,15 @@ def assert_same(ref_out, fast_out, atol=1e-5):
     torch.testing.assert_close(fast_out[5], ref_out[5], rtol=0, atol=0)  # load counts are exact
 
 
-@pytest.mark.parametrize("score,gate_on,k,balance", [
-    ("sigmoid", "input", 1, "aux"), ("softmax", "output", 2, "aux"), ("sigmoid", "input", 3, "bias"),
-    ("softmax", "input", 2, "none"),
-])
+@pytest.mark.parametrize(
+    "score,gate_on,k,balance",
+    [
+        ("sigmoid", "input", 1, "aux"),
+        ("softmax", "output", 2, "aux"),
+        ("sigmoid", "input", 3, "bias"),
+        ("softmax", "input", 2, "none"),
+    ],
+)
 def test_fast_equals_loop_with_padding_and_gradients(score, gate_on, k, balance):
     ref, fast = make_pair(score=score, gate_on=gate_on, top_k=k, balance=balance)
     ref.train(), fast.train()
@@ -189,17 +203,30 @@ def packed_batch(dim: int, dtype=torch.float32):
     """Two rows: three documents, and one document followed by padding (doc id -1)."""
     B, T = 2, 40
     doc = torch.tensor([[0] * 11 + [1] * 21 + [2] * 8, [0] * 33 + [-1] * 7])
-    pos = torch.stack([torch.cat([torch.arange(11), torch.arange(21), torch.arange(8)]),
-                       torch.cat([torch.arange(33), torch.zeros(7, dtype=torch.long)])])
+    pos = torch.stack(
+        [
+            torch.cat([torch.arange(11), torch.arange(21), torch.arange(8)]),
+            torch.cat([torch.arange(33), torch.zeros(7, dtype=torch.long)]),
+        ]
+    )
     torch.manual_seed(3)
     return torch.randn(B, T, dim, dtype=dtype), pos, doc, doc >= 0
 
 
 def llama4_decoder(*overrides: str) -> Decoder:
     # NoPE every 2nd layer with temperature, 8-token chunks on the others, QK norm, GQA
-    cfg = load_config(None, ["model.n_layers=4", "model.nope_every=2", "model.attn_chunk=8",
-                             "model.qk_norm=true", "model.floor_scale=4", "model.moe.every=2",
-                             *overrides]).model
+    cfg = load_config(
+        None,
+        [
+            "model.n_layers=4",
+            "model.nope_every=2",
+            "model.attn_chunk=8",
+            "model.qk_norm=true",
+            "model.floor_scale=4",
+            "model.moe.every=2",
+            *overrides,
+        ],
+    ).model
     torch.manual_seed(0)
     return Decoder(cfg, 64)
 
@@ -253,8 +280,13 @@ def test_compiled_blocks_are_whole_graphs_and_match_eager():
         x = h.clone().requires_grad_(True)
         logits, aux, z = model(x, pos, doc, valid)
         ((logits.float() * g.float()).sum() + aux + z).backward()
-        results.append((logits.float(), x.grad.float(),
-                        {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (
+                logits.float(),
+                x.grad.float(),
+                {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
     (l0, x0, g0), (l1, x1, g1) = results
     torch.testing.assert_close(l1, l0, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(x1, x0, atol=2e-2, rtol=2e-2)

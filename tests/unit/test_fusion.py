@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fusion.config import load_config
-from fusion.schema import tokens_per_image, tokens_per_video
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model, media_slots
+from fusion.schema import tokens_per_image, tokens_per_video
 from tests.conftest import packed_batch, random_pixels
 
 TOK = ByteTokenizer()
@@ -16,8 +16,9 @@ TOK = ByteTokenizer()
 
 def make(*overrides):
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8",
-                             "model.moe.path=loop", *overrides])
+    cfg = load_config(
+        None, ["model.vision.img_size=32", "model.vision.patch_size=8", "model.moe.path=loop", *overrides]
+    )
     model = build_model(cfg.model, TOK)
     model.eval()
     return cfg, model
@@ -32,8 +33,16 @@ def packed(samples, seq_len=160):
 
 
 def run(model, b, **kw):
-    return model(b["input_ids"], labels=b["labels"], positions=b["positions"], doc_ids=b["doc_ids"],
-                 sample_modality=b["sample_modality"], images=b.get("images"), videos=b.get("videos"), **kw)
+    return model(
+        b["input_ids"],
+        labels=b["labels"],
+        positions=b["positions"],
+        doc_ids=b["doc_ids"],
+        sample_modality=b["sample_modality"],
+        images=b.get("images"),
+        videos=b.get("videos"),
+        **kw,
+    )
 
 
 def test_token_budget_helpers_agree_with_the_tower():
@@ -57,12 +66,17 @@ def test_spliced_embeddings_equal_the_projected_vision_output():
     _, model = make()
     imgs = [pixels(3, 32, 32, seed=1), pixels(3, 32, 32, seed=2)]
     vid = pixels(8, 3, 32, 32, seed=3)
-    b = packed([([("image", 16), " one", ("image", 16), " two"], 1, {"images": imgs}),
-                ([("video", 8, 16), " moves"], 2, {"videos": [vid]})], seq_len=200)
+    b = packed(
+        [
+            ([("image", 16), " one", ("image", 16), " two"], 1, {"images": imgs}),
+            ([("video", 8, 16), " moves"], 2, {"videos": [vid]}),
+        ],
+        seq_len=200,
+    )
     h, token_modality = model.embed(b["input_ids"], b["images"], b["videos"])
     img_slots, vid_slots = media_slots(b["input_ids"], model.special)
     direct_img = model.vision.encode_images(model.normalize(torch.stack(imgs)))  # (2, 16, D)
-    direct_vid = model.vision.encode_videos(model.normalize(vid[None]))          # (1, 8, 16, D)
+    direct_vid = model.vision.encode_videos(model.normalize(vid[None]))  # (1, 8, 16, D)
     assert torch.allclose(h[img_slots], direct_img.flatten(0, 1), atol=1e-6)
     assert torch.allclose(h[vid_slots], direct_vid.flatten(0, 2), atol=1e-6)
     text = ~(img_slots | vid_slots)
@@ -82,15 +96,20 @@ def test_video_frame_order_changes_the_output():
 
 def test_losses_per_modality_and_no_loss_on_media_tokens():
     _, model = make()
-    b = packed([(["plain text here"], 0, {}),
-                ([("image", 16), " a red square"], 1, {"images": [pixels(3, 32, 32)]})], seq_len=80)
+    b = packed(
+        [
+            (["plain text here"], 0, {}),
+            ([("image", 16), " a red square"], 1, {"images": [pixels(3, 32, 32)]}),
+        ],
+        seq_len=80,
+    )
     out = run(model, b)
     labels, ids = b["labels"], b["input_ids"]
     assert (labels[ids == TOK.patch_id] == -100).all()
     special = torch.tensor([TOK.image_start_id, TOK.image_end_id, TOK.patch_id])
-    assert not torch.isin(labels, special).any()   # no target is a placeholder or marker
-    n_text = len(TOK.encode("plain text here")) + 1              # + eos
-    n_image = len(TOK.encode(" a red square")) + 1               # caption after the image + eos
+    assert not torch.isin(labels, special).any()  # no target is a placeholder or marker
+    n_text = len(TOK.encode("plain text here")) + 1  # + eos
+    n_image = len(TOK.encode(" a red square")) + 1  # caption after the image + eos
     assert out.loss_count.tolist() == [n_text, n_image, 0]
 
 

@@ -25,17 +25,23 @@ def exif(orientation: int) -> Image.Exif:
     return e
 
 
-XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
-       b'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
-       b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+    b'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+    b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
 
 
-@pytest.mark.parametrize("data", [
-    picture("PNG", exif=exif(6)),
-    picture("WEBP", exif=exif(6), lossless=True),
-    picture("JPEG", exif=exif(6), quality=95),
-    picture("JPEG", xmp=XMP, quality=95),
-], ids=["png-exif", "webp-exif", "jpeg-exif", "jpeg-xmp"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        picture("PNG", exif=exif(6)),
+        picture("WEBP", exif=exif(6), lossless=True),
+        picture("JPEG", exif=exif(6), quality=95),
+        picture("JPEG", xmp=XMP, quality=95),
+    ],
+    ids=["png-exif", "webp-exif", "jpeg-exif", "jpeg-xmp"],
+)
 def test_orientation_is_applied_wherever_it_is_stored(data):
     d = read_image(data)
     assert d.rotated and d.image.size == (16, 32)  # turned upright: now 16 wide, 32 high

@@ -19,8 +19,16 @@ TOK = ByteTokenizer()
 
 def make(*overrides, seed=0):
     torch.manual_seed(seed)
-    cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8", "model.fusion=late",
-                             "model.moe.path=loop", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "model.fusion=late",
+            "model.moe.path=loop",
+            *overrides,
+        ],
+    )
     return cfg, build_model(cfg.model, TOK).eval()
 
 
@@ -33,8 +41,14 @@ def packed(samples, seq_len=200):
 
 
 def run(model, b, **kw):
-    return model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"], images=b.get("images"),
-                 videos=b.get("videos"), **kw)
+    return model(
+        b["input_ids"],
+        positions=b["positions"],
+        doc_ids=b["doc_ids"],
+        images=b.get("images"),
+        videos=b.get("videos"),
+        **kw,
+    )
 
 
 def open_gates(model, value=1.0):
@@ -52,7 +66,9 @@ def test_blocks_sit_before_every_kth_layer():
     assert early.late is None
 
 
-@pytest.mark.parametrize("over", [[], ["model.xattn_every=2", "model.n_layers=3", "model.dense_baseline=true"]])
+@pytest.mark.parametrize(
+    "over", [[], ["model.xattn_every=2", "model.n_layers=3", "model.dense_baseline=true"]]
+)
 def test_plan_counts_the_cross_attention_blocks(over):
     from fusion.plan import count_parameters, count_parameters_of, make_plan
 
@@ -78,8 +94,9 @@ def test_closed_gates_give_the_text_only_model(moe):
         other = run(model, {**b, "images": pixels(1, 3, 32, 32, seed=5)})
         text_ids = ids[~img][None]  # (1, Tt)
         keep = (b["doc_ids"][~img] >= 0)[None]
-        ref, _, _ = model.decoder(model.decoder.tok_embeddings(text_ids),
-                                  doc_ids=torch.where(keep, 0, -1), valid=keep)
+        ref, _, _ = model.decoder(
+            model.decoder.tok_embeddings(text_ids), doc_ids=torch.where(keep, 0, -1), valid=keep
+        )
     text = ~img[0] & (b["doc_ids"][0] >= 0)
     assert torch.allclose(late[0, text], ref[0, keep[0]], atol=1e-5)
     assert torch.equal(late, other)  # the image cannot matter yet
@@ -91,8 +108,12 @@ def test_media_reach_only_later_tokens_of_their_own_sample():
     tokens after that image; the first sample and the caption before the image are untouched."""
     _, model = make()
     open_gates(model)
-    b = packed([([" a", ("image", 16), " red square."], 1, {"images": [pixels(3, 32, 32, seed=1)]}),
-                ([" then", ("image", 16), " blue."], 1, {"images": [pixels(3, 32, 32, seed=2)]})])
+    b = packed(
+        [
+            ([" a", ("image", 16), " red square."], 1, {"images": [pixels(3, 32, 32, seed=1)]}),
+            ([" then", ("image", 16), " blue."], 1, {"images": [pixels(3, 32, 32, seed=2)]}),
+        ]
+    )
     assert int(b["doc_ids"].max()) == 1
     other = torch.stack([b["images"][0], pixels(3, 32, 32, seed=9)])
     with torch.no_grad():
@@ -115,8 +136,12 @@ def test_media_reach_only_later_tokens_of_their_own_sample():
 def test_video_and_text_only_batches_and_errors():
     _, model = make()
     open_gates(model)
-    b = packed([([("video", 4, 16), " moves left."], 2, {"videos": [pixels(4, 3, 32, 32)]}),
-                (["plain text only."], 0, {})])
+    b = packed(
+        [
+            ([("video", 4, 16), " moves left."], 2, {"videos": [pixels(4, 3, 32, 32)]}),
+            (["plain text only."], 0, {}),
+        ]
+    )
     with torch.no_grad():
         y = run(model, b)
     assert y.shape[:2] == b["input_ids"].shape and torch.isfinite(y).all()
@@ -142,8 +167,13 @@ def test_late_fusion_learns_from_the_image():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None
     for _ in range(150):  # the zero-initialised gates need the steps to open (4 seeds checked)
-        out = model(b["input_ids"], labels=b["labels"], positions=b["positions"], doc_ids=b["doc_ids"],
-                    images=b["images"])
+        out = model(
+            b["input_ids"],
+            labels=b["labels"],
+            positions=b["positions"],
+            doc_ids=b["doc_ids"],
+            images=b["images"],
+        )
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -153,10 +183,20 @@ def test_late_fusion_learns_from_the_image():
     # the colour token is predicted from the image: swap the images and the loss jumps
     with torch.no_grad():
         model.eval()
-        right = model(b["input_ids"], labels=b["labels"], positions=b["positions"], doc_ids=b["doc_ids"],
-                      images=b["images"]).lm_loss
-        swapped = model(b["input_ids"], labels=b["labels"], positions=b["positions"], doc_ids=b["doc_ids"],
-                        images=b["images"].roll(1, 0)).lm_loss
+        right = model(
+            b["input_ids"],
+            labels=b["labels"],
+            positions=b["positions"],
+            doc_ids=b["doc_ids"],
+            images=b["images"],
+        ).lm_loss
+        swapped = model(
+            b["input_ids"],
+            labels=b["labels"],
+            positions=b["positions"],
+            doc_ids=b["doc_ids"],
+            images=b["images"].roll(1, 0),
+        ).lm_loss
     assert swapped > right + 0.2
 
 
@@ -165,13 +205,29 @@ def test_fusion_train_late_on_the_toy_world_and_reload(toy_world, tmp_path):
     """fusion-train with model.fusion=late on toy image + text shards: the loss falls, the
     checkpoint reloads with fusion.load_model and gives the logits of the trained model."""
     run_dir = tmp_path / "late"
-    r = run_cli([str(BIN / "fusion-train"), "--config", "configs/debug.yaml", "model.fusion=late",
-                 "model.xattn_every=1", f"data.text={toy_world / 'text'}",
-                 f"data.image={toy_world / 'vqa_image_train'}", "data.weights=[0.2,1.0,0.0]",
-                 "data.num_workers=0", "train.steps=12", "train.seq_len=96", "train.log_every=1",
-                 "train.lr=1e-2", "train.warmup=2", "model.moe.path=loop",
-                 "model.vision.img_size=32", "model.vision.patch_size=8", f"run.dir={run_dir}"],
-                env={"OMP_NUM_THREADS": "2"})
+    r = run_cli(
+        [
+            str(BIN / "fusion-train"),
+            "--config",
+            "configs/debug.yaml",
+            "model.fusion=late",
+            "model.xattn_every=1",
+            f"data.text={toy_world / 'text'}",
+            f"data.image={toy_world / 'vqa_image_train'}",
+            "data.weights=[0.2,1.0,0.0]",
+            "data.num_workers=0",
+            "train.steps=12",
+            "train.seq_len=96",
+            "train.log_every=1",
+            "train.lr=1e-2",
+            "train.warmup=2",
+            "model.moe.path=loop",
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            f"run.dir={run_dir}",
+        ],
+        env={"OMP_NUM_THREADS": "2"},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first = sum(x["loss"] for x in rows[:3]) / 3

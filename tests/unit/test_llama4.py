@@ -11,8 +11,15 @@ import torch
 from fusion.config import load_config
 from fusion.data.sequence import Packer, collate
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.model.decoder import (Attention, attention_temperature, chunked_mask, document_mask,
-                                  rope_frequencies, Rotary, uses_rope)
+from fusion.model.decoder import (
+    Attention,
+    Rotary,
+    attention_temperature,
+    chunked_mask,
+    document_mask,
+    rope_frequencies,
+    uses_rope,
+)
 from fusion.model.fusion import build_model
 from fusion.model.moe import MoE
 
@@ -40,8 +47,11 @@ def reference_chunked_mask(positions, doc_ids, chunk):
     for b in range(B):
         for i in range(T):
             for j in range(T):
-                m[b, 0, i, j] = (j <= i and doc_ids[b, i] == doc_ids[b, j]
-                                 and positions[b, i] // chunk == positions[b, j] // chunk)
+                m[b, 0, i, j] = (
+                    j <= i
+                    and doc_ids[b, i] == doc_ids[b, j]
+                    and positions[b, i] // chunk == positions[b, j] // chunk
+                )
     return m
 
 
@@ -78,7 +88,7 @@ def test_temperature_tuning_formula():
     t = attention_temperature(pos, floor_scale, scale)[0, 0, :, 0]
     for p in range(40):
         assert t[p].item() == pytest.approx(1 + scale * math.log(1 + math.floor((p + 1) / floor_scale)))
-    assert torch.all(t[:floor_scale - 1] == 1.0) and t[floor_scale - 1] > 1.0
+    assert torch.all(t[: floor_scale - 1] == 1.0) and t[floor_scale - 1] > 1.0
     # on a NoPE layer the scale multiplies the queries: same as scaling wq for that position
     cfg = load_config(None, ["model.size=debug"]).model
     torch.manual_seed(0)
@@ -87,7 +97,7 @@ def test_temperature_tuning_formula():
     y = attn(x, None, None, None, attention_temperature(pos, floor_scale, 0.0))
     assert torch.allclose(y, attn(x, None, None, None))  # attn_scale 0: no change
     y = attn(x, None, None, None, attention_temperature(pos, floor_scale, scale))
-    assert torch.allclose(y[:, :floor_scale - 1], attn(x, None, None, None)[:, :floor_scale - 1], atol=1e-6)
+    assert torch.allclose(y[:, : floor_scale - 1], attn(x, None, None, None)[:, : floor_scale - 1], atol=1e-6)
     assert not torch.allclose(y[:, floor_scale:], attn(x, None, None, None)[:, floor_scale:])
 
 
@@ -111,21 +121,33 @@ def test_qk_norm_makes_rope_layers_scale_free():
 
 def test_packed_documents_stay_apart_with_chunks_and_nope():
     """Chunks count from each document's start: a document alone gives the logits it gets packed."""
-    _, model = model_of("model.n_layers=4", "model.nope_every=2", "model.attn_chunk=4",
-                        "model.qk_norm=true", "model.floor_scale=3", "model.attn_scale=0.5",
-                        "model.moe.path=loop")
+    _, model = model_of(
+        "model.n_layers=4",
+        "model.nope_every=2",
+        "model.attn_chunk=4",
+        "model.qk_norm=true",
+        "model.floor_scale=3",
+        "model.attn_scale=0.5",
+        "model.moe.path=loop",
+    )
     model.eval()
     p = Packer(seq_len=24, pad_id=0)
-    p.add(list(range(1, 8)))      # doc 0: 6 positions: doc 1 starts mid-chunk
-    p.add(list(range(20, 39)))    # doc 1: 18 positions
+    p.add(list(range(1, 8)))  # doc 0: 6 positions: doc 1 starts mid-chunk
+    p.add(list(range(20, 39)))  # doc 1: 18 positions
     b = collate(p.ready)
     with torch.no_grad():
         packed = model(b["input_ids"], positions=b["positions"], doc_ids=b["doc_ids"])
         alone = model(b["input_ids"][:, 6:])
     assert torch.allclose(alone[0], packed[0, 6:], atol=1e-5)
     # and the chunking is real: a model without it differs on the same document
-    _, full = model_of("model.n_layers=4", "model.nope_every=2", "model.qk_norm=true",
-                       "model.floor_scale=3", "model.attn_scale=0.5", "model.moe.path=loop")
+    _, full = model_of(
+        "model.n_layers=4",
+        "model.nope_every=2",
+        "model.qk_norm=true",
+        "model.floor_scale=3",
+        "model.attn_scale=0.5",
+        "model.moe.path=loop",
+    )
     with torch.no_grad():
         assert not torch.allclose(full.eval()(b["input_ids"][:, 6:]), alone, atol=1e-4)
 
@@ -141,8 +163,9 @@ def test_rope_scaling_matches_transformers(factor, low, high):
     kind = "default" if factor == 1.0 else "llama3"
     rope = {"rope_type": kind, "rope_theta": 500000.0}
     if kind == "llama3":
-        rope.update(factor=factor, low_freq_factor=low, high_freq_factor=high,
-                    original_max_position_embeddings=8192)
+        rope.update(
+            factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=8192
+        )
     hf_cfg = Llama4TextConfig(hidden_size=5120, num_attention_heads=40, head_dim=128, rope_parameters=rope)
     if kind == "default":
         expected = 1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128)
@@ -159,14 +182,24 @@ def test_moe_layer_matches_transformers_llama4_text_moe(top_k):
     from transformers import Llama4TextConfig
     from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
-    hf_cfg = Llama4TextConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
-                              num_experts_per_tok=top_k)
+    hf_cfg = Llama4TextConfig(
+        hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=top_k
+    )
     torch.manual_seed(0)
     ref = Llama4TextMoe(hf_cfg).eval()
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    cfg = load_config(None, ["model.size=debug", "model.dim=32", "model.moe.n_experts=4", f"model.moe.top_k={top_k}",
-                             "model.moe.moe_ffn_dim=48", "model.moe.balance=none"]).model
+    cfg = load_config(
+        None,
+        [
+            "model.size=debug",
+            "model.dim=32",
+            "model.moe.n_experts=4",
+            f"model.moe.top_k={top_k}",
+            "model.moe.moe_ffn_dim=48",
+            "model.moe.balance=none",
+        ],
+    ).model
     for path in ("loop", "grouped"):
         cfg.moe.path = path
         moe = MoE(32, cfg.moe).eval()

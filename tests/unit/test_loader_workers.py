@@ -19,9 +19,19 @@ TOK = ByteTokenizer()
 
 def cfg_for(workers: int, **data):
     over = [f"data.{k}={v}" for k, v in data.items()]
-    return load_config(None, ["train.seq_len=160", "train.micro_batch=2", "data.shuffle_buffer=8",
-                              f"data.num_workers={workers}", "model.vision.img_size=32",
-                              "model.vision.patch_size=8", "data.n_frames=4", *over])
+    return load_config(
+        None,
+        [
+            "train.seq_len=160",
+            "train.micro_batch=2",
+            "data.shuffle_buffer=8",
+            f"data.num_workers={workers}",
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "data.n_frames=4",
+            *over,
+        ],
+    )
 
 
 def batches(b, n):
@@ -39,8 +49,10 @@ def assert_same(xs, ys):
 def test_one_worker_yields_what_the_main_process_yields(text_shards, image_shards):
     # one worker reads the same sub-stream as no worker: chunking must not reorder anything
     spec = {"text": text_shards, "image": image_shards}
-    assert_same(batches(build_batches(cfg_for(0, **spec), TOK, 0, 1), 6),
-                batches(build_batches(cfg_for(1, **spec), TOK, 0, 1), 6))
+    assert_same(
+        batches(build_batches(cfg_for(0, **spec), TOK, 0, 1), 6),
+        batches(build_batches(cfg_for(1, **spec), TOK, 0, 1), 6),
+    )
 
 
 @pytest.mark.parametrize("chunk,cut", [(5, 1), (5, 2), (5, 3), (1, 2)])

@@ -16,9 +16,19 @@ TOK = ByteTokenizer()
 
 def cfg_for(seq_len=160, **data):
     over = [f"data.{k}={v}" for k, v in data.items()]
-    return load_config(None, [f"train.seq_len={seq_len}", "train.micro_batch=2", "data.shuffle_buffer=8",
-                              "data.num_workers=0", "model.vision.img_size=32",
-                              "model.vision.patch_size=8", "data.n_frames=4", *over])
+    return load_config(
+        None,
+        [
+            f"train.seq_len={seq_len}",
+            "train.micro_batch=2",
+            "data.shuffle_buffer=8",
+            "data.num_workers=0",
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "data.n_frames=4",
+            *over,
+        ],
+    )
 
 
 def test_plan_is_deterministic_and_converges_to_target():
@@ -33,7 +43,7 @@ def test_plan_is_deterministic_and_converges_to_target():
         assert abs(rows[m] / 1000 - p) < 0.002
     # smooth: every window of 10 rows holds each modality about its share
     for start in range(0, 990, 10):
-        window = plan[start:start + 10]
+        window = plan[start : start + 10]
         assert abs(window.count("text") - 5) <= 1
 
 
@@ -52,9 +62,12 @@ def test_alpha_counts_samples_for_lists_patterns_and_copied_shards(text_shards, 
 
     shards = sorted(p.name for p in image_shards.glob("*.tar"))
     assert len(shards) >= 2
-    listed = ",".join(f"{image_shards}/{n}" for n in shards)          # a list of shard files
-    both = f"{image_shards},{image_shards}"                            # a list of directories
-    assert dataset_sizes({"text": str(text_shards), "image": listed}) == ({"text": 400, "image": 60}, "samples")
+    listed = ",".join(f"{image_shards}/{n}" for n in shards)  # a list of shard files
+    both = f"{image_shards},{image_shards}"  # a list of directories
+    assert dataset_sizes({"text": str(text_shards), "image": listed}) == (
+        {"text": 400, "image": 60},
+        "samples",
+    )
     assert dataset_sizes({"image": both})[0] == {"image": 120}
     # shards copied without index.json: counts from their *_stats.json; one without either is
     # estimated from the others
@@ -70,7 +83,9 @@ def test_alpha_counts_samples_for_lists_patterns_and_copied_shards(text_shards, 
     for p in stats[1:]:
         p.unlink()
     assert dataset_sizes({"text": str(text_shards), "image": str(copy)}) == (
-        {"text": len(list(text_shards.glob("*.tar"))), "image": len(shards)}, "shards")
+        {"text": len(list(text_shards.glob("*.tar"))), "image": len(shards)},
+        "shards",
+    )
 
 
 def keys_of(cfg, rank, world, n_batches, workers):
@@ -91,7 +106,7 @@ def test_two_ranks_two_workers_see_disjoint_samples(text_shards):
 
 
 def test_fewer_shards_than_substreams_starves_nobody(image_shards):
-    cfg = cfg_for(image=image_shards)   # 3 shards, 2 ranks x 2 workers = 4 sub-streams
+    cfg = cfg_for(image=image_shards)  # 3 shards, 2 ranks x 2 workers = 4 sub-streams
     seen = [keys_of(cfg, r, 2, 3, workers=2) for r in range(2)]
     assert all(seen) and not set(seen[0]) & set(seen[1])
 

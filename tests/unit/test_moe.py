@@ -18,8 +18,17 @@ D, H = 8, 16  # fp32 rows of 32 and 64 bytes: _grouped_mm wants row strides that
 
 
 def make_cfg(**kw) -> MoEConfig:
-    base = dict(n_experts=4, top_k=1, n_shared=0, moe_ffn_dim=H, score="softmax", gate_on="output",
-                balance="none", z_coef=0.0, path="loop")
+    base = dict(
+        n_experts=4,
+        top_k=1,
+        n_shared=0,
+        moe_ffn_dim=H,
+        score="softmax",
+        gate_on="output",
+        balance="none",
+        z_coef=0.0,
+        path="loop",
+    )
     base.update(kw)
     return MoEConfig(**base)
 
@@ -148,8 +157,9 @@ def test_one_expert_equals_dense_ffn(path, impl):
     torch.testing.assert_close(y, dense(x))
 
 
-@pytest.mark.parametrize("score,gate_on,k", [("sigmoid", "input", 1), ("softmax", "output", 2),
-                                             ("sigmoid", "output", 2)])
+@pytest.mark.parametrize(
+    "score,gate_on,k", [("sigmoid", "input", 1), ("softmax", "output", 2), ("sigmoid", "output", 2)]
+)
 @pytest.mark.parametrize("path", ["loop", "grouped"])
 def test_moe_matches_per_token_oracle_with_shared_expert_and_padding(score, gate_on, k, path):
     moe = make_moe(n_shared=1, score=score, gate_on=gate_on, top_k=k, path=path)
@@ -183,8 +193,9 @@ CASES = ["plain", "unused_experts", "padding"]
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_grouped_equals_loop_outputs_and_grads(k, score, gate_on, impl, case):
-    loop = make_moe(seed=1, top_k=k, score=score, gate_on=gate_on, n_shared=1, path="loop",
-                    balance="aux", z_coef=1e-3)
+    loop = make_moe(
+        seed=1, top_k=k, score=score, gate_on=gate_on, n_shared=1, path="loop", balance="aux", z_coef=1e-3
+    )
     x = torch.randn(3, 7, D)
     valid = None
     if case == "unused_experts":
@@ -254,11 +265,14 @@ def test_grouped_mm_support_check_and_auto_fallback():
     counts = torch.tensor([3, 0, 4, 0])
     with pytest.raises(ValueError, match="does not support"):
         moe.experts.forward_grouped(x, counts, impl="grouped_mm")
-    torch.testing.assert_close(moe.experts.forward_grouped(x, counts),  # auto falls back to bmm
-                               moe.experts.forward_loop(x, counts))
+    torch.testing.assert_close(
+        moe.experts.forward_grouped(x, counts),  # auto falls back to bmm
+        moe.experts.forward_loop(x, counts),
+    )
     moe.double()
-    torch.testing.assert_close(moe.experts.forward_grouped(x.double(), counts),
-                               moe.experts.forward_loop(x.double(), counts))
+    torch.testing.assert_close(
+        moe.experts.forward_grouped(x.double(), counts), moe.experts.forward_loop(x.double(), counts)
+    )
 
 
 def test_bf16_keeps_dtype_and_losses_stay_fp32():
@@ -468,8 +482,9 @@ def test_group_limited_routing_keeps_each_token_in_its_best_groups(score, k, top
     scores; softmax: its best probability); inside them the top-k is exact."""
     torch.manual_seed(0)
     E, G = 8, 4
-    limited = Router(D, make_cfg(n_experts=E, top_k=k, score=score, n_groups=G, topk_groups=topk_groups,
-                                 balance="bias"))
+    limited = Router(
+        D, make_cfg(n_experts=E, top_k=k, score=score, n_groups=G, topk_groups=topk_groups, balance="bias")
+    )
     with torch.no_grad():
         limited.expert_bias.copy_(torch.randn(E) * 0.3)
     free = copy.deepcopy(limited)
@@ -499,16 +514,27 @@ def test_group_limited_routing_keeps_each_token_in_its_best_groups(score, k, top
         torch.testing.assert_close(free(x)[0].sort(-1).values, idx.sort(-1).values, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["model.moe.n_experts=8", "model.moe.n_groups=3"], "model.moe.n_groups"),
-    (["model.moe.n_groups=0"], "model.moe.n_groups"),
-    (["model.moe.n_experts=8", "model.moe.n_groups=4", "model.moe.topk_groups=5"], "model.moe.topk_groups"),
-    (["model.moe.n_experts=8", "model.moe.n_groups=4", "model.moe.topk_groups=0"], "model.moe.topk_groups"),
-    (["model.moe.n_experts=8", "model.moe.top_k=3", "model.moe.n_groups=4", "model.moe.topk_groups=1"],
-     "model.moe.topk_groups"),
-    (["model.moe.n_experts=4", "model.moe.ep_size=3"], "model.moe.ep_size"),
-    (["train.activation_checkpointing=-1"], "train.activation_checkpointing"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model.moe.n_experts=8", "model.moe.n_groups=3"], "model.moe.n_groups"),
+        (["model.moe.n_groups=0"], "model.moe.n_groups"),
+        (
+            ["model.moe.n_experts=8", "model.moe.n_groups=4", "model.moe.topk_groups=5"],
+            "model.moe.topk_groups",
+        ),
+        (
+            ["model.moe.n_experts=8", "model.moe.n_groups=4", "model.moe.topk_groups=0"],
+            "model.moe.topk_groups",
+        ),
+        (
+            ["model.moe.n_experts=8", "model.moe.top_k=3", "model.moe.n_groups=4", "model.moe.topk_groups=1"],
+            "model.moe.topk_groups",
+        ),
+        (["model.moe.n_experts=4", "model.moe.ep_size=3"], "model.moe.ep_size"),
+        (["train.activation_checkpointing=-1"], "train.activation_checkpointing"),
+    ],
+)
 def test_moe_parallel_and_group_keys_are_validated(overrides, key):
     from fusion.config import ConfigError, load_config
 
@@ -541,8 +567,16 @@ def test_activation_checkpointing_same_losses_grads_and_router_stats(every, earl
     from fusion.data.tokenizer import ByteTokenizer
     from fusion.model.fusion import build_model
 
-    cfg = load_config(None, ["model.size=debug", "model.n_layers=3", "model.moe.top_k=2",
-                             "model.moe.balance=aux", "model.moe.path=loop"])
+    cfg = load_config(
+        None,
+        [
+            "model.size=debug",
+            "model.n_layers=3",
+            "model.moe.top_k=2",
+            "model.moe.balance=aux",
+            "model.moe.path=loop",
+        ],
+    )
     torch.manual_seed(0)
     plain = build_model(cfg.model, ByteTokenizer())
     ckpt = copy.deepcopy(plain)

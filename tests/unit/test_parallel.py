@@ -63,8 +63,17 @@ def _valid(path: str) -> list[torch.Tensor | None]:
 
 
 def _cfg(k: int, path: str) -> MoEConfig:
-    return MoEConfig(n_experts=E, top_k=k, n_shared=1, moe_ffn_dim=H, score="softmax",
-                     gate_on="output", balance="none", z_coef=0.0, path=path)
+    return MoEConfig(
+        n_experts=E,
+        top_k=k,
+        n_shared=1,
+        moe_ffn_dim=H,
+        score="softmax",
+        gate_on="output",
+        balance="none",
+        z_coef=0.0,
+        path=path,
+    )
 
 
 def _inputs(skew: bool) -> list[torch.Tensor]:
@@ -86,8 +95,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             El = E // 2
             for name in ("w1", "w2", "w3"):  # this rank's experts, as fusion.parallel shards them
                 full = getattr(moe.experts, name)
-                setattr(moe.experts, name,
-                        torch.nn.Parameter(full.detach()[rank * El:(rank + 1) * El].clone()))
+                setattr(
+                    moe.experts, name, torch.nn.Parameter(full.detach()[rank * El : (rank + 1) * El].clone())
+                )
             moe.dispatcher = ExpertDispatcher(None, 2, E)
             x = _inputs(skew)[rank].requires_grad_(True)
             y, _, _ = moe(x, _valid(path)[rank])
@@ -123,13 +133,15 @@ def test_dispatcher_matches_single_device(tmp_path):
             torch.testing.assert_close(xg, ref_outs[rank][1], rtol=1e-5, atol=1e-6)
             for name in ("experts.w1", "experts.w2", "experts.w3"):
                 # the owner's expert grad already holds both ranks' tokens
-                torch.testing.assert_close(grads[name], ref_grads[name][rank * El:(rank + 1) * El],
-                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    grads[name], ref_grads[name][rank * El : (rank + 1) * El], rtol=1e-5, atol=1e-6
+                )
         # dense parts (router, shared expert): the two ranks' grads sum to the reference
         for name in ref_grads:
             if not name.startswith("experts."):
-                torch.testing.assert_close(results[0][c][2][name] + results[1][c][2][name],
-                                           ref_grads[name], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    results[0][c][2][name] + results[1][c][2][name], ref_grads[name], rtol=1e-5, atol=1e-6
+                )
 
 
 def test_engine_view_hides_exactly_the_experts():
@@ -168,8 +180,9 @@ def test_restore_buffer_dtypes_after_a_cast_of_the_whole_model():
     model[0].router.expert_bias.fill_(0.5)
     model.to(torch.bfloat16)
     assert model[0].router.expert_bias.dtype == torch.bfloat16 and model[0].load.dtype == torch.bfloat16
-    assert sorted(restore_buffer_dtypes(model)) == sorted(f"{i}.{b}" for i in range(2)
-                                                          for b in ("router.expert_bias", "load"))
+    assert sorted(restore_buffer_dtypes(model)) == sorted(
+        f"{i}.{b}" for i in range(2) for b in ("router.expert_bias", "load")
+    )
     for moe in model:
         assert moe.router.expert_bias.dtype == torch.float32 and moe.load.dtype == torch.float64
         assert moe.router.gate.weight.dtype == torch.bfloat16  # parameters stay as cast

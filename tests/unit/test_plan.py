@@ -10,8 +10,16 @@ import torch
 from fusion.config import SIZES, load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model
-from fusion.plan import (PARTS, active_parameters, count_parameters, count_parameters_of, flops_per_token,
-                         main, make_plan, memory_per_gpu)
+from fusion.plan import (
+    PARTS,
+    active_parameters,
+    count_parameters,
+    count_parameters_of,
+    flops_per_token,
+    main,
+    make_plan,
+    memory_per_gpu,
+)
 
 
 def built(size: str, *overrides, device="meta"):
@@ -35,16 +43,31 @@ def test_counts_equal_the_built_model(size):
 
 def test_counts_follow_options():
     """Tied embeddings, a timm ViT, pixel-shuffle, dense layers: the analytic count keeps up."""
-    cfg, model = built("debug", "model.tie_embeddings=true", "model.moe.every=2", "model.n_layers=3",
-                       "model.vision.encoder=vit_tiny_patch16_224", "model.vision.img_size=32",
-                       "model.vision.patch_size=8", "model.vision.pixel_shuffle=true", "model.vision.temporal_merge=2")
+    cfg, model = built(
+        "debug",
+        "model.tie_embeddings=true",
+        "model.moe.every=2",
+        "model.n_layers=3",
+        "model.vision.encoder=vit_tiny_patch16_224",
+        "model.vision.img_size=32",
+        "model.vision.patch_size=8",
+        "model.vision.pixel_shuffle=true",
+        "model.vision.temporal_merge=2",
+    )
     assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
-    cfg, model = built("demo", "model.vision.encoder=conv-stem", "model.vision.width=48",
-                       "model.vision.patch_size=4", "model.vision.temporal_merge=2")
+    cfg, model = built(
+        "demo",
+        "model.vision.encoder=conv-stem",
+        "model.vision.width=48",
+        "model.vision.patch_size=4",
+        "model.vision.temporal_merge=2",
+    )
     assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
 
 
-@pytest.mark.parametrize("size,total,active", [("llama4-scout", 109e9, 17e9), ("llama4-maverick", 400e9, 17e9)])
+@pytest.mark.parametrize(
+    "size,total,active", [("llama4-scout", 109e9, 17e9), ("llama4-maverick", 400e9, 17e9)]
+)
 def test_llama4_totals_match_the_published_figures(size, total, active):
     plan = make_plan(load_config(None, [f"model.size={size}"]))
     assert plan["params"]["total"]["total"] == pytest.approx(total, rel=0.02)
@@ -52,8 +75,7 @@ def test_llama4_totals_match_the_published_figures(size, total, active):
 
 
 def test_flops_per_token_is_six_times_matmul_params_plus_attention():
-    cfg, model = built("debug", "model.n_layers=4", "model.moe.every=2", "model.moe.top_k=2",
-                       device="cpu")
+    cfg, model = built("debug", "model.n_layers=4", "model.moe.every=2", "model.moe.top_k=2", device="cpu")
     m, V, T = cfg.model, model.vocab_size, 64
     # independent count from the built model: every 2-D weight but the embedding lookup multiplies;
     # routed experts by top_k / E; the vision tower is not part of a decoder token's cost
@@ -65,8 +87,17 @@ def test_flops_per_token_is_six_times_matmul_params_plus_attention():
     attn = 6 * m.n_layers * m.dim * T
     assert flops_per_token(m, V, T) == pytest.approx(6 * matmul + attn)
     # chunked layers pay for their chunk only; NoPE layers keep the full context
-    chunked = load_config(None, ["model.size=debug", "model.n_layers=4", "model.moe.every=2",
-                                 "model.moe.top_k=2", "model.attn_chunk=16", "model.nope_every=4"]).model
+    chunked = load_config(
+        None,
+        [
+            "model.size=debug",
+            "model.n_layers=4",
+            "model.moe.every=2",
+            "model.moe.top_k=2",
+            "model.attn_chunk=16",
+            "model.nope_every=4",
+        ],
+    ).model
     assert flops_per_token(chunked, V, T) == pytest.approx(6 * matmul + 6 * m.dim * (3 * 16 + T))
 
 
@@ -92,7 +123,9 @@ def test_memory_by_zero_stage_world_and_ep():
     experts = count_parameters(m, V)["routed_experts"]
     rest = n - experts
     assert eight[1]["optimizer"] == pytest.approx(12 * (rest / 8 + experts))
-    assert eight[2]["grads"] == pytest.approx(2 * (rest / 8 + experts)) and eight[1]["grads"] == one[0]["grads"]
+    assert (
+        eight[2]["grads"] == pytest.approx(2 * (rest / 8 + experts)) and eight[1]["grads"] == one[0]["grads"]
+    )
     assert eight[3]["weights"] == pytest.approx(2 * (rest / 8 + experts))
     totals = [eight[s]["total"] for s in range(4)]
     assert totals == sorted(totals, reverse=True)
@@ -104,8 +137,9 @@ def test_memory_by_zero_stage_world_and_ep():
     # a dense model of the same size is split by ZeRO as a whole
     dense = load_config(None, ["model.size=scout-mini", "model.moe.n_experts=0"]).model
     nd = sum(count_parameters(dense, V).values())
-    assert memory_per_gpu(dense, V, world=8, ep_size=1, micro_batch=2, seq_len=128,
-                          precision="bf16")[1]["optimizer"] == pytest.approx(12 * nd / 8)
+    assert memory_per_gpu(dense, V, world=8, ep_size=1, micro_batch=2, seq_len=128, precision="bf16")[1][
+        "optimizer"
+    ] == pytest.approx(12 * nd / 8)
     # activations grow with the micro-batch; checkpointing keeps less
     big = memory_per_gpu(m, V, world=8, ep_size=1, micro_batch=4, seq_len=128, precision="bf16")
     assert big[0]["activations"] == pytest.approx(2 * eight[0]["activations"])
@@ -134,11 +168,14 @@ def test_cli_table_json_and_errors(capsys):
     assert json.loads(capsys.readouterr().out)["memory"]["world"] == 2
 
 
-@pytest.mark.parametrize("override, names", [
-    ("model.vision.encoder=not_a_model", "'not_a_model' is not a timm model name"),
-    ("model.vision.encoder=resnet18", "must be a ViT-style timm model"),
-    ("data.tokenizer=BAD", "is not a tokenizer.json"),
-])
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("model.vision.encoder=not_a_model", "'not_a_model' is not a timm model name"),
+        ("model.vision.encoder=resnet18", "must be a ViT-style timm model"),
+        ("data.tokenizer=BAD", "is not a tokenizer.json"),
+    ],
+)
 def test_cli_bad_encoder_or_tokenizer_is_one_line(override, names, tmp_path, capsys):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"model": {"vocab": {"a": 1')
@@ -147,10 +184,13 @@ def test_cli_bad_encoder_or_tokenizer_is_one_line(override, names, tmp_path, cap
     assert len(err) == 1 and names in err[0], err
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("fusion.plan", ["model.size=llama4-maverick", "--world", "64"]),
-    ("fusion.data.build", ["stats", "STATS_DIR"]),
-])
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("fusion.plan", ["model.size=llama4-maverick", "--world", "64"]),
+        ("fusion.data.build", ["stats", "STATS_DIR"]),
+    ],
+)
 def test_output_into_a_closed_pipe_is_no_traceback(module, argv, text_shards):
     import sys
 

@@ -13,11 +13,17 @@ from fusion.checkpoint import export_model
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.eval import cli
+from fusion.eval.int4 import (
+    Int4Experts,
+    Int4Linear,
+    dequantize_int4,
+    quantize_int4,
+    quantize_model,
+    weight_bytes,
+)
 from fusion.model.fusion import build_model
 from fusion.schema import IGNORE
 from tests import conftest
-from fusion.eval.int4 import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
-                          weight_bytes)
 
 TOK = ByteTokenizer()
 
@@ -33,7 +39,7 @@ def groups_of(w, G):
 def test_dequantised_weights_are_within_half_a_step(shape, G):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g) * torch.logspace(-3, 1, shape[-1])  # columns of many scales
-    w[0, :G // 2] = 0.25  # a constant run
+    w[0, : G // 2] = 0.25  # a constant run
     codes, scale, offset = quantize_int4(w, G)
     n_groups = -(-shape[-1] // G)
     assert codes.dtype == torch.uint8 and codes.shape[-1] == n_groups * G // 2
@@ -152,9 +158,27 @@ def test_fusion_eval_reports_int4_beside_the_original(toy_world, tmp_path, capsy
     export_model(model, cfg, ckpt)
     out = tmp_path / "eval"
     vqa_dir = toy_world / "vqa_image_test"
-    rc = cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--vqa", str(vqa_dir), "--limit", "6",
-                   "--examples", "0", "--no-progress", "--device", "cpu", "--quantize", "int4",
-                   "--group-size", "32"])
+    rc = cli.main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--vqa",
+            str(vqa_dir),
+            "--limit",
+            "6",
+            "--examples",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--quantize",
+            "int4",
+            "--group-size",
+            "32",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "int4 (group 32): acc" in printed and "MiB" in printed
@@ -163,9 +187,27 @@ def test_fusion_eval_reports_int4_beside_the_original(toy_world, tmp_path, capsy
     assert result["dtype"] == "float32" and q["group_size"] == 32
     assert q["overall"]["n"] == result["overall"]["n"] == 6 and 0 <= q["overall"]["acc"] <= 1
     assert q["overall"]["blind_acc"] is not None and set(q["by_type"]) == set(result["by_type"])
-    assert q["weight_bytes"] == result["weight_bytes"] - q["quantized"]["bytes_before"] + q["quantized"]["bytes_after"]
+    assert (
+        q["weight_bytes"]
+        == result["weight_bytes"] - q["quantized"]["bytes_before"] + q["quantized"]["bytes_after"]
+    )
     assert q["weight_bytes"] < 0.8 * result["weight_bytes"]
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--vqa", str(vqa_dir),
-                     "--quantize", "int4", "--group-size", "5"]) == 1
+    assert (
+        cli.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--vqa",
+                str(vqa_dir),
+                "--quantize",
+                "int4",
+                "--group-size",
+                "5",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--group-size" in err[0]

@@ -7,7 +7,7 @@ from fusion.schema import IGNORE, SPECIAL_TOKENS
 
 def test_packer_rows_labels_positions():
     p = Packer(seq_len=8, pad_id=0)
-    p.add([1, 2, 3, 4])             # 3 pairs
+    p.add([1, 2, 3, 4])  # 3 pairs
     p.add([10, 11, 12, 13, 14, 15, 16])  # 6 pairs: 5 fit, 1 spills to the next row
     assert len(p.ready) == 1
     row = p.ready[0]
@@ -46,8 +46,17 @@ def test_byte_tokenizer_roundtrip_and_specials():
     tok = ByteTokenizer()
     text = "héllo wörld ✓"
     assert tok.decode(tok.encode(text)) == text
-    ids = {tok.pad_id, tok.bos_id, tok.eos_id, tok.image_start_id, tok.image_end_id, tok.patch_id,
-           tok.video_start_id, tok.video_end_id, tok.frame_sep_id}
+    ids = {
+        tok.pad_id,
+        tok.bos_id,
+        tok.eos_id,
+        tok.image_start_id,
+        tok.image_end_id,
+        tok.patch_id,
+        tok.video_start_id,
+        tok.video_end_id,
+        tok.frame_sep_id,
+    }
     assert len(ids) == len(SPECIAL_TOKENS) and min(ids) >= 256 and tok.vocab_size == 256 + len(ids)
 
 
@@ -56,8 +65,10 @@ def test_hf_tokenizer_from_local_file(tmp_path):
 
     t = Tokenizer(models.BPE(unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(["the red circle", "a blue square moves left"] * 20,
-                          trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    t.train_from_iterator(
+        ["the red circle", "a blue square moves left"] * 20,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]),
+    )
     path = tmp_path / "tokenizer.json"
     t.save(str(path))
     tok = build_tokenizer(str(path))

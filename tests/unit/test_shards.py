@@ -55,6 +55,7 @@ def add_member(tar, name, data, **attrs):
 
 # ---------------------------------------------------------------- keys
 
+
 def test_key_rules():
     assert is_valid_key("abc_DEF-019")
     for bad in ["", "a.b", "a/b", "a b", "é", None]:
@@ -83,6 +84,7 @@ def test_writer_rejects_bad_and_duplicate_keys(tmp_path):
 
 
 # ---------------------------------------------------------------- writing
+
 
 def test_round_trip_and_stats(tmp_path):
     docs = [(f"doc{i}", f"text number {i} ü") for i in range(5)]
@@ -196,6 +198,7 @@ def test_img2dataset_layout_written_by_plain_tarfile(tmp_path):
 
 # ---------------------------------------------------------------- tolerant reading
 
+
 def test_truncated_and_garbage_shards_are_counted_and_skipped(tmp_path):
     write_text_shard(tmp_path, 0, [("a", "alpha"), ("b", "beta")])
     write_text_shard(tmp_path, 1, [(f"t{i}", "y" * 3000) for i in range(6)])
@@ -253,8 +256,13 @@ def test_error_counter_as_webdataset_handler(tmp_path):
     (tmp_path / "000001.tar").write_bytes(b"not a tar at all" * 100)
     write_text_shard(tmp_path, 2, [("c", "gamma")])
     counter = ErrorCounter()
-    ds = wds.WebDataset(list_shards(str(tmp_path)), handler=counter, shardshuffle=False,
-                        nodesplitter=lambda x: x, workersplitter=lambda x: x)
+    ds = wds.WebDataset(
+        list_shards(str(tmp_path)),
+        handler=counter,
+        shardshuffle=False,
+        nodesplitter=lambda x: x,
+        workersplitter=lambda x: x,
+    )
     assert [s["__key__"] for s in ds] == ["a", "c"]
     assert counter.total >= 1
     counter("decode_failed")
@@ -276,6 +284,7 @@ def test_text_decoding_counts_bad_utf8(tmp_path):
 
 
 # ---------------------------------------------------------------- discovery
+
 
 def test_list_shards(tmp_path):
     for i in (0, 1, 2, 10):
@@ -315,6 +324,7 @@ def test_read_samples_through_pipe_url(tmp_path):
 
 # ---------------------------------------------------------------- index, stats, checks
 
+
 def test_write_index_and_collect_stats(tmp_path):
     write_text_shard(tmp_path, 0, [("a", "x"), ("b", "y")], failures=["empty_text"])
     write_text_shard(tmp_path, 1, [("c", "z")], failures=["bad_utf8", "empty_text"])
@@ -336,7 +346,7 @@ def test_write_index_and_collect_stats(tmp_path):
 
 def test_write_index_needs_a_count_or_a_stats_file(tmp_path):
     write_text_shard(tmp_path, 0, [("a", "x")])
-    with tarfile.open(tmp_path / "other.tar", "w") as tar:   # another tool's shard: no stats file
+    with tarfile.open(tmp_path / "other.tar", "w") as tar:  # another tool's shard: no stats file
         info = tarfile.TarInfo("b.txt")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"y"))
@@ -346,11 +356,22 @@ def test_write_index_needs_a_count_or_a_stats_file(tmp_path):
     index = write_index(tmp_path, "text", counts={"other.tar": 1})
     assert [(e["name"], e["n_samples"]) for e in index["shards"]] == [("000000.tar", 1), ("other.tar", 1)]
 
+
 def test_collect_stats_reads_img2dataset_counts(tmp_path):
     write_text_shard(tmp_path, 0, [("a", "x")])
-    (tmp_path / "000000_stats.json").write_text(json.dumps(
-        {"count": 5, "successes": 3, "failed_to_download": 1, "failed_to_resize": 1, "duration": 2.5,
-         "status_dict": {"success": 3}, "start_time": "yesterday"}))
+    (tmp_path / "000000_stats.json").write_text(
+        json.dumps(
+            {
+                "count": 5,
+                "successes": 3,
+                "failed_to_download": 1,
+                "failed_to_resize": 1,
+                "duration": 2.5,
+                "status_dict": {"success": 3},
+                "start_time": "yesterday",
+            }
+        )
+    )
     s = collect_stats(tmp_path)
     assert (s["count"], s["successes"], s["seconds"]) == (5, 3, 2.5)
     assert s["failures"] == {"failed_to_download": 1, "failed_to_resize": 1}

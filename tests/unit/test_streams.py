@@ -33,7 +33,9 @@ class RecordingStreams:
 
     def __init__(self):
         self.stack = ["main"]
-        self.events: list[tuple] = []  # ("wait", waiter, waitee) | ("record", tensor, stream) | ("use", stream)
+        self.events: list[
+            tuple
+        ] = []  # ("wait", waiter, waitee) | ("record", tensor, stream) | ("use", stream)
 
     def current(self):
         return self.stack[-1]
@@ -62,8 +64,17 @@ class RecordingStreams:
 
 
 def make_moe(**kw) -> MoE:
-    cfg = dict(n_experts=4, top_k=2, n_shared=1, moe_ffn_dim=H, score="sigmoid", gate_on="input",
-               balance="aux", z_coef=1e-3, path="fast")
+    cfg = dict(
+        n_experts=4,
+        top_k=2,
+        n_shared=1,
+        moe_ffn_dim=H,
+        score="sigmoid",
+        gate_on="input",
+        balance="aux",
+        z_coef=1e-3,
+        path="fast",
+    )
     cfg.update(kw)
     torch.manual_seed(0)
     return MoE(D, MoEConfig(**cfg), init_std=0.3).train()
@@ -95,6 +106,7 @@ def test_every_crossing_is_waited_and_recorded_forward_and_backward():
     def note(name):
         def hook(module, args):
             seen.setdefault(name, rec.current())
+
         return hook
 
     moe.shared.register_forward_pre_hook(note("shared"))
@@ -104,8 +116,13 @@ def test_every_crossing_is_waited_and_recorded_forward_and_backward():
     y, aux, z = moe(x, valid)
     assert seen == {"shared": "side", "router": "main"}
     forward = rec.calls()
-    assert forward == [("use", "side"), ("wait", "side", "main"), ("record", "side"),
-                       ("wait", "main", "side"), ("record", "main")]
+    assert forward == [
+        ("use", "side"),
+        ("wait", "side", "main"),
+        ("record", "side"),
+        ("wait", "main", "side"),
+        ("record", "main"),
+    ]
     # what crossed: the layer's input (same memory as x) to the side, the shared output back
     xf, shared_out = rec.events[2][1], rec.events[4][1]
     assert xf.data_ptr() == x.data_ptr() and xf.shape == (14, D)
@@ -113,8 +130,12 @@ def test_every_crossing_is_waited_and_recorded_forward_and_backward():
 
     rec.events.clear()
     ((y * g).sum() + aux + z).backward()
-    assert rec.calls() == [("wait", "side", "main"), ("record", "side"),   # dL/d(shared out) to the side
-                           ("wait", "main", "side"), ("record", "main")]   # dL/d(xf) back to main
+    assert rec.calls() == [
+        ("wait", "side", "main"),
+        ("record", "side"),  # dL/d(shared out) to the side
+        ("wait", "main", "side"),
+        ("record", "main"),
+    ]  # dL/d(xf) back to main
     grad_out, grad_in = rec.events[1][1], rec.events[3][1]
     torch.testing.assert_close(grad_out, g.reshape(14, D), rtol=0, atol=0)
     xs = x.detach().reshape(14, D).requires_grad_(True)
@@ -174,11 +195,16 @@ def test_kernels_for_cpu_meta_and_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert Kernels.for_device("cuda", torch.bfloat16) == Kernels()  # no driver: nothing special
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for cap, dtype, grouped_mm in [((9, 0), torch.bfloat16, True), ((8, 0), torch.bfloat16, False),
-                                   ((9, 0), torch.float32, False), ((10, 0), torch.bfloat16, True)]:
+    for cap, dtype, grouped_mm in [
+        ((9, 0), torch.bfloat16, True),
+        ((8, 0), torch.bfloat16, False),
+        ((9, 0), torch.float32, False),
+        ((10, 0), torch.bfloat16, True),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
-        assert Kernels.for_device("cuda:0", dtype) == Kernels(grouped_mm=grouped_mm, side_stream=True,
-                                                             compile_flex=True), (cap, dtype)
+        assert Kernels.for_device("cuda:0", dtype) == Kernels(
+            grouped_mm=grouped_mm, side_stream=True, compile_flex=True
+        ), (cap, dtype)
     with pytest.raises(dataclasses.FrozenInstanceError):
         Kernels().grouped_mm = True
 
@@ -201,12 +227,14 @@ def test_grouped_mm_static_checks():
     assert not grouped_mm_fits(torch.zeros(3, 6), torch.zeros(2, 6, 16))  # 24-byte rows
     assert not grouped_mm_fits(torch.zeros(3, 8, dtype=torch.float64), w.double())  # no fp64 kernel
     meta = {"device": "meta"}
-    assert grouped_mm_fits(torch.empty(3, 8, dtype=torch.bfloat16, **meta),
-                           torch.empty(2, 8, 16, dtype=torch.bfloat16, **meta))
+    assert grouped_mm_fits(
+        torch.empty(3, 8, dtype=torch.bfloat16, **meta), torch.empty(2, 8, 16, dtype=torch.bfloat16, **meta)
+    )
     assert not grouped_mm_fits(torch.empty(3, 8, **meta), torch.empty(2, 8, 16, **meta))  # meta: bf16 only
     # meta tensors: the kernel is wanted only when the choice says so
-    assert not grouped_mm_supported(torch.empty(3, 8, dtype=torch.bfloat16, **meta),
-                                    torch.empty(2, 8, 16, dtype=torch.bfloat16, **meta))
+    assert not grouped_mm_supported(
+        torch.empty(3, 8, dtype=torch.bfloat16, **meta), torch.empty(2, 8, 16, dtype=torch.bfloat16, **meta)
+    )
 
 
 @pytest.mark.parametrize("use_streams", [False, True])
@@ -232,9 +260,20 @@ def test_fast_path_on_meta_tensors_with_grouped_mm(monkeypatch, use_streams):
 
 
 def tiny_model(*overrides):
-    cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8", "model.dim=64",
-                             "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-                             "model.moe.every=1", "model.moe.path=fast", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "model.dim=64",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.moe.every=1",
+            "model.moe.path=fast",
+            *overrides,
+        ],
+    )
     torch.manual_seed(0)
     return build_model(cfg.model, ByteTokenizer())
 
@@ -267,8 +306,11 @@ def test_compile_flex_choice_reaches_flex_attention(monkeypatch):
     model = tiny_model("model.attn_impl=flex").eval()
     seen = []
     real = decoder_mod._block_mask
-    monkeypatch.setattr(decoder_mod, "_block_mask",
-                        lambda mask_mod, like, compiled=None: seen.append(compiled) or real(mask_mod, like, False))
+    monkeypatch.setattr(
+        decoder_mod,
+        "_block_mask",
+        lambda mask_mod, like, compiled=None: seen.append(compiled) or real(mask_mod, like, False),
+    )
     ids = torch.randint(0, 200, (1, 9))
     doc = torch.zeros(1, 9, dtype=torch.long)
     with torch.no_grad():

@@ -20,8 +20,9 @@ def members_by_tarfile(path) -> list[tuple[str, str, bytes]]:
             if info.isreg():
                 base = info.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
-                out.append((info.name[: len(info.name) - len(base)] + key, ext.lower(),
-                            tar.extractfile(info).read()))
+                out.append(
+                    (info.name[: len(info.name) - len(base)] + key, ext.lower(), tar.extractfile(info).read())
+                )
     return out
 
 
@@ -48,8 +49,12 @@ LONG = "d/" + "k" * 120  # over 100 bytes: a PAX (or GNU long-name) header
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_every_tar_format_reads_as_tarfile_reads_it(tmp_path, fmt):
-    members = SAMPLES[:4] + ([(LONG + ".txt", b"long")] if fmt != tarfile.USTAR_FORMAT else []) \
-        + [("dir/x.txt", b"in a directory"), ("caf\u00e9.txt", "accent".encode())] + SAMPLES[4:]
+    members = (
+        SAMPLES[:4]
+        + ([(LONG + ".txt", b"long")] if fmt != tarfile.USTAR_FORMAT else [])
+        + [("dir/x.txt", b"in a directory"), ("caf\u00e9.txt", b"accent")]
+        + SAMPLES[4:]
+    )
     path = tmp_path / "a.tar"
     write_tar(path, members, fmt)
     assert members_by_us(path) == sorted(members_by_tarfile(path))
@@ -94,6 +99,7 @@ def test_hostile_entries_are_refused_without_leaving_the_fast_path(tmp_path, mon
     the cost of decoding a small picture, so one hostile entry would slow the rest of a shard)."""
     path = tmp_path / "a.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+
         def add(name, data=None, kind=tarfile.REGTYPE, **attrs):
             info = tarfile.TarInfo(name)
             info.type = kind

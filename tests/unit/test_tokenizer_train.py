@@ -19,14 +19,23 @@ from fusion.data.tar import ShardWriter
 from fusion.data.tokenizer import build_tokenizer
 from fusion.schema import SPECIAL_TOKENS
 
-DOCS = ["The ferry leaves at noon.", "Zebras graze near the river; herons wait.",
-        "A kettle whistles twice.", "Über-long words: naïve café déjà vu!"]
-CAPTIONS = ["three vertical stripes in teal", "a checkerboard of amber squares",
-            "dots scattered on a dark field"]
+DOCS = [
+    "The ferry leaves at noon.",
+    "Zebras graze near the river; herons wait.",
+    "A kettle whistles twice.",
+    "Über-long words: naïve café déjà vu!",
+]
+CAPTIONS = [
+    "three vertical stripes in teal",
+    "a checkerboard of amber squares",
+    "dots scattered on a dark field",
+]
 CLIP_CAPTIONS = ["a bar slides toward the top"]
-QUESTIONS = [("Which way do the stripes run?", "vertical", ["horizontal", "vertical"], "stripes"),
-             ("What pattern fills the tile?", "checks", ["stripes", "checks", "dots"], "pattern"),
-             ("How many bars are there?", 3, [2, 3, 4], "count")]
+QUESTIONS = [
+    ("Which way do the stripes run?", "vertical", ["horizontal", "vertical"], "stripes"),
+    ("What pattern fills the tile?", "checks", ["stripes", "checks", "dots"], "pattern"),
+    ("How many bars are there?", 3, [2, 3, 4], "count"),
+]
 
 
 def _shards(directory: Path, samples: list[dict], modality: str) -> Path:
@@ -42,23 +51,44 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     """One shard directory per kind; media bytes are placeholders (the text reader never decodes
     them). The VQA .json has other fields (source, width) that are not text."""
     root = tmp_path_factory.mktemp("tokdata")
-    vqa = [{"png": b"\x89PNG fake", "json": {"question": q, "answer": a, "choices": c, "type": t,
-                                            "source": "pictures/secretname.png", "width": 32}}
-           for q, a, c, t in QUESTIONS]
+    vqa = [
+        {
+            "png": b"\x89PNG fake",
+            "json": {
+                "question": q,
+                "answer": a,
+                "choices": c,
+                "type": t,
+                "source": "pictures/secretname.png",
+                "width": 32,
+            },
+        }
+        for q, a, c, t in QUESTIONS
+    ]
     return {
         "text": _shards(root / "text", [{"txt": d} for d in DOCS], "text"),
-        "image": _shards(root / "image", [{"png": b"fake", "txt": c, "json": {"source": "x.png"}}
-                                          for c in CAPTIONS], "image"),
-        "video": _shards(root / "video", [{"mp4": b"fake", "txt": c, "json": {"fps": 8}}
-                                          for c in CLIP_CAPTIONS], "video"),
+        "image": _shards(
+            root / "image",
+            [{"png": b"fake", "txt": c, "json": {"source": "x.png"}} for c in CAPTIONS],
+            "image",
+        ),
+        "video": _shards(
+            root / "video", [{"mp4": b"fake", "txt": c, "json": {"fps": 8}} for c in CLIP_CAPTIONS], "video"
+        ),
         "vqa": _shards(root / "vqa", vqa, "vqa"),
     }
 
 
 def _train(dirs, tmp_path, *flags, name="tok.json") -> Path:
     out = tmp_path / name
-    argv = ["tokenizer", "--input", *(str(dirs[k]) for k in ("text", "image", "video", "vqa")),
-            "--output", str(out), *flags]
+    argv = [
+        "tokenizer",
+        "--input",
+        *(str(dirs[k]) for k in ("text", "image", "video", "vqa")),
+        "--output",
+        str(out),
+        *flags,
+    ]
     assert fusion_data(argv) == 0
     return out
 
@@ -66,7 +96,7 @@ def _train(dirs, tmp_path, *flags, name="tok.json") -> Path:
 def _training_texts() -> list[str]:
     """What training tokenizes from the shards above (fusion.data.samples)."""
     texts = list(DOCS) + [" " + c for c in CAPTIONS + CLIP_CAPTIONS]
-    for q, a, choices, _ in QUESTIONS:
+    for q, _answer, choices, _ in QUESTIONS:
         texts += [vqa_prompt(q)] + [vqa_answer(str(c)) for c in choices]
     return texts
 
@@ -102,7 +132,7 @@ def test_word_level_knows_every_word_and_answers_are_one_token(dirs, tmp_path):
     for _, _, choices, _ in QUESTIONS:
         assert all(len(tok.encode(vqa_answer(str(c)))) == 1 for c in choices)
     vocab = tok._tok.get_vocab()
-    assert "secretname" not in vocab and "png" not in vocab   # only question/answer/choices of .json
+    assert "secretname" not in vocab and "png" not in vocab  # only question/answer/choices of .json
     assert tok.encode(" Q: a zebra? A:")[3] == unk == tok.encode("unseen")[0]
 
 
@@ -111,8 +141,8 @@ def test_word_vocab_size_keeps_the_most_frequent_words(dirs, tmp_path, capsys):
     tok = build_tokenizer(str(path))
     assert tok.vocab_size == 20
     vocab = tok._tok.get_vocab()
-    assert {"Q", ":", "A", "the", "?"} <= set(vocab)       # the prompt's words and the commonest
-    assert "kettle" not in vocab                            # seen once
+    assert {"Q", ":", "A", "the", "?"} <= set(vocab)  # the prompt's words and the commonest
+    assert "kettle" not in vocab  # seen once
     assert "words kept" in capsys.readouterr().out
 
 
@@ -120,10 +150,23 @@ def test_same_input_same_bytes_in_another_process(dirs, tmp_path):
     for kind in ("bpe", "word"):
         first = _train(dirs, tmp_path, "--kind", kind, name=f"{kind}1.json")
         second = tmp_path / f"{kind}2.json"
-        r = subprocess.run([sys.executable, "-m", "fusion.data.build", "tokenizer", "--input",
-                            *(str(dirs[k]) for k in ("text", "image", "video", "vqa")),
-                            "--output", str(second), "--kind", kind],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fusion.data.build",
+                "tokenizer",
+                "--input",
+                *(str(dirs[k]) for k in ("text", "image", "video", "vqa")),
+                "--output",
+                str(second),
+                "--kind",
+                kind,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         assert first.read_bytes() == second.read_bytes()
     # the order of the inputs is part of the input (word counts tie-break by word, so only BPE
@@ -152,28 +195,53 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("case, flags, message", [
-    ("missing", ["--input", "MISSING"], "--input: no such directory: 'MISSING'"),
-    ("file", ["--input", "FILE"], "--input: 'FILE' is not a directory"),
-    ("empty", ["--input", "EMPTY"], "--input: no .tar shards in 'EMPTY'"),
-    ("no text", ["--input", "NOTEXT"], "--input: no text in the 2 samples of 'NOTEXT'"),
-    ("bpe vocab", ["--input", "TEXT", "--vocab-size", "100"], "--vocab-size: 100 is too small for --kind bpe: at least 265"),
-    ("word vocab", ["--input", "TEXT", "--kind", "word", "--vocab-size", "12"], "--vocab-size: 12 is too small for --kind word: at least 13"),
-    ("huge vocab", ["--input", "TEXT", "--vocab-size", str(10 ** 9)], "--vocab-size: 1000000000 is larger than"),
-    ("zero vocab", ["--input", "TEXT", "--vocab-size", "0"], "argument --vocab-size: must be >= 1"),
-    ("text vocab", ["--input", "TEXT", "--vocab-size", "many"], "argument --vocab-size: expected an integer"),
-    ("kind", ["--input", "TEXT", "--kind", "sentencepiece"], "argument --kind: invalid choice"),
-    ("output dir", ["--input", "TEXT", "--output", "OUTDIR"], "--output: 'OUTDIR' is a directory"),
-])
+@pytest.mark.parametrize(
+    "case, flags, message",
+    [
+        ("missing", ["--input", "MISSING"], "--input: no such directory: 'MISSING'"),
+        ("file", ["--input", "FILE"], "--input: 'FILE' is not a directory"),
+        ("empty", ["--input", "EMPTY"], "--input: no .tar shards in 'EMPTY'"),
+        ("no text", ["--input", "NOTEXT"], "--input: no text in the 2 samples of 'NOTEXT'"),
+        (
+            "bpe vocab",
+            ["--input", "TEXT", "--vocab-size", "100"],
+            "--vocab-size: 100 is too small for --kind bpe: at least 265",
+        ),
+        (
+            "word vocab",
+            ["--input", "TEXT", "--kind", "word", "--vocab-size", "12"],
+            "--vocab-size: 12 is too small for --kind word: at least 13",
+        ),
+        (
+            "huge vocab",
+            ["--input", "TEXT", "--vocab-size", str(10**9)],
+            "--vocab-size: 1000000000 is larger than",
+        ),
+        ("zero vocab", ["--input", "TEXT", "--vocab-size", "0"], "argument --vocab-size: must be >= 1"),
+        (
+            "text vocab",
+            ["--input", "TEXT", "--vocab-size", "many"],
+            "argument --vocab-size: expected an integer",
+        ),
+        ("kind", ["--input", "TEXT", "--kind", "sentencepiece"], "argument --kind: invalid choice"),
+        ("output dir", ["--input", "TEXT", "--output", "OUTDIR"], "--output: 'OUTDIR' is a directory"),
+    ],
+)
 def test_bad_input_is_one_line_and_leaves_the_output_alone(case, flags, message, dirs, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("not shards\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "outdir").mkdir()
-    _shards(tmp_path / "notext", [{"png": b"fake", "txt": "   "}, {"png": b"fake", "json": {"w": 1}}],
-            "image")
-    subst = {"MISSING": str(tmp_path / "missing"), "FILE": str(tmp_path / "file.txt"),
-             "EMPTY": str(tmp_path / "empty"), "NOTEXT": str(tmp_path / "notext"),
-             "TEXT": str(dirs["text"]), "OUTDIR": str(tmp_path / "outdir")}
+    _shards(
+        tmp_path / "notext", [{"png": b"fake", "txt": "   "}, {"png": b"fake", "json": {"w": 1}}], "image"
+    )
+    subst = {
+        "MISSING": str(tmp_path / "missing"),
+        "FILE": str(tmp_path / "file.txt"),
+        "EMPTY": str(tmp_path / "empty"),
+        "NOTEXT": str(tmp_path / "notext"),
+        "TEXT": str(dirs["text"]),
+        "OUTDIR": str(tmp_path / "outdir"),
+    }
     for key, value in subst.items():
         flags = [f.replace(key, value) for f in flags]
         message = message.replace(key, value)
@@ -192,7 +260,7 @@ def test_an_existing_file_is_replaced_whole_or_not_at_all(dirs, tmp_path, monkey
     out.write_text("old")
     path = _train(dirs, tmp_path, "--kind", "word")
     assert path == out and build_tokenizer(str(out)).vocab_size > 20
-    assert [p.name for p in tmp_path.iterdir()] == ["tok.json"]       # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.json"]  # no temporary file left
     good = out.read_bytes()
 
     def broken_replace(src, dst):
@@ -207,7 +275,9 @@ def test_an_existing_file_is_replaced_whole_or_not_at_all(dirs, tmp_path, monkey
 
 def test_output_directories_are_created(dirs, tmp_path):
     out = tmp_path / "a" / "b" / "tokenizer.json"
-    assert fusion_data(["tokenizer", "--input", str(dirs["vqa"]), "--output", str(out), "--kind", "word"]) == 0
+    assert (
+        fusion_data(["tokenizer", "--input", str(dirs["vqa"]), "--output", str(out), "--kind", "word"]) == 0
+    )
     assert build_tokenizer(str(out)).encode(" vertical") != []
 
 
@@ -219,12 +289,26 @@ def test_texts_of_a_sample_are_what_training_reads():
     assert tt.sample_texts({"txt": b"a doc", "json": b'{"question": "no?"}'}) == ["a doc"]
     assert tt.sample_texts({"mp4": b"", "txt": b"a clip", "json": b'{"fps": 8}'}) == [" a clip"]
     one = {"question": "How many?", "answer": 3, "choices": [2, 3, {"bad": 1}], "source": "x.png"}
-    assert tt.sample_texts({"jpg": b"", "json": json.dumps(one).encode()}) == \
-        [vqa_prompt("How many?"), vqa_answer("3"), vqa_answer("2")]
-    turns = {"question": "Which?", "answer": "a", "turns": [
-        {"question": "Which?", "answer": "a", "choices": ["a", "b"]}, {"question": "And?", "answer": "c"}]}
-    assert tt.sample_texts({"png": b"", "json": json.dumps(turns).encode()}) == \
-        [vqa_prompt("Which?"), vqa_answer("a"), vqa_answer("b"), vqa_prompt("And?"), vqa_answer("c")]
+    assert tt.sample_texts({"jpg": b"", "json": json.dumps(one).encode()}) == [
+        vqa_prompt("How many?"),
+        vqa_answer("3"),
+        vqa_answer("2"),
+    ]
+    turns = {
+        "question": "Which?",
+        "answer": "a",
+        "turns": [
+            {"question": "Which?", "answer": "a", "choices": ["a", "b"]},
+            {"question": "And?", "answer": "c"},
+        ],
+    }
+    assert tt.sample_texts({"png": b"", "json": json.dumps(turns).encode()}) == [
+        vqa_prompt("Which?"),
+        vqa_answer("a"),
+        vqa_answer("b"),
+        vqa_prompt("And?"),
+        vqa_answer("c"),
+    ]
     with pytest.raises(Exception, match="bad_utf8"):
         tt.sample_texts({"txt": b"\xff\xfe"})
 
@@ -238,16 +322,19 @@ def test_a_trained_bpe_tokenizer_makes_training_samples(dirs, tmp_path):
     from PIL import Image
 
     from fusion.config import load_config
-    from fusion.schema import tokens_per_image
     from fusion.data.samples import SampleMaker
+    from fusion.schema import tokens_per_image
 
     path = _train(dirs, tmp_path)
     cfg = load_config(None, [f"data.tokenizer={path}", "train.seq_len=128"])
     tok = build_tokenizer(cfg.data.tokenizer)
     png = io.BytesIO()
     Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(png, format="PNG")
-    meta = {"question": "Which way do the stripes run?", "answer": "vertical",
-            "choices": ["horizontal", "vertical"]}
+    meta = {
+        "question": "Which way do the stripes run?",
+        "answer": "vertical",
+        "choices": ["horizontal", "vertical"],
+    }
     out = SampleMaker(cfg, tok)({"__key__": "k", "png": png.getvalue(), "json": json.dumps(meta).encode()})
     assert out is not None and out["tokens"][0] == tok.bos_id
     assert out["tokens"].count(tok.patch_id) == tokens_per_image(cfg.model.vision)

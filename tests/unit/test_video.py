@@ -14,7 +14,7 @@ from fusion.data import video
 from fusion.data.sampling import VideoMeta
 from fusion.data.video import DecodeStats, VideoDecodeError, decode, probe
 
-try:                                    # tests/unit as a package, or on sys.path (pytest rootdir)
+try:  # tests/unit as a package, or on sys.path (pytest rootdir)
     from . import videos
 except ImportError:
     import videos
@@ -39,21 +39,23 @@ def clip_faststart():
 def check_frames(frames, ids, height, width):
     assert frames.dtype == np.uint8 and frames.shape == (len(ids), height, width, 3)
     assert videos.frame_ids(frames) == ids
-    for f, i in zip(frames.astype(int), ids):             # pixel values survive the codec,
-        want = videos.make_frame(i, height, width)        # away from the red block's edges
-        assert np.abs(f[12:] - want[12:]).max() <= 6      # (4:2:0 chroma blurs them)
-        assert np.abs(f[2:6, 2:6] - want[2:6, 2:6]).max() <= 6   # RGB order, not BGR
+    for f, i in zip(frames.astype(int), ids):  # pixel values survive the codec,
+        want = videos.make_frame(i, height, width)  # away from the red block's edges
+        assert np.abs(f[12:] - want[12:]).max() <= 6  # (4:2:0 chroma blurs them)
+        assert np.abs(f[2:6, 2:6] - want[2:6, 2:6]).max() <= 6  # RGB order, not BGR
 
 
 def test_import_loads_neither_backend():
-    code = ("import sys, fusion.data.video, fusion.data.sampling; "
-            "assert 'decord' not in sys.modules and 'av' not in sys.modules, sys.modules.keys()")
+    code = (
+        "import sys, fusion.data.video, fusion.data.sampling; "
+        "assert 'decord' not in sys.modules and 'av' not in sys.modules, sys.modules.keys()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_returns_the_requested_frames_in_order(backend, clip):
-    indices = [19, 0, 5, 5, 3, 12, 0]                     # unsorted, duplicates
+    indices = [19, 0, 5, 5, 3, 12, 0]  # unsorted, duplicates
     check_frames(decode(clip, indices, backend=backend), indices, 32, 40)
     check_frames(decode(clip, [7], backend=backend), [7], 32, 40)
     check_frames(decode(clip, list(range(20)), backend=backend), list(range(20)), 32, 40)
@@ -99,7 +101,7 @@ def zero_frame_avi():
     with av.open(buf, "w", format="avi") as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        container.start_encoding()       # header with a video stream, then no frames
+        container.start_encoding()  # header with a video stream, then no frames
     return buf.getvalue()
 
 
@@ -114,12 +116,15 @@ def broken_inputs(clip, clip_faststart):
         # moov (the index) is written last: cutting the file loses it
         "truncated_index": (clip[: len(clip) // 2], dict.fromkeys(BACKENDS, {"unreadable"})),
         # moov first, media data cut: PyAV opens it and fails while decoding
-        "truncated_media": (clip_faststart[:mid],
-                            {"decord": either, "pyav": {"corrupt"}, "auto": {"corrupt"}}),
+        "truncated_media": (
+            clip_faststart[:mid],
+            {"decord": either, "pyav": {"corrupt"}, "auto": {"corrupt"}},
+        ),
         "audio_only": (videos.encode_audio_only(), dict.fromkeys(BACKENDS, {"no_video_stream"})),
-        "zero_frames": (zero_frame_avi(),
-                        {"decord": either | {"zero_frames"}, "pyav": {"zero_frames"},
-                         "auto": {"zero_frames"}}),
+        "zero_frames": (
+            zero_frame_avi(),
+            {"decord": either | {"zero_frames"}, "pyav": {"zero_frames"}, "auto": {"zero_frames"}},
+        ),
     }
 
 
@@ -214,7 +219,7 @@ def test_missing_backend(clip, monkeypatch):
         decode(clip, [0], backend="decord")
     stats = DecodeStats()
     check_frames(decode(clip, [2], backend="auto", stats=stats), [2], 32, 40)
-    assert stats.fallbacks == 0                           # PyAV chosen, not fallen back to
+    assert stats.fallbacks == 0  # PyAV chosen, not fallen back to
     monkeypatch.setattr(video, "_installed", lambda module: False)
     with pytest.raises(ImportError, match="neither"):
         decode(clip, [0], backend="auto")
@@ -233,7 +238,7 @@ def test_bad_arguments(clip):
 
 
 def test_encode_frames_round_trips_deterministically():
-    frames = np.stack([videos.make_frame(i, 32, 40) for i in range(6)])      # (6, 32, 40, 3)
+    frames = np.stack([videos.make_frame(i, 32, 40) for i in range(6)])  # (6, 32, 40, 3)
     data = video.encode_frames(frames, 10, crf=0, keyframe_interval=4)
     assert data == video.encode_frames(frames, 10, crf=0, keyframe_interval=4)
     check_frames(decode(data, [5, 0, 3], backend="pyav"), [5, 0, 3], 32, 40)
@@ -241,8 +246,7 @@ def test_encode_frames_round_trips_deterministically():
     assert (meta.n_frames, meta.fps, meta.width, meta.height) == (6, 10.0, 40, 32)
     # x264 writes its settings into the stream: scene-cut keyframes off unless asked for
     assert b"scenecut=0" in data
-    assert b"scenecut=40" in video.encode_frames(frames, 10, crf=0, keyframe_interval=4,
-                                                 scene_cuts=True)
+    assert b"scenecut=40" in video.encode_frames(frames, 10, crf=0, keyframe_interval=4, scene_cuts=True)
 
 
 def test_transcode_retimes_and_resizes(clip):
@@ -252,7 +256,7 @@ def test_transcode_retimes_and_resizes(clip):
     assert (meta.n_frames, meta.fps, meta.width, meta.height) == (10, 5.0, 20, 16)
     assert probe(data, backend="pyav") == meta
     assert "mp4" in video.container_format(data).split(",")
-    assert video.encoded_size(24, 32, 0) == (22, 32)                # decord misreads width 24
+    assert video.encoded_size(24, 32, 0) == (22, 32)  # decord misreads width 24
 
 
 def test_strict_reading_refuses_still_images_and_truncated_files(clip_faststart):
@@ -266,7 +270,7 @@ def test_strict_reading_refuses_still_images_and_truncated_files(clip_faststart)
         with pytest.raises(VideoDecodeError) as info:
             fn(b"")
         assert info.value.reason == "empty"
-    index_only = clip_faststart[:clip_faststart.index(b"mdat") + 4]       # no media data at all
+    index_only = clip_faststart[: clip_faststart.index(b"mdat") + 4]  # no media data at all
     for fn in (video.transcode, video.measure):
         with pytest.raises(VideoDecodeError, match="truncated") as info:
             fn(index_only)

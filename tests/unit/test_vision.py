@@ -9,14 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from fusion.config import VisionConfig
-from fusion.model.vision import (ConvStem, PatchLinear, Projector, TimmEncoder, VisionTower,
-                                 conv_stem_channels, load_encoder_weights, pixel_shuffle, pixel_unshuffle)
+from fusion.model.vision import (
+    ConvStem,
+    PatchLinear,
+    Projector,
+    TimmEncoder,
+    VisionTower,
+    conv_stem_channels,
+    load_encoder_weights,
+    pixel_shuffle,
+    pixel_unshuffle,
+)
 
 VIT = "vit_tiny_patch16_224"  # built at img_size 32, patch_size 8: a 4x4 grid, width 192
 DIM = 32
-DEFAULTS = dict(encoder="patch-linear", img_size=32, patch_size=8, width=0, pixel_shuffle=False,
-                temporal_merge=1, max_frames=32, frame_pos=True, checkpoint="", freeze=False,
-                mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+DEFAULTS = dict(
+    encoder="patch-linear",
+    img_size=32,
+    patch_size=8,
+    width=0,
+    pixel_shuffle=False,
+    temporal_merge=1,
+    max_frames=32,
+    frame_pos=True,
+    checkpoint="",
+    freeze=False,
+    mean=[0.5, 0.5, 0.5],
+    std=[0.5, 0.5, 0.5],
+)
 
 
 def vcfg(**kw):
@@ -152,10 +172,19 @@ def test_pixel_shuffle_rejects_odd_or_non_square_grids():
 # ---- tower shapes and token counts ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("encoder, shuffle, merge", [
-    ("patch-linear", False, 1), ("patch-linear", True, 1), ("patch-linear", False, 2),
-    ("patch-linear", True, 2), ("conv-stem", False, 1), ("conv-stem", True, 2), (VIT, False, 1),
-    (VIT, True, 2)])
+@pytest.mark.parametrize(
+    "encoder, shuffle, merge",
+    [
+        ("patch-linear", False, 1),
+        ("patch-linear", True, 1),
+        ("patch-linear", False, 2),
+        ("patch-linear", True, 2),
+        ("conv-stem", False, 1),
+        ("conv-stem", True, 2),
+        (VIT, False, 1),
+        (VIT, True, 2),
+    ],
+)
 def test_tower_shapes_match_token_counts(encoder, shuffle, merge):
     t = tower(encoder=encoder, pixel_shuffle=shuffle, temporal_merge=merge)
     tpi = 4 if shuffle else 16
@@ -198,8 +227,9 @@ def test_videos_in_one_batch_equal_videos_alone(vit_tower):
     v = videos(2, 3)
     both = vit_tower.encode_videos(v)
     for i in range(2):
-        torch.testing.assert_close(both[i:i + 1], vit_tower.encode_videos(v[i:i + 1]),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            both[i : i + 1], vit_tower.encode_videos(v[i : i + 1]), rtol=1e-5, atol=1e-5
+        )
 
 
 # ---- frame order ----------------------------------------------------------------------------
@@ -232,8 +262,9 @@ def test_frozen_encoder_gets_no_grads_projector_does():
     loss = t.encode_images(images(2)).square().mean() + t.encode_videos(videos(1, 2)).mean()
     loss.backward()
     assert all(p.grad is None for p in t.encoder.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in [*t.projector.parameters(), t.frame_pos])
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in [*t.projector.parameters(), t.frame_pos]
+    )
 
 
 def test_unfrozen_encoder_trains():
@@ -261,6 +292,7 @@ def test_checkpoint_round_trip(vit_tower, tmp_path, suffix):
     path = tmp_path / f"vit{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save(state, path)
@@ -276,8 +308,9 @@ def test_checkpoint_from_another_image_size_is_resampled(vit_tower, tmp_path):
     path = tmp_path / "vit32.pt"
     torch.save(vit_tower.encoder.model.state_dict(), path)
     enc = TimmEncoder(VIT, 64, 8, checkpoint=str(path))
-    torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight,
-                               vit_tower.encoder.model.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        enc.model.blocks[0].attn.qkv.weight, vit_tower.encoder.model.blocks[0].attn.qkv.weight, rtol=0, atol=0
+    )
     assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 64, 192)
 
 
@@ -300,6 +333,7 @@ def test_bad_checkpoints_name_the_file(scratch_vit, tmp_path):
 
     partial = tmp_path / "partial.safetensors"
     from safetensors.torch import save_file
+
     state = {k: v.contiguous() for k, v in scratch_vit.state_dict().items() if "blocks.11" not in k}
     save_file(state, str(partial))
     with pytest.raises(ValueError, match=r"partial.safetensors.*missing keys \['blocks.11"):

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 
 LEVEL_STEP = 10
-MAX_FRAMES = 23          # levels 16 .. 236 stay inside the limited-range YUV gray scale
+MAX_FRAMES = 23  # levels 16 .. 236 stay inside the limited-range YUV gray scale
 
 
 def frame_level(i: int) -> int:
@@ -23,7 +23,7 @@ def frame_level(i: int) -> int:
 
 def frame_ids(frames: np.ndarray) -> list[int]:
     """The frame number of each decoded frame (F, H, W, 3), read from the gray level."""
-    below_red_block = frames[:, frames.shape[1] // 2:]                  # (F, H/2, W, 3)
+    below_red_block = frames[:, frames.shape[1] // 2 :]  # (F, H/2, W, 3)
     gray = below_red_block.reshape(len(frames), -1).mean(axis=1)
     return [int(round((g - 16) / LEVEL_STEP)) for g in gray]
 
@@ -34,13 +34,19 @@ def make_frame(i: int, height: int, width: int) -> np.ndarray:
     return img
 
 
-def encode_video(n_frames: int = 20, height: int = 32, width: int = 40, fps: int = 10,
-                 gop: int = 4, faststart: bool = False) -> bytes:
+def encode_video(
+    n_frames: int = 20,
+    height: int = 32,
+    width: int = 40,
+    fps: int = 10,
+    gop: int = 4,
+    faststart: bool = False,
+) -> bytes:
     """An H.264 mp4 as bytes. faststart puts the index (moov) before the media data (mdat)."""
     import av
 
     assert n_frames <= MAX_FRAMES
-    with tempfile.TemporaryDirectory() as tmp:      # faststart rewrites the file: needs a path
+    with tempfile.TemporaryDirectory() as tmp:  # faststart rewrites the file: needs a path
         path = os.path.join(tmp, "v.mp4")
         options = {"movflags": "faststart"} if faststart else {}
         with av.open(path, "w", format="mp4", options=options) as container:
@@ -71,14 +77,13 @@ def encode_audio_only(seconds: float = 0.5, rate: int = 16000) -> bytes:
     import av
 
     t = np.arange(int(seconds * rate)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]   # (channels, samples)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]  # (channels, samples)
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=rate)
         stream.layout = "mono"
         for start in range(0, tone.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(tone[:, start:start + 1024], format="fltp",
-                                               layout="mono")
+            frame = av.AudioFrame.from_ndarray(tone[:, start : start + 1024], format="fltp", layout="mono")
             frame.sample_rate = rate
             container.mux(stream.encode(frame))
         container.mux(stream.encode())

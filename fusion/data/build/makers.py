@@ -36,6 +36,7 @@ from fusion.data.video import probe as probe_video
 
 # ---------------------------------------------------------------- text
 
+
 def make_text_sample(key: str, fields: dict, meta: dict, *, text_col: str, min_chars: int) -> dict:
     """A text record -> {"txt": text, "json": other columns + source and line}.
 
@@ -58,14 +59,15 @@ def make_text_sample(key: str, fields: dict, meta: dict, *, text_col: str, min_c
 
 # ---------------------------------------------------------------- media: shared by images, videos, vqa
 
+
 @dataclass(frozen=True)
 class ImageOptions:
     """How `images` and `vqa` store a picture (repr is part of the resume fingerprint)."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_side: int = 0                 # 0 = keep the size
-    resize_mode: str = "keep_ratio"   # images.RESIZE_MODES
-    format: str = "keep"              # keep | jpg | png | webp
+    max_side: int = 0  # 0 = keep the size
+    resize_mode: str = "keep_ratio"  # images.RESIZE_MODES
+    format: str = "keep"  # keep | jpg | png | webp
     quality: int = 90
 
 
@@ -74,8 +76,8 @@ class VideoOptions:
     """How `videos` and `vqa` store a clip (repr is part of the resume fingerprint)."""
 
     reencode: bool = True
-    fps: float = 0.0                  # 0 = the source's average rate
-    max_side: int = 0                 # 0 = keep the size (made even and decord-safe)
+    fps: float = 0.0  # 0 = the source's average rate
+    max_side: int = 0  # 0 = keep the size (made even and decord-safe)
     keyframe_interval: int = 8
     crf: int = 23
     preset: str = "medium"
@@ -124,8 +126,9 @@ def read_media(value, base: str) -> bytes:
         raise SampleError("unreadable_file", f"'{path}': {exn.strerror or exn}") from None
 
 
-def store_image(data: bytes, opts: ImageOptions, formats: Sequence[str] = ENCODINGS
-                ) -> tuple[str, bytes, dict]:
+def store_image(
+    data: bytes, opts: ImageOptions, formats: Sequence[str] = ENCODINGS
+) -> tuple[str, bytes, dict]:
     """An image file -> (extension, bytes to store, {width, height} of the stored image).
 
     The file is always decoded completely (so a bad one fails here, not in training). `formats`:
@@ -163,8 +166,14 @@ def store_video(data: bytes, opts: VideoOptions) -> tuple[bytes, dict]:
     try:
         if not opts.reencode:
             return data, _copy_check(data)
-        stored = transcode(data, fps=opts.fps, max_side=opts.max_side, crf=opts.crf,
-                           keyframe_interval=opts.keyframe_interval, preset=opts.preset)
+        stored = transcode(
+            data,
+            fps=opts.fps,
+            max_side=opts.max_side,
+            crf=opts.crf,
+            keyframe_interval=opts.keyframe_interval,
+            preset=opts.preset,
+        )
     except VideoDecodeError as exn:
         raise SampleError(_READ_FAILURES[exn.reason], exn.message) from None
     try:
@@ -178,27 +187,35 @@ def _copy_check(data: bytes) -> dict:
     """`--copy`: decode the mp4 completely (one pass) and measure it as `video.probe` does."""
     name = container_format(data)
     if "mp4" not in name.split(","):
-        raise SampleError("unsupported_format", f"a {name} container: --copy stores mp4 files "
-                                                f"only (use --reencode)")
+        raise SampleError(
+            "unsupported_format", f"a {name} container: --copy stores mp4 files only (use --reencode)"
+        )
     return _video_info(measure_video(data))
 
 
 def _video_info(meta) -> dict:
     """A `VideoMeta` as the sample's json fields, in their stored order."""
-    return {"fps": meta.fps, "n_frames": meta.n_frames, "duration": meta.duration,
-            "width": meta.width, "height": meta.height}
+    return {
+        "fps": meta.fps,
+        "n_frames": meta.n_frames,
+        "duration": meta.duration,
+        "width": meta.width,
+        "height": meta.height,
+    }
 
 
-def make_image_sample(key: str, fields: dict, meta: dict, *, caption_col: str, image_col: str,
-                      base: str, image: ImageOptions) -> dict:
+def make_image_sample(
+    key: str, fields: dict, meta: dict, *, caption_col: str, image_col: str, base: str, image: ImageOptions
+) -> dict:
     """An image-caption record -> {jpg|png|webp, txt: caption, json: {width, height, source}}."""
     caption = media_text(fields, caption_col, "empty_caption")
     ext, data, size = store_image(read_media(fields.get(image_col), base), image)
     return {ext: data, "txt": caption, "json": {**size, "source": fields[image_col]}}
 
 
-def make_video_sample(key: str, fields: dict, meta: dict, *, caption_col: str, video_col: str,
-                      base: str, video: VideoOptions) -> dict:
+def make_video_sample(
+    key: str, fields: dict, meta: dict, *, caption_col: str, video_col: str, base: str, video: VideoOptions
+) -> dict:
     """A video-caption record -> {mp4, txt: caption, json: {fps, n_frames, duration, width,
     height, source}}."""
     caption = media_text(fields, caption_col, "empty_caption")
@@ -232,7 +249,7 @@ def parse_choices(value) -> list[str]:
     return choices
 
 
-VQA_IMAGE_FORMATS = ("jpg", "png")   # docs/shards.md: a vqa sample's picture is .jpg or .png
+VQA_IMAGE_FORMATS = ("jpg", "png")  # docs/shards.md: a vqa sample's picture is .jpg or .png
 
 
 def names_file(fields: dict, col: str | None) -> bool:
@@ -240,8 +257,9 @@ def names_file(fields: dict, col: str | None) -> bool:
     return col is not None and isinstance(fields.get(col), str) and fields[col].strip() != ""
 
 
-def vqa_turn(fields: dict, question_col: str, answer_col: str, choices_col: str,
-             type_col: str | None) -> dict:
+def vqa_turn(
+    fields: dict, question_col: str, answer_col: str, choices_col: str, type_col: str | None
+) -> dict:
     """One question of a record (or of its `turns`) -> {question, answer, choices, type}; the
     answer must be one of the choices (`answer_not_in_choices`), the type defaults to 'default'."""
     question = media_text(fields, question_col, "empty_question")
@@ -265,16 +283,27 @@ def parse_turns(value) -> list[dict] | None:
             value = json.loads(value)
         except ValueError as exn:
             raise SampleError("bad_turns", f"not a JSON list: {exn}") from None
-    if not isinstance(value, (list, tuple)) or not value \
-            or not all(isinstance(t, dict) for t in value):
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(t, dict) for t in value):
         raise SampleError("bad_turns", "expected a non-empty list of {question, answer, choices[, type]}")
     return list(value)
 
 
-def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, answer_col: str,
-                    choices_col: str, type_col: str | None, image_col: str | None,
-                    video_col: str | None, base: str, image: ImageOptions,
-                    video: VideoOptions, turns_col: str | None = None) -> dict:
+def make_vqa_sample(
+    key: str,
+    fields: dict,
+    meta: dict,
+    *,
+    question_col: str,
+    answer_col: str,
+    choices_col: str,
+    type_col: str | None,
+    image_col: str | None,
+    video_col: str | None,
+    base: str,
+    image: ImageOptions,
+    video: VideoOptions,
+    turns_col: str | None = None,
+) -> dict:
     """A VQA record -> {jpg|png or mp4, json: {question, answer, choices, type, source,
     width, height [, fps, n_frames, duration]}}.
 
@@ -298,7 +327,5 @@ def make_vqa_sample(key: str, fields: dict, meta: dict, *, question_col: str, an
     if names_file(fields, video_col) or image_col is None:
         data, measured = store_video(read_media(fields.get(video_col), base), video)
         return {"mp4": data, "json": {**info, "source": fields[video_col], **measured}}
-    ext, data, measured = store_image(read_media(fields.get(image_col), base), image,
-                                      VQA_IMAGE_FORMATS)
+    ext, data, measured = store_image(read_media(fields.get(image_col), base), image, VQA_IMAGE_FORMATS)
     return {ext: data, "json": {**info, "source": fields[image_col], **measured}}
-

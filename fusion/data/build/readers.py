@@ -34,13 +34,18 @@ class InputError(CliError):
 
 @dataclass
 class Record:
-    index: int    # position among the file's records, from 0: decides the default key and shard
-    line: int     # 1-based line (parquet: row) where the record starts
+    index: int  # position among the file's records, from 0: decides the default key and shard
+    line: int  # 1-based line (parquet: row) where the record starts
     fields: dict  # column -> value; text never fails to decode here (see read_records)
 
 
-def read_records(path: str | os.PathLike, text_col: str, columns: Sequence = (),
-                 one_of: Sequence[str] = (), text_or: str | None = None) -> Iterator[Record]:
+def read_records(
+    path: str | os.PathLike,
+    text_col: str,
+    columns: Sequence = (),
+    one_of: Sequence[str] = (),
+    text_or: str | None = None,
+) -> Iterator[Record]:
     """Records of a .jsonl / .txt / .csv / .parquet file, in order.
 
     `text_col` and `columns` must exist in every record (a .txt line is `{text_col: line}`), and
@@ -58,13 +63,21 @@ def read_records(path: str | os.PathLike, text_col: str, columns: Sequence = (),
     required = [(text_col, text_or) if text_or else text_col, *[c for c in columns if c != text_col]]
     readers = {".jsonl": _read_jsonl, ".txt": _read_txt, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
-        raise InputError(path, None, f"unknown input format '{suffix or path.name}' "
-                         f"(expected {', '.join(INPUT_FORMATS)})")
+        raise InputError(
+            path, None, f"unknown input format '{suffix or path.name}' (expected {', '.join(INPUT_FORMATS)})"
+        )
     if suffix == ".txt" and (len(required) > 1 or one_of or text_or):
-        extra = [*map(_column_names, required[1:]), " or ".join(one_of)] if one_of \
+        extra = (
+            [*map(_column_names, required[1:]), " or ".join(one_of)]
+            if one_of
             else list(map(_column_names, required[1:]))
-        raise InputError(path, None, f"a .txt input has one column per line; "
-                         f"column(s) {', '.join(extra)} need .jsonl, .csv or .parquet")
+        )
+        raise InputError(
+            path,
+            None,
+            f"a .txt input has one column per line; "
+            f"column(s) {', '.join(extra)} need .jsonl, .csv or .parquet",
+        )
     try:
         yield from readers[suffix](path, required, tuple(one_of))
     except InputError:
@@ -78,14 +91,14 @@ def _column_names(col: str | tuple[str, ...]) -> str:
     return " or ".join(f"'{c}'" for c in (col if isinstance(col, tuple) else (col,)))
 
 
-def _missing(path, line, fields: Iterable[str], required: Sequence, what: str,
-             one_of: Sequence[str] = ()):
+def _missing(path, line, fields: Iterable[str], required: Sequence, what: str, one_of: Sequence[str] = ()):
     have = list(fields)
     shown = ", ".join(map(str, have[:10])) + (", ..." if len(have) > 10 else "")
     for col in required:
         if not any(c in have for c in (col if isinstance(col, tuple) else (col,))):
-            raise InputError(path, line, f"missing column {_column_names(col)} in {what} "
-                                         f"(has: {shown or 'none'})")
+            raise InputError(
+                path, line, f"missing column {_column_names(col)} in {what} (has: {shown or 'none'})"
+            )
     if one_of and not any(col in have for col in one_of):
         wanted = " or ".join(f"'{col}'" for col in one_of)
         raise InputError(path, line, f"missing column {wanted} in {what} (has: {shown or 'none'})")
@@ -155,8 +168,11 @@ def _read_parquet(path: Path, required: Sequence[str], one_of: Sequence[str]) ->
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise InputError(path, None, "reading .parquet needs pyarrow (pip install pyarrow), "
-                         "or convert the file to .jsonl or .csv") from None
+        raise InputError(
+            path,
+            None,
+            "reading .parquet needs pyarrow (pip install pyarrow), or convert the file to .jsonl or .csv",
+        ) from None
     try:
         pf = pq.ParquetFile(path)
     except Exception as exn:  # pyarrow raises its own error types for a bad file
@@ -167,4 +183,3 @@ def _read_parquet(path: Path, required: Sequence[str], one_of: Sequence[str]) ->
         for row in batch.to_pylist():
             yield Record(index, index + 1, row)
             index += 1
-

@@ -26,6 +26,7 @@ from fusion.data.verify import guess_modality, verify_shard
 
 # ---------------------------------------------------------------- verify
 
+
 def _verify_modality(directory: Path, paths: list[str], given: str | None) -> str:
     if given:
         return given
@@ -40,22 +41,42 @@ def _verify_modality(directory: Path, paths: list[str], given: str | None) -> st
             guess = guess_modality(sample)
             if guess:
                 return guess
-    raise CliError(f"cannot tell the modality of '{directory}' (no index.json, no readable "
-                   f"sample); pass --modality")
+    raise CliError(
+        f"cannot tell the modality of '{directory}' (no index.json, no readable sample); pass --modality"
+    )
 
 
 def configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="dataset directory of *.tar shards")
-    p.add_argument("--modality", choices=SHARD_KINDS, default=None,
-                   help="modality to check against (default: from index.json, else guessed "
-                        "from the members of the first sample)")
-    p.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",
-                   help="processes reading shards in parallel (default: CPUs, at most 8)")
-    p.add_argument("--max-problems", type=int_at_least(0), default=20, metavar="N",
-                   help="problems listed one per line before the summary (default: 20)")
-    p.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help="images with more pixels fail as too_many_pixels, as in the builders "
-                        f"(default: {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument(
+        "--modality",
+        choices=SHARD_KINDS,
+        default=None,
+        help="modality to check against (default: from index.json, else guessed "
+        "from the members of the first sample)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=default_workers(),
+        metavar="N",
+        help="processes reading shards in parallel (default: CPUs, at most 8)",
+    )
+    p.add_argument(
+        "--max-problems",
+        type=int_at_least(0),
+        default=20,
+        metavar="N",
+        help="problems listed one per line before the summary (default: 20)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="images with more pixels fail as too_many_pixels, as in the builders "
+        f"(default: {DEFAULT_MAX_PIXELS:,})",
+    )
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -70,8 +91,9 @@ def run_verify(args: argparse.Namespace) -> int:
         import webdataset  # noqa: F401  (seconds, with torch: once here, not in every worker)
 
         with cf.ProcessPoolExecutor(max_workers=min(args.workers, len(paths))) as ex:
-            reports = list(ex.map(verify_shard, paths, [modality] * len(paths),
-                                  [args.max_pixels] * len(paths)))
+            reports = list(
+                ex.map(verify_shard, paths, [modality] * len(paths), [args.max_pixels] * len(paths))
+            )
     else:
         reports = [verify_shard(p, modality, args.max_pixels) for p in paths]
 
@@ -82,8 +104,9 @@ def run_verify(args: argparse.Namespace) -> int:
     for rep in reports:
         for reason, n in rep.unreadable.items():
             reasons[reason] += n
-            lines.append(f"{directory / rep.name}: unreadable after {rep.n_samples} samples: "
-                         f"{rep.message or reason}")
+            lines.append(
+                f"{directory / rep.name}: unreadable after {rep.n_samples} samples: {rep.message or reason}"
+            )
         for key in rep.keys:
             if key in first_seen:
                 rep.problems.append((key, f"duplicate_key (also in {first_seen[key]})"))
@@ -98,11 +121,14 @@ def run_verify(args: argparse.Namespace) -> int:
     if len(lines) > args.max_problems:
         print(f"... and {len(lines) - args.max_problems} more")
 
-    index = write_index(directory, modality, names=[r.name for r in reports],
-                        counts={r.name: r.n_samples for r in reports})
+    index = write_index(
+        directory, modality, names=[r.name for r in reports], counts={r.name: r.n_samples for r in reports}
+    )
     size = sum(s["bytes"] for s in index["shards"])
-    head = (f"verify {directory}: {modality}, {len(reports)} shards, {index['n_samples']:,} samples, "
-            f"{size / 1e6:,.1f} MB; wrote {directory / 'index.json'}")
+    head = (
+        f"verify {directory}: {modality}, {len(reports)} shards, {index['n_samples']:,} samples, "
+        f"{size / 1e6:,.1f} MB; wrote {directory / 'index.json'}"
+    )
     if not reasons:
         print(f"{head}; OK")
         return 0
@@ -112,6 +138,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- stats
+
 
 def configure_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="dataset directory of *.tar shards and *_stats.json")
@@ -127,18 +154,23 @@ def run_stats(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     failed = sum(summary["failures"].values())
-    reasons = ", ".join(f"{r}: {n:,}" for r, n in
-                        sorted(summary["failures"].items(), key=lambda x: (-x[1], x[0])))
-    text = (f"{summary['dir']}: {summary['modality'] or 'unknown modality (no index.json)'}, "
-            f"{summary['shards']} shards, {summary['bytes'] / 1e6:,.1f} MB; "
-            f"{summary['count']:,} records -> {summary['successes']:,} samples; {failed:,} failed"
-            + (f" ({reasons})" if failed else ""))
+    reasons = ", ".join(
+        f"{r}: {n:,}" for r, n in sorted(summary["failures"].items(), key=lambda x: (-x[1], x[0]))
+    )
+    text = (
+        f"{summary['dir']}: {summary['modality'] or 'unknown modality (no index.json)'}, "
+        f"{summary['shards']} shards, {summary['bytes'] / 1e6:,.1f} MB; "
+        f"{summary['count']:,} records -> {summary['successes']:,} samples; {failed:,} failed"
+        + (f" ({reasons})" if failed else "")
+    )
     if summary["index_n_samples"] is not None:
         text += f"; index.json: {summary['index_n_samples']:,} samples"
     if summary["shards_without_stats"]:
         n = len(summary["shards_without_stats"])
-        text += (f"; {n} shard(s) without stats (incomplete or written by another tool): "
-                 + ", ".join(summary["shards_without_stats"][:3]) + (", ..." if n > 3 else ""))
+        text += (
+            f"; {n} shard(s) without stats (incomplete or written by another tool): "
+            + ", ".join(summary["shards_without_stats"][:3])
+            + (", ..." if n > 3 else "")
+        )
     print(text)
     return 0
-

@@ -68,12 +68,13 @@ SampleFn = Callable[[str, dict, dict], dict]
 
 # ---------------------------------------------------------------- planning and writing shards
 
+
 @dataclass
 class Item:
     key: str
     fields: dict
-    meta: dict            # {"source": input file name, "line": n}
-    failure: str | None   # decided before any worker sees it (duplicate_key, empty_key)
+    meta: dict  # {"source": input file name, "line": n}
+    failure: str | None  # decided before any worker sees it (duplicate_key, empty_key)
 
 
 def plan_items(records: Iterable[Record], source: str, key_col: str | None) -> Iterator[Item]:
@@ -115,7 +116,9 @@ def describe(make_sample: SampleFn) -> str:
         args = [repr(a) for a in make_sample.args]
         args += [f"{k}={v!r}" for k, v in sorted(make_sample.keywords.items())]
         return f"{describe(make_sample.func)}({', '.join(args)})"
-    return f"{getattr(make_sample, '__module__', '')}.{getattr(make_sample, '__qualname__', repr(make_sample))}"
+    return (
+        f"{getattr(make_sample, '__module__', '')}.{getattr(make_sample, '__qualname__', repr(make_sample))}"
+    )
 
 
 def fingerprint(items: Sequence[Item], recipe: str) -> str:
@@ -123,14 +126,21 @@ def fingerprint(items: Sequence[Item], recipe: str) -> str:
     build reuses a shard only when both are unchanged."""
     h = hashlib.sha256(recipe.encode())
     for item in items:
-        h.update(json.dumps([item.key, item.fields, item.meta, item.failure], sort_keys=True,
-                            default=str).encode())
+        h.update(
+            json.dumps([item.key, item.fields, item.meta, item.failure], sort_keys=True, default=str).encode()
+        )
         h.update(b"\n")
     return h.hexdigest()
 
 
-def write_shard(output: str | os.PathLike, index: int, items: Sequence[Item], make_sample: SampleFn,
-                input_sha256: str | None = None, provenance: dict | None = None) -> dict:
+def write_shard(
+    output: str | os.PathLike,
+    index: int,
+    items: Sequence[Item],
+    make_sample: SampleFn,
+    input_sha256: str | None = None,
+    provenance: dict | None = None,
+) -> dict:
     """Write shard `index` from its items; a SampleError skips one item, counted by reason.
 
     The stats file records `input_sha256` (see `fingerprint`) and `provenance` ({modality, input}:
@@ -151,17 +161,25 @@ def write_shard(output: str | os.PathLike, index: int, items: Sequence[Item], ma
 
 @dataclass
 class BuildResult:
-    names: list[str]          # shard file names, in order
-    stats: list[dict]         # stats of each shard
-    written: int              # shards written by this run
-    reused: int               # complete shards kept from an earlier run
-    records_written: int      # records in the shards written by this run
+    names: list[str]  # shard file names, in order
+    stats: list[dict]  # stats of each shard
+    written: int  # shards written by this run
+    reused: int  # complete shards kept from an earlier run
+    records_written: int  # records in the shards written by this run
     seconds: float
 
 
-def build_shards(items: Iterable[Item], make_sample: SampleFn, output: Path, *,
-                 samples_per_shard: int, workers: int, progress: bool = True,
-                 desc: str = "", provenance: dict | None = None) -> BuildResult:
+def build_shards(
+    items: Iterable[Item],
+    make_sample: SampleFn,
+    output: Path,
+    *,
+    samples_per_shard: int,
+    workers: int,
+    progress: bool = True,
+    desc: str = "",
+    provenance: dict | None = None,
+) -> BuildResult:
     """Write every shard of `items` that is not already complete; whole shards per worker.
 
     An exception while reading the items (InputError) or writing a shard stops new work, lets the
@@ -210,8 +228,10 @@ def build_shards(items: Iterable[Item], make_sample: SampleFn, output: Path, *,
                 continue
             if executor is None:
                 executor = cf.ProcessPoolExecutor(max_workers=workers)
-            pending[executor.submit(write_shard, output, index, batch, make_sample, digest,
-                                    provenance)] = (index, len(batch))
+            pending[executor.submit(write_shard, output, index, batch, make_sample, digest, provenance)] = (
+                index,
+                len(batch),
+            )
             if len(pending) >= 2 * workers:  # bound the records held in memory
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 finish(done)
@@ -226,11 +246,18 @@ def build_shards(items: Iterable[Item], make_sample: SampleFn, output: Path, *,
             executor.shutdown(wait=True, cancel_futures=True)
         bar.close()
     order = sorted(stats)
-    return BuildResult([shard_name(i) for i in order], [stats[i] for i in order], written, reused,
-                       records_written, time.perf_counter() - t0)
+    return BuildResult(
+        [shard_name(i) for i in order],
+        [stats[i] for i in order],
+        written,
+        reused,
+        records_written,
+        time.perf_counter() - t0,
+    )
 
 
 # ---------------------------------------------------------------- one build, from the command line
+
 
 def _summary_line(modality: str, source: str, output: Path, result: BuildResult) -> str:
     count = sum(s["count"] for s in result.stats)
@@ -241,17 +268,30 @@ def _summary_line(modality: str, source: str, output: Path, result: BuildResult)
     failed = sum(failures.values())
     reasons = ", ".join(f"{r}: {n:,}" for r, n in sorted(failures.items(), key=lambda x: (-x[1], x[0])))
     rate = result.records_written / result.seconds if result.seconds > 0 else 0.0
-    return (f"{modality}: {count:,} records from {source} -> {successes:,} samples in "
-            f"{len(result.names)} shards at {output} ({result.written} written, {result.reused} "
-            f"reused); {failed:,} failed" + (f" ({reasons})" if failed else "")
-            + (f"; {rate:,.0f} samples/s over {result.seconds:.1f} s" if result.written else
-               "; nothing left to write")
-            + f"; index: {output / 'index.json'}")
+    return (
+        f"{modality}: {count:,} records from {source} -> {successes:,} samples in "
+        f"{len(result.names)} shards at {output} ({result.written} written, {result.reused} "
+        f"reused); {failed:,} failed"
+        + (f" ({reasons})" if failed else "")
+        + (
+            f"; {rate:,.0f} samples/s over {result.seconds:.1f} s"
+            if result.written
+            else "; nothing left to write"
+        )
+        + f"; index: {output / 'index.json'}"
+    )
 
 
-def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
-              columns: Sequence = (), *, one_of: Sequence[str] = (),
-              inspect: Callable[[Record], None] | None = None, text_or: str | None = None) -> int:
+def run_build(
+    args: argparse.Namespace,
+    modality: str,
+    make_sample: SampleFn,
+    columns: Sequence = (),
+    *,
+    one_of: Sequence[str] = (),
+    inspect: Callable[[Record], None] | None = None,
+    text_or: str | None = None,
+) -> int:
     """Read --input, write the shards of `modality` into --output, write index.json, summarise.
 
     `columns`: extra columns each record must have (the text column always must, or `text_or`);
@@ -279,8 +319,10 @@ def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
     except ValueError as exn:
         raise CliError(f"{exn}; or pass --overwrite to replace it") from None
     if index is not None and index.get("modality") != modality:
-        raise CliError(f"--output: '{output}' holds {index.get('modality')} shards (index.json); "
-                       f"give another directory for {modality}, or --overwrite to replace them")
+        raise CliError(
+            f"--output: '{output}' holds {index.get('modality')} shards (index.json); "
+            f"give another directory for {modality}, or --overwrite to replace them"
+        )
     key_cols = [args.key_col] if args.key_col else []
     records = read_records(source, args.text_col, [*columns, *key_cols], one_of, text_or)
     # Read the first record before creating or deleting anything, so a bad input leaves the
@@ -292,16 +334,18 @@ def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
     if overwrite:
         removed = remove_shards(output)
         if removed:
-            print(f"{PROG} {modality}: --overwrite: removed {removed} shard(s) from {output}",
-                  file=sys.stderr)
+            print(
+                f"{PROG} {modality}: --overwrite: removed {removed} shard(s) from {output}", file=sys.stderr
+            )
     else:
-        foreign = foreign_shards(output, lambda stats: all(stats.get(k) == v
-                                                           for k, v in provenance.items()))
+        foreign = foreign_shards(output, lambda stats: all(stats.get(k) == v for k, v in provenance.items()))
         if foreign:
             names = ", ".join(n for n, _ in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise CliError(f"--output: '{output}' already holds {len(foreign)} shard(s) not built "
-                           f"from this input ({names}: {shard_origin(foreign[0][1])}); give another "
-                           f"--output, or pass --overwrite to delete them and build anew")
+            raise CliError(
+                f"--output: '{output}' already holds {len(foreign)} shard(s) not built "
+                f"from this input ({names}: {shard_origin(foreign[0][1])}); give another "
+                f"--output, or pass --overwrite to delete them and build anew"
+            )
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob("*.tmp"):  # left by an interrupted run
         stale.unlink()
@@ -312,25 +356,38 @@ def run_build(args: argparse.Namespace, modality: str, make_sample: SampleFn,
                 inspect(rec)
             yield rec
 
-    result = build_shards(plan_items(all_records(), source.name, args.key_col), make_sample, output,
-                          samples_per_shard=args.samples_per_shard, workers=args.workers,
-                          progress=not args.no_progress, desc=f"{modality} -> {output}",
-                          provenance=provenance)
+    result = build_shards(
+        plan_items(all_records(), source.name, args.key_col),
+        make_sample,
+        output,
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers,
+        progress=not args.no_progress,
+        desc=f"{modality} -> {output}",
+        provenance=provenance,
+    )
     # Every other shard here is this input's too (see above): left from a longer earlier file.
     surplus = sorted(set(os.path.basename(p) for p in shards_in_dir(str(output))) - set(result.names))
     for name in surplus:
         _remove_shard(output, name)
     if surplus:
-        print(f"{PROG} {modality}: removed {len(surplus)} shard(s) left by an earlier, longer build "
-              f"of this input ({', '.join(surplus[:3])}{', ...' if len(surplus) > 3 else ''})",
-              file=sys.stderr)
-    write_index(output, modality, names=result.names,
-                counts={n: s["successes"] for n, s in zip(result.names, result.stats)})
+        print(
+            f"{PROG} {modality}: removed {len(surplus)} shard(s) left by an earlier, longer build "
+            f"of this input ({', '.join(surplus[:3])}{', ...' if len(surplus) > 3 else ''})",
+            file=sys.stderr,
+        )
+    write_index(
+        output,
+        modality,
+        names=result.names,
+        counts={n: s["successes"] for n, s in zip(result.names, result.stats)},
+    )
     print(_summary_line(modality, source.name, output, result))
     return 0
 
 
 # ---------------------------------------------------------------- removing shards (--overwrite, a longer earlier build)
+
 
 def _remove_shard(directory: Path, name: str) -> None:
     """Delete a shard's stats file, then the tar: never a stats file that vouches for no tar."""
@@ -345,7 +402,7 @@ def remove_shards(directory: Path) -> int:
     if not directory.is_dir():
         return 0
     names = [os.path.basename(p) for p in shards_in_dir(directory)]
-    (directory / INDEX_NAME).unlink(missing_ok=True)   # first: it must not list deleted shards
+    (directory / INDEX_NAME).unlink(missing_ok=True)  # first: it must not list deleted shards
     for name in names:
         _remove_shard(directory, name)
     for path in directory.iterdir():

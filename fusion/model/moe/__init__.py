@@ -14,11 +14,30 @@ Shape legend (every file): B batch, T tokens per sequence, N tokens, D model dim
 K top-k, H expert hidden width, M routed (token, expert) pairs.
 """
 
-from fusion.model.moe.experts import (Experts, grouped_mm_fits, grouped_mm_supported, is_expert, mark_expert,
-                                      use_grouped_mm)
+from fusion.model.moe.experts import (
+    Experts,
+    grouped_mm_fits,
+    grouped_mm_supported,
+    is_expert,
+    mark_expert,
+    use_grouped_mm,
+)
 from fusion.model.moe.layer import PATHS, ComputePath, MoE, run_checkpointed
 from fusion.model.moe.router import Router
 from fusion.model.moe.streams import CudaStreams, Streams
 
-__all__ = ["MoE", "Router", "Experts", "ComputePath", "PATHS", "run_checkpointed", "grouped_mm_fits",
-           "grouped_mm_supported", "use_grouped_mm", "CudaStreams", "Streams", "mark_expert", "is_expert"]
+__all__ = [
+    "MoE",
+    "Router",
+    "Experts",
+    "ComputePath",
+    "PATHS",
+    "run_checkpointed",
+    "grouped_mm_fits",
+    "grouped_mm_supported",
+    "use_grouped_mm",
+    "CudaStreams",
+    "Streams",
+    "mark_expert",
+    "is_expert",
+]

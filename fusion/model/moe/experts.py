@@ -30,7 +30,7 @@ def mark_expert(p: nn.Parameter) -> nn.Parameter:
     """Mark `p` as a routed-expert weight (an `expert` attribute set to True on the parameter):
     kept out of the DeepSpeed engine, sharded, reduced, stepped and checkpointed by fusion/parallel/.
     Returns `p`. A parameter that replaces a marked one (a shard, a gathered copy) is marked again."""
-    setattr(p, "expert", True)  # nn.Parameter declares no such attribute: set by name
+    p.expert = True  # nn.Parameter declares no such attribute: set by name
     return p
 
 
@@ -120,15 +120,16 @@ class Experts(nn.Module):
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            outs.append(self._expert(x_sorted[start:start + n], e))
+            outs.append(self._expert(x_sorted[start : start + n], e))
             start += n
         if not outs:
             # nothing routed: still run the (empty) chain so every weight gets a (zero) gradient
             return self._expert(x_sorted, 0)
         return torch.cat(outs)  # (M, D)
 
-    def forward_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor,
-                        impl: str | None = None) -> torch.Tensor:
+    def forward_grouped(
+        self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str | None = None
+    ) -> torch.Tensor:
         """Fast path: one grouped matmul per weight, or padded bmm. (M, D), (E,) -> (M, D)."""
         impl = impl or self.impl
         if impl not in ("auto", "grouped_mm", "bmm"):
@@ -136,8 +137,10 @@ class Experts(nn.Module):
         if impl == "auto":
             impl = "grouped_mm" if use_grouped_mm(x_sorted, self.w1, self.kernels) else "bmm"
         elif impl == "grouped_mm" and not grouped_mm_fits(x_sorted, self.w1):
-            raise ValueError(f"torch._grouped_mm does not support {x_sorted.dtype} on {x_sorted.device} "
-                             f"with dim={x_sorted.shape[-1]}, hidden={self.w1.shape[-1]}")
+            raise ValueError(
+                f"torch._grouped_mm does not support {x_sorted.dtype} on {x_sorted.device} "
+                f"with dim={x_sorted.shape[-1]}, hidden={self.w1.shape[-1]}"
+            )
         if x_sorted.shape[0] == 0:
             # no tokens at all: the weight gradient of a grouped GEMM then has a zero-length
             # contraction dim, which _grouped_mm rejects (pytorch #192497); bmm handles it

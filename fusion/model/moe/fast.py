@@ -92,10 +92,10 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Layout:
     """Where each routed row goes in the aligned buffer, and the group ends for `_grouped_mm`."""
 
-    dest: torch.Tensor    # (M,) long: buffer row of each input row; padding pairs -> rows - 1
-    offs: torch.Tensor    # (E,) int32: cumulative group ends, offs[-1] == rows
+    dest: torch.Tensor  # (M,) long: buffer row of each input row; padding pairs -> rows - 1
+    offs: torch.Tensor  # (E,) int32: cumulative group ends, offs[-1] == rows
     counts: torch.Tensor  # (E,) long: real rows per expert
-    rows: int             # R, fixed by M, E and ALIGN alone
+    rows: int  # R, fixed by M, E and ALIGN alone
 
 
 def buffer_rows(m: int, n_experts: int, align: int = ALIGN) -> int:
@@ -103,8 +103,9 @@ def buffer_rows(m: int, n_experts: int, align: int = ALIGN) -> int:
     return -(-(m + n_experts * align + 1) // align) * align
 
 
-def layout_pairs(expert: torch.Tensor, keep: torch.Tensor | None, n_experts: int,
-                 align: int = ALIGN) -> Layout:
+def layout_pairs(
+    expert: torch.Tensor, keep: torch.Tensor | None, n_experts: int, align: int = ALIGN
+) -> Layout:
     """Aligned layout of rows in any order. expert (M,) long, keep (M,) bool or None (all kept).
 
     Rows of one expert keep their relative order (stable sort). Rows not kept all go to the last
@@ -211,8 +212,11 @@ def run_sorted(experts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.T
 def overlaps_shared(moe) -> bool:
     """The shared expert runs on the side stream: the layer has one and a streams object (set by
     `FusionModel.use_kernels`), and it is not being compiled (a compiled graph has one stream)."""
-    return (moe.shared is not None and not torch.compiler.is_compiling()
-            and getattr(moe, "streams", None) is not None)
+    return (
+        moe.shared is not None
+        and not torch.compiler.is_compiling()
+        and getattr(moe, "streams", None) is not None
+    )
 
 
 def shared_on_side(moe, xf: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -230,8 +234,9 @@ def shared_to_main(moe, out: torch.Tensor, main) -> torch.Tensor:
     return _FromSide.apply(out, moe.streams, moe.streams.side(), main)  # main waits; recorded on main
 
 
-def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
-            modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(
+    moe, x: torch.Tensor, valid: torch.Tensor | None = None, modality: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`MoE.forward` on path "fast", with or without a dispatcher: the readable path's inputs,
     outputs, losses and load counts."""
     cfg = moe.cfg
@@ -280,8 +285,9 @@ def forward(moe, x: torch.Tensor, valid: torch.Tensor | None = None,
     return y, aux, z
 
 
-def _dispatch(moe, rows: torch.Tensor, expert: torch.Tensor,
-              keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _dispatch(
+    moe, rows: torch.Tensor, expert: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows (M, D) in (token, k) order through the experts of every rank of the expert-parallel
     group. Padding pairs sort after every real pair and are not sent; their output rows are 0.
     -> (out (M, D), real pairs per expert (E,))"""
@@ -296,8 +302,9 @@ def _dispatch(moe, rows: torch.Tensor, expert: torch.Tensor,
     return out, counts[:E]
 
 
-def losses(moe, logits: torch.Tensor, counts: torch.Tensor,
-           keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def losses(
+    moe, logits: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Switch aux loss and the router z-loss over kept tokens, as the readable path's
     `aux_loss` / `z_loss` (fusion/model/moe/layer.py) but with masks instead of indexing (no sync;
     zero, still attached, when no token is kept)."""
@@ -328,13 +335,16 @@ def losses(moe, logits: torch.Tensor, counts: torch.Tensor,
 
 
 @torch.no_grad()
-def count_load(moe, topk_idx: torch.Tensor, keep: torch.Tensor | None,
-               modality: torch.Tensor | None) -> None:
+def count_load(moe, topk_idx: torch.Tensor, keep: torch.Tensor | None, modality: torch.Tensor | None) -> None:
     """Add this forward's kept assignments to `moe.load` (modality x expert), without a sync."""
     N, K = topk_idx.shape
     expert = topk_idx.reshape(-1)  # (M,)
-    row = (torch.zeros_like(expert) if modality is None
-           else modality.reshape(N, 1).expand(N, K).reshape(-1))  # (M,)
-    ones = (torch.ones(N * K, dtype=moe.load.dtype, device=expert.device) if keep is None
-            else keep.reshape(N, 1).expand(N, K).reshape(-1).to(moe.load.dtype))  # (M,)
+    row = (
+        torch.zeros_like(expert) if modality is None else modality.reshape(N, 1).expand(N, K).reshape(-1)
+    )  # (M,)
+    ones = (
+        torch.ones(N * K, dtype=moe.load.dtype, device=expert.device)
+        if keep is None
+        else keep.reshape(N, 1).expand(N, K).reshape(-1).to(moe.load.dtype)
+    )  # (M,)
     moe.load.index_put_((row, expert), ones, accumulate=True)

@@ -36,22 +36,22 @@ import torch
 from torch import nn
 
 from fusion.config import MoEConfig
-from fusion.schema import MODALITIES
 from fusion.model.ffn import FeedForward
 from fusion.model.init import init_feed_forward, init_linear
 from fusion.model.moe import fast
 from fusion.model.moe.experts import Experts
 from fusion.model.moe.router import Router
 from fusion.model.moe.streams import Streams
-
+from fusion.schema import MODALITIES
 
 # ---------------------------------------------------------------------------------------------
 # the readable path (loop | grouped)
 # ---------------------------------------------------------------------------------------------
 
 
-def sorted_forward(moe: MoE, x: torch.Tensor, valid: torch.Tensor | None = None,
-                   modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sorted_forward(
+    moe: MoE, x: torch.Tensor, valid: torch.Tensor | None = None, modality: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`MoE.forward` on paths "loop" and "grouped": route the valid tokens, sort their pairs by
     expert, run the experts (here or through the dispatcher), add the outputs back."""
     cfg = moe.cfg
@@ -158,8 +158,12 @@ class Dispatcher(Protocol):
     padding and not sent) and the layer's `run_experts`, which runs on the rows this rank's experts
     receive -> the outputs of the counted rows (sum(counts), D), in the same order."""
 
-    def __call__(self, x_sorted: torch.Tensor, counts: torch.Tensor,
-                 run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor: ...
+    def __call__(
+        self,
+        x_sorted: torch.Tensor,
+        counts: torch.Tensor,
+        run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor: ...
 
 
 class MoE(nn.Module):
@@ -194,8 +198,9 @@ class MoE(nn.Module):
         self.shared = FeedForward(dim, cfg.n_shared * cfg.moe_ffn_dim) if cfg.n_shared > 0 else None
         self.reset_parameters(init_std, n_layers)
         # float64: exact integer counts far past 2**24 tokens; not in checkpoints (per-step statistic)
-        self.register_buffer("load", torch.zeros(len(MODALITIES), cfg.n_experts, dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer(
+            "load", torch.zeros(len(MODALITIES), cfg.n_experts, dtype=torch.float64), persistent=False
+        )
         self.dispatcher: Dispatcher | None = None  # set by fusion/parallel/ under expert parallelism
         self.recomputing = False  # set while activation checkpointing re-runs this layer
 
@@ -208,8 +213,9 @@ class MoE(nn.Module):
         if self.shared is not None:
             init_feed_forward(self.shared, init_std, n_layers)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None,
-                modality: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, modality: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.path.forward(self, x, valid, modality)
 
     def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -219,8 +225,7 @@ class MoE(nn.Module):
     # -- load statistics and aux-loss-free balancing -----------------------------------------
 
     @torch.no_grad()
-    def count_load(self, topk_idx: torch.Tensor, tok: torch.Tensor,
-                   modality: torch.Tensor | None) -> None:
+    def count_load(self, topk_idx: torch.Tensor, tok: torch.Tensor, modality: torch.Tensor | None) -> None:
         """Add the assignments topk_idx (Nv, K) of the valid tokens `tok` (Nv,) to `load`."""
         expert = topk_idx.reshape(-1)  # (M,)
         if modality is None:
@@ -274,5 +279,6 @@ def run_checkpointed(block: nn.Module, *args):
     (the aux and z losses come from the first forward, like every other output)."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(block, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _recomputing(block)))
+    return checkpoint(
+        block, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _recomputing(block))
+    )
