@@ -96,7 +96,7 @@ def _member_header(name: str, size: int) -> bytes:
     )
 
 
-_HEADER_IDS = b"0000644\00000000\00000000\0"  # mode, uid, gid
+_HEADER_IDS = b"0000644\x00" + b"0000000\x00" + b"0000000\x00"  # mode, uid, gid (NUL-ended)
 _HEADER_MTIME = b"00000000000\0"  # mtime 0
 _HEADER_REST = (
     b"0"  # type: regular file
