@@ -10,7 +10,8 @@ from torch._dynamo.testing import CompileCounter
 
 from fusion.config import load_config
 from fusion.data.tokenizer import ByteTokenizer
-from fusion.eval import questions, vqa
+from fusion.eval import vqa
+from fusion.eval.questions import Question
 from fusion.model.fusion import build_model
 
 
@@ -51,7 +52,7 @@ def tiny():
     model.tokenizer = ByteTokenizer()
     g = torch.Generator().manual_seed(0)
     questions = [
-        questions.Question(
+        Question(
             key=f"q{i}",
             question="why " * i + "?",
             answer="yes",
