@@ -78,7 +78,7 @@ def test_mixture_trains_with_zero2_and_accumulation(
     single = json.loads((alone / "vqa_image_test.json").read_text())
     assert shared["overall"]["n"] == 30
     assert shared["overall"] == single["overall"] and shared["by_type"] == single["by_type"]
-    assert shared["examples"] == single["examples"]
+    assert shared["examples"] == single["examples"][:8]  # the trainer keeps 8 examples, fusion-eval 16
     for key in ("loss/text", "loss/image", "loss/video"):
         first = sum(r[key] for r in rows[:3]) / 3
         last = sum(r[key] for r in rows[-3:]) / 3
