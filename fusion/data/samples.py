@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusion.config import Config
-from fusion.schema import tokens_per_image
 from fusion.data.sequence import build_sample
+from fusion.schema import tokens_per_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # what a video .json says about its clip (SPEC §4 video); missing from it -> probed
@@ -43,8 +43,9 @@ def vqa_answer(answer: str) -> str:
     return f" {answer.strip()}"
 
 
-def crop_box(width: int, height: int, size: int, train: bool,
-             rng: random.Random) -> tuple[float, float, float, float]:
+def crop_box(
+    width: int, height: int, size: int, train: bool, rng: random.Random
+) -> tuple[float, float, float, float]:
     """The source region (left, top, right, bottom) that becomes the `size` x `size` square: the
     shorter side scaled to `size`, then the centre (or, when training, a random offset along the
     longer side). Offsets are drawn in the scaled picture's whole pixels."""
@@ -64,8 +65,7 @@ def _square(img, size: int, box: tuple[float, float, float, float]) -> np.ndarra
     if img.mode != "RGB":
         img = img.convert("RGB")
     left, top, right, bottom = box
-    if right - left == size and bottom - top == size and float(left).is_integer() \
-            and float(top).is_integer():
+    if right - left == size and bottom - top == size and float(left).is_integer() and float(top).is_integer():
         img = img.crop((int(left), int(top), int(right), int(bottom)))
     else:
         img = img.resize((size, size), Image.BICUBIC, box=box)
@@ -105,8 +105,12 @@ def vqa_turns(meta: dict) -> list[tuple[str, str]] | str:
             return "bad_turns"
         out = []
         for turn in turns:
-            if not isinstance(turn, dict) or not isinstance(turn.get("question"), str) \
-                    or "answer" not in turn or isinstance(turn["answer"], (dict, list)):
+            if (
+                not isinstance(turn, dict)
+                or not isinstance(turn.get("question"), str)
+                or "answer" not in turn
+                or isinstance(turn["answer"], (dict, list))
+            ):
                 return "bad_turns"
             out.append((turn["question"], str(turn["answer"])))
         return out
@@ -165,7 +169,8 @@ class SampleMaker:
             if caption is None:
                 return None
             before = self.cfg.data.caption == "before" or (
-                self.cfg.data.caption == "random" and rng.random() < 0.5)
+                self.cfg.data.caption == "random" and rng.random() < 0.5
+            )
             parts = [caption, part] if before else [part, " " + caption]
         tokens, loss_mask, min_pairs = build_sample(self.tokenizer, parts)
         out = {"tokens": tokens, "loss_mask": loss_mask, "modality": modality, "min_pairs": min_pairs}
@@ -181,7 +186,7 @@ class SampleMaker:
         apart, as evaluation encodes them."""
         tok = self.tokenizer
         tokens, loss_mask, min_pairs = build_sample(tok, [part])
-        tokens, loss_mask = tokens[:-1], [False] * (len(loss_mask) - 1)   # bos + media: no loss
+        tokens, loss_mask = tokens[:-1], [False] * (len(loss_mask) - 1)  # bos + media: no loss
         everything = self.cfg.data.vqa_loss == "all"
         for question, answer in turns:
             prompt = tok.encode(vqa_prompt(question))
@@ -239,8 +244,13 @@ class SampleMaker:
         strategy = d.frame_strategy
         if not self.train and strategy == "segment_random":
             strategy = "segment_middle"  # evaluation is deterministic
-        sampling = FrameSampling(strategy=strategy, n_frames=d.n_frames, pad="repeat_last",
-                                 min_frames=d.n_frames, max_frames=d.n_frames)
+        sampling = FrameSampling(
+            strategy=strategy,
+            n_frames=d.n_frames,
+            pad="repeat_last",
+            min_frames=d.n_frames,
+            max_frames=d.n_frames,
+        )
         np_rng = np.random.default_rng(rng.getrandbits(63))
         try:
             idx = sample_frame_indices(vmeta, sampling, np_rng)

@@ -15,15 +15,21 @@ TOK = ByteTokenizer()
 def raw_vqa(**extra):
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="PNG")
-    meta = {"question": "What color is the square?", "answer": "red", "choices": ["red", "blue"],
-            "type": "color", **extra}
+    meta = {
+        "question": "What color is the square?",
+        "answer": "red",
+        "choices": ["red", "blue"],
+        "type": "color",
+        **extra,
+    }
     return {"__key__": "k", "png": buf.getvalue(), "json": json.dumps(meta).encode()}
 
 
 def test_vqa_loss_on_the_answer_only_by_default():
     for mode in ("answer", "all"):
-        cfg = load_config(None, [f"data.vqa_loss={mode}", "model.vision.img_size=32",
-                                 "model.vision.patch_size=8"])
+        cfg = load_config(
+            None, [f"data.vqa_loss={mode}", "model.vision.img_size=32", "model.vision.patch_size=8"]
+        )
         s = SampleMaker(cfg, TOK)(raw_vqa())
         text = TOK.decode([t for t in s["tokens"] if t < 256])
         assert text == vqa_prompt("What color is the square?") + vqa_answer("red")
@@ -55,9 +61,11 @@ def test_a_conversation_trains_every_answer():
     """A record with `turns` becomes one sample: the image once, then every question and answer
     in order, in the evaluation's prompt format, each answer closed by eos (as a test answer is
     scored), the loss on each answer and its eos."""
-    turns = [{"question": "What color is the square?", "answer": "red", "choices": ["red", "blue"]},
-             {"question": "How many?", "answer": 2, "type": "count"},
-             {"question": "Is it big?", "answer": "no"}]
+    turns = [
+        {"question": "What color is the square?", "answer": "red", "choices": ["red", "blue"]},
+        {"question": "How many?", "answer": 2, "type": "count"},
+        {"question": "Is it big?", "answer": "no"},
+    ]
     cfg = load_config(None, ["model.vision.img_size=32", "model.vision.patch_size=8"])
     s = SampleMaker(cfg, TOK)(raw_vqa(turns=turns))
     text = TOK.decode([t for t in s["tokens"] if t < 256])
@@ -67,7 +75,7 @@ def test_a_conversation_trains_every_answer():
     assert s["tokens"][-1] == TOK.eos_id and s["loss_mask"][-1] and len(s["images"]) == 1
     eos = [i for i, t in enumerate(s["tokens"]) if t == TOK.eos_id]
     assert len(eos) == 3 and all(s["loss_mask"][i] for i in eos) and s["min_pairs"] == 2 + 16 + 1
-    assert TOK.decode(s["tokens"][eos[0] + 1:eos[1]]) == vqa_prompt("How many?") + vqa_answer("2")
+    assert TOK.decode(s["tokens"][eos[0] + 1 : eos[1]]) == vqa_prompt("How many?") + vqa_answer("2")
     # one turn is exactly the one-question record
     one = SampleMaker(cfg, TOK)(raw_vqa(turns=turns[:1]))
     plain = SampleMaker(cfg, TOK)(raw_vqa())

@@ -177,7 +177,7 @@ def test_the_toy_world_uses_the_same_word_level_builder():
     from fusion.data import toy
 
     assert toy.word_level_tokenizer is tt.word_level_tokenizer
-    assert toy.UNKNOWN_WORD == tt.UNKNOWN_WORD and toy._WORD is tt.WORD_PATTERN
+    assert toy.UNKNOWN_WORD == tt.UNKNOWN_WORD and toy.WORD_PATTERN is tt.WORD_PATTERN
 
 
 def test_help_documents_every_flag(capsys):

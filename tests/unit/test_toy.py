@@ -24,13 +24,28 @@ from fusion.data.verify import check_sample
 pytest.importorskip("av")
 
 SIZE = 32
-FLAGS = dict(n_text=120, n_image=30, n_video=9, n_vqa_train=60, n_vqa_test=20,
-             n_vqa_compositional=25, n_video_vqa_train=8, n_video_vqa_test=4, samples_per_shard=16,
-             vqa_turns=5)
-SPLIT_COUNTS = {"text": "n_text", "image": "n_image", "video": "n_video",
-                "vqa_image_train": "n_vqa_train", "vqa_image_test": "n_vqa_test",
-                "vqa_image_compositional": "n_vqa_compositional",
-                "vqa_video_train": "n_video_vqa_train", "vqa_video_test": "n_video_vqa_test"}
+FLAGS = dict(
+    n_text=120,
+    n_image=30,
+    n_video=9,
+    n_vqa_train=60,
+    n_vqa_test=20,
+    n_vqa_compositional=25,
+    n_video_vqa_train=8,
+    n_video_vqa_test=4,
+    samples_per_shard=16,
+    vqa_turns=5,
+)
+SPLIT_COUNTS = {
+    "text": "n_text",
+    "image": "n_image",
+    "video": "n_video",
+    "vqa_image_train": "n_vqa_train",
+    "vqa_image_test": "n_vqa_test",
+    "vqa_image_compositional": "n_vqa_compositional",
+    "vqa_video_train": "n_video_vqa_train",
+    "vqa_video_test": "n_video_vqa_test",
+}
 MODALITY = {"text": "text", "image": "image", "video": "video"}
 TRAINING = ("text", "image", "video", "vqa_image_train", "vqa_video_train")
 
@@ -76,8 +91,11 @@ def samples(toy_dir) -> dict[str, list[dict]]:
 def parse_question(question: str) -> tuple[str, dict]:
     """(type, {color, shape}) of a question, by matching the templates."""
     for qtype, template in TEMPLATES.items():
-        pattern = re.escape(template).replace(r"\{color\}", r"(?P<color>\w+)") \
+        pattern = (
+            re.escape(template)
+            .replace(r"\{color\}", r"(?P<color>\w+)")
             .replace(r"\{shape\}", r"(?P<shape>\w+)")
+        )
         m = re.fullmatch(pattern, question)
         if m:
             return qtype, m.groupdict()
@@ -86,8 +104,8 @@ def parse_question(question: str) -> tuple[str, dict]:
 
 def nearest_color(pixels: np.ndarray) -> np.ndarray:
     """Index into PALETTE (background first) of the nearest palette colour, per pixel."""
-    palette = np.array([toy.BACKGROUND] + list(toy.COLORS.values()), float)     # (7, 3)
-    d = ((pixels[..., None, :].astype(float) - palette) ** 2).sum(-1)           # (..., 7)
+    palette = np.array([toy.BACKGROUND] + list(toy.COLORS.values()), float)  # (7, 3)
+    d = ((pixels[..., None, :].astype(float) - palette) ** 2).sum(-1)  # (..., 7)
     return d.argmin(-1)
 
 
@@ -96,6 +114,7 @@ def color_id(name: str) -> int:
 
 
 # ---------------------------------------------------------------- layout, counts, CLI
+
 
 def test_layout_counts_and_index(toy_dir, samples):
     manifest = json.loads((toy_dir / "toy.json").read_text())
@@ -149,21 +168,60 @@ def test_cli_flags_and_summary(tmp_path, capsys):
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help text"
     flags = {o for a in parser._actions for o in a.option_strings}
-    assert {"--output", "--seed", "--image-size", "--n-text", "--n-image", "--n-video",
-            "--n-vqa-train", "--n-vqa-test", "--n-video-vqa-train", "--n-video-vqa-test",
-            "--samples-per-shard", "--vqa-turns", "--extra-colors"} <= flags
-    args = parser.parse_args(["--output", str(tmp_path / "t"), "--n-text", "3", "--n-image", "2",
-                              "--n-video", "0", "--n-vqa-train", "5", "--n-vqa-test", "5",
-                              "--n-video-vqa-train", "1", "--n-video-vqa-test", "0",
-                              "--samples-per-shard", "2", "--workers", "2"])
+    assert {
+        "--output",
+        "--seed",
+        "--image-size",
+        "--n-text",
+        "--n-image",
+        "--n-video",
+        "--n-vqa-train",
+        "--n-vqa-test",
+        "--n-video-vqa-train",
+        "--n-video-vqa-test",
+        "--samples-per-shard",
+        "--vqa-turns",
+        "--extra-colors",
+    } <= flags
+    args = parser.parse_args(
+        [
+            "--output",
+            str(tmp_path / "t"),
+            "--n-text",
+            "3",
+            "--n-image",
+            "2",
+            "--n-video",
+            "0",
+            "--n-vqa-train",
+            "5",
+            "--n-vqa-test",
+            "5",
+            "--n-video-vqa-train",
+            "1",
+            "--n-video-vqa-test",
+            "0",
+            "--samples-per-shard",
+            "2",
+            "--workers",
+            "2",
+        ]
+    )
     assert toy.run_toy(args) == 0
     out = capsys.readouterr().out
     assert "vqa_image_train" in out and "color 1" in out and "direction 1" in out
     assert read_index(tmp_path / "t" / "vqa_image_train")["n_samples"] == 5
-    assert not (tmp_path / "t" / "video").exists()            # zero samples: no directory
-    for bad in (["--image-size", "48"], ["--image-size", "33"], ["--image-size", "16"],
-                ["--n-text", "-1"], ["--vqa-turns", "0"], ["--vqa-turns", "6"],
-                ["--extra-colors", "red"], ["--extra-colors", "white,white"]):
+    assert not (tmp_path / "t" / "video").exists()  # zero samples: no directory
+    for bad in (
+        ["--image-size", "48"],
+        ["--image-size", "33"],
+        ["--image-size", "16"],
+        ["--n-text", "-1"],
+        ["--vqa-turns", "0"],
+        ["--vqa-turns", "6"],
+        ["--extra-colors", "red"],
+        ["--extra-colors", "white,white"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["--output", "x", *bad])
     with pytest.raises(ValueError, match="decord"):
@@ -171,8 +229,9 @@ def test_cli_flags_and_summary(tmp_path, capsys):
 
 
 def test_rerun_with_fewer_samples_drops_surplus_shards(tmp_path):
-    small = dict(n_text=10, n_image=0, n_video=0, n_vqa_train=0, n_vqa_test=0,
-                 n_video_vqa_train=0, n_video_vqa_test=0)
+    small = dict(
+        n_text=10, n_image=0, n_video=0, n_vqa_train=0, n_vqa_test=0, n_video_vqa_train=0, n_video_vqa_test=0
+    )
     toy.generate_toy(tmp_path, **{**small, "n_text": 10}, samples_per_shard=3)
     assert len(list((tmp_path / "text").glob("*.tar"))) == 4
     toy.generate_toy(tmp_path, **{**small, "n_text": 4}, samples_per_shard=3)
@@ -184,31 +243,62 @@ def test_shards_the_toy_generator_did_not_write_are_refused(tmp_path, capsys):
     from fusion.data.build import main as fusion_data
     from fusion.data.tar import ShardWriter
 
-    small = dict(n_text=4, n_image=0, n_video=0, n_vqa_train=0, n_vqa_test=0,
-                 n_video_vqa_train=0, n_video_vqa_test=0, samples_per_shard=2)
-    with ShardWriter(tmp_path / "image", 0) as w:        # the user's own image shards
+    small = dict(
+        n_text=4,
+        n_image=0,
+        n_video=0,
+        n_vqa_train=0,
+        n_vqa_test=0,
+        n_video_vqa_train=0,
+        n_video_vqa_test=0,
+        samples_per_shard=2,
+    )
+    with ShardWriter(tmp_path / "image", 0) as w:  # the user's own image shards
         w.write("mine", {"txt": "keep me"})
     mine = (tmp_path / "image" / "000000.tar").read_bytes()
     with pytest.raises(ValueError, match=r"holds 1 shard\(s\) the toy generator did not write"):
-        toy.generate_toy(tmp_path, **small)               # n_image=0 would have deleted them
+        toy.generate_toy(tmp_path, **small)  # n_image=0 would have deleted them
     assert (tmp_path / "image" / "000000.tar").read_bytes() == mine
     assert not (tmp_path / "text").exists() and not (tmp_path / "toy.json").exists()
 
     src = tmp_path / "docs.txt"
     src.write_text("a document\nanother\n")
-    assert fusion_data(["text", "--input", str(src), "--output", str(tmp_path / "w" / "text"),
-                        "--no-progress"]) == 0
+    assert (
+        fusion_data(["text", "--input", str(src), "--output", str(tmp_path / "w" / "text"), "--no-progress"])
+        == 0
+    )
     text = (tmp_path / "w" / "text" / "000000.tar").read_bytes()
-    assert fusion_data(["toy", "--output", str(tmp_path / "w"), "--n-text", "4", "--n-image", "0",
-                        "--n-video", "0", "--n-vqa-train", "0", "--n-vqa-test", "0",
-                        "--n-video-vqa-train", "0", "--n-video-vqa-test", "0"]) == 1
+    assert (
+        fusion_data(
+            [
+                "toy",
+                "--output",
+                str(tmp_path / "w"),
+                "--n-text",
+                "4",
+                "--n-image",
+                "0",
+                "--n-video",
+                "0",
+                "--n-vqa-train",
+                "0",
+                "--n-vqa-test",
+                "0",
+                "--n-video-vqa-train",
+                "0",
+                "--n-video-vqa-test",
+                "0",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert f"'{tmp_path / 'w' / 'text'}' holds 1 shard(s) the toy generator did not write" in err
     assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "w" / "text" / "000000.tar").read_bytes() == text
 
     (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')   # the user's
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')  # the user's
     with pytest.raises(ValueError, match="is not a toy tokenizer"):
         toy.generate_toy(tmp_path / "tok", **small)
     assert not (tmp_path / "tok" / "text").exists()
@@ -221,22 +311,21 @@ def test_shards_the_toy_generator_did_not_write_are_refused(tmp_path, capsys):
 
 # ---------------------------------------------------------------- determinism
 
+
 def _tars(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*.tar"))}
 
 
 def test_same_seed_same_bytes_other_seed_differs(toy_dir, tmp_path):
     again = tmp_path / "again"
-    toy.generate_toy(again, seed=0, image_size=SIZE, workers=2, **FLAGS)   # workers do not matter
+    toy.generate_toy(again, seed=0, image_size=SIZE, workers=2, **FLAGS)  # workers do not matter
     first, second = _tars(toy_dir), _tars(again)
-    assert len(first) == sum(math.ceil(FLAGS[a] / FLAGS["samples_per_shard"])
-                             for a in SPLIT_COUNTS.values())
+    assert len(first) == sum(math.ceil(FLAGS[a] / FLAGS["samples_per_shard"]) for a in SPLIT_COUNTS.values())
     assert first == second
     assert (toy_dir / "toy.json").read_bytes() == (again / "toy.json").read_bytes()
     assert (toy_dir / "tokenizer.json").read_bytes() == (again / "tokenizer.json").read_bytes()
     for split in SPLIT_COUNTS:
-        assert (toy_dir / split / "index.json").read_bytes() == \
-            (again / split / "index.json").read_bytes()
+        assert (toy_dir / split / "index.json").read_bytes() == (again / split / "index.json").read_bytes()
 
     other = tmp_path / "other"
     toy.generate_toy(other, seed=1, image_size=SIZE, **FLAGS)
@@ -247,13 +336,14 @@ def test_same_seed_same_bytes_other_seed_differs(toy_dir, tmp_path):
 
 # ---------------------------------------------------------------- one right answer
 
+
 def _check_scene(scene: list[dict], size: int) -> None:
     for obj in scene:
         assert obj["shape"] in CHOICES["shape"] and obj["color"] in CHOICES["color"]
         reach = toy.CLEARANCE * obj["size"]
         assert reach <= obj["x"] <= size - reach and reach <= obj["y"] <= size - reach
-    for i, a in enumerate(scene):                              # no overlaps: counts are exact
-        for b in scene[i + 1:]:
+    for i, a in enumerate(scene):  # no overlaps: counts are exact
+        for b in scene[i + 1 :]:
             assert math.hypot(a["x"] - b["x"], a["y"] - b["y"]) > toy.CLEARANCE * (a["size"] + b["size"])
 
 
@@ -275,7 +365,7 @@ def derive_answer(qtype: str, ref: dict, scene: list[dict], size: int) -> str:
         return "yes" if matches else "no"
     assert len(matches) == 1
     obj = matches[0]
-    if qtype == "position":                      # wholly on one side of the midline
+    if qtype == "position":  # wholly on one side of the midline
         assert abs(obj["x"] - size / 2) > toy.CLEARANCE * obj["size"]
         return "left" if obj["x"] < size / 2 else "right"
     raise AssertionError(qtype)
@@ -293,7 +383,9 @@ def test_every_question_has_one_right_answer(samples):
                 assert turn["choices"] == CHOICES[qtype] and turn["answer"] in turn["choices"]
                 assert derive_answer(qtype, ref, meta["scene"], SIZE) == turn["answer"], meta
                 if qtype == "exists" and turn["answer"] == "no":
-                    assert (ref["color"], ref["shape"]) not in {(o["color"], o["shape"]) for o in meta["scene"]}
+                    assert (ref["color"], ref["shape"]) not in {
+                        (o["color"], o["shape"]) for o in meta["scene"]
+                    }
             n_checked += 1
     for split in ("vqa_video_train", "vqa_video_test"):
         for s in samples[split]:
@@ -303,8 +395,9 @@ def test_every_question_has_one_right_answer(samples):
             assert meta["choices"] == CHOICES["direction"] and meta["answer"] in meta["choices"]
             scene, event = meta["scene"], meta["event"]
             _check_scene(scene, SIZE)
-            movers = [k for k, o in enumerate(scene)
-                      if (o["color"], o["shape"]) == (ref["color"], ref["shape"])]
+            movers = [
+                k for k, o in enumerate(scene) if (o["color"], o["shape"]) == (ref["color"], ref["shape"])
+            ]
             assert movers == [event["index"]] and event["kind"] == "move"
             mover = scene[event["index"]]
             dx, dy = event["x1"] - mover["x"], event["y1"] - mover["y"]
@@ -329,8 +422,10 @@ def test_training_pictures_come_with_a_conversation(samples):
         named = set()
         for turn in turns:
             qtype, ref = parse_question(turn["question"])
-            pair = (ref.get("color", turn["answer"] if qtype == "color" else None),
-                    ref.get("shape", turn["answer"] if qtype == "shape" else None))
+            pair = (
+                ref.get("color", turn["answer"] if qtype == "color" else None),
+                ref.get("shape", turn["answer"] if qtype == "shape" else None),
+            )
             if None not in pair:
                 assert pair not in named, turns
                 named.add(pair)
@@ -381,11 +476,14 @@ def test_word_tokenizer_covers_every_text_and_answers_are_one_token(toy_dir, sam
                 n += 1
     assert n > 500
     assert tok.encode("a zebra") == [tok.encode("a")[0], unk]
-    assert tok.decode(tok.encode(" Q: What color is the circle? A: red")) == \
-        "Q : What color is the circle ? A : red"
+    assert (
+        tok.decode(tok.encode(" Q: What color is the circle? A: red"))
+        == "Q : What color is the circle ? A : red"
+    )
 
 
 # ---------------------------------------------------------------- pixels
+
 
 def test_images_show_their_scene(samples):
     for split in ("image", "vqa_image_train", "vqa_image_test", "vqa_image_compositional"):
@@ -401,6 +499,7 @@ def test_images_show_their_scene(samples):
 
 
 # ---------------------------------------------------------------- held-out pairs
+
 
 def _mentions(text: str, pair: tuple[str, str]) -> bool:
     return re.search(rf"\b{pair[0]} {pair[1]}", text) is not None
@@ -450,9 +549,10 @@ def test_held_out_pairs_never_in_training_and_always_in_compositional(toy_dir, s
 
 # ---------------------------------------------------------------- videos
 
+
 def _mover_centroids(frames: np.ndarray, scene: list[dict], index: int) -> np.ndarray:
     """(F, 2) x, y centroid of the mover's colour, other objects' discs masked out."""
-    labels = nearest_color(frames)                                     # (F, H, W)
+    labels = nearest_color(frames)  # (F, H, W)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     keep = labels == color_id(scene[index]["color"])
     for k, o in enumerate(scene):
@@ -477,7 +577,7 @@ def test_videos_decode_and_show_their_event(samples, backend):
             meta = s["meta"]
             n = meta["n_frames"]
             assert meta["duration"] == pytest.approx(n / meta["fps"])
-            frames = decode(s["mp4"], list(range(n + 2)), backend=backend)   # past the end: clamped
+            frames = decode(s["mp4"], list(range(n + 2)), backend=backend)  # past the end: clamped
             assert frames.shape == (n + 2, SIZE, SIZE, 3)
             assert (frames[n] == frames[n - 1]).all()
             frames = frames[:n]
@@ -492,7 +592,7 @@ def test_videos_decode_and_show_their_event(samples, backend):
                 across = (c[-1] - c[0]) @ np.array([dy, dx])
                 assert along >= 0.8 * toy.MIN_TRAVEL * SIZE and abs(across) < 1.5, (s["__key__"], c)
                 steps = np.diff(c, axis=0) @ np.array([dx, dy])
-                assert (steps > -0.5).all()                       # it never goes back
+                assert (steps > -0.5).all()  # it never goes back
                 n_move += 1
             elif event["kind"] == "appear":
                 assert labels[0][at] == 0 and labels[-1][at] == color_id(obj["color"])
@@ -502,7 +602,7 @@ def test_videos_decode_and_show_their_event(samples, backend):
                 assert labels[0][at] == color_id(obj["color"])
                 assert labels[event["frame"] - 1][at] == color_id(obj["color"])
                 assert labels[event["frame"]][at] == color_id(event["color"])
-            for other in scene:                                    # still objects are where stated
+            for other in scene:  # still objects are where stated
                 if other is not obj:
                     assert (labels[:, int(other["y"]), int(other["x"])] == color_id(other["color"])).all()
     assert n_move >= FLAGS["n_video_vqa_train"] + FLAGS["n_video_vqa_test"]
@@ -516,9 +616,12 @@ def test_video_captions_name_the_event(samples):
         kind = meta["event"]["kind"]
         kinds[kind] += 1
         assert f"{obj['color']} {obj['shape']}" in caption
-        word = {"move": f"moves {'to the ' if meta['event'].get('direction') in ('left', 'right') else ''}"
-                        f"{meta['event'].get('direction')}",
-                "appear": "appears", "change": f" {meta['event'].get('color')}."}[kind]
+        word = {
+            "move": f"moves {'to the ' if meta['event'].get('direction') in ('left', 'right') else ''}"
+            f"{meta['event'].get('direction')}",
+            "appear": "appears",
+            "change": f" {meta['event'].get('color')}.",
+        }[kind]
         assert word in caption, caption
     assert set(kinds) == {"move", "appear", "change"}
 
@@ -526,9 +629,21 @@ def test_video_captions_name_the_event(samples):
 def test_extra_colours_only_on_training_distractors(tmp_path):
     """--extra-colors: distractors in training scenes and captions may wear them; no question,
     answer or test scene does, every question keeps its one right answer, and pixels show them."""
-    toy.generate_toy(tmp_path, seed=0, image_size=SIZE, n_text=60, n_image=40, n_video=0,
-                     n_vqa_train=60, n_vqa_test=30, n_vqa_compositional=30, n_video_vqa_train=0,
-                     n_video_vqa_test=0, vqa_turns=3, extra_colors=("white", "cyan"))
+    toy.generate_toy(
+        tmp_path,
+        seed=0,
+        image_size=SIZE,
+        n_text=60,
+        n_image=40,
+        n_video=0,
+        n_vqa_train=60,
+        n_vqa_test=30,
+        n_vqa_compositional=30,
+        n_video_vqa_train=0,
+        n_video_vqa_test=0,
+        vqa_turns=3,
+        extra_colors=("white", "cyan"),
+    )
     manifest = json.loads((tmp_path / "toy.json").read_text())
     assert manifest["extra_colors"] == {"white": [235, 235, 235], "cyan": [40, 210, 210]}
     worn = Counter()
@@ -555,8 +670,17 @@ def test_extra_colours_only_on_training_distractors(tmp_path):
 
 
 def test_larger_image_size(tmp_path):
-    toy.generate_toy(tmp_path, image_size=64, n_text=2, n_image=2, n_video=2, n_vqa_train=2,
-                     n_vqa_test=0, n_video_vqa_train=1, n_video_vqa_test=0)
+    toy.generate_toy(
+        tmp_path,
+        image_size=64,
+        n_text=2,
+        n_image=2,
+        n_video=2,
+        n_vqa_train=2,
+        n_vqa_test=0,
+        n_video_vqa_train=1,
+        n_video_vqa_test=0,
+    )
     from fusion.data.video import decode
 
     backends = ["pyav"] + (["decord"] if importlib.util.find_spec("decord") else [])
