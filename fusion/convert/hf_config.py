@@ -60,6 +60,49 @@ def _rope_params(tc: dict, path: Path) -> dict:
     return out
 
 
+def _attention_layout(tc: dict, L: int, path: Path) -> tuple[int, int]:
+    """(nope_every, attn_chunk) of the config's NoPE layers and chunked attention; refuses a layout
+    fusion cannot build (NoPE layers other than one every k, chunking other than the RoPE layers)."""
+    # NoPE layers: fusion places them every nope_every layers, as Llama 4's no_rope_layer_interval
+    no_rope = tc.get("no_rope_layers") or []
+    interval = tc.get("no_rope_layer_interval", 4)
+    if not no_rope:
+        no_rope = [int((i + 1) % interval != 0) for i in range(L)]
+    nope_ids = [i for i, r in enumerate(no_rope) if not r]
+    nope_every = nope_ids[0] + 1 if nope_ids else 0
+    if nope_ids != [i for i in range(L) if nope_every and (i + 1) % nope_every == 0]:
+        raise ConvertError(
+            f"{path}: key 'no_rope_layers' puts NoPE layers at {nope_ids}; fusion supports "
+            f"one every k layers (k-1, 2k-1, ...)"
+        )
+
+    chunk = tc.get("attention_chunk_size") or 0
+    types = tc.get("layer_types")
+    if types:
+        expect = ["chunked_attention" if r and chunk else "full_attention" for r in no_rope]
+        if list(types) != expect:
+            raise ConvertError(
+                f"{path}: key 'layer_types' is {types}; fusion chunks exactly the RoPE layers "
+                f"when attention_chunk_size is set"
+            )
+    return nope_every, chunk
+
+
+def _moe_layer_ids(tc: dict, L: int, path: Path) -> list[int]:
+    """The config's MoE layer ids (`moe_layers`, else every `interleave_moe_layer_step`); refuses
+    any placement other than one every k layers."""
+    step = tc.get("interleave_moe_layer_step", 1)
+    moe_ids = tc.get("moe_layers")
+    if moe_ids is None:
+        moe_ids = list(range(step - 1, L, step))
+    if list(moe_ids) and list(moe_ids) != list(range(moe_ids[0], L, moe_ids[0] + 1)):
+        raise ConvertError(
+            f"{path}: key 'moe_layers' is {moe_ids}; fusion supports MoE layers every k "
+            f"layers (k-1, 2k-1, ...)"
+        )
+    return moe_ids
+
+
 def model_overrides_from_hf(tc: dict, path: Path) -> dict:
     """The fusion `model.*` values of a Hugging Face Llama 4 text config; refuses what differs."""
 
@@ -83,39 +126,9 @@ def model_overrides_from_hf(tc: dict, path: Path) -> dict:
             f"{path}: key 'hidden_act' is {tc['hidden_act']!r}; fusion's FFNs are SwiGLU (silu)"
         )
 
-    # NoPE layers: fusion places them every nope_every layers, as Llama 4's no_rope_layer_interval
-    no_rope = tc.get("no_rope_layers") or []
-    interval = tc.get("no_rope_layer_interval", 4)
-    if not no_rope:
-        no_rope = [int((i + 1) % interval != 0) for i in range(L)]
-    nope_ids = [i for i, r in enumerate(no_rope) if not r]
-    nope_every = nope_ids[0] + 1 if nope_ids else 0
-    if nope_ids != [i for i in range(L) if nope_every and (i + 1) % nope_every == 0]:
-        raise ConvertError(
-            f"{path}: key 'no_rope_layers' puts NoPE layers at {nope_ids}; fusion supports "
-            f"one every k layers (k-1, 2k-1, ...)"
-        )
-
-    chunk = tc.get("attention_chunk_size") or 0
-    types = tc.get("layer_types")
-    if types:
-        expect = ["chunked_attention" if r and chunk else "full_attention" for r in no_rope]
-        if list(types) != expect:
-            raise ConvertError(
-                f"{path}: key 'layer_types' is {types}; fusion chunks exactly the RoPE layers "
-                f"when attention_chunk_size is set"
-            )
-
+    nope_every, chunk = _attention_layout(tc, L, path)
     n_experts = need("num_local_experts")
-    step = tc.get("interleave_moe_layer_step", 1)
-    moe_ids = tc.get("moe_layers")
-    if moe_ids is None:
-        moe_ids = list(range(step - 1, L, step))
-    if list(moe_ids) and list(moe_ids) != list(range(moe_ids[0], L, moe_ids[0] + 1)):
-        raise ConvertError(
-            f"{path}: key 'moe_layers' is {moe_ids}; fusion supports MoE layers every k "
-            f"layers (k-1, 2k-1, ...)"
-        )
+    moe_ids = _moe_layer_ids(tc, L, path)
     every = moe_ids[0] + 1 if moe_ids else 1
     if not moe_ids:
         n_experts = 0
