@@ -47,51 +47,29 @@ def _check_out_dir(out: Path, names: tuple[str, ...], force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def from_hf(
-    hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int = 0, force: bool = False, log=print
-) -> Path:
-    """Hugging Face Llama 4 text checkpoint -> fusion model directory. Returns the directory."""
-    from fusion.config import ConfigError, load_config, to_dict
+def _hf_tokenizer(hf_dir: Path, vocab_size: int):
+    """(tokenizer spec, tokenizer) for a Hugging Face checkpoint: its tokenizer.json, else fusion's
+    byte tokenizer; refuses one that needs more ids than the checkpoint's vocab_size."""
     from fusion.data.tokenizer import build_tokenizer
-    from fusion.model.fusion import FusionModel
-    from fusion.model.vision import VisionTower
-    from fusion.schema import SpecialIds
-
-    hf_dir, out = Path(hf_dir), Path(out_dir)
-    if not hf_dir.is_dir():
-        raise ConvertError(f"HF_DIR {hf_dir} is not a directory")
-    tc, arch = read_hf_text_config(hf_dir)
-    values = model_overrides_from_hf(tc, hf_dir / CONFIG)
-    weights = SafeTensorsDir(hf_dir)
-    if hf_prefixes(weights)[1] is None and not values["tie_embeddings"]:
-        log(
-            f"note: {hf_dir} has no lm_head (a bare Llama4TextModel): the output head is tied to the "
-            "input embeddings"
-        )
-        values["tie_embeddings"] = True
 
     tok_spec = "byte"
     if (hf_dir / "tokenizer.json").is_file():
         tok_spec = "tokenizer.json"
     tokenizer = build_tokenizer(str(hf_dir / tok_spec) if tok_spec != "byte" else "byte")
-    if tokenizer.vocab_size > values["vocab_size"]:
+    if tokenizer.vocab_size > vocab_size:
         raise ConvertError(
             f"{hf_dir}: the tokenizer needs {tokenizer.vocab_size} ids (fusion's special tokens "
-            f"appended) but vocab_size is {values['vocab_size']}"
+            f"appended) but vocab_size is {vocab_size}"
             + ("" if tok_spec != "byte" else "; add the checkpoint's tokenizer.json")
         )
+    return tok_spec, tokenizer
 
-    overrides = model_overrides(values)
-    try:
-        cfg = load_config(None, overrides)
-    except ConfigError as e:
-        raise ConvertError(f"{hf_dir / CONFIG}: {e}") from None
-    m = cfg.model
 
-    # the model's own key set, shapes and dtypes, without allocating it
-    with torch.device("meta"):
-        skeleton = FusionModel(m, values["vocab_size"], SpecialIds.of(tokenizer))
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+def _fusion_entries(weights: SafeTensorsDir, m, expected: dict, seed: int, dtype: str) -> list[Entry]:
+    """The fusion model's tensors to write, sorted by name: the decoder's from the Hugging Face
+    checkpoint, the vision tower's fresh (seeded), each in the dtype it is stored in."""
+    from fusion.model.vision import VisionTower
+
     makers = entries_from_hf(weights, m, expected)
 
     # the vision tower has no Hugging Face counterpart here: fresh weights, seeded
@@ -115,6 +93,43 @@ def from_hf(
         else:
             out_dtype = target or model_dtype
         entries.append(Entry(name, shape, out_dtype, makers[name]))
+    return entries
+
+
+def from_hf(
+    hf_dir: str | Path, out_dir: str | Path, dtype: str = "", seed: int = 0, force: bool = False, log=print
+) -> Path:
+    """Hugging Face Llama 4 text checkpoint -> fusion model directory. Returns the directory."""
+    from fusion.config import ConfigError, load_config, to_dict
+    from fusion.model.fusion import FusionModel
+    from fusion.schema import SpecialIds
+
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"HF_DIR {hf_dir} is not a directory")
+    tc, arch = read_hf_text_config(hf_dir)
+    values = model_overrides_from_hf(tc, hf_dir / CONFIG)
+    weights = SafeTensorsDir(hf_dir)
+    if hf_prefixes(weights)[1] is None and not values["tie_embeddings"]:
+        log(
+            f"note: {hf_dir} has no lm_head (a bare Llama4TextModel): the output head is tied to the "
+            "input embeddings"
+        )
+        values["tie_embeddings"] = True
+
+    tok_spec, tokenizer = _hf_tokenizer(hf_dir, values["vocab_size"])
+    overrides = model_overrides(values)
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as e:
+        raise ConvertError(f"{hf_dir / CONFIG}: {e}") from None
+    m = cfg.model
+
+    # the model's own key set, shapes and dtypes, without allocating it
+    with torch.device("meta"):
+        skeleton = FusionModel(m, values["vocab_size"], SpecialIds.of(tokenizer))
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    entries = _fusion_entries(weights, m, expected, seed, dtype)
 
     _check_out_dir(out, (WEIGHTS, "model.json"), force)
     write_safetensors(out / WEIGHTS, entries)
@@ -140,28 +155,20 @@ def from_hf(
     return out
 
 
-def to_hf(
-    run_or_ckpt: str | Path,
-    out_dir: str | Path,
-    dtype: str = "",
-    force: bool = False,
-    ignore_router_bias: bool = False,
-    log=print,
-) -> Path:
-    """A fusion model directory (or run / checkpoints dir) -> Hugging Face `Llama4ForCausalLM` dir."""
+def _read_fusion_model(run_or_ckpt: str | Path):
+    """(model dir, model config, vocab size, tokenizer file or None, tokenizer) of a fusion model
+    directory, run or checkpoints dir: a training checkpoint's files verified against its manifest,
+    model.json read and checked."""
     from fusion.checkpoint import (
         MANIFEST,
         TOKENIZER,
         CheckpointError,
-        check_weight_shapes,
         find_model_dir,
         read_model_json,
         verify_checkpoint,
     )
     from fusion.config import ConfigError, load_config
     from fusion.data.tokenizer import build_tokenizer
-    from fusion.model.fusion import FusionModel
-    from fusion.schema import SpecialIds
 
     try:
         model_dir = find_model_dir(run_or_ckpt)
@@ -179,7 +186,6 @@ def to_hf(
         cfg = load_config(None, model_overrides(meta["model"]) + ['model.vision.checkpoint=""'], source="it")
     except ConfigError as e:
         raise ConvertError(f"{where}: {e}") from None
-    m = cfg.model
     tok_spec = meta["tokenizer"]
     tok_path = None
     if tok_spec not in ("", "byte"):
@@ -190,6 +196,23 @@ def to_hf(
         tokenizer = build_tokenizer(str(tok_path) if tok_path else "byte")
     except ValueError as e:
         raise ConvertError(f"{where}: {e}") from None
+    return model_dir, cfg.model, vocab, tok_path, tokenizer
+
+
+def to_hf(
+    run_or_ckpt: str | Path,
+    out_dir: str | Path,
+    dtype: str = "",
+    force: bool = False,
+    ignore_router_bias: bool = False,
+    log=print,
+) -> Path:
+    """A fusion model directory (or run / checkpoints dir) -> Hugging Face `Llama4ForCausalLM` dir."""
+    from fusion.checkpoint import CheckpointError, check_weight_shapes
+    from fusion.model.fusion import FusionModel
+    from fusion.schema import SpecialIds
+
+    model_dir, m, vocab, tok_path, tokenizer = _read_fusion_model(run_or_ckpt)
     hf_cfg = hf_config_from_model(m, vocab, SpecialIds.of(tokenizer))
 
     src = SafeTensorsDir(model_dir)
