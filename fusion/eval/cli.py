@@ -27,40 +27,8 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="fusion-eval",
-        description=vqa.__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  fusion-eval --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--run",
-        metavar="RUN_DIR",
-        help="run directory: evaluates its latest checkpoint, writes RUN_DIR/eval/SET.json",
-    )
-    src.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        help="a checkpoints/ dir (its latest), a checkpoints/step_N dir or a model dir "
-        "(fusion-convert from-hf OUT)",
-    )
-    p.add_argument(
-        "--vqa",
-        nargs="+",
-        required=True,
-        metavar="DIR",
-        help="VQA shard directories (media + .json {question, answer, choices, type}); each writes SET.json and SET.png, "
-        "SET being the directory's name",
-    )
-    p.add_argument(
-        "--out",
-        metavar="OUT_DIR",
-        help="where SET.json / SET.png go (default: the run's eval/ for a run, its "
-        "checkpoints/ or a step_N dir; DIR/eval for another model dir; never inside "
-        "a checkpoint)",
-    )
+def _add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """How the questions are scored and reported."""
     p.add_argument(
         "--batch-size",
         type=int,
@@ -119,6 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="G",
         help="--quantize: weights per int4 scale/offset group, along the input axis (even; default 64)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fusion-eval",
+        description=vqa.__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  fusion-eval --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="run directory: evaluates its latest checkpoint, writes RUN_DIR/eval/SET.json",
+    )
+    src.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a checkpoints/ dir (its latest), a checkpoints/step_N dir or a model dir "
+        "(fusion-convert from-hf OUT)",
+    )
+    p.add_argument(
+        "--vqa",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="VQA shard directories (media + .json {question, answer, choices, type}); each writes SET.json and SET.png, "
+        "SET being the directory's name",
+    )
+    p.add_argument(
+        "--out",
+        metavar="OUT_DIR",
+        help="where SET.json / SET.png go (default: the run's eval/ for a run, its "
+        "checkpoints/ or a step_N dir; DIR/eval for another model dir; never inside "
+        "a checkpoint)",
+    )
+    _add_scoring_arguments(p)
     return p
 
 

@@ -241,6 +241,94 @@ def _check_args(model, batch_size: int, limit: int | None) -> None:
         raise EvalError("the model has no tokenizer (load it with fusion.load_model, or set model.tokenizer)")
 
 
+def _result(
+    rows: list[dict], values: list[list[float]], kept: list[Question], blind: bool, generate: bool
+) -> tuple[dict, list[Shown]]:
+    """The questions' results (RESULT_COLUMNS, every rank's) folded into the rows -> ({overall,
+    by_type, examples}, the kept questions with their predictions)."""
+    for row, (correct, blind_ok, gen_ok, _) in zip(rows, values):
+        row.update(
+            correct=bool(correct),
+            **({"blind_correct": bool(blind_ok)} if blind else {}),
+            **({"gen_correct": bool(gen_ok)} if generate else {}),
+        )
+    shown = [Shown(q, q.choices[int(values[i][3])], rows[i]["correct"]) for i, q in enumerate(kept)]
+    by_type = {
+        t: _summary([r for r in rows if r["type"] == t], blind, generate)
+        for t in sorted({r["type"] for r in rows})
+    }
+    examples = [
+        {
+            "key": s.question.key,
+            "type": s.question.type,
+            "question": s.question.question,
+            "answer": s.question.answer,
+            "prediction": s.prediction,
+            "correct": s.correct,
+        }
+        for s in shown
+    ]
+    return {"overall": _summary(rows, blind, generate), "by_type": by_type, "examples": examples}, shown
+
+
+def _score_set(
+    model,
+    questions,
+    name: str,
+    total: int | None,
+    shard: tuple[int, int],
+    limit: int | None,
+    batch_size: int,
+    examples: int,
+    progress: bool,
+    score_fn: ScoreFn,
+    blind: bool,
+    generate: bool,
+    device,
+) -> tuple[list[dict], list[list[float]], list[Question]]:
+    """This rank's share of a set's questions scored, batch by batch. -> (rows: type and chance per
+    question; values: RESULT_COLUMNS per question, zeros where another rank scores; the first
+    `examples` questions). The model is in eval mode meanwhile."""
+    from tqdm import tqdm
+
+    rank, world = shard
+    was_training = model.training
+    model.eval()
+    rows: list[dict] = []  # per question: type, chance; then the results
+    kept: list[Question] = []  # the first `examples` questions, for the picture
+    values: list[list[float]] = []  # per question: RESULT_COLUMNS, zeros where another rank scores
+    try:
+        with tqdm(
+            total=total, desc=name, unit="q", file=sys.stderr, disable=not progress, dynamic_ncols=True
+        ) as bar:
+            while limit is None or len(rows) < limit:
+                want = batch_size if limit is None else min(batch_size, limit - len(rows))
+                chunk = [q for _, q in zip(range(want), questions)]
+                if not chunk:
+                    break
+                mine = (len(rows) // batch_size) % world == rank  # batch i is rank i % world's
+                values += (
+                    _score_batch(
+                        model,
+                        chunk,
+                        score_fn,
+                        blind,
+                        generate,
+                        batch_size=batch_size,
+                        device=device,
+                    )
+                    if mine
+                    else [[0.0] * len(RESULT_COLUMNS) for _ in chunk]
+                )
+                rows += [{"type": q.type, "chance": q.chance} for q in chunk]
+                kept += chunk[: examples - len(kept)]
+                bar.update(len(chunk))
+    finally:
+        questions.close()
+        model.train(was_training)
+    return rows, values, kept
+
+
 def run_evaluation(
     model,
     vqa_dir,
@@ -261,8 +349,6 @@ def run_evaluation(
     `shard=(rank, world)`: the ranks of a process group share the work, batch i scored by rank
     i % world; every rank then holds every result (`reduce_results`, a collective: all ranks
     call it with the same set and limit)."""
-    from tqdm import tqdm
-
     from fusion.data.shards import ErrorCounter
 
     _check_args(model, batch_size, limit)
@@ -272,42 +358,22 @@ def run_evaluation(
     total = set_size(vqa_dir)  # for the progress bar
     if limit is not None:
         total = min(total, limit) if total is not None else limit
-    name, (rank, world) = set_name(vqa_dir), shard
-    was_training = model.training
-    model.eval()
-    rows: list[dict] = []  # per question: type, chance; then the results
-    kept: list[Question] = []  # the first `examples` questions, for the picture
-    values: list[list[float]] = []  # per question: RESULT_COLUMNS, zeros where another rank scores
-    questions = iter_questions(vqa_dir, maker)
-    try:
-        with tqdm(
-            total=total, desc=name, unit="q", file=sys.stderr, disable=not progress, dynamic_ncols=True
-        ) as bar:
-            while limit is None or len(rows) < limit:
-                want = batch_size if limit is None else min(batch_size, limit - len(rows))
-                chunk = [q for _, q in zip(range(want), questions)]
-                if not chunk:
-                    break
-                mine = (len(rows) // batch_size) % world == rank  # batch i is rank i % world's
-                values += (
-                    _score_batch(
-                        model,
-                        chunk,
-                        score_fn or score_choices,
-                        blind,
-                        generate,
-                        batch_size=batch_size,
-                        device=device,
-                    )
-                    if mine
-                    else [[0.0] * len(RESULT_COLUMNS) for _ in chunk]
-                )
-                rows += [{"type": q.type, "chance": q.chance} for q in chunk]
-                kept += chunk[: examples - len(kept)]
-                bar.update(len(chunk))
-    finally:
-        questions.close()
-        model.train(was_training)
+    name, world = set_name(vqa_dir), shard[1]
+    rows, values, kept = _score_set(
+        model,
+        iter_questions(vqa_dir, maker),
+        name,
+        total,
+        shard,
+        limit,
+        batch_size,
+        examples,
+        progress,
+        score_fn or score_choices,
+        blind,
+        generate,
+        device,
+    )
     if world > 1:
         from fusion import dist
 
@@ -318,36 +384,17 @@ def run_evaluation(
         raise EvalError(
             f"--vqa {vqa_dir}: no usable questions (skipped {counter.total}: {counter.summary()})"
         )
-    for row, (correct, blind_ok, gen_ok, _) in zip(rows, values):
-        row.update(
-            correct=bool(correct),
-            **({"blind_correct": bool(blind_ok)} if blind else {}),
-            **({"gen_correct": bool(gen_ok)} if generate else {}),
-        )
-    shown = [Shown(q, q.choices[int(values[i][3])], rows[i]["correct"]) for i, q in enumerate(kept)]
+    folded, shown = _result(rows, values, kept, blind, generate)
     result = {
         "set": name,
         "vqa_dir": str(vqa_dir),
-        "overall": _summary(rows, blind, generate),
-        "by_type": {
-            t: _summary([r for r in rows if r["type"] == t], blind, generate)
-            for t in sorted({r["type"] for r in rows})
-        },
+        "overall": folded["overall"],
+        "by_type": folded["by_type"],
         "skipped": counter.total,
         "skipped_reasons": dict(counter.counts),
         "n_frames": n_frames,
         "seconds": round(time.perf_counter() - t0, 2),
-        "examples": [
-            {
-                "key": s.question.key,
-                "type": s.question.type,
-                "question": s.question.question,
-                "answer": s.question.answer,
-                "prediction": s.prediction,
-                "correct": s.correct,
-            }
-            for s in shown
-        ],
+        "examples": folded["examples"],
     }
     return result, shown
 

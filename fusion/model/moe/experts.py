@@ -30,7 +30,7 @@ def mark_expert(p: nn.Parameter) -> nn.Parameter:
     """Mark `p` as a routed-expert weight (an `expert` attribute set to True on the parameter):
     kept out of the DeepSpeed engine, sharded, reduced, stepped and checkpointed by fusion/parallel/.
     Returns `p`. A parameter that replaces a marked one (a shard, a gathered copy) is marked again."""
-    p.expert = True  # nn.Parameter declares no such attribute: set by name
+    setattr(p, "expert", True)  # noqa: B010 (nn.Parameter declares no such attribute: set by name)
     return p
 
 
