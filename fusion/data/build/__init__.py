@@ -12,6 +12,7 @@
 The modules, in the order a build goes through them:
 
     cli.py       the parser: the table of subcommands, their flags, main
+    flags.py     the flags the builders share (input, output, columns, sharding, media) and their types
     readers.py   input records from .jsonl / .txt / .csv / .parquet, one-line errors naming file and line
     makers.py    one record -> one shard sample, per kind of shard: text, image, video, vqa
     writer.py    records -> keys -> shards written by worker processes; resume; whose output
@@ -20,7 +21,7 @@ The modules, in the order a build goes through them:
 
 Adding a builder: a sample maker `make_sample(key, fields, meta) -> {ext: bytes | str | dict}` in
 makers.py that raises `SampleError(reason)` for a bad record, a `configure(parser)` that calls
-`add_build_arguments` and a `run(args)` that calls `run_build(args, modality, make_sample,
+`add_build_arguments` (flags.py) and a `run(args)` that calls `run_build(args, modality, make_sample,
 columns)` in cli.py, and a `Command` in its `COMMANDS` table. `make_sample` is pickled to worker
 processes: a module-level function, or a `functools.partial` of one.
 """

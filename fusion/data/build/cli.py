@@ -1,7 +1,8 @@
 """The `fusion-data` command line: the table of subcommands, their flags, and `main`.
 
 Each subcommand is a `Command(name, help, configure, run)` in `COMMANDS`, in --help order:
-`configure(parser)` adds its flags, `run(args) -> int` does the work. A builder's `run` binds its
+`configure(parser)` adds its flags (the flags builders share are defined in
+`fusion.data.build.flags`), `run(args) -> int` does the work. A builder's `run` binds its
 sample maker (`fusion.data.build.makers`) to the flags with `functools.partial` and hands it to
 `fusion.data.build.writer.run_build`; `verify` and `stats` are `fusion.data.build.report`, `toy`
 and `tokenizer` are `fusion.data.toy` and `fusion.data.tokenizer_train`. A `CliError` (an
@@ -17,9 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
-from fusion.cli import CliError, default_workers, int_at_least, pipe_safe
+from fusion.cli import CliError, int_at_least, pipe_safe
+from fusion.data.build.flags import (
+    add_build_arguments,
+    add_image_arguments,
+    add_max_side,
+    add_media_path_arguments,
+    add_video_arguments,
+)
 from fusion.data.build.makers import (
     VQA_IMAGE_FORMATS,
     ImageOptions,
@@ -31,10 +37,9 @@ from fusion.data.build.makers import (
     names_file,
     parse_turns,
 )
-from fusion.data.build.readers import INPUT_FORMATS, InputError, Record
+from fusion.data.build.readers import InputError, Record
 from fusion.data.build.report import configure_stats, configure_verify, run_stats, run_verify
 from fusion.data.build.writer import PROG, run_build
-from fusion.data.images import DEFAULT_MAX_PIXELS, ENCODINGS, RESIZE_MODES
 from fusion.data.shards import SampleError
 from fusion.data.video import backend_available, encoder_available
 
@@ -90,75 +95,6 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
 
 
-# ---------------------------------------------------------------- shared builder arguments
-
-
-def add_build_arguments(
-    p: argparse.ArgumentParser,
-    *,
-    text_col: str = "text",
-    text_help: str = "column holding the text",
-    text_flag: str = "--text-col",
-    samples_per_shard: int = 1000,
-) -> None:
-    """The flags every builder takes: input/output, columns, sharding, workers, progress.
-
-    The text column's flag is `text_flag` (`--caption-col`, `--question-col`), always stored as
-    `args.text_col`.
-    """
-    p.add_argument(
-        "--input",
-        required=True,
-        metavar="FILE",
-        help=f"input records: {', '.join(INPUT_FORMATS)} (.parquet needs pyarrow)",
-    )
-    p.add_argument(
-        "--output",
-        required=True,
-        metavar="DIR",
-        help="dataset directory for the shards (created): one modality from one input "
-        "file; the same command again resumes, another input there is refused "
-        "(see --overwrite)",
-    )
-    p.add_argument(
-        text_flag,
-        dest="text_col",
-        default=text_col,
-        metavar="COL",
-        help=f"{text_help} (default: {text_col}"
-        + ("; ignored by .txt input)" if text_flag == "--text-col" else ")"),
-    )
-    p.add_argument(
-        "--key-col",
-        default=None,
-        metavar="COL",
-        help="column whose value becomes the sample key, mapped to [0-9A-Za-z_-] "
-        "(default: the record index, %%09d)",
-    )
-    p.add_argument(
-        "--samples-per-shard",
-        type=int_at_least(1),
-        default=samples_per_shard,
-        metavar="N",
-        help=f"input records per shard; record i goes to shard i // N (default: {samples_per_shard})",
-    )
-    p.add_argument(
-        "--workers",
-        type=int_at_least(1),
-        default=default_workers(),
-        metavar="N",
-        help="worker processes, each writing whole shards (default: CPUs, at most 8)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete the shards and index.json already in --output, whatever built "
-        "them, then build anew (without it, a directory holding shards of another "
-        "input is refused, and one holding shards of this input is resumed)",
-    )
-
-
 # ---------------------------------------------------------------- text
 
 
@@ -179,154 +115,6 @@ def run_text(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- images, videos, vqa commands
-
-
-def _quality(text: str) -> int:
-    value = int_at_least(1)(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"must be <= 100, got {value}")
-    return value
-
-
-def _fps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and value < 1000):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1000), got {value}")
-    return value
-
-
-def _add_media_path_arguments(
-    p: argparse.ArgumentParser, image: bool, video: bool, either: bool = False
-) -> None:
-    note = "; each record's media is whichever of --image-col / --video-col it fills" if either else ""
-    if image:
-        p.add_argument(
-            "--image-col",
-            default="image",
-            metavar="COL",
-            help="column with the image file path, relative to the input file's "
-            f"directory (default: image{note})",
-        )
-    if video:
-        p.add_argument(
-            "--video-col",
-            default="video",
-            metavar="COL",
-            help="column with the video file path, relative to the input file's "
-            f"directory (default: video{note})",
-        )
-
-
-EXTENSION_NAMES = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-def _add_image_arguments(p: argparse.ArgumentParser, formats: Sequence[str] = ENCODINGS) -> None:
-    kept = "/".join(EXTENSION_NAMES[f] for f in formats)
-    converted = "GIF, BMP -> png" if "webp" in formats else "WEBP, GIF, BMP -> png, lossless"
-    g = p.add_argument_group("images")
-    g.add_argument(
-        "--max-pixels",
-        type=int_at_least(1),
-        default=DEFAULT_MAX_PIXELS,
-        metavar="N",
-        help="images whose header says more pixels fail as too_many_pixels before "
-        f"decoding (default: {DEFAULT_MAX_PIXELS:,}; Pillow's own bomb limit of "
-        f"{Image.MAX_IMAGE_PIXELS:,} also applies and is never raised)",
-    )
-    g.add_argument(
-        "--resize-mode",
-        choices=RESIZE_MODES,
-        default="keep_ratio",
-        help="keep_ratio: longer side <= --max-side, never enlarged; center_crop / pad: "
-        "exactly --max-side squared (cropped / padded with white); none: as is "
-        "(default: keep_ratio)",
-    )
-    g.add_argument(
-        "--format",
-        choices=("keep", *formats),
-        default="keep",
-        help=f"stored image format, one of {', '.join(formats)}; keep stores the "
-        f"original bytes of an unchanged {kept} and re-encodes the rest in their "
-        f"format ({converted}) (default: keep)",
-    )
-    g.add_argument(
-        "--quality",
-        type=_quality,
-        default=90,
-        metavar="Q",
-        help=f"{'/'.join(EXTENSION_NAMES[f] for f in formats if f != 'png')} quality "
-        f"1-100 when encoding (default: 90)",
-    )
-
-
-def _add_video_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("videos")
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--reencode",
-        dest="reencode",
-        action="store_true",
-        default=True,
-        help="re-encode to H.264 mp4 (libx264, yuv420p, no audio, deterministic) (default)",
-    )
-    mode.add_argument(
-        "--copy",
-        dest="reencode",
-        action="store_false",
-        help="store the input mp4 bytes unchanged (after a full decode check); "
-        "--fps, --max-side, --crf... are ignored for videos",
-    )
-    g.add_argument(
-        "--fps",
-        type=_fps,
-        default=0.0,
-        metavar="F",
-        help="frame rate of re-encoded videos, frames dropped or repeated "
-        "(default: 0 = the source's average rate)",
-    )
-    g.add_argument(
-        "--keyframe-interval",
-        type=int_at_least(1),
-        default=8,
-        metavar="N",
-        help="a keyframe every N frames: a short GOP makes seeking cheap (default: 8)",
-    )
-    g.add_argument(
-        "--crf",
-        type=int_at_least(0),
-        default=23,
-        metavar="N",
-        help="x264 constant rate factor, 0 (lossless) .. 51 (default: 23)",
-    )
-    g.add_argument(
-        "--preset",
-        default="medium",
-        choices=(
-            "ultrafast",
-            "superfast",
-            "veryfast",
-            "faster",
-            "fast",
-            "medium",
-            "slow",
-            "slower",
-            "veryslow",
-        ),
-        help="x264 speed/size preset (default: medium)",
-    )
-
-
-def _add_max_side(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument(
-        "--max-side",
-        type=int_at_least(0),
-        default=0,
-        metavar="N",
-        help=f"{what} (default: 0 = keep the size)",
-    )
 
 
 def _image_options(args) -> ImageOptions:
@@ -373,9 +161,9 @@ def _configure_images(p: argparse.ArgumentParser) -> None:
     add_build_arguments(
         p, text_col="caption", text_flag="--caption-col", text_help="column holding the caption"
     )
-    _add_media_path_arguments(p, image=True, video=False)
-    _add_max_side(p, "resize so that the image fits --resize-mode at this size")
-    _add_image_arguments(p)
+    add_media_path_arguments(p, image=True, video=False)
+    add_max_side(p, "resize so that the image fits --resize-mode at this size")
+    add_image_arguments(p)
 
 
 def run_images(args: argparse.Namespace) -> int:
@@ -397,13 +185,13 @@ def _configure_videos(p: argparse.ArgumentParser) -> None:
         text_help="column holding the caption",
         samples_per_shard=100,
     )
-    _add_media_path_arguments(p, image=False, video=True)
-    _add_max_side(
+    add_media_path_arguments(p, image=False, video=True)
+    add_max_side(
         p,
         "re-encoded videos: the longer side at most N pixels, never enlarged; "
         "sizes are made even, and widths decord 0.6.0 misreads avoided",
     )
-    _add_video_arguments(p)
+    add_video_arguments(p)
 
 
 def run_videos(args: argparse.Namespace) -> int:
@@ -450,10 +238,10 @@ def _configure_vqa(p: argparse.ArgumentParser) -> None:
         "conversation trained as one sample, the loss on every answer; a record "
         "that fills it needs no question, answer or choices (default: turns)",
     )
-    _add_media_path_arguments(p, image=True, video=True, either=True)
-    _add_max_side(p, "images: as for `fusion-data images`; videos: as for `fusion-data videos`")
-    _add_image_arguments(p, VQA_IMAGE_FORMATS)
-    _add_video_arguments(p)
+    add_media_path_arguments(p, image=True, video=True, either=True)
+    add_max_side(p, "images: as for `fusion-data images`; videos: as for `fusion-data videos`")
+    add_image_arguments(p, VQA_IMAGE_FORMATS)
+    add_video_arguments(p)
 
 
 def run_vqa(args: argparse.Namespace) -> int:
