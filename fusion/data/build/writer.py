@@ -169,6 +169,58 @@ class BuildResult:
     seconds: float
 
 
+class _ShardWriters:
+    """Writes the shards handed to `write`: in this process with one worker, else in a process pool
+    (started at the first shard) with at most 2 x workers shards in flight, to bound the records
+    held in memory. Each finished shard's stats go into `stats` (by shard index) and its records
+    onto the progress bar; a shard that fails raises CliError naming it."""
+
+    def __init__(
+        self, output: Path, make_sample: SampleFn, provenance: dict | None, workers: int, stats: dict, bar
+    ):
+        self.output, self.make_sample, self.provenance = output, make_sample, provenance
+        self.workers, self.stats, self.bar = workers, stats, bar
+        self.written = self.records_written = 0
+        self.executor: cf.ProcessPoolExecutor | None = None
+        self.pending: dict[cf.Future, tuple[int, int]] = {}
+
+    def write(self, index: int, batch: list[Item], digest: str) -> None:
+        args = (self.output, index, batch, self.make_sample, digest, self.provenance)
+        if self.workers == 1:
+            self.stats[index] = write_shard(*args)
+            self.written, self.records_written = self.written + 1, self.records_written + len(batch)
+            self.bar.update(len(batch))
+            return
+        if self.executor is None:
+            self.executor = cf.ProcessPoolExecutor(max_workers=self.workers)
+        self.pending[self.executor.submit(write_shard, *args)] = (index, len(batch))
+        if len(self.pending) >= 2 * self.workers:  # bound the records held in memory
+            done, _ = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
+            self._finish(done)
+
+    def _finish(self, done: Iterable[cf.Future], quiet: bool = False) -> None:
+        for fut in done:
+            index, n = self.pending.pop(fut)
+            try:
+                self.stats[index] = fut.result()
+            except BaseException as exn:
+                if quiet:  # already unwinding from another error: that one is reported
+                    continue
+                raise CliError(f"shard {shard_name(index)} failed: {type(exn).__name__}: {exn}") from exn
+            self.written, self.records_written = self.written + 1, self.records_written + n
+            self.bar.update(n)
+
+    def drain(self, quiet: bool) -> None:
+        """Wait for every shard in flight; `quiet`: while unwinding, their errors are dropped."""
+        while self.pending:
+            done, _ = cf.wait(self.pending, return_when=cf.FIRST_COMPLETED)
+            self._finish(done, quiet)
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
 def build_shards(
     items: Iterable[Item],
     make_sample: SampleFn,
@@ -189,29 +241,9 @@ def build_shards(
 
     t0 = time.perf_counter()
     stats: dict[int, dict] = {}
-    written = reused = records_written = 0
-    executor: cf.ProcessPoolExecutor | None = None
-    pending: dict[cf.Future, tuple[int, int]] = {}
+    reused = 0
     bar = tqdm(desc=desc, unit="rec", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-
-    def finish(done: Iterable[cf.Future], quiet: bool = False) -> None:
-        nonlocal written, records_written
-        for fut in done:
-            index, n = pending.pop(fut)
-            try:
-                stats[index] = fut.result()
-            except BaseException as exn:
-                if quiet:  # already unwinding from another error: that one is reported
-                    continue
-                raise CliError(f"shard {shard_name(index)} failed: {type(exn).__name__}: {exn}") from exn
-            written, records_written = written + 1, records_written + n
-            bar.update(n)
-
-    def drain(quiet: bool) -> None:
-        while pending:
-            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            finish(done, quiet)
-
+    writers = _ShardWriters(output, make_sample, provenance, workers, stats, bar)
     recipe = f"{describe(make_sample)} samples_per_shard={samples_per_shard}"
     try:
         for index, batch in chunks(items, samples_per_shard):
@@ -221,37 +253,23 @@ def build_shards(
                 reused += 1
                 bar.update(len(batch))
                 continue
-            if workers == 1:
-                stats[index] = write_shard(output, index, batch, make_sample, digest, provenance)
-                written, records_written = written + 1, records_written + len(batch)
-                bar.update(len(batch))
-                continue
-            if executor is None:
-                executor = cf.ProcessPoolExecutor(max_workers=workers)
-            pending[executor.submit(write_shard, output, index, batch, make_sample, digest, provenance)] = (
-                index,
-                len(batch),
-            )
-            if len(pending) >= 2 * workers:  # bound the records held in memory
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                finish(done)
-        drain(quiet=False)
+            writers.write(index, batch, digest)
+        writers.drain(quiet=False)
     except BaseException:
         # Bad input, a failed shard or Ctrl-C: the shards in flight still complete (or their
         # temporary files are dropped), so every shard on disk is whole.
-        drain(quiet=True)
+        writers.drain(quiet=True)
         raise
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown()
         bar.close()
     order = sorted(stats)
     return BuildResult(
         [shard_name(i) for i in order],
         [stats[i] for i in order],
-        written,
+        writers.written,
         reused,
-        records_written,
+        writers.records_written,
         time.perf_counter() - t0,
     )
 
@@ -282,6 +300,51 @@ def _summary_line(modality: str, source: str, output: Path, result: BuildResult)
     )
 
 
+def _check_paths(source: Path, output: Path, modality: str, overwrite: bool) -> None:
+    """Refuse, before reading anything, an --input that is not a file of a known format and an
+    --output that is not a directory or whose index.json is unreadable or of another modality
+    (unless --overwrite)."""
+    if not source.is_file():
+        raise CliError(f"--input: no such file: '{source}'")
+    if source.suffix.lower() not in INPUT_FORMATS:
+        raise CliError(f"--input: unknown format '{source.name}' (expected {', '.join(INPUT_FORMATS)})")
+    if output.exists() and not output.is_dir():
+        raise CliError(f"--output: '{output}' exists and is not a directory")
+    try:
+        index = read_index(output) if output.is_dir() and not overwrite else None
+    except ValueError as exn:
+        raise CliError(f"{exn}; or pass --overwrite to replace it") from None
+    if index is not None and index.get("modality") != modality:
+        raise CliError(
+            f"--output: '{output}' holds {index.get('modality')} shards (index.json); "
+            f"give another directory for {modality}, or --overwrite to replace them"
+        )
+
+
+def _claim_output(output: Path, modality: str, provenance: dict, overwrite: bool) -> None:
+    """Make --output this build's: with --overwrite, delete the shards there first; without it,
+    refuse shards of any other build. Then create the directory and drop temporary files an
+    interrupted run left."""
+    if overwrite:
+        removed = remove_shards(output)
+        if removed:
+            print(
+                f"{PROG} {modality}: --overwrite: removed {removed} shard(s) from {output}", file=sys.stderr
+            )
+    else:
+        foreign = foreign_shards(output, lambda stats: all(stats.get(k) == v for k, v in provenance.items()))
+        if foreign:
+            names = ", ".join(n for n, _ in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CliError(
+                f"--output: '{output}' already holds {len(foreign)} shard(s) not built "
+                f"from this input ({names}: {shard_origin(foreign[0][1])}); give another "
+                f"--output, or pass --overwrite to delete them and build anew"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob("*.tmp"):  # left by an interrupted run
+        stale.unlink()
+
+
 def run_build(
     args: argparse.Namespace,
     modality: str,
@@ -305,24 +368,9 @@ def run_build(
     input's last shard (a longer earlier version of the file) removed, so that index.json lists
     exactly the shards a reader of the directory sees.
     """
-    source = Path(args.input)
-    output = Path(args.output)
-    if not source.is_file():
-        raise CliError(f"--input: no such file: '{source}'")
-    if source.suffix.lower() not in INPUT_FORMATS:
-        raise CliError(f"--input: unknown format '{source.name}' (expected {', '.join(INPUT_FORMATS)})")
-    if output.exists() and not output.is_dir():
-        raise CliError(f"--output: '{output}' exists and is not a directory")
+    source, output = Path(args.input), Path(args.output)
     overwrite = getattr(args, "overwrite", False)
-    try:
-        index = read_index(output) if output.is_dir() and not overwrite else None
-    except ValueError as exn:
-        raise CliError(f"{exn}; or pass --overwrite to replace it") from None
-    if index is not None and index.get("modality") != modality:
-        raise CliError(
-            f"--output: '{output}' holds {index.get('modality')} shards (index.json); "
-            f"give another directory for {modality}, or --overwrite to replace them"
-        )
+    _check_paths(source, output, modality, overwrite)
     key_cols = [args.key_col] if args.key_col else []
     records = read_records(source, args.text_col, [*columns, *key_cols], one_of, text_or)
     # Read the first record before creating or deleting anything, so a bad input leaves the
@@ -331,24 +379,7 @@ def run_build(
     if first is None:
         raise InputError(source, None, "no records")
     provenance = {"modality": modality, "input": str(source.resolve())}
-    if overwrite:
-        removed = remove_shards(output)
-        if removed:
-            print(
-                f"{PROG} {modality}: --overwrite: removed {removed} shard(s) from {output}", file=sys.stderr
-            )
-    else:
-        foreign = foreign_shards(output, lambda stats: all(stats.get(k) == v for k, v in provenance.items()))
-        if foreign:
-            names = ", ".join(n for n, _ in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise CliError(
-                f"--output: '{output}' already holds {len(foreign)} shard(s) not built "
-                f"from this input ({names}: {shard_origin(foreign[0][1])}); give another "
-                f"--output, or pass --overwrite to delete them and build anew"
-            )
-    output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob("*.tmp"):  # left by an interrupted run
-        stale.unlink()
+    _claim_output(output, modality, provenance, overwrite)
 
     def all_records():
         for rec in itertools.chain([first], records):
@@ -366,16 +397,7 @@ def run_build(
         desc=f"{modality} -> {output}",
         provenance=provenance,
     )
-    # Every other shard here is this input's too (see above): left from a longer earlier file.
-    surplus = sorted(set(os.path.basename(p) for p in shards_in_dir(str(output))) - set(result.names))
-    for name in surplus:
-        _remove_shard(output, name)
-    if surplus:
-        print(
-            f"{PROG} {modality}: removed {len(surplus)} shard(s) left by an earlier, longer build "
-            f"of this input ({', '.join(surplus[:3])}{', ...' if len(surplus) > 3 else ''})",
-            file=sys.stderr,
-        )
+    _remove_surplus(output, modality, result.names)
     write_index(
         output,
         modality,
@@ -393,6 +415,20 @@ def _remove_shard(directory: Path, name: str) -> None:
     """Delete a shard's stats file, then the tar: never a stats file that vouches for no tar."""
     (directory / stats_name(name)).unlink(missing_ok=True)
     (directory / name).unlink(missing_ok=True)
+
+
+def _remove_surplus(output: Path, modality: str, names: list[str]) -> None:
+    """Delete the shards in `output` beyond this build's `names`. Every other shard here is this
+    input's too (`_claim_output` refused the rest): left from a longer earlier file."""
+    surplus = sorted(set(os.path.basename(p) for p in shards_in_dir(str(output))) - set(names))
+    for name in surplus:
+        _remove_shard(output, name)
+    if surplus:
+        print(
+            f"{PROG} {modality}: removed {len(surplus)} shard(s) left by an earlier, longer build "
+            f"of this input ({', '.join(surplus[:3])}{', ...' if len(surplus) > 3 else ''})",
+            file=sys.stderr,
+        )
 
 
 def remove_shards(directory: Path) -> int:
