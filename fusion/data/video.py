@@ -1,4 +1,6 @@
-"""Video decoding and H.264 encoding; the only module that imports decord or PyAV (`av`).
+"""Video decoding and H.264 encoding; the only module that imports decord, and with
+`fusion.data.video_encode` (the encoder, whose names it re-exports) the only ones that import
+PyAV (`av`).
 
     decode(data, indices, backend="auto", size=None, timeout=None, stats=None) -> uint8 (F, H, W, 3)
     probe(data, backend="auto", timeout=None, stats=None) -> VideoMeta
@@ -36,14 +38,14 @@ the timeout only fires once the GIL is released. A hard limit needs a subprocess
 
 Resizing to `size=(H, W)` uses Pillow (bilinear) after decoding, identically for both backends.
 
-Encoding (PyAV, libx264, yuv420p mp4, video only) is deterministic: one encoder thread and fixed
-options give byte-identical bytes for the same input and settings (a resumed shard build and the
-toy generator depend on it). No B-frames and a keyframe every `keyframe_interval` frames (plus
-x264's scene cuts if asked for), so a reader seeking to any frame decodes at most that many
-(decord's seeks are also most reliable without frame reordering). `encode_frames` writes uint8
-RGB frames (the toy world); `transcode` re-encodes any video ffmpeg reads (the `videos` / `vqa`
-shard builders), at a constant frame rate and a stored size from `encoded_size`: even sides
-(yuv420p) and no width in DECORD_BAD_WIDTHS.
+Encoding (`fusion.data.video_encode`: PyAV, libx264, yuv420p mp4, video only) is deterministic:
+one encoder thread and fixed options give byte-identical bytes for the same input and settings (a
+resumed shard build and the toy generator depend on it). No B-frames and a keyframe every
+`keyframe_interval` frames (plus x264's scene cuts if asked for), so a reader seeking to any frame
+decodes at most that many (decord's seeks are also most reliable without frame reordering).
+`encode_frames` writes uint8 RGB frames (the toy world); `transcode` re-encodes any video ffmpeg
+reads (the `videos` / `vqa` shard builders), at a constant frame rate and a stored size from
+`encoded_size`: even sides (yuv420p) and no width in DECORD_BAD_WIDTHS.
 
 The builders read their inputs more strictly than `decode` / `probe` do: `transcode`,
 `container_format` and `measure` also refuse a still image ("unsupported_format": ffmpeg opens a
@@ -66,6 +68,34 @@ from typing import Any
 import numpy as np
 
 from fusion.data.sampling import VideoMeta
+from fusion.data.video_encode import (
+    DECORD_BAD_WIDTHS,
+    MIN_VIDEO_WIDTH,
+    encode_frames,
+    encoded_size,
+    retime,
+    to_yuv420p,
+    write_h264,
+    x264_options,
+)
+
+__all__ = [  # the interface; the encoder's names are fusion.data.video_encode's, re-exported
+    "BACKENDS",
+    "DECORD_BAD_WIDTHS",
+    "MIN_VIDEO_WIDTH",
+    "REASONS",
+    "DecodeStats",
+    "VideoDecodeError",
+    "backend_available",
+    "container_format",
+    "decode",
+    "encode_frames",
+    "encoded_size",
+    "encoder_available",
+    "measure",
+    "probe",
+    "transcode",
+]
 
 BACKENDS = ("decord", "pyav", "auto")
 REASONS = (
@@ -77,11 +107,6 @@ REASONS = (
     "timeout",
     "unsupported_format",
 )  # the last: only from the builders' strict reading
-
-# decord 0.6.0 returns frames of a wrong shape for these widths (even widths 2..2100 were tried with
-# yuv420p H.264; heights 2..198 all decode). tests/unit/test_build_media.py checks the neighbours.
-DECORD_BAD_WIDTHS = frozenset({2, 4, 6, 8, 12, 16, 24, 48, 72})
-MIN_VIDEO_WIDTH = 10
 
 
 class VideoDecodeError(Exception):
@@ -398,30 +423,8 @@ def _count_frames(container, frames: Iterable) -> VideoMeta:
 
 
 # ---------------------------------------------------------------------------------------------
-# encoding, and the shard builders' strict reading (PyAV)
+# re-encoding, and the shard builders' strict reading (PyAV)
 # ---------------------------------------------------------------------------------------------
-
-
-def encode_frames(
-    frames: np.ndarray,
-    fps: int | Fraction,
-    *,
-    crf: int,
-    keyframe_interval: int,
-    preset: str = "medium",
-    scene_cuts: bool = False,
-) -> bytes:
-    """H.264 yuv420p mp4 of uint8 (F, H, W, 3) RGB frames (H and W even), `fps` frames a second.
-
-    scene_cuts=True keeps x264's scene-cut detection, which may add keyframes between the regular
-    ones; the toy generator's clips have always been encoded that way.
-    """
-    import av
-
-    height, width = frames.shape[1], frames.shape[2]
-    # The encoder numbers the frames 0, 1, ... and converts rgb24 to yuv420p itself (bilinear).
-    rgb = (av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in frames)
-    return _write_h264(rgb, fps, width, height, _x264_options(crf, keyframe_interval, preset, scene_cuts))
 
 
 def transcode(
@@ -446,14 +449,14 @@ def transcode(
         out_rate = Fraction(fps).limit_denominator(1001) if fps > 0 else src_rate or Fraction(25)
         frames = _strict_frames(container)
         if fps > 0:
-            frames = _retime(frames, src_rate, out_rate)
+            frames = retime(frames, src_rate, out_rate)
         first = next(frames, None)
         if first is None:
             raise VideoDecodeError("zero_frames", "the stream decoded to 0 frames", "pyav")
         width, height = encoded_size(first.width, first.height, max_side)
-        yuv = _to_yuv420p(itertools.chain([first], frames), width, height, out_rate)
-        return _write_h264(
-            yuv, out_rate, width, height, _x264_options(crf, keyframe_interval, preset, scene_cuts=False)
+        yuv = to_yuv420p(itertools.chain([first], frames), width, height, out_rate)
+        return write_h264(
+            yuv, out_rate, width, height, x264_options(crf, keyframe_interval, preset, scene_cuts=False)
         )
 
 
@@ -470,73 +473,6 @@ def measure(data: bytes) -> VideoMeta:
     decode error or a truncated file raise VideoDecodeError); what a builder checks a file with."""
     with _open_strict(data) as container:
         return _count_frames(container, _strict_frames(container))
-
-
-def encoded_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """Stored (width, height): the longer side at most `max_side` (0 = keep), both even (yuv420p),
-    and a width decord 0.6.0 decodes (the nearest one below in DECORD_BAD_WIDTHS, at least 10)."""
-    scale = min(1.0, max_side / max(width, height)) if max_side > 0 else 1.0
-
-    def even(x: float) -> int:
-        return max(2, int(x + 0.5) // 2 * 2)
-
-    w, h = even(width * scale), even(height * scale)
-    while w in DECORD_BAD_WIDTHS and w > MIN_VIDEO_WIDTH:
-        w -= 2
-    return max(w, MIN_VIDEO_WIDTH), h
-
-
-def _x264_options(crf: int, keyframe_interval: int, preset: str, scene_cuts: bool) -> dict:
-    options = {"crf": str(crf), "g": str(keyframe_interval), "bf": "0"}
-    if not scene_cuts:
-        options["sc_threshold"] = "0"
-    options.update(preset=preset, threads="1")  # = thread_count 1, set on the stream too
-    return options
-
-
-def _write_h264(frames: Iterable, rate: int | Fraction, width: int, height: int, options: dict) -> bytes:
-    """An mp4 of the av.VideoFrames encoded by libx264 at `rate`, as bytes."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as output:
-        stream = output.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.thread_count = 1  # threads make x264 nondeterministic
-        stream.options = options
-        for frame in frames:
-            output.mux(stream.encode(frame))
-        output.mux(stream.encode())
-    return buf.getvalue()
-
-
-def _to_yuv420p(frames: Iterable, width: int, height: int, rate: Fraction) -> Iterator:
-    """Decoded frames resized (bicubic) to yuv420p, numbered 0, 1, ... at `rate`."""
-    for n, frame in enumerate(frames):
-        out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
-        out.pts, out.time_base = n, 1 / rate
-        out.pict_type = 0  # NONE: a decoded I frame would force a keyframe in libx264
-        yield out
-
-
-def _retime(frames: Iterable, src_rate: Fraction | None, out_rate: Fraction) -> Iterator:
-    """Frames at `out_rate`: output frame j shows the last source frame whose time <= j / out_rate
-    (frames dropped or repeated, as ffmpeg's fps filter does)."""
-    step = 1 / float(out_rate)
-    src_step = 1 / float(src_rate) if src_rate else step
-    prev, prev_t, t0, j = None, 0.0, None, 0
-    for i, frame in enumerate(frames):
-        t = frame.time if frame.time is not None else i * src_step
-        t0 = t if t0 is None else t0
-        t -= t0
-        while prev is not None and j * step < t - 1e-9:
-            yield prev
-            j += 1
-        prev, prev_t = frame, t
-    if prev is not None:
-        while j * step < prev_t + src_step - 1e-9:  # the last frame lasts one source frame
-            yield prev
-            j += 1
 
 
 def _open_strict(data: bytes):
