@@ -39,8 +39,8 @@ one key at a time (`train.deepspeed.zero_optimization.overlap_comm=true`).
 
 
 def field_comments(cls) -> dict[str, str]:
-    """The comment beside each field of dataclass `cls`, with the comment lines below it that are
-    aligned with it (continuations; a comment at the field's own indentation is a heading)."""
+    """The comment beside each field of dataclass `cls`, with the comment lines right below it whose
+    text is indented ("#   ...": continuations; a plain "# ..." line is a heading)."""
     lines = inspect.getsource(cls).splitlines()
     body = ast.parse("\n".join(lines)).body[0].body
     out: dict[str, str] = {}
@@ -50,10 +50,9 @@ def field_comments(cls) -> dict[str, str]:
         code, _, comment = _split_comment(lines[node.lineno - 1])
         if not comment:
             continue
-        column = len(code)
         parts = [comment]
-        for line in lines[node.end_lineno :]:
-            if line.strip().startswith("#") and line.index("#") == column:
+        for line in lines[node.end_lineno :]:  # continuations: "#   more", indented in the comment
+            if line.strip().startswith("#   "):
                 parts.append(line.strip().lstrip("#").strip())
             else:
                 break

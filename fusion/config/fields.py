@@ -38,7 +38,7 @@ class MoEConfig:
 @dataclass
 class VisionConfig:
     encoder: str = "patch-linear"  # a timm ViT name, "patch-linear" (Fuyu-style, no ViT) or
-    # "conv-stem" (strided 3x3 convolutions, total stride patch_size)
+    #   "conv-stem" (strided 3x3 convolutions, total stride patch_size)
     img_size: int = 32  # square side the loader crops and resizes media to (pixels)
     patch_size: int = 8  # pixels per patch side: (img_size / patch_size)^2 tokens per image
     width: int = 0  # patch-linear / conv-stem output width; 0 = the decoder dim
@@ -65,32 +65,32 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
     tie_embeddings: bool = False  # share the token embeddings with the output head
-    init_std: float = 0.02  # std of the weight init; residual-stream outputs / sqrt(2 n_layers); ~1/sqrt(dim) for narrow models
-    # Llama 4 attention (README: Llama 4 model options); the defaults are a plain RoPE decoder with full causal attention
+    init_std: float = 0.02  # std of the weight init; residual-stream outputs / sqrt(2 n_layers);
+    #   ~1/sqrt(dim) for narrow models
+
+    # Llama 4 attention (README: Llama 4 model options); the defaults: plain RoPE, full causal attention
     nope_every: int = 0  # layers nope_every-1, 2*nope_every-1, ... use no RoPE and full causal
-    # attention over the document (NoPE); 0 = RoPE on every layer
+    #   attention over the document (NoPE); 0 = RoPE on every layer
     attn_chunk: int = 0  # RoPE layers attend only inside their attn_chunk-token chunk of the
-    # document (chunked local attention); 0 = full causal attention
+    #   document (chunked local attention); 0 = full causal attention
     qk_norm: bool = False  # weightless L2 (RMS) norm of queries and keys on RoPE layers
-    temp_tuning: bool = (
-        True  # NoPE layers scale queries by 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
-    )
+    temp_tuning: bool = True  # NoPE layers scale queries by 1 + attn_scale * log1p(floor((pos + 1)
+    #   / floor_scale))
     floor_scale: int = 8192  # positions per step of the NoPE temperature (tokens)
     attn_scale: float = 0.1  # slope of the NoPE temperature
     rope_factor: float = 1.0  # Llama 3 RoPE frequency scaling for long context; 1 = unscaled
     rope_low_freq_factor: float = 1.0  # wavelengths above rope_original_ctx / this are divided by rope_factor
-    rope_high_freq_factor: float = (
-        4.0  # wavelengths below rope_original_ctx / this are kept; between: blended
-    )
+    rope_high_freq_factor: float = 4.0  # wavelengths below rope_original_ctx / this are kept;
+    #   between: blended
     rope_original_ctx: int = 8192  # context length the unscaled RoPE was trained for (tokens)
     attn_impl: str = "sdpa"  # packed-sequence attention: "sdpa" (dense T x T bool mask, the reference)
-    # | "flex" (FlexAttention block masks, no dense mask; compiled on CUDA)
+    #   | "flex" (FlexAttention block masks, no dense mask; compiled on CUDA)
     # research switches (README: Research switches)
     fusion: str = "early"  # "early": media embeddings spliced into the token stream | "late":
-    # the decoder sees text only, media enter by gated cross-attention
+    #   the decoder sees text only, media enter by gated cross-attention
     xattn_every: int = 1  # late fusion: a gated cross-attention block before layers 0, k, 2k, ...
     dense_baseline: bool = False  # every MoE layer becomes a dense SwiGLU of the same active width:
-    # (top_k + n_shared) * moe_ffn_dim (router excluded)
+    #   (top_k + n_shared) * moe_ffn_dim (router excluded)
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
 
@@ -139,9 +139,8 @@ class TrainConfig:
     log_every: int = 1  # a metrics.jsonl row every this many steps, covering them all
     eval_every: int = 0  # 0 = never during training
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0 = look up a known GPU, else no MFU
-    activation_checkpointing: int = (
-        0  # recompute decoder layers in backward: 0 off, k = layers 0, k, 2k, ... (1 = all)
-    )
+    activation_checkpointing: int = 0  # recompute decoder layers in backward: 0 off,
+    #   k = layers 0, k, 2k, ... (1 = all)
     compile: bool = False  # torch.compile each decoder block (best with model.moe.path=fast)
     deepspeed: dict = field(default_factory=dict)  # extra DeepSpeed keys merged into the generated JSON
 
