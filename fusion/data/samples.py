@@ -1,6 +1,6 @@
 """Raw shard samples -> model-ready samples (tokens with placeholder runs + uint8 pixels).
 
-One function per kind, chosen by the members a sample holds (SPEC §4):
+One function per kind, chosen by the members a sample holds (docs/shards.md):
 - text:          `.txt`                              -> the document
 - image-caption: `.jpg|.png|.webp` + `.txt`          -> caption after (or before) the image
 - video-caption: `.mp4` + `.txt` [+ `.json`]         -> caption after (or before) the frames
@@ -30,7 +30,7 @@ from fusion.data.sequence import build_sample
 from fusion.schema import tokens_per_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# what a video .json says about its clip (SPEC §4 video); missing from it -> probed
+# what a video .json says about its clip (docs/shards.md, video); missing from it -> probed
 VIDEO_FIELDS = ("n_frames", "fps", "duration", "width", "height")
 
 
@@ -235,7 +235,7 @@ class SampleMaker:
         try:
             if all(f in meta for f in VIDEO_FIELDS):
                 vmeta = VideoMeta.from_json(meta)
-            else:  # a vqa .json (SPEC §4) has none; a plain-tarfile shard may lack some
+            else:  # a vqa .json (docs/shards.md) has none; a plain-tarfile shard may lack some
                 vmeta = probe(data, backend=d.video_backend, timeout=d.decode_timeout)
         except VideoDecodeError as e:
             return self._fail(f"video_{e.reason}")

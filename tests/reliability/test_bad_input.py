@@ -1,4 +1,4 @@
-"""Config and CLI input (issue #8): every tool rejects nonsense with one line naming the key, flag
+"""Config and CLI input: every tool rejects nonsense with one line naming the key, flag
 or file, and a non-zero exit, before any work starts."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoint files (issue #8): manifests, choosing a checkpoint to resume from, pruning, safe
+"""Checkpoint files: manifests, choosing a checkpoint to resume from, pruning, safe
 loading. Directories are built here the way save_checkpoint lays them out; no training."""
 
 from __future__ import annotations

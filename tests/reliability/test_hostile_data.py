@@ -1,4 +1,4 @@
-"""Hostile data (issue #8): the loader and the shard builder survive bad shards and bad samples,
+"""Hostile data: the loader and the shard builder survive bad shards and bad samples,
 skip each one and count it by reason; nothing is extracted, followed or written outside."""
 
 from __future__ import annotations

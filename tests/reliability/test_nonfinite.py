@@ -1,4 +1,4 @@
-"""Non-finite guard (issue #8): NaN injected into the loss, one gradient (on one rank only) and the
+"""Non-finite guard: NaN injected into the loss, one gradient (on one rank only) and the
 router logits skips the optimizer step on both ranks alike, keeps the LR schedule and the router
 biases consistent, is counted in metrics.jsonl, and after train.max_nonfinite in a row the run
 stops with a clear message and an intact last checkpoint."""

@@ -1,5 +1,5 @@
-"""fusion-eval's inputs and outputs as SPEC §3, §4 and §6 write them: video VQA shards from plain
-`tarfile` (a SPEC-only `.json`), `--checkpoint DIR --vqa DIR` without `--out`, results never
+"""fusion-eval's inputs and outputs as README and docs/shards.md, docs/run-directory.md describe them: video VQA shards from plain
+`tarfile` (a `.json` with only the VQA fields), `--checkpoint DIR --vqa DIR` without `--out`, results never
 inside a checkpoint, SET named as the user named it, and one error line (never a traceback) for a
 broken model directory or a closed stdout."""
 
@@ -74,7 +74,7 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def plain_video_set(tmp_path_factory):
-    """SPEC §4 vqa written with plain tarfile: `.mp4` + `.json` {question, answer, choices[, type]}
+    """A VQA shard (docs/shards.md) written with plain tarfile: `.mp4` + `.json` {question, answer, choices[, type]}
     and nothing else (no fps / n_frames / size, no index.json, no stats); the second sample has no
     type."""
     root = tmp_path_factory.mktemp("plain") / "video_qa"

@@ -42,7 +42,7 @@ def test_vqa_loss_on_the_answer_only_by_default():
 
 
 def test_video_without_metadata_in_its_json_is_probed():
-    """A vqa `.json` (SPEC §4) holds no fps / n_frames / size: the video itself says them; a video
+    """A vqa `.json` (docs/shards.md) holds no fps / n_frames / size: the video itself says them; a video
     that does not open is counted as such, not as a bad json."""
     from tests.conftest import encode_mp4, square_frame
 

@@ -19,7 +19,7 @@ nothing is downloaded. Under `--output DIR`:
     DIR/vqa_video_test/
     DIR/toy.json                  manifest: seed, settings, held-out pairs, counts per split and type
 
-Each dataset directory is a SPEC §4 shard directory (NNNNNN.tar, NNNNNN_stats.json, index.json).
+Each dataset directory is a shard directory (docs/shards.md) (NNNNNN.tar, NNNNNN_stats.json, index.json).
 
 Question templates and choices are fixed (QUESTIONS, CHOICES) so sets made elsewhere score the same
 way. Every question has exactly one right answer, derivable from the `scene` stored in its json:

@@ -192,7 +192,7 @@ def vqa_video_sample(world: World, split: str, i: int) -> dict:
 @dataclass(frozen=True)
 class Split:
     name: str  # directory under --output
-    modality: str  # SPEC §4 modality
+    modality: str  # the shard kind (docs/shards.md)
     count_arg: str  # generate_toy argument giving its size
     make: Callable[[World, str, int], dict]
     types: tuple[str, ...] = ()
