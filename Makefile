@@ -48,11 +48,13 @@ test-unit: $(STAMP)
 
 # Toy world -> 2-rank DeepSpeed training on CPU -> toy-VQA evaluation -> table vs chance and blind.
 # Re-running resumes or skips what is done (toy data kept, training resumes from its checkpoint).
+# The report ends with the time since make started (the install included when it ran).
+DEMO_T0 := $(shell date +%s)
 demo: $(STAMP)
 	test -f $(TOY)/toy.json && test -f $(TOY)/tokenizer.json || $(BIN)/fusion-data toy --output $(TOY)
 	$(BIN)/deepspeed --num_gpus 2 --module fusion.train --config configs/demo.yaml run.dir=$(DEMO_RUN)
 	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --limit 300 --no-progress > $(DEMO_RUN)/eval.log
-	$(BIN)/python tools/demo_report.py --run $(DEMO_RUN) --vqa $(DEMO_SETS)
+	$(BIN)/python tools/demo_report.py --run $(DEMO_RUN) --vqa $(DEMO_SETS) --started $(DEMO_T0)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,51 +40,90 @@ MARKER = "<!-- reading -->"
 @dataclass
 class Grid:
     name: str
-    size: str                  # model.size of every run
+    size: str  # model.size of every run
     seq_len: int
     micro_batch: int
-    budget: float              # training FLOPs per run (fusion-plan's count)
+    budget: float  # training FLOPs per run (fusion-plan's count)
     seeds: list[int]
-    evals: int                 # evaluations during a run (evenly spaced, the last at its end)
-    eval_limit: int            # questions per evaluation
-    xattn_every: int           # late fusion: a cross-attention block before layers 0, k, 2k, ...
-    toy: dict                  # fusion-data toy counts
+    evals: int  # evaluations during a run (evenly spaced, the last at its end)
+    eval_limit: int  # questions per evaluation
+    xattn_every: int  # late fusion: a cross-attention block before layers 0, k, 2k, ...
+    toy: dict  # fusion-data toy counts
     extra: list[str] = field(default_factory=list)  # more config overrides for every run
     env: dict = field(default_factory=dict)
     config: str | None = None  # a config file every run starts from (its model, data weights, lr)
-    ranks: int = 1             # > 1: trained through the DeepSpeed launcher on this many ranks
-    sets: list[str] = field(default_factory=list)   # VQA sets fusion-eval scores after training
+    ranks: int = 1  # > 1: trained through the DeepSpeed launcher on this many ranks
+    sets: list[str] = field(default_factory=list)  # VQA sets fusion-eval scores after training
 
 
-TOY_SMALL = {"n-text": 400, "n-image": 600, "n-video": 0, "n-vqa-train": 1200, "n-vqa-test": 120,
-             "n-vqa-compositional": 0, "n-video-vqa-train": 0, "n-video-vqa-test": 0,
-             "samples-per-shard": 200}
+TOY_SMALL = {
+    "n-text": 400,
+    "n-image": 600,
+    "n-video": 0,
+    "n-vqa-train": 1200,
+    "n-vqa-test": 120,
+    "n-vqa-compositional": 0,
+    "n-video-vqa-train": 0,
+    "n-video-vqa-test": 0,
+    "samples-per-shard": 200,
+}
 
 GRIDS = {
     # 2-layer width-64 decoder, 4 experts top-1 + 1 shared, 32 px images as 16 tokens; about 60
     # optimizer steps of 8 x 128 tokens for the early-fusion MoE model: ~10 minutes on 2 cores
-    "cpu": Grid("cpu", size="debug", seq_len=128, micro_batch=8, budget=6.0e10, seeds=[0, 1], evals=2,
-                eval_limit=60, xattn_every=2, toy=TOY_SMALL,
-                extra=["model.moe.path=loop", "data.num_workers=0", "train.precision=fp32"],
-                env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}),
+    "cpu": Grid(
+        "cpu",
+        size="debug",
+        seq_len=128,
+        micro_batch=8,
+        budget=6.0e10,
+        seeds=[0, 1],
+        evals=2,
+        eval_limit=60,
+        xattn_every=2,
+        toy=TOY_SMALL,
+        extra=["model.moe.path=loop", "data.num_workers=0", "train.precision=fp32"],
+        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+    ),
     # the demo's 4-layer width-128 decoder on the default toy world, bf16 on one GPU: about 3000
     # steps of 32 x 256 tokens for the early-fusion MoE model, three seeds, 5 evaluations of 600
     # questions each; written for a later session with a GPU (an hour or so of an H100/H200)
-    "gpu": Grid("gpu", size="demo", seq_len=256, micro_batch=32, budget=1.7e14, seeds=[0, 1, 2], evals=5,
-                eval_limit=600, xattn_every=2, toy={},
-                extra=["model.moe.path=grouped", "data.num_workers=2", "train.precision=bf16"]),
+    "gpu": Grid(
+        "gpu",
+        size="demo",
+        seq_len=256,
+        micro_batch=32,
+        budget=1.7e14,
+        seeds=[0, 1, 2],
+        evals=5,
+        eval_limit=600,
+        xattn_every=2,
+        toy={},
+        extra=["model.moe.path=grouped", "data.num_workers=2", "train.precision=bf16"],
+    ),
 }
 
 # The demo's own recipe (configs/demo.yaml: model, toy world, mixture, lr, 2 CPU ranks) for each of
 # the four models, the budget set by the demo's step count for early fusion + MoE; every run is
 # scored afterwards as `make demo` scores it (fusion-eval, 300 questions per set, with the blind
 # baseline). About 2 hours on 2 cores for 2 seeds.
-GRIDS["demo"] = Grid("demo", size="demo", seq_len=0, micro_batch=0, budget=0.0, seeds=[0, 1], evals=4,
-                     eval_limit=300, xattn_every=2, toy={}, config="configs/demo.yaml", ranks=2,
-                     sets=["vqa_image_test", "vqa_video_test", "vqa_image_compositional"],
-                     extra=["train.ckpt_every=0"],
-                     env={"DS_ACCELERATOR": "cpu",
-                          "TORCH_EXTENSIONS_DIR": str(ROOT / ".venv" / "torch_extensions")})
+GRIDS["demo"] = Grid(
+    "demo",
+    size="demo",
+    seq_len=0,
+    micro_batch=0,
+    budget=0.0,
+    seeds=[0, 1],
+    evals=4,
+    eval_limit=300,
+    xattn_every=2,
+    toy={},
+    config="configs/demo.yaml",
+    ranks=2,
+    sets=["vqa_image_test", "vqa_video_test", "vqa_image_compositional"],
+    extra=["train.ckpt_every=0"],
+    env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ROOT / ".venv" / "torch_extensions")},
+)
 
 VARIANTS = [("early", "moe"), ("early", "dense"), ("late", "moe"), ("late", "dense")]
 
@@ -95,12 +134,20 @@ VARIANTS = [("early", "moe"), ("early", "dense"), ("late", "moe"), ("late", "den
 
 
 def model_overrides(grid: Grid, fusion: str, ffn: str) -> list[str]:
-    switches = [f"model.fusion={fusion}", f"model.xattn_every={grid.xattn_every}",
-                f"model.dense_baseline={'true' if ffn == 'dense' else 'false'}"]
+    switches = [
+        f"model.fusion={fusion}",
+        f"model.xattn_every={grid.xattn_every}",
+        f"model.dense_baseline={'true' if ffn == 'dense' else 'false'}",
+    ]
     if grid.config:  # the config's own model and vision tower
         return switches
-    return [f"model.size={grid.size}", *switches,
-            "model.vision.encoder=patch-linear", "model.vision.img_size=32", "model.vision.patch_size=8"]
+    return [
+        f"model.size={grid.size}",
+        *switches,
+        "model.vision.encoder=patch-linear",
+        "model.vision.img_size=32",
+        "model.vision.patch_size=8",
+    ]
 
 
 def use_config(grid: Grid) -> None:
@@ -116,7 +163,9 @@ def use_config(grid: Grid) -> None:
     grid.seq_len, grid.micro_batch = t.seq_len, t.micro_batch * t.grad_accum * grid.ranks
     grid.size = cfg.model.size
     if not grid.budget:
-        fpt = make_plan(load_config(str(ROOT / grid.config), model_overrides(grid, "early", "moe")))["flops_per_token"]
+        fpt = make_plan(load_config(str(ROOT / grid.config), model_overrides(grid, "early", "moe")))[
+            "flops_per_token"
+        ]
         grid.budget = t.steps * grid.seq_len * grid.micro_batch * fpt
 
 
@@ -128,22 +177,33 @@ def plan_runs(grid: Grid) -> list[dict]:
     runs = []
     tokens_per_step = grid.micro_batch * grid.seq_len
     for fusion, ffn in VARIANTS:
-        if grid.config:   # rows per step: micro_batch x ranks, as the config trains
+        if grid.config:  # rows per step: micro_batch x ranks, as the config trains
             over = model_overrides(grid, fusion, ffn)
             plan = make_plan(load_config(str(ROOT / grid.config), over))
         else:
-            over = model_overrides(grid, fusion, ffn) + [f"train.seq_len={grid.seq_len}",
-                                                         f"train.micro_batch={grid.micro_batch}"]
+            over = model_overrides(grid, fusion, ffn) + [
+                f"train.seq_len={grid.seq_len}",
+                f"train.micro_batch={grid.micro_batch}",
+            ]
             plan = make_plan(load_config(None, over))
         fpt = plan["flops_per_token"]
         steps = max(2, round(grid.budget / (fpt * tokens_per_step)))
         for seed in grid.seeds:
-            runs.append({"name": f"{fusion}-{ffn}-s{seed}", "variant": f"{fusion} / {ffn}", "seed": seed,
-                         "sets": list(grid.sets),
-                         "overrides": over, "flops_per_token": fpt, "steps": steps,
-                         "tokens_per_step": tokens_per_step, "flops": steps * tokens_per_step * fpt,
-                         "params_total": plan["params"]["total"]["total"],
-                         "params_active": plan["params"]["active"]["total"]})
+            runs.append(
+                {
+                    "name": f"{fusion}-{ffn}-s{seed}",
+                    "variant": f"{fusion} / {ffn}",
+                    "seed": seed,
+                    "sets": list(grid.sets),
+                    "overrides": over,
+                    "flops_per_token": fpt,
+                    "steps": steps,
+                    "tokens_per_step": tokens_per_step,
+                    "flops": steps * tokens_per_step * fpt,
+                    "params_total": plan["params"]["total"]["total"],
+                    "params_active": plan["params"]["active"]["total"],
+                }
+            )
     return runs
 
 
@@ -165,8 +225,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def finished(run_dir: Path, steps: int, sets: list[str] = ()) -> bool:
-    return any(r.get("step") == steps and "loss" in r for r in read_metrics(run_dir)) \
-        and all((run_dir / "eval" / f"{name}.json").is_file() for name in sets)
+    return any(r.get("step") == steps and "loss" in r for r in read_metrics(run_dir)) and all(
+        (run_dir / "eval" / f"{name}.json").is_file() for name in sets
+    )
 
 
 def train(grid: Grid, run: dict, toy: Path, work: Path) -> float:
@@ -176,37 +237,87 @@ def train(grid: Grid, run: dict, toy: Path, work: Path) -> float:
         return 0.0
     eval_every = max(1, math.ceil(run["steps"] / grid.evals))
     if grid.config:  # the config's data, mixture, lr and schedule; only the budget and seed change
-        launch = [str(BIN / "deepspeed"), "--num_gpus", str(grid.ranks), "--master_port",
-                  str(29500 + 7 * VARIANTS.index(tuple(run["variant"].split(" / "))) + run["seed"]),
-                  "--module", "fusion.train"] if grid.ranks > 1 else [str(BIN / "fusion-train")]
-        cmd = [*launch, "--config", str(ROOT / grid.config), *run["overrides"], *grid.extra,
-               f"data.tokenizer={toy / 'tokenizer.json'}", f"data.text={toy / 'text'}",
-               f"data.image={toy / 'vqa_image_train'},{toy / 'image'}",
-               f"data.video={toy / 'vqa_video_train'},{toy / 'video'}",
-               f"data.eval={toy / 'vqa_image_test'}", f"data.eval_limit={grid.eval_limit}",
-               f"train.steps={run['steps']}", f"train.seed={run['seed']}",
-               f"train.eval_every={eval_every}", "train.resume=none", f"run.dir={run_dir}"]
+        launch = (
+            [
+                str(BIN / "deepspeed"),
+                "--num_gpus",
+                str(grid.ranks),
+                "--master_port",
+                str(29500 + 7 * VARIANTS.index(tuple(run["variant"].split(" / "))) + run["seed"]),
+                "--module",
+                "fusion.train",
+            ]
+            if grid.ranks > 1
+            else [str(BIN / "fusion-train")]
+        )
+        cmd = [
+            *launch,
+            "--config",
+            str(ROOT / grid.config),
+            *run["overrides"],
+            *grid.extra,
+            f"data.tokenizer={toy / 'tokenizer.json'}",
+            f"data.text={toy / 'text'}",
+            f"data.image={toy / 'vqa_image_train'},{toy / 'image'}",
+            f"data.video={toy / 'vqa_video_train'},{toy / 'video'}",
+            f"data.eval={toy / 'vqa_image_test'}",
+            f"data.eval_limit={grid.eval_limit}",
+            f"train.steps={run['steps']}",
+            f"train.seed={run['seed']}",
+            f"train.eval_every={eval_every}",
+            "train.resume=none",
+            f"run.dir={run_dir}",
+        ]
     else:
-        cmd = [str(BIN / "fusion-train"), *run["overrides"], *grid.extra,
-               f"data.text={toy / 'text'}", f"data.image={toy / 'vqa_image_train'},{toy / 'image'}",
-               "data.video=", "data.weights=[0.1,1.0,0.0]", f"data.eval={toy / 'vqa_image_test'}",
-               f"data.eval_limit={grid.eval_limit}", f"train.steps={run['steps']}", f"train.seed={run['seed']}",
-               f"train.warmup={max(1, run['steps'] // 10)}", "train.lr=3e-3", "train.log_every=1",
-               f"train.eval_every={eval_every}", "train.ckpt_every=0", "train.resume=none",
-               f"run.dir={run_dir}"]
+        cmd = [
+            str(BIN / "fusion-train"),
+            *run["overrides"],
+            *grid.extra,
+            f"data.text={toy / 'text'}",
+            f"data.image={toy / 'vqa_image_train'},{toy / 'image'}",
+            "data.video=",
+            "data.weights=[0.1,1.0,0.0]",
+            f"data.eval={toy / 'vqa_image_test'}",
+            f"data.eval_limit={grid.eval_limit}",
+            f"train.steps={run['steps']}",
+            f"train.seed={run['seed']}",
+            f"train.warmup={max(1, run['steps'] // 10)}",
+            "train.lr=3e-3",
+            "train.log_every=1",
+            f"train.eval_every={eval_every}",
+            "train.ckpt_every=0",
+            "train.resume=none",
+            f"run.dir={run_dir}",
+        ]
     if run_dir.exists():  # an unfinished run: start it again from scratch
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     with open(work / f"{run['name']}.log", "w") as log:
-        r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **grid.env})
+        r = subprocess.run(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **grid.env}
+        )
         if r.returncode == 0 and grid.sets:  # scored as `make demo` scores: fusion-eval, blind too
-            r = subprocess.run([str(BIN / "fusion-eval"), "--run", str(run_dir), "--vqa",
-                                *[str(toy / name) for name in grid.sets], "--limit",
-                                str(grid.eval_limit), "--no-progress"],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **grid.env})
+            r = subprocess.run(
+                [
+                    str(BIN / "fusion-eval"),
+                    "--run",
+                    str(run_dir),
+                    "--vqa",
+                    *[str(toy / name) for name in grid.sets],
+                    "--limit",
+                    str(grid.eval_limit),
+                    "--no-progress",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **grid.env},
+            )
     if r.returncode != 0:
-        raise RuntimeError(f"run {run['name']} failed (exit {r.returncode}); see {work / (run['name'] + '.log')}")
+        raise RuntimeError(
+            f"run {run['name']} failed (exit {r.returncode}); see {work / (run['name'] + '.log')}"
+        )
     return time.perf_counter() - t0
 
 
@@ -219,8 +330,12 @@ def collect(run: dict, work: Path) -> dict:
     rows = read_metrics(work / run["name"])
     per_token = run["tokens_per_step"] * run["flops_per_token"]
     loss = [(r["step"] * per_token, r["loss"]) for r in rows if "loss" in r]
-    acc = [(r["step"] * per_token, r[k], r[k.replace("/acc", "/blind_acc")])
-           for r in rows for k in r if k.startswith("eval/") and k.endswith("/acc") and k.count("/") == 2]
+    acc = [
+        (r["step"] * per_token, r[k], r[k.replace("/acc", "/blind_acc")])
+        for r in rows
+        for k in r
+        if k.startswith("eval/") and k.endswith("/acc") and k.count("/") == 2
+    ]
     tail = max(1, len(loss) // 10)
     final_loss = statistics.fmean(v for _, v in loss[-tail:])
     image_loss = [r["loss/image"] for r in rows if "loss/image" in r][-tail:]
@@ -234,9 +349,16 @@ def collect(run: dict, work: Path) -> dict:
                 scores[(name, kind)] = (r["acc"], r["blind_acc"])
     if ("vqa_image_test", "overall") in scores:
         last_acc = (None, *scores[("vqa_image_test", "overall")])
-    return {**run, "loss_curve": loss, "acc_curve": acc, "final_loss": final_loss,
-            "final_image_loss": statistics.fmean(image_loss) if image_loss else None,
-            "acc": last_acc[1], "blind_acc": last_acc[2], "scores": scores}
+    return {
+        **run,
+        "loss_curve": loss,
+        "acc_curve": acc,
+        "final_loss": final_loss,
+        "final_image_loss": statistics.fmean(image_loss) if image_loss else None,
+        "acc": last_acc[1],
+        "blind_acc": last_acc[2],
+        "scores": scores,
+    }
 
 
 def mean_sd(values: list[float]) -> str:
@@ -256,15 +378,19 @@ def by_variant(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| fusion / FFN | params total | params active | FLOPs / token | steps | training FLOPs | "
-             "final loss | final image loss | toy-VQA acc | blind acc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fusion / FFN | params total | params active | FLOPs / token | steps | training FLOPs | "
+        "final loss | final image loss | toy-VQA acc | blind acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, rs in by_variant(results).items():
         r0 = rs[0]
-        lines.append(f"| {variant} | {r0['params_total'] / 1e3:.0f} K | {r0['params_active'] / 1e3:.0f} K | "
-                     f"{r0['flops_per_token']:.3g} | {r0['steps']} | {r0['flops']:.3g} | "
-                     f"{mean_sd([r['final_loss'] for r in rs])} | {mean_sd([r['final_image_loss'] for r in rs])} | "
-                     f"{mean_sd([r['acc'] for r in rs])} | {mean_sd([r['blind_acc'] for r in rs])} |")
+        lines.append(
+            f"| {variant} | {r0['params_total'] / 1e3:.0f} K | {r0['params_active'] / 1e3:.0f} K | "
+            f"{r0['flops_per_token']:.3g} | {r0['steps']} | {r0['flops']:.3g} | "
+            f"{mean_sd([r['final_loss'] for r in rs])} | {mean_sd([r['final_image_loss'] for r in rs])} | "
+            f"{mean_sd([r['acc'] for r in rs])} | {mean_sd([r['blind_acc'] for r in rs])} |"
+        )
     return "\n".join(lines)
 
 
@@ -286,11 +412,15 @@ def type_table(results: list[dict]) -> str:
         keys += [k for k in r.get("scores", {}) if k not in keys]
     if not keys:
         return ""
-    lines = ["| set | type | " + " | ".join(variants) + " | blind |",
-             "|---|---|" + "---|" * len(variants) + "---|"]
+    lines = [
+        "| set | type | " + " | ".join(variants) + " | blind |",
+        "|---|---|" + "---|" * len(variants) + "---|",
+    ]
     for name, kind in keys:
-        cells = [mean_range([r["scores"].get((name, kind), (None, None))[0] for r in rs])
-                 for rs in variants.values()]
+        cells = [
+            mean_range([r["scores"].get((name, kind), (None, None))[0] for r in rs])
+            for rs in variants.values()
+        ]
         blind = [r["scores"][(name, kind)][1] for r in results if (name, kind) in r.get("scores", {})]
         label = f"**{kind}**" if kind == "overall" else f"`{kind}`"
         lines.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {statistics.fmean(blind):.3f} |")
@@ -302,10 +432,12 @@ def contrasts(results: list[dict]) -> list[str]:
     final = {(r["variant"], r["seed"]): r["final_loss"] for r in results}
     seeds = sorted({r["seed"] for r in results})
     out = []
-    for a, b, what in (("late / moe", "early / moe", "late - early fusion (MoE)"),
-                       ("late / dense", "early / dense", "late - early fusion (dense)"),
-                       ("early / dense", "early / moe", "dense - MoE (early fusion)"),
-                       ("late / dense", "late / moe", "dense - MoE (late fusion)")):
+    for a, b, what in (
+        ("late / moe", "early / moe", "late - early fusion (MoE)"),
+        ("late / dense", "early / dense", "late - early fusion (dense)"),
+        ("early / dense", "early / moe", "dense - MoE (early fusion)"),
+        ("late / dense", "late / moe", "dense - MoE (late fusion)"),
+    ):
         diffs = [final[(a, s)] - final[(b, s)] for s in seeds if (a, s) in final and (b, s) in final]
         if diffs:
             out.append(f"- {what}: final training loss {mean_sd(diffs)} ({len(diffs)} seed(s))")
@@ -325,17 +457,34 @@ def plot(results: list[dict], path: Path) -> None:
             xs = [x for x, _ in r["loss_curve"]]
             ys = [y for _, y in r["loss_curve"]]
             k = max(1, len(ys) // 15)  # running mean over ~1/15 of the run
-            smooth = [statistics.fmean(ys[max(0, n - k + 1): n + 1]) for n in range(len(ys))]
+            smooth = [statistics.fmean(ys[max(0, n - k + 1) : n + 1]) for n in range(len(ys))]
             ax_l.plot(xs, smooth, color=color, alpha=0.8, label=variant if j == 0 else None)
             if r["acc_curve"]:
-                ax_a.plot([x for x, _, _ in r["acc_curve"]], [a for _, a, _ in r["acc_curve"]], "o-",
-                          color=color, alpha=0.8, label=variant if j == 0 else None)
-                ax_a.plot([x for x, _, _ in r["acc_curve"]], [b for _, _, b in r["acc_curve"]], "x:",
-                          color=color, alpha=0.5)
-    ax_l.set(xlabel="training FLOPs (fusion-plan)", ylabel="training loss (running mean)",
-             title="loss against training FLOPs")
-    ax_a.set(xlabel="training FLOPs (fusion-plan)", ylabel="toy image-VQA accuracy",
-             title="accuracy (o) and blind baseline (x)")
+                ax_a.plot(
+                    [x for x, _, _ in r["acc_curve"]],
+                    [a for _, a, _ in r["acc_curve"]],
+                    "o-",
+                    color=color,
+                    alpha=0.8,
+                    label=variant if j == 0 else None,
+                )
+                ax_a.plot(
+                    [x for x, _, _ in r["acc_curve"]],
+                    [b for _, _, b in r["acc_curve"]],
+                    "x:",
+                    color=color,
+                    alpha=0.5,
+                )
+    ax_l.set(
+        xlabel="training FLOPs (fusion-plan)",
+        ylabel="training loss (running mean)",
+        title="loss against training FLOPs",
+    )
+    ax_a.set(
+        xlabel="training FLOPs (fusion-plan)",
+        ylabel="toy image-VQA accuracy",
+        title="accuracy (o) and blind baseline (x)",
+    )
     for ax in (ax_l, ax_a):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -368,18 +517,21 @@ in the first table, mean (min-max) in the second."""
 `train.seq_len={grid.seq_len}`, `train.micro_batch={grid.micro_batch}`, one process, seeds {grid.seeds}.
 The four models:
 """
-        data = f"""Data: `fusion-data toy` ({', '.join(f'--{k} {v}' for k, v in grid.toy.items()) or 'default sizes'}), mixture weights
+        data = f"""Data: `fusion-data toy` ({", ".join(f"--{k} {v}" for k, v in grid.toy.items()) or "default sizes"}), mixture weights
 text 0.1, image captions + image VQA 1.0. Accuracy: toy image VQA (`vqa_image_test`, the first
 {grid.eval_limit} questions) scored by choice likelihood during training, beside the blind baseline
 (the same questions with grey images). "Final loss" is the mean training loss over the last tenth of
 the steps; "final image loss" the same for rows of image samples. Mean ± standard deviation over seeds."""
     per_type = type_table(results)
     if per_type:
-        per_type = "Accuracy per question type (fusion-eval after training; mean, and min-max over seeds):\n\n" + per_type
+        per_type = (
+            "Accuracy per question type (fusion-eval after training; mean, and min-max over seeds):\n\n"
+            + per_type
+        )
     text = f"""# Ablations: early vs late fusion, MoE vs dense, at equal training FLOPs
 
-Written by `{cmd.strip()}` on {time.strftime('%Y-%m-%d')} ({platform.machine()}, {os.cpu_count()} CPU
-cores{', GPU' if grid.name == 'gpu' else ''}); {len(results)} runs, {seconds / 60:.1f} min of training and
+Written by `{cmd.strip()}` on {time.strftime("%Y-%m-%d")} ({platform.machine()}, {os.cpu_count()} CPU
+cores{", GPU" if grid.name == "gpu" else ""}); {len(results)} runs, {seconds / 60:.1f} min of training and
 evaluation in this invocation (reused runs not counted).
 
 ## What was run
@@ -393,7 +545,7 @@ evaluation in this invocation (reused runs not counted).
 
 Every run gets {grid.budget:.3g} training FLOPs by fusion-plan's count (6 x active matmul parameters +
 attention, per token; late fusion's cross-attention included, its tokens all counted as decoder
-tokens, an upper bound): steps = budget / (FLOPs per token x {r0['tokens_per_step']} tokens per step).
+tokens, an upper bound): steps = budget / (FLOPs per token x {r0["tokens_per_step"]} tokens per step).
 {data}
 
 ## Results
@@ -429,7 +581,7 @@ show which design wins at scale: the models are tiny, runs are tens of steps, th
 and toy-VQA accuracy this early sits at the blind baseline for every model (the demo needs well over
 600 steps of a bigger model before images help; see README, "What the demo shows"), so accuracy
 differences here are noise. The `--gpu` grid (`python tools/ablate.py --gpu`: model.size demo,
-{GRIDS['gpu'].budget:.2g} FLOPs per run, 3 seeds, {GRIDS['gpu'].eval_limit}-question evaluations) is the
+{GRIDS["gpu"].budget:.2g} FLOPs per run, 3 seeds, {GRIDS["gpu"].eval_limit}-question evaluations) is the
 smallest grid where accuracy can separate from the blind baseline."""
 
 
@@ -441,13 +593,22 @@ smallest grid where accuracy can separate from the blind baseline."""
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="the GPU grid (model.size demo, bf16) instead of the CPU one")
-    p.add_argument("--grid", choices=sorted(GRIDS), default=None,
-                   help="the grid: cpu (the default; minutes), demo (the demo's recipe on 2 CPU "
-                        "ranks; about 2 hours for 2 seeds), gpu (same as --gpu)")
+    p.add_argument(
+        "--gpu", action="store_true", help="the GPU grid (model.size demo, bf16) instead of the CPU one"
+    )
+    p.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        default=None,
+        help="the grid: cpu (the default; minutes), demo (the demo's recipe on 2 CPU "
+        "ranks; about 2 hours for 2 seeds), gpu (same as --gpu)",
+    )
     p.add_argument("--work", default=None, help="runs and toy data (default runs/ablate-GRID)")
-    p.add_argument("--out", default="docs/ablations.md", help="the markdown written (default docs/ablations.md; "
-                                                              "the plot goes beside it as .png)")
+    p.add_argument(
+        "--out",
+        default="docs/ablations.md",
+        help="the markdown written (default docs/ablations.md; the plot goes beside it as .png)",
+    )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the grid's)")
     p.add_argument("--budget", type=float, default=None, help="training FLOPs per run (default: the grid's)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (steps, FLOPs) and stop")
@@ -465,8 +626,11 @@ def main(argv=None) -> int:
     use_config(grid)
     runs = sorted(plan_runs(grid), key=lambda r: r["seed"])  # every model's first seed first
     for r in runs:
-        print(f"{r['name']:<18} {r['steps']:>6} steps  {r['flops_per_token']:.3g} FLOPs/token  "
-              f"{r['flops']:.3g} FLOPs  {r['params_active'] / 1e6:.3f} M active", flush=True)
+        print(
+            f"{r['name']:<18} {r['steps']:>6} steps  {r['flops_per_token']:.3g} FLOPs/token  "
+            f"{r['flops']:.3g} FLOPs  {r['params_active'] / 1e6:.3f} M active",
+            flush=True,
+        )
     if args.dry_run:
         return 0
     work = Path(args.work or f"runs/ablate-{grid.name}")

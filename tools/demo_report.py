@@ -29,8 +29,10 @@ def check_promise(results: dict[str, dict]) -> list[str]:
             continue
         worst_type, worst = min(((k, r["acc"]) for k, r in res["by_type"].items()), key=lambda x: x[1])
         ok = res["overall"]["acc"] >= overall and worst >= per_type
-        lines.append(f"{name}: overall {res['overall']['acc']:.3f} (promise >= {overall:.2f}), weakest "
-                     f"type {worst_type} {worst:.3f} (>= {per_type:.2f}): {'met' if ok else 'MISSED'}")
+        lines.append(
+            f"{name}: overall {res['overall']['acc']:.3f} (promise >= {overall:.2f}), weakest "
+            f"type {worst_type} {worst:.3f} (>= {per_type:.2f}): {'met' if ok else 'MISSED'}"
+        )
     return lines
 
 
@@ -38,8 +40,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the run directory fusion-eval wrote eval/ into")
     p.add_argument("--vqa", nargs="+", required=True, help="the VQA set directories that were evaluated")
-    p.add_argument("--started", type=float, default=None, metavar="EPOCH",
-                   help="when `make demo` started (seconds since the epoch): prints the time it took")
+    p.add_argument(
+        "--started",
+        type=float,
+        default=None,
+        metavar="EPOCH",
+        help="when `make demo` started (seconds since the epoch): prints the time it took",
+    )
     args = p.parse_args(argv)
     run = Path(args.run)
     lines = [f"{'set':<26}{'type':<12}{'n':>6}{'acc':>8}{'blind':>8}{'chance':>8}"]
@@ -53,7 +60,9 @@ def main(argv=None) -> int:
         res = results[name] = json.loads(path.read_text())
         rows = [("overall", res["overall"])] + sorted(res["by_type"].items())
         for kind, r in rows:
-            lines.append(f"{name:<26}{kind:<12}{r['n']:>6}{r['acc']:>8.3f}{r['blind_acc']:>8.3f}{r['chance']:>8.3f}")
+            lines.append(
+                f"{name:<26}{kind:<12}{r['n']:>6}{r['acc']:>8.3f}{r['blind_acc']:>8.3f}{r['chance']:>8.3f}"
+            )
         lines.append("")
     print("\n".join(lines).rstrip())
     promise = check_promise(results)
@@ -62,8 +71,10 @@ def main(argv=None) -> int:
     if args.started is not None:
         seconds = time.time() - args.started
         print(f"\nmake demo took {int(seconds // 60)} min {int(seconds % 60)} s")
-    print(f"\nrun: {run}   metrics: {run / 'metrics.jsonl'}   plots: {run / 'plots'}   "
-          f"examples: {run / 'eval'}/*.png")
+    print(
+        f"\nrun: {run}   metrics: {run / 'metrics.jsonl'}   plots: {run / 'plots'}   "
+        f"examples: {run / 'eval'}/*.png"
+    )
     return 0
 
 
