@@ -107,6 +107,9 @@ GRIDS = {
 # the four models, the budget set by the demo's step count for early fusion + MoE; every run is
 # scored afterwards as `make demo` scores it (fusion-eval, 300 questions per set, with the blind
 # baseline). About 2 hours on 2 cores for 2 seeds.
+# the sizes of the toy world `make demo` trains on (the Makefile's TOY_FLAGS), without its extra
+# colours: docs/ablations.md was measured before the demo took them up
+DEMO_TOY = {"n-image": 40000, "n-video": 2400, "n-vqa-train": 60000, "n-video-vqa-train": 6000}
 GRIDS["demo"] = Grid(
     "demo",
     size="demo",
@@ -117,7 +120,7 @@ GRIDS["demo"] = Grid(
     evals=4,
     eval_limit=300,
     xattn_every=2,
-    toy={},
+    toy=DEMO_TOY,
     config="configs/demo.yaml",
     ranks=2,
     sets=["vqa_image_test", "vqa_video_test", "vqa_image_compositional"],
