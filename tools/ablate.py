@@ -211,12 +211,16 @@ def plan_runs(grid: Grid) -> list[dict]:
 
 
 def make_toy(grid: Grid, work: Path) -> Path:
+    """WORK/toy, generated with the grid's flags; kept when an earlier call used the same flags."""
     toy = work / "toy"
-    if not (toy / "toy.json").is_file():
-        cmd = [str(BIN / "fusion-data"), "toy", "--output", str(toy)]
-        for k, v in grid.toy.items():
-            cmd += [f"--{k}", str(v)]
+    cmd = [str(BIN / "fusion-data"), "toy", "--output", str(toy)]
+    for k, v in grid.toy.items():
+        cmd += [f"--{k}", str(v)]
+    stamp = toy / ".ablate-flags"
+    flags = " ".join(cmd[4:])
+    if not (toy / "toy.json").is_file() or not stamp.is_file() or stamp.read_text() != flags:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        stamp.write_text(flags)
     return toy
 
 
