@@ -2,7 +2,7 @@
 
     python tools/ablate.py                 # the CPU grid (minutes on 2 cores) -> docs/ablations.md + .png
     python tools/ablate.py --gpu           # the GPU grid (one GPU, bf16): the same four models, bigger
-    python tools/ablate.py --grid demo     # the demo's recipe on 2 CPU ranks, scored as `make demo` (~2 h)
+    python tools/ablate.py --grid demo     # the demo's recipe on 2 CPU ranks, scored as `make demo` (~70 min)
     python tools/ablate.py --dry-run       # print the grid: steps and FLOPs of each run; train nothing
 
 Each of the four models is trained with `fusion-train` (one process) for several seeds on the same
@@ -106,7 +106,7 @@ GRIDS = {
 # The demo's own recipe (configs/demo.yaml: model, toy world, mixture, lr, 2 CPU ranks) for each of
 # the four models, the budget set by the demo's step count for early fusion + MoE; every run is
 # scored afterwards as `make demo` scores it (fusion-eval, 300 questions per set, with the blind
-# baseline). About 2 hours on 2 cores for 2 seeds.
+# baseline). About 70 minutes on 2 cores for 2 seeds.
 # the sizes of the toy world `make demo` trains on (the Makefile's TOY_FLAGS), without its extra
 # colours: docs/ablations.md was measured before the demo took them up
 DEMO_TOY = {"n-image": 40000, "n-video": 2400, "n-vqa-train": 60000, "n-video-vqa-train": 6000}
@@ -124,7 +124,7 @@ GRIDS["demo"] = Grid(
     config="configs/demo.yaml",
     ranks=2,
     sets=["vqa_image_test", "vqa_video_test", "vqa_image_compositional"],
-    extra=["train.ckpt_every=0"],
+    extra=["train.ckpt_every=0", "train.precision=fp32"],  # fp32: as docs/ablations.md was measured
     env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ROOT / ".venv" / "torch_extensions")},
 )
 
@@ -513,8 +513,10 @@ vision tower, toy world, mixture, learning rate and schedule; {grid.ranks} DeepS
 {grid.seq_len} tokens, {grid.micro_batch} rows per step), seeds {grid.seeds} (`train.seed`: initial
 weights and data order). The four models:
 """
-        data = f"""Data: the default toy world (`fusion-data toy`, the one `make demo` trains on), the config's
-mixture. Accuracy: after training, `fusion-eval` scores each run as `make demo` does (the first
+        flags = " ".join(f"--{k} {v}" for k, v in grid.toy.items()) or "(default sizes)"
+        colours = "" if "extra-colors" in grid.toy else " (without the extra colours of its training scenes)"
+        data = f"""Data: `fusion-data toy {flags}`, the sizes of the toy world `make demo` trains
+on{colours}, the config's mixture. Accuracy: after training, `fusion-eval` scores each run as `make demo` does (the first
 {grid.eval_limit} questions of each set, choice likelihood, and the blind baseline with grey media);
 during training, `vqa_image_test` is scored {grid.evals} times for the curves. "Final loss" is the
 mean training loss over the last tenth of the logged steps. Mean ± standard deviation over seeds
