@@ -87,7 +87,7 @@ GRIDS = {
     ),
     # the demo's 4-layer width-128 decoder on the default toy world, bf16 on one GPU: about 3000
     # steps of 32 x 256 tokens for the early-fusion MoE model, three seeds, 5 evaluations of 600
-    # questions each; written for a later session with a GPU (an hour or so of an H100/H200)
+    # questions each; meant for one GPU (an hour or so of an H100/H200)
     "gpu": Grid(
         "gpu",
         size="demo",
