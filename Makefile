@@ -56,8 +56,7 @@ test-unit: $(STAMP)
 # The report ends with the time since make started (the install included when it ran).
 DEMO_T0 := $(shell date +%s)
 demo: $(STAMP)
-	test -f $(TOY)/toy.json && test -f $(TOY)/tokenizer.json && grep -qxF -- '$(TOY_FLAGS)' $(TOY)/.make-demo \
-		|| { $(BIN)/fusion-data toy --output $(TOY) $(TOY_FLAGS) && echo '$(TOY_FLAGS)' > $(TOY)/.make-demo; }
+	$(BIN)/fusion-data toy --output $(TOY) $(TOY_FLAGS)
 	$(BIN)/deepspeed --num_gpus 2 --module fusion.train --config configs/demo.yaml run.dir=$(DEMO_RUN)
 	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --limit 300 --no-progress > $(DEMO_RUN)/eval.log
 	$(BIN)/python tools/demo_report.py --run $(DEMO_RUN) --vqa $(DEMO_SETS) --started $(DEMO_T0)

@@ -211,16 +211,12 @@ def plan_runs(grid: Grid) -> list[dict]:
 
 
 def make_toy(grid: Grid, work: Path) -> Path:
-    """WORK/toy, generated with the grid's flags; kept when an earlier call used the same flags."""
+    """WORK/toy with the grid's flags (`fusion-data toy` reuses a complete world made with them)."""
     toy = work / "toy"
     cmd = [str(BIN / "fusion-data"), "toy", "--output", str(toy)]
     for k, v in grid.toy.items():
         cmd += [f"--{k}", str(v)]
-    stamp = toy / ".ablate-flags"
-    flags = " ".join(cmd[4:])
-    if not (toy / "toy.json").is_file() or not stamp.is_file() or stamp.read_text() != flags:
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        stamp.write_text(flags)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return toy
 
 

@@ -309,6 +309,45 @@ def test_shards_the_toy_generator_did_not_write_are_refused(tmp_path, capsys):
     assert read_index(tmp_path / "t" / "text")["n_samples"] == 2
 
 
+def test_a_complete_world_from_the_same_flags_is_reused(tmp_path, capsys):
+    from fusion.data.build import main as fusion_data
+
+    small = dict(
+        n_text=5, n_image=4, n_video=0, n_vqa_train=4, n_vqa_test=2, n_video_vqa_train=0, n_video_vqa_test=0
+    )
+    first = toy.generate_toy(tmp_path, **small, samples_per_shard=2)
+    assert first["reused"] is False
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+
+    again = toy.generate_toy(tmp_path, **small, samples_per_shard=2)
+    assert again["reused"] is True
+    assert {k: v for k, v in again.items() if k not in ("seconds", "reused")} == {
+        k: v for k, v in first.items() if k not in ("seconds", "reused")
+    }
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    args = ["toy", "--output", str(tmp_path), "--n-text", "5", "--n-image", "4", "--n-video", "0"]
+    args += ["--n-vqa-train", "4", "--n-vqa-test", "2", "--n-video-vqa-train", "0", "--n-video-vqa-test", "0"]
+    assert fusion_data([*args, "--samples-per-shard", "2"]) == 0
+    assert "reused: its toy.json matches these flags" in capsys.readouterr().out
+
+    # A truncated shard, a missing tokenizer, --force or any other flag: written again, same bytes.
+    shard = tmp_path / "image" / "000001.tar"
+    shard.write_bytes(before[shard][1][:1000])
+    assert toy.generate_toy(tmp_path, **small, samples_per_shard=2)["reused"] is False
+    assert shard.read_bytes() == before[shard][1]
+    (tmp_path / "tokenizer.json").unlink()
+    assert toy.generate_toy(tmp_path, **small, samples_per_shard=2)["reused"] is False
+    assert fusion_data([*args, "--samples-per-shard", "2", "--force"]) == 0
+    assert "reused" not in capsys.readouterr().out
+    timed = "_stats.json"  # a shard's stats say how long it took
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(timed)} == {
+        p: data for p, (_, data) in before.items() if not p.name.endswith(timed)
+    }
+    other = toy.generate_toy(tmp_path, **small, samples_per_shard=2, extra_colors=("white",))
+    assert other["reused"] is False and other["extra_colors"] == {"white": [235, 235, 235]}
+
+
 # ---------------------------------------------------------------- determinism
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.cli import CliError, default_workers, int_at_least
-from fusion.data.shards import shard_name, write_index
+from fusion.data.shards import INDEX_NAME, shard_name, write_index
 from fusion.data.toy.scenes import encode_mp4
 from fusion.data.toy.splits import (
     SPLITS,
@@ -159,12 +159,29 @@ def _write_shards(world: World, output: Path, counts: dict, samples_per_shard: i
     write_toy_tokenizer(output / TOKENIZER_FILE, words)
 
 
-def _write_indexes(output: Path, counts: dict, samples_per_shard: int) -> dict:
-    """index.json of every split; -> the summary's `splits`."""
-    splits = {}
+def _shard_names(n: int, samples_per_shard: int) -> list[str]:
+    return [shard_name(k) for k in range(-(-n // samples_per_shard))]
+
+
+def _splits_summary(counts: dict, samples_per_shard: int) -> dict:
+    """The summary's `splits`: {name: {dir, modality, n_samples, shards, by_type}}."""
+    return {
+        split.name: {
+            "dir": split.name,
+            "modality": split.modality,
+            "n_samples": counts[split.count_arg],
+            "shards": len(_shard_names(counts[split.count_arg], samples_per_shard)),
+            "by_type": count_types(split, counts[split.count_arg]),
+        }
+        for split in SPLITS
+    }
+
+
+def _write_indexes(output: Path, counts: dict, samples_per_shard: int) -> None:
+    """index.json of every split that has samples."""
     for split in SPLITS:
         n = counts[split.count_arg]
-        names = [shard_name(k) for k in range(-(-n // samples_per_shard))]
+        names = _shard_names(n, samples_per_shard)
         if names:
             write_index(
                 output / split.name,
@@ -174,14 +191,29 @@ def _write_indexes(output: Path, counts: dict, samples_per_shard: int) -> dict:
                     name: min(samples_per_shard, n - k * samples_per_shard) for k, name in enumerate(names)
                 },
             )
-        splits[split.name] = {
-            "dir": split.name,
-            "modality": split.modality,
-            "n_samples": n,
-            "shards": len(names),
-            "by_type": count_types(split, n),
-        }
-    return splits
+
+
+def _complete_world(output: Path, summary: dict, samples_per_shard: int) -> bool:
+    """True when `output` holds the world `summary` describes, whole: its toy.json (written last,
+    after every shard) says the same, the tokenizer is there, and every split's index.json lists
+    the expected shards, each on disk with the size the index gives it."""
+    try:
+        if json.loads((output / "toy.json").read_text()) != json.loads(json.dumps(summary)):
+            return False
+        if not (output / TOKENIZER_FILE).is_file():
+            return False
+        for name, split in summary["splits"].items():
+            names = _shard_names(split["n_samples"], samples_per_shard)
+            if not names:
+                continue
+            listed = json.loads((output / name / INDEX_NAME).read_text())["shards"]
+            if [entry["name"] for entry in listed] != names or any(
+                (output / name / entry["name"]).stat().st_size != entry["bytes"] for entry in listed
+            ):
+                return False
+    except (OSError, ValueError, LookupError, TypeError):
+        return False
+    return True
 
 
 def _summary(world: World, counts: dict, samples_per_shard: int, splits: dict) -> dict:
@@ -226,16 +258,19 @@ def generate_toy(
     workers: int = 1,
     vqa_turns: int = DEFAULTS["vqa_turns"],
     extra_colors: Sequence[str] = DEFAULTS["extra_colors"],
+    force: bool = False,
 ) -> dict:
     """Write the toy corpora and VQA sets under `output`; return the summary (also DIR/toy.json).
 
     The defaults take about 20 s on 2 cores at 32 px (workers=2). `n_vqa_compositional` defaults
     to `n_vqa_test`. `workers` > 1 writes shards in that many processes; the output is the same.
-    Toy shards already there (any seed, size or counts) are overwritten, surplus ones from a larger
-    run removed; anything else a run would overwrite or delete makes it raise ValueError first
+    A complete world from the same flags already in `output` (its toy.json equal to the one this
+    call would write, every shard and the tokenizer present) is reused as it is, unless `force`:
+    same flags, same bytes, so there is nothing to redo. Otherwise toy shards already there (any
+    seed, size or counts) are overwritten, surplus ones from a larger run removed; anything else a run would overwrite or delete makes it raise ValueError first
     (`check_toy_output`).
     Summary: {seed, image_size, n_frames, fps, samples_per_shard, held_out_pairs,
-    splits: {name: {dir, modality, n_samples, shards, by_type}}, seconds}.
+    splits: {name: {dir, modality, n_samples, shards, by_type}}, seconds, reused}.
     """
     t0 = time.perf_counter()
     check_image_size(image_size)
@@ -252,9 +287,6 @@ def generate_toy(
     n_frames = (int(n_frames[0]), int(n_frames[1]))
     _check_counts(counts, samples_per_shard, n_frames)
     output = Path(output)
-    check_toy_output(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "toy.json").unlink(missing_ok=True)  # written last: it marks a complete set
     extra_colors = _check_conversation_args(vqa_turns, extra_colors)
     world = World(
         seed=seed,
@@ -264,25 +296,33 @@ def generate_toy(
         vqa_turns=vqa_turns,
         extra_colors=extra_colors,
     )
+    summary = _summary(world, counts, samples_per_shard, _splits_summary(counts, samples_per_shard))
+    if not force and _complete_world(output, summary, samples_per_shard):
+        return {**summary, "output": str(output), "seconds": 0.0, "reused": True}
+    check_toy_output(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "toy.json").unlink(missing_ok=True)  # written last: it marks a complete set
 
     _write_shards(world, output, counts, samples_per_shard, workers)
-
-    splits = _write_indexes(output, counts, samples_per_shard)
-    summary = _summary(world, counts, samples_per_shard, splits)
+    _write_indexes(output, counts, samples_per_shard)
     # The manifest is written last and holds no timing: same flags, same bytes.
     tmp = output / "toy.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, output / "toy.json")
-    return {**summary, "output": str(output), "seconds": round(time.perf_counter() - t0, 2)}
+    return {**summary, "output": str(output), "seconds": round(time.perf_counter() - t0, 2), "reused": False}
 
 
 def format_summary(summary: dict) -> str:
     """The printed summary: one line per split with its counts per question type."""
     held = ", ".join(f"{c} {s}" for c, s in summary["held_out_pairs"])
+    done = (
+        "reused: its toy.json matches these flags; --force writes it again"
+        if summary.get("reused")
+        else f"{summary['seconds']:.1f} s"
+    )
     lines = [
         f"toy world in {summary['output']}: seed {summary['seed']}, "
-        f"{summary['image_size']}x{summary['image_size']} px, held-out pairs: {held} "
-        f"({summary['seconds']:.1f} s)"
+        f"{summary['image_size']}x{summary['image_size']} px, held-out pairs: {held} ({done})"
     ]
     for name, sp in summary["splits"].items():
         types = ", ".join(f"{t} {n}" for t, n in sp["by_type"].items())
@@ -443,6 +483,12 @@ def add_toy_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"samples per tar shard (default {d['samples_per_shard']})",
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write the world even when --output already holds a complete one made "
+        "with the same flags (by default that one is reused as it is)",
+    )
+    parser.add_argument(
         "--workers",
         type=int_at_least(1),
         default=default_workers(),
@@ -470,6 +516,7 @@ def run_toy(args: argparse.Namespace) -> int:
             workers=getattr(args, "workers", 1),
             vqa_turns=getattr(args, "vqa_turns", DEFAULTS["vqa_turns"]),
             extra_colors=getattr(args, "extra_colors", DEFAULTS["extra_colors"]),
+            force=getattr(args, "force", False),
         )
     except (ValueError, OSError) as exn:
         raise CliError(str(exn)) from exn
