@@ -72,9 +72,8 @@ def main(argv=None) -> int:
         res = results[name] = json.loads(path.read_text())
         rows = [("overall", res["overall"])] + sorted(res["by_type"].items())
         for kind, r in rows:
-            lines.append(
-                f"{name:<26}{kind:<12}{r['n']:>6}{r['acc']:>8.3f}{r['blind_acc']:>8.3f}{r['chance']:>8.3f}"
-            )
+            blind = "-" if r.get("blind_acc") is None else f"{r['blind_acc']:.3f}"  # fusion-eval --no-blind
+            lines.append(f"{name:<26}{kind:<12}{r['n']:>6}{r['acc']:>8.3f}{blind:>8}{r['chance']:>8.3f}")
         lines.append("")
     print("\n".join(lines).rstrip())
     bars = check_bars(results)
