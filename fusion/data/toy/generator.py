@@ -267,8 +267,8 @@ def generate_toy(
     A complete world from the same flags already in `output` (its toy.json equal to the one this
     call would write, every shard and the tokenizer present) is reused as it is, unless `force`:
     same flags, same bytes, so there is nothing to redo. Otherwise toy shards already there (any
-    seed, size or counts) are overwritten, surplus ones from a larger run removed; anything else a run would overwrite or delete makes it raise ValueError first
-    (`check_toy_output`).
+    seed, size or counts) are overwritten, surplus ones from a larger run removed; anything else a
+    run would overwrite or delete makes it raise ValueError first (`check_toy_output`).
     Summary: {seed, image_size, n_frames, fps, samples_per_shard, held_out_pairs,
     splits: {name: {dir, modality, n_samples, shards, by_type}}, seconds, reused}.
     """
