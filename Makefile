@@ -58,7 +58,7 @@ DEMO_T0 := $(shell date +%s)
 demo: $(STAMP)
 	$(BIN)/fusion-data toy --output $(TOY) $(TOY_FLAGS)
 	$(BIN)/deepspeed --num_gpus 2 --module fusion.train --config configs/demo.yaml run.dir=$(DEMO_RUN)
-	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --limit 300 --no-progress > $(DEMO_RUN)/eval.log
+	$(BIN)/fusion-eval --run $(DEMO_RUN) --vqa $(DEMO_SETS) --no-progress > $(DEMO_RUN)/eval.log
 	$(BIN)/python tools/demo_report.py --run $(DEMO_RUN) --vqa $(DEMO_SETS) --started $(DEMO_T0)
 
 clean:

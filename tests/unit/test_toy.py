@@ -331,9 +331,15 @@ def test_a_complete_world_from_the_same_flags_is_reused(tmp_path, capsys):
     assert fusion_data([*args, "--samples-per-shard", "2"]) == 0
     assert "reused: its toy.json matches these flags" in capsys.readouterr().out
 
-    # A truncated shard, a missing tokenizer, --force or any other flag: written again, same bytes.
+    # A truncated or altered shard, a missing tokenizer, --force or any other flag: written again,
+    # same bytes.
     shard = tmp_path / "image" / "000001.tar"
     shard.write_bytes(before[shard][1][:1000])
+    assert toy.generate_toy(tmp_path, **small, samples_per_shard=2)["reused"] is False
+    assert shard.read_bytes() == before[shard][1]
+    flipped = bytearray(before[shard][1])
+    flipped[700] ^= 1
+    shard.write_bytes(bytes(flipped))
     assert toy.generate_toy(tmp_path, **small, samples_per_shard=2)["reused"] is False
     assert shard.read_bytes() == before[shard][1]
     (tmp_path / "tokenizer.json").unlink()
