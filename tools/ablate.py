@@ -105,7 +105,7 @@ GRIDS = {
 
 # The demo's own recipe (configs/demo.yaml: model, toy world, mixture, lr, 2 CPU ranks) for each of
 # the four models, the budget set by the demo's step count for early fusion + MoE; every run is
-# scored afterwards as `make demo` scores it (fusion-eval, 300 questions per set, with the blind
+# scored afterwards as `make demo` scored it then (fusion-eval, 300 questions per set, with the blind
 # baseline). About 70 minutes on 2 cores for 2 seeds.
 # the sizes of the toy world `make demo` trains on (the Makefile's TOY_FLAGS), without its extra
 # colours: docs/ablations.md was measured before the demo took them up

@@ -4,10 +4,10 @@ holds, how long `make demo` took, and where its outputs are.
     python tools/demo_report.py --run runs/demo --vqa data/toy/vqa_image_test data/toy/vqa_video_test \\
         [--started EPOCH_SECONDS]
 
-Two bars (README, "What the demo shows"), each per set as (overall, every question type):
-the promise, which every run of the recipe measured so far meets, and the goal the demo is built
-towards (image VQA 0.95 overall and 0.90 on every type, video `direction` 0.95), which it does not
-reach yet within its time budget.
+Two bars (README, "What the demo shows"), each per set as (overall, every question type): the
+promise, which `make demo` (seed 0) and the other seeds measured meet, and the goal the demo is
+built towards (image VQA 0.95 overall and 0.90 on every type, video `direction` 0.95), which it
+does not reach yet within its time budget.
 """
 
 from __future__ import annotations
