@@ -512,8 +512,8 @@ weights and data order). The four models:
         flags = " ".join(f"--{k} {v}" for k, v in grid.toy.items()) or "(default sizes)"
         colours = "" if "extra-colors" in grid.toy else " (without the extra colours of its training scenes)"
         data = f"""Data: `fusion-data toy {flags}`, the sizes of the toy world `make demo` trains
-on{colours}, the config's mixture. Accuracy: after training, `fusion-eval` scores each run as `make demo` does (the first
-{grid.eval_limit} questions of each set, choice likelihood, and the blind baseline with grey media);
+on{colours}, the config's mixture. Accuracy: after training, `fusion-eval` scores each run on the
+first {grid.eval_limit} questions of each set, by choice likelihood, beside the blind baseline with grey media;
 during training, `vqa_image_test` is scored {grid.evals} times for the curves. "Final loss" is the
 mean training loss over the last tenth of the logged steps. Mean ± standard deviation over seeds
 in the first table, mean (min-max) in the second."""

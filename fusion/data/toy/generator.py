@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.cli import CliError, default_workers, int_at_least
-from fusion.data.shards import INDEX_NAME, sha256_file, shard_name, write_index
+from fusion.data.shards import read_index, sha256_file, shard_name, write_index
 from fusion.data.toy.scenes import encode_mp4
 from fusion.data.toy.splits import (
     SPLITS,
@@ -207,7 +207,8 @@ def _complete_world(output: Path, summary: dict, samples_per_shard: int) -> bool
             names = _shard_names(split["n_samples"], samples_per_shard)
             if not names:
                 continue
-            listed = json.loads((output / name / INDEX_NAME).read_text())["shards"]
+            index = read_index(output / name)
+            listed = [] if index is None else index["shards"]
             if [entry["name"] for entry in listed] != names or any(
                 (output / name / entry["name"]).stat().st_size != entry["bytes"]
                 or sha256_file(output / name / entry["name"]) != entry["sha256"]
@@ -268,10 +269,11 @@ def generate_toy(
     The defaults take about 20 s on 2 cores at 32 px (workers=2). `n_vqa_compositional` defaults
     to `n_vqa_test`. `workers` > 1 writes shards in that many processes; the output is the same.
     A complete world from the same flags already in `output` (its toy.json equal to the one this
-    call would write, every shard and the tokenizer present) is reused as it is, unless `force`:
-    same flags, same bytes, so there is nothing to redo. Otherwise toy shards already there (any
-    seed, size or counts) are overwritten, surplus ones from a larger run removed; anything else a
-    run would overwrite or delete makes it raise ValueError first (`check_toy_output`).
+    call would write, the tokenizer there, every shard as its index.json gives it) is reused as it
+    is, unless `force`: same flags, same bytes, so there is nothing to redo. Otherwise toy shards
+    already there (any seed, size or counts) are overwritten, surplus ones from a larger run
+    removed; anything else a run would overwrite or delete makes it raise ValueError first
+    (`check_toy_output`).
     Summary: {seed, image_size, n_frames, fps, samples_per_shard, held_out_pairs,
     splits: {name: {dir, modality, n_samples, shards, by_type}}, seconds, reused}.
     """
