@@ -7,7 +7,8 @@ and the toy generator depend on it). No B-frames and a keyframe every `keyframe_
     encoded_size(width, height, max_side) -> (width, height)
 
 This module owns the encoder: the x264 options (`x264_options`), writing the mp4 (`write_h264`),
-resizing decoded frames to yuv420p (`to_yuv420p`), constant-rate retiming (`retime`) and the stored
+RGB frames to yuv420p planes in numpy (`rgb_to_yuv420p`), resizing decoded frames to yuv420p
+(`to_yuv420p`), constant-rate retiming (`retime`) and the stored
 size (`encoded_size`: even sides, no width in DECORD_BAD_WIDTHS). Reading a source video to
 re-encode it (`transcode`) is `fusion.data.video`'s, which re-exports these names. PyAV is imported
 only when a function runs.
@@ -44,9 +45,33 @@ def encode_frames(
     import av
 
     height, width = frames.shape[1], frames.shape[2]
-    # The encoder numbers the frames 0, 1, ... and converts rgb24 to yuv420p itself (bilinear).
-    rgb = (av.VideoFrame.from_ndarray(frame, format="rgb24") for frame in frames)
-    return write_h264(rgb, fps, width, height, x264_options(crf, keyframe_interval, preset, scene_cuts))
+    # The encoder numbers the frames 0, 1, ...; the pixels arrive as yuv420p already, converted here
+    # rather than by swscale, whose output for the same frames was seen to differ between processes.
+    yuv = (av.VideoFrame.from_ndarray(planes, format="yuv420p") for planes in rgb_to_yuv420p(frames))
+    return write_h264(yuv, fps, width, height, x264_options(crf, keyframe_interval, preset, scene_cuts))
+
+
+# BT.601 with studio range (Y 16-235, Cb / Cr 16-240): what a decoder assumes of an H.264 stream
+# that names no colour space, as these do. Rows give Y, Cb, Cr from R, G, B in 0..255.
+_BT601 = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
+_BT601_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """uint8 (F, H, W, 3) RGB (H and W even) -> uint8 (F, H * 3 // 2, W): each frame's Y plane,
+    then its Cb and Cr planes at half resolution (each from the mean colour of a 2x2 block), one
+    after the other in memory, the layout `av.VideoFrame.from_ndarray(..., format="yuv420p")` takes. Plain float64 arithmetic,
+    rounded half to even: the same frames give the same bytes in any process."""
+    f, h, w = frames.shape[:3]
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even frame sides, got {w}x{h}")
+    rgb = frames.astype(np.float64)
+    luma = rgb @ _BT601[0] + _BT601_OFFSET[0]  # (F, H, W)
+    blocks = rgb.reshape(f, h // 2, 2, w // 2, 2, 3).mean(axis=(2, 4))  # (F, H/2, W/2, 3)
+    chroma = blocks @ _BT601[1:].T + _BT601_OFFSET[1:]  # (F, H/2, W/2, 2)
+    planes = [luma.reshape(f, -1), chroma[..., 0].reshape(f, -1), chroma[..., 1].reshape(f, -1)]
+    flat = np.clip(np.rint(np.concatenate(planes, axis=1)), 0, 255).astype(np.uint8)  # (F, 3HW/2)
+    return flat.reshape(f, h * 3 // 2, w)
 
 
 def encoded_size(width: int, height: int, max_side: int) -> tuple[int, int]:

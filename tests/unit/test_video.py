@@ -13,6 +13,7 @@ from PIL import Image
 from fusion.data import video
 from fusion.data.sampling import VideoMeta
 from fusion.data.video import DecodeStats, VideoDecodeError, decode, probe
+from fusion.data.video_encode import rgb_to_yuv420p
 
 try:  # tests/unit as a package, or on sys.path (pytest rootdir)
     from . import videos
@@ -247,6 +248,51 @@ def test_encode_frames_round_trips_deterministically():
     # x264 writes its settings into the stream: scene-cut keyframes off unless asked for
     assert b"scenecut=0" in data
     assert b"scenecut=40" in video.encode_frames(frames, 10, crf=0, keyframe_interval=4, scene_cuts=True)
+
+
+def test_rgb_to_yuv420p_is_bt601_studio_range_with_2x2_chroma():
+    frames = np.zeros((2, 4, 6, 3), np.uint8)
+    frames[0] = (255, 255, 255)
+    frames[1, :, :2] = (255, 0, 0)  # the first 2x2 chroma blocks are red
+    frames[1, :2, 2:4] = (0, 0, 255)  # one blue block
+    frames[1, 2:, 2:4] = [[(0, 0, 255), (0, 0, 0)], [(0, 0, 0), (0, 0, 255)]]  # half blue
+    yuv = rgb_to_yuv420p(frames)
+    assert yuv.shape == (2, 6, 6) and yuv.dtype == np.uint8
+    luma, cb, cr = yuv[:, :4], yuv[:, 4:5].reshape(2, 2, 3), yuv[:, 5:6].reshape(2, 2, 3)
+    assert (luma[0] == 235).all() and (cb[0] == 128).all() and (cr[0] == 128).all()
+    assert luma[1, 0, 0] == 81 and luma[1, 0, 4] == 16 and luma[1, 0, 2] == 41  # red, black, blue
+    assert (cb[1, :, 0] == 90).all() and (cr[1, :, 0] == 240).all()  # red
+    assert cb[1, 0, 1] == 240 and cr[1, 0, 1] == 110  # blue
+    assert cb[1, 1, 1] == 184 and cr[1, 1, 1] == 119  # the mean of blue and black
+    # half a frame's height odd (6 rows: 3 chroma rows of 2): the planes follow each other in memory
+    flat = rgb_to_yuv420p(np.full((1, 6, 4, 3), 255, np.uint8)).reshape(-1)
+    assert flat.size == 36 and (flat[:24] == 235).all() and (flat[24:] == 128).all()
+    with pytest.raises(ValueError, match="even frame sides, got 5x4"):
+        rgb_to_yuv420p(np.zeros((1, 4, 5, 3), np.uint8))
+
+
+def test_encoded_colours_survive_and_bytes_do_not_depend_on_the_process():
+    """Flat colours come back within a few levels from both decoders, and a fresh interpreter
+    writes the same bytes (the conversion is ours, not swscale's)."""
+    rng = np.random.default_rng(0)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    frames = np.zeros((8, 32, 32, 3), np.uint8)
+    for k in range(8):
+        tiles = np.roll(palette, k, axis=0).reshape(4, 4, 3)
+        frames[k] = tiles.repeat(8, axis=0).repeat(8, axis=1)  # 8x8 px tiles, moving
+    data = video.encode_frames(frames, 8, crf=0, keyframe_interval=4, scene_cuts=True)
+    for backend in ("pyav", "decord"):
+        got = decode(data, [0, 5, 7], backend=backend).astype(int)
+        assert np.abs(got - frames[[0, 5, 7]].astype(int)).max() <= 4, backend
+    script = (
+        "import sys, numpy as np; from fusion.data import video; "
+        "f = np.frombuffer(sys.stdin.buffer.read(), np.uint8).reshape(8, 32, 32, 3); "
+        "sys.stdout.buffer.write(video.encode_frames(f, 8, crf=0, keyframe_interval=4, scene_cuts=True))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script], input=frames.tobytes(), capture_output=True, check=True
+    )
+    assert other.stdout == data
 
 
 def test_transcode_retimes_and_resizes(clip):
