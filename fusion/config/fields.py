@@ -49,6 +49,8 @@ class VisionConfig:
     checkpoint: str = ""  # local weights file for the timm model; never a hub download
     freeze: bool = False  # freeze the encoder (the projector still trains)
     lr_scale: float = 1.0  # vision tower learning rate = train.lr * lr_scale
+    encoder_lr_scale: float = 0.0  # the encoder's own learning rate = train.lr * encoder_lr_scale;
+    #   0 = lr_scale (the projector and frame positions keep lr_scale)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel pixel mean (0..1)
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per-channel pixel std
 

@@ -327,6 +327,7 @@ _NON_NEGATIVE = [
     "data.eval_limit",
     "model.vision.width",
     "model.vision.lr_scale",
+    "model.vision.encoder_lr_scale",
 ]
 
 

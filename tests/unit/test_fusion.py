@@ -119,3 +119,55 @@ def test_training_mode_gives_every_vision_parameter_a_gradient_without_media():
     b = packed([(["only text, no media at all"], 0, {})], seq_len=32)
     run(model, b).loss.backward()
     assert all(p.grad is not None for p in model.vision.parameters())
+
+
+# ---- learning rates ---------------------------------------------------------------------------
+
+
+def test_the_encoder_learns_at_its_own_rate_only_when_asked():
+    """`model.vision.lr_scale` covers the whole tower; `encoder_lr_scale` gives the encoder's
+    weights a rate of their own while the projector keeps the tower's. Unset, the optimizer's
+    groups are those of a tower at one rate (older optimizer states still load)."""
+    from fusion.step import param_groups
+
+    _, model = make("model.vision.encoder=conv-stem")
+    model.train()
+    one_rate = param_groups(model, 0.1, 2.0)
+    assert {g["name"]: g["lr_scale"] for g in one_rate if g["name"].startswith("vision")} == {
+        "vision_decay": 2.0,
+        "vision_no_decay": 2.0,
+    }
+    groups = {g["name"]: g for g in param_groups(model, 0.1, 2.0, encoder_lr_scale=3.0)}
+    owner = {id(p): name for name, p in model.named_parameters()}
+
+    def names(group):
+        return sorted(owner[id(p)] for p in groups[group]["params"])
+
+    encoder = sorted(n for n, _ in model.named_parameters() if n.startswith("vision.encoder."))
+    assert sorted(names("vision_encoder_decay") + names("vision_encoder_no_decay")) == encoder
+    assert "vision.encoder.pos_embed" in names("vision_encoder_no_decay")  # positions never decay
+    assert groups["vision_encoder_decay"]["lr_scale"] == groups["vision_encoder_no_decay"]["lr_scale"] == 3.0
+    assert (
+        "vision.projector.fc1.weight" in names("vision_decay") and groups["vision_decay"]["lr_scale"] == 2.0
+    )
+    assert groups["decay"]["lr_scale"] == 1.0
+    # every trainable parameter is in exactly one group, as without the split
+    assert sorted(n for g in groups for n in names(g)) == sorted(n for n, _ in model.named_parameters())
+    assert sum(len(g["params"]) for g in one_rate) == len(owner)
+
+    # a first AdamW step moves a weight by about its group's rate (no decay: lr * m / sqrt(v) = lr)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(
+        [{**g, "lr": 1e-3 * g["lr_scale"], "weight_decay": 0.0} for g in groups.values()], lr=1e-3
+    )
+    b = packed([([("image", 16), " a red circle"], 1, {"images": [pixels(3, 32, 32)]})])
+    run(model, b).loss.backward()
+    opt.step()
+    params = dict(model.named_parameters())
+
+    def moved(name):
+        return (params[name] - before[name]).abs().max().item()
+
+    assert moved("vision.encoder.convs.0.weight") == pytest.approx(3e-3, rel=0.01)
+    assert moved("vision.projector.fc1.weight") == pytest.approx(2e-3, rel=0.01)
+    assert moved("decoder.layers.0.attn.wq.weight") == pytest.approx(1e-3, rel=0.01)
