@@ -22,7 +22,6 @@ data classes, so a crafted pickle can neither pass the check nor run code when u
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fusion.files import write_atomic
+from fusion.files import sha256_file, write_atomic
 
 
 def rng_state() -> dict:
@@ -107,14 +106,6 @@ def _step_dirs(root: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files_under(directory: Path) -> list[str]:
     """Relative paths of every entry under `directory` except the manifest (links and other
     non-regular entries included, so that verification can refuse them)."""
@@ -135,7 +126,7 @@ def write_manifest(directory: Path, step: int, world_size: int) -> dict:
         path = directory / rel
         if path.is_symlink() or not path.is_file():
             raise CheckpointError(f"checkpoint {directory}: {rel} is not a regular file")
-        files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {
         "format": 1,
         "step": step,
@@ -172,7 +163,7 @@ def verify_checkpoint(directory: str | Path, only: list[str] | None = None) -> d
             raise CheckpointError(
                 f"{where}: file {rel} has {path.stat().st_size} bytes, {MANIFEST} says {entry.get('bytes')}"
             )
-        if _sha256(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(f"{where}: file {rel} was altered (sha256 differs from {MANIFEST})")
     if only is None:
         extra = [rel for rel in _files_under(directory) if rel not in files]

@@ -21,7 +21,6 @@ image, video): vqa shards are read as image or video data (`data.image`, `data.v
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any
 
 import braceexpand
 
-from fusion.files import write_atomic
+from fusion.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +311,6 @@ def list_shards(spec: str | Iterable[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- index and stats
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_index(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion.cli import CliError, default_workers, int_at_least
-from fusion.data.shards import read_index, sha256_file, shard_name, write_index
+from fusion.data.shards import read_index, shard_name, write_index
 from fusion.data.toy.scenes import encode_mp4
 from fusion.data.toy.splits import (
     SPLITS,
@@ -52,6 +52,7 @@ from fusion.data.video import (
     backend_available,
     decode,
 )
+from fusion.files import sha256_file
 
 # ---------------------------------------------------------------- checks
 
