@@ -46,7 +46,7 @@ def encode_frames(
 
     height, width = frames.shape[1], frames.shape[2]
     # The encoder numbers the frames 0, 1, ...; the pixels arrive as yuv420p already, converted here
-    # rather than by swscale, whose output for the same frames was seen to differ between processes.
+    # in plain arithmetic rather than by swscale, whose rounding is the FFmpeg build's own.
     yuv = (av.VideoFrame.from_ndarray(planes, format="yuv420p") for planes in rgb_to_yuv420p(frames))
     return write_h264(yuv, fps, width, height, x264_options(crf, keyframe_interval, preset, scene_cuts))
 
@@ -60,8 +60,9 @@ _BT601_OFFSET = np.array([16.0, 128.0, 128.0])
 def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
     """uint8 (F, H, W, 3) RGB (H and W even) -> uint8 (F, H * 3 // 2, W): each frame's Y plane,
     then its Cb and Cr planes at half resolution (each from the mean colour of a 2x2 block), one
-    after the other in memory, the layout `av.VideoFrame.from_ndarray(..., format="yuv420p")` takes. Plain float64 arithmetic,
-    rounded half to even: the same frames give the same bytes in any process."""
+    after the other in memory, the layout `av.VideoFrame.from_ndarray(..., format="yuv420p")`
+    takes. Plain float64 arithmetic, rounded half to even: the same frames give the same planes
+    with any FFmpeg build."""
     f, h, w = frames.shape[:3]
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even frame sides, got {w}x{h}")

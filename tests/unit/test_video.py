@@ -271,9 +271,9 @@ def test_rgb_to_yuv420p_is_bt601_studio_range_with_2x2_chroma():
         rgb_to_yuv420p(np.zeros((1, 4, 5, 3), np.uint8))
 
 
-def test_encoded_colours_survive_and_bytes_do_not_depend_on_the_process():
-    """Flat colours come back within a few levels from both decoders, and a fresh interpreter
-    writes the same bytes (the conversion is ours, not swscale's)."""
+def test_encoded_colours_come_back_from_both_decoders():
+    """Flat colours through our yuv420p conversion and x264 (lossless quantiser) come back
+    within a few levels from decord and PyAV: the conversion and the decoders agree on BT.601."""
     rng = np.random.default_rng(0)
     palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
     frames = np.zeros((8, 32, 32, 3), np.uint8)
@@ -284,15 +284,6 @@ def test_encoded_colours_survive_and_bytes_do_not_depend_on_the_process():
     for backend in ("pyav", "decord"):
         got = decode(data, [0, 5, 7], backend=backend).astype(int)
         assert np.abs(got - frames[[0, 5, 7]].astype(int)).max() <= 4, backend
-    script = (
-        "import sys, numpy as np; from fusion.data import video; "
-        "f = np.frombuffer(sys.stdin.buffer.read(), np.uint8).reshape(8, 32, 32, 3); "
-        "sys.stdout.buffer.write(video.encode_frames(f, 8, crf=0, keyframe_interval=4, scene_cuts=True))"
-    )
-    other = subprocess.run(
-        [sys.executable, "-c", script], input=frames.tobytes(), capture_output=True, check=True
-    )
-    assert other.stdout == data
 
 
 def test_transcode_retimes_and_resizes(clip):
