@@ -584,7 +584,7 @@ is a statement about this budget and this data, not about which design wins at s
 evaluation and FLOP accounting, and how the training loss of each model moves per FLOP. It cannot
 show which design wins at scale: the models are tiny, runs are tens of steps, the seeds are few,
 and toy-VQA accuracy this early sits at the blind baseline for every model (the demo needs well over
-600 steps of a bigger model before images help; see README, "What the demo shows"), so accuracy
+600 steps of a bigger model before images help; see docs/demo.md), so accuracy
 differences here are noise. The `--gpu` grid (`python tools/ablate.py --gpu`: model.size demo,
 {GRIDS["gpu"].budget:.2g} FLOPs per run, 3 seeds, {GRIDS["gpu"].eval_limit}-question evaluations) is the
 smallest grid where accuracy can separate from the blind baseline."""
