@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fusion import dist
-from fusion.config import Config
+from fusion.config import Config, VisionConfig
 from fusion.faults import Faults
 from fusion.guard import NonFiniteGuard
 from fusion.metrics import StepStats
@@ -114,28 +114,26 @@ def lr_at(step: int, cfg) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
-def param_groups(
-    model: torch.nn.Module, weight_decay: float, vision_lr_scale: float, encoder_lr_scale: float = 0.0
-) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, vision: VisionConfig) -> list[dict]:
     """Dense matrices decay; norms and biases don't; experts get a group of their own; the vision
-    tower learns at `model.vision.lr_scale` times the decoder's rate, and its encoder at
-    `model.vision.encoder_lr_scale` times it when that is set (groups of their own, `vision_encoder_*`;
+    tower learns at `vision.lr_scale` times the decoder's rate, and its encoder at
+    `vision.encoder_lr_scale` times it when that is set (groups of their own, `vision_encoder_*`;
     unset, the groups are those of a tower at one rate, so older optimizer states still load).
     Frozen parameters stay out."""
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        vision = name.startswith("vision.")
-        own_encoder = encoder_lr_scale > 0 and name.startswith("vision.encoder.")
+        in_tower = name.startswith("vision.")
+        own_encoder = vision.encoder_lr_scale > 0 and name.startswith("vision.encoder.")
         if is_expert(p):
             key, wd = "experts", weight_decay
         elif p.dim() < 2 or "pos" in name.split(".")[-1]:
             key, wd = "no_decay", 0.0
         else:
             key, wd = "decay", weight_decay
-        scale = encoder_lr_scale if own_encoder else vision_lr_scale if vision else 1.0
-        key = f"vision_encoder_{key}" if own_encoder else f"vision_{key}" if vision else key
+        scale = vision.encoder_lr_scale if own_encoder else vision.lr_scale if in_tower else 1.0
+        key = f"vision_encoder_{key}" if own_encoder else f"vision_{key}" if in_tower else key
         group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd, "lr_scale": scale})
         group["params"].append(p)
     return list(groups.values())

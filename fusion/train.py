@@ -314,7 +314,7 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel/)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
-    groups = param_groups(model, t.weight_decay, cfg.model.vision.lr_scale, cfg.model.vision.encoder_lr_scale)
+    groups = param_groups(model, t.weight_decay, cfg.model.vision)
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["name"] != "experts"],
         lr=t.lr,

@@ -35,7 +35,7 @@ tok = build_tokenizer(cfg.data.tokenizer)
 model = build_model(cfg.model, tok)
 model.tokenizer = tok
 opt = torch.optim.AdamW(
-    param_groups(model, cfg.train.weight_decay, cfg.model.vision.lr_scale, cfg.model.vision.encoder_lr_scale),
+    param_groups(model, cfg.train.weight_decay, cfg.model.vision),
     lr=cfg.train.lr,
     betas=tuple(cfg.train.betas),
 )

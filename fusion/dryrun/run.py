@@ -131,7 +131,7 @@ def _stand_in_parts(cfg: Config, tokenizer):
     streams = CheckedStreams()
     model.use_kernels(Kernels(grouped_mm=True, side_stream=True, compile_flex=False), streams=streams)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
-    groups = param_groups(model, t.weight_decay, cfg.model.vision.lr_scale, cfg.model.vision.encoder_lr_scale)
+    groups = param_groups(model, t.weight_decay, cfg.model.vision)
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["name"] != "experts"],
         lr=t.lr,

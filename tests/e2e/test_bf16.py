@@ -183,7 +183,7 @@ def _engine(zero: int, ep: int, extra: list[str] = ()):
     torch.manual_seed(0)
     model = build_model(cfg.model, build_tokenizer("byte"))
     experts = ExpertParallel(model, ep)
-    groups = param_groups(model, 0.1, 1.0)
+    groups = param_groups(model, 0.1, cfg.model.vision)  # as the trainer builds them
     optimizer = torch.optim.AdamW([g for g in groups if g["name"] != "experts"], lr=1e-3, weight_decay=0.1)
     engine, _, _, _ = deepspeed.initialize(
         model=experts.engine_module(), optimizer=optimizer, config=deepspeed_config(cfg, world, True)

@@ -128,16 +128,19 @@ def test_the_encoder_learns_at_its_own_rate_only_when_asked():
     """`model.vision.lr_scale` covers the whole tower; `encoder_lr_scale` gives the encoder's
     weights a rate of their own while the projector keeps the tower's. Unset, the optimizer's
     groups are those of a tower at one rate (older optimizer states still load)."""
+    from fusion.config import VisionConfig
     from fusion.step import param_groups
 
     _, model = make("model.vision.encoder=conv-stem")
     model.train()
-    one_rate = param_groups(model, 0.1, 2.0)
+    one_rate = param_groups(model, 0.1, VisionConfig(lr_scale=2.0))
     assert {g["name"]: g["lr_scale"] for g in one_rate if g["name"].startswith("vision")} == {
         "vision_decay": 2.0,
         "vision_no_decay": 2.0,
     }
-    groups = {g["name"]: g for g in param_groups(model, 0.1, 2.0, encoder_lr_scale=3.0)}
+    groups = {
+        g["name"]: g for g in param_groups(model, 0.1, VisionConfig(lr_scale=2.0, encoder_lr_scale=3.0))
+    }
     owner = {id(p): name for name, p in model.named_parameters()}
 
     def names(group):
