@@ -46,6 +46,7 @@ def build_model(config: Config, tokenizer: Tokenizer | None = None) -> FusionMod
     tok: Tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.data.tokenizer)
     model = _build(config.model, tok)
     model.tokenizer = tok
+    model.question = config.data.question
     return model
 
 

@@ -342,7 +342,12 @@ def export_model(model, cfg, path: Path, tensors: dict | None = None) -> None:
         if Path(tok_spec).resolve() != (path / TOKENIZER).resolve():
             write_atomic(path / TOKENIZER, Path(tok_spec).read_bytes())
         tok_spec = TOKENIZER
-    meta = {"model": to_dict(cfg)["model"], "tokenizer": tok_spec, "vocab_size": model.vocab_size}
+    meta = {
+        "model": to_dict(cfg)["model"],
+        "tokenizer": tok_spec,
+        "vocab_size": model.vocab_size,
+        "question": cfg.data.question,
+    }
     (path / "model.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -444,7 +449,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         # the vision tower's weights are in model.safetensors: its pretrained file (maybe gone,
         # maybe a pickle) is not read again
         overrides = model_overrides(meta["model"]) + ['model.vision.checkpoint=""']
-        cfg: Config = load_config(None, overrides + [f"data.tokenizer={tok_spec}"], source="it")
+        overrides += [f"data.tokenizer={tok_spec}", f"data.question={meta.get('question', 'after')}"]
+        cfg: Config = load_config(None, overrides, source="it")
         assert isinstance(cfg.model, ModelConfig)
         tokenizer = build_tokenizer(tok_spec)
         model = build_model(cfg.model, tokenizer)
@@ -457,6 +463,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     )
     model.load_state_dict(tensors, strict=True)
     model.tokenizer = tokenizer
+    model.question = cfg.data.question
     return model.to(device).eval()
 
 

@@ -109,6 +109,7 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held for shuffling inside a stream
     caption: str = "after"  # caption "after" the media (captioning), "before" it, or "random"
     vqa_loss: str = "answer"  # VQA samples: loss on the "answer" (+ eos) only, or on "all" text
+    question: str = "after"  # VQA samples: the (first) question "after" the media, or "before" it
     n_frames: int = 8  # frames sampled per video
     frame_strategy: str = "segment_random"  # uniform | fps | segment_random | segment_middle
     video_backend: str = "auto"  # decord, pyav, or auto (decord with a per-sample PyAV fallback)

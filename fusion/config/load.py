@@ -261,6 +261,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "data.caption": ("after", "before", "random"),
     "data.vqa_loss": ("answer", "all"),
+    "data.question": ("after", "before"),
     "data.frame_strategy": ("uniform", "fps", "segment_random", "segment_middle"),
     "data.video_backend": ("auto", "decord", "pyav"),
 }

@@ -34,9 +34,25 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_FIELDS = ("n_frames", "fps", "duration", "width", "height")
 
 
+ANSWER_CUE = " A:"  # the text right before every answer
+
+
+def vqa_question(question: str) -> str:
+    return f" Q: {question.strip()}"
+
+
 def vqa_prompt(question: str) -> str:
-    """The text before the answer, shared by training and evaluation."""
-    return f" Q: {question.strip()} A:"
+    """The text before the answer when the media comes first, shared by training and evaluation."""
+    return vqa_question(question) + ANSWER_CUE
+
+
+def vqa_prompt_parts(part: tuple, question: str, where: str = "after") -> list:
+    """`build_sample` parts of a question about the media run `part`, up to the answer: the
+    media, then " Q: {question} A:" (`data.question=after`); or " Q: {question}", the media,
+    " A:" (`before`: the media's tokens can then attend to the question)."""
+    if where == "before":
+        return [vqa_question(question), part, ANSWER_CUE]
+    return [part, vqa_prompt(question)]
 
 
 def vqa_answer(answer: str) -> str:
@@ -178,18 +194,21 @@ class SampleMaker:
         return out
 
     def vqa_tokens(self, part: tuple, turns: list[tuple[str, str]]) -> dict:
-        """<bos> media, then " Q: {question} A: {answer}" <eos> for each turn: every answer ends
+        """<bos> media, then " Q: {question} A: {answer}" <eos> for each turn (with
+        `data.question=before`, the first turn's question comes before the media); every answer ends
         with eos, as the one answer of a single question does and as evaluation scores it (the
         answer's tokens and eos after the prompt), so the first turn of a conversation is trained
         exactly as a test question is asked. The loss is on every answer and its eos
         (`data.vqa_loss=answer`), or on all the text (`all`). Prompt and answer are encoded
         apart, as evaluation encodes them."""
         tok = self.tokenizer
-        tokens, loss_mask, min_pairs = build_sample(tok, [part])
-        tokens, loss_mask = tokens[:-1], [False] * (len(loss_mask) - 1)  # bos + media: no loss
         everything = self.cfg.data.vqa_loss == "all"
-        for question, answer in turns:
-            prompt = tok.encode(vqa_prompt(question))
+        first = vqa_prompt_parts(part, turns[0][0], self.cfg.data.question)
+        tokens, loss_mask, min_pairs = build_sample(tok, first)
+        tokens = tokens[:-1]  # without eos; bos and media carry no loss, prompt words with `all`
+        loss_mask = [False] + [everything and m for m in loss_mask[1:-1]]
+        for k, (question, answer) in enumerate(turns):
+            prompt = [] if k == 0 else tok.encode(vqa_prompt(question))
             reply = tok.encode(vqa_answer(answer)) + [tok.eos_id]
             tokens += prompt + reply
             loss_mask += [everything] * len(prompt) + [True] * len(reply)

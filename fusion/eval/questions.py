@@ -26,6 +26,7 @@ class Question:
     part: tuple  # ("image", n_tokens) or ("video", n_groups, n_tokens): the media run
     pixels: torch.Tensor  # uint8 (3, S, S) image or (F, 3, S, S) video frames
     modality: int  # 1 image, 2 video
+    where: str = "after"  # the question "after" the media or "before" it (`data.question`)
 
     @property
     def chance(self) -> float:
@@ -42,6 +43,7 @@ def make_sample_maker(model, n_frames: int, counter=None):
     cfg.model = model.cfg
     cfg.data.n_frames = n_frames
     cfg.data.frame_strategy = "segment_middle"
+    cfg.data.question = getattr(model, "question", "after")  # as the model was trained to be asked
     try:
         validate(cfg)
     except ConfigError as e:
@@ -101,6 +103,7 @@ def make_question(raw: dict, maker) -> Question | None:
         part=part,
         pixels=torch.as_tensor(pixels),
         modality=modality,
+        where=maker.cfg.data.question,
     )
 
 

@@ -58,11 +58,12 @@ MAX_NEW_TOKENS = 8  # --generate stops here if no eos came first
 
 
 def prompt_tokens(tok, q: Question) -> list[int]:
-    """<bos> media run, " Q: ... A:" -- the training sample without its answer and eos."""
-    from fusion.data.samples import vqa_prompt
+    """<bos> media run, " Q: ... A:" (or " Q: ...", media run, " A:") -- the training sample
+    without its answer and eos."""
+    from fusion.data.samples import vqa_prompt_parts
     from fusion.data.sequence import build_sample
 
-    tokens, _, _ = build_sample(tok, [q.part, vqa_prompt(q.question)])
+    tokens, _, _ = build_sample(tok, vqa_prompt_parts(q.part, q.question, q.where))
     return tokens[:-1]
 
 

@@ -81,6 +81,9 @@ class FusionModel(nn.Module):
     # the tokenizer of the model's vocabulary: set by fusion.build_model and fusion.load_model (and
     # the trainer), not by the constructor, which needs only the special ids
     tokenizer: Tokenizer
+    # where its VQA prompts put the question, "after" the media or "before" it (`data.question`):
+    # set beside the tokenizer and kept in model.json, so evaluation asks as training did
+    question: str = "after"
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, special: SpecialIds):
         super().__init__()

@@ -323,3 +323,36 @@ def test_greedy_generation_stops_at_eos_or_8_tokens_and_skips_specials(model, vq
     tok = model.tokenizer
     assert vqa.generate_answers(Scripted(tok, " Red "), qs, batch_size=2) == ["Red"] * 3
     assert vqa.generate_answers(Scripted(tok, "abc", eos=False), qs) == ["abcabcab"] * 3
+
+
+def test_a_model_trained_with_the_question_first_is_asked_that_way(vqa_set, tmp_path):
+    """`data.question` is kept in model.json: the evaluation's prompt and a choice are then exactly
+    the training sample of that question and answer; a model.json without it (older checkpoints,
+    fusion-convert) asks with the media first, and a bad value is refused naming the file."""
+    from fusion.checkpoint import CheckpointError
+    from fusion.data.samples import SampleMaker
+
+    root, _ = vqa_set
+    for where in ("before", "after"):
+        cfg = load_config(
+            None, ["model.vision.img_size=32", "model.vision.patch_size=8", f"data.question={where}"]
+        )
+        torch.manual_seed(0)
+        export_model(build_model(cfg.model, ByteTokenizer()).eval(), cfg, tmp_path / where)
+        assert json.loads((tmp_path / where / "model.json").read_text())["question"] == where
+        model = fusion.load_model(tmp_path / where)
+        assert model.question == where
+        tok = model.tokenizer
+        for q in list(questions.iter_questions(root, questions.make_sample_maker(model, n_frames=8)))[:2]:
+            trained = SampleMaker(cfg, tok).vqa_tokens(q.part, [(q.question, q.answer)])["tokens"]
+            asked = vqa.prompt_tokens(tok, q)
+            assert asked + vqa.answer_tokens(tok, q.answer) == trained
+            assert (asked[1] in tok.encode(" Q")) == (where == "before")  # the question first, or the media
+    meta = json.loads((tmp_path / "before" / "model.json").read_text())
+    del meta["question"]
+    (tmp_path / "before" / "model.json").write_text(json.dumps(meta))
+    assert fusion.load_model(tmp_path / "before").question == "after"
+    meta["question"] = "sideways"
+    (tmp_path / "before" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"model\.json.*data\.question"):
+        fusion.load_model(tmp_path / "before")

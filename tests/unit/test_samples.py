@@ -85,3 +85,44 @@ def test_a_conversation_trains_every_answer():
     for bad in ([], "x", [{"question": "Q?"}], [{"answer": "a"}], [{"question": "Q?", "answer": [1]}]):
         assert maker(raw_vqa(turns=bad)) is None
     assert reasons == ["bad_turns"] * 5
+
+
+def test_the_question_can_come_before_the_media():
+    """`data.question=before`: bos, " Q: {question}", the media, " A:", the answer, eos; the loss on
+    the answer and eos (and on the question's and the cue's words with `data.vqa_loss=all`), every
+    media token an input. Later turns of a conversation follow as usual."""
+    from fusion.data.samples import ANSWER_CUE, vqa_question
+
+    turns = [
+        {"question": "What color is the square?", "answer": "red"},
+        {"question": "How many?", "answer": 2},
+    ]
+    for mode in ("answer", "all"):
+        cfg = load_config(
+            None,
+            [
+                "data.question=before",
+                f"data.vqa_loss={mode}",
+                "model.vision.img_size=32",
+                "model.vision.patch_size=8",
+            ],
+        )
+        s = SampleMaker(cfg, TOK)(raw_vqa(turns=turns))
+        q = TOK.encode(vqa_question("What color is the square?"))
+        image = [t for t in s["tokens"] if t >= 256 and t not in (TOK.bos_id, TOK.eos_id)]
+        assert len(image) == 16 + 2  # placeholders and the image's start and end markers
+        assert s["tokens"][: 1 + len(q)] == [TOK.bos_id] + q
+        assert s["tokens"][1 + len(q) : 1 + len(q) + len(image)] == image
+        assert s["min_pairs"] == 1 + len(q) + len(image)
+        rest = s["tokens"][s["min_pairs"] :]
+        second = TOK.encode(vqa_prompt("How many?") + vqa_answer("2"))
+        assert rest == TOK.encode(ANSWER_CUE + vqa_answer("red")) + [TOK.eos_id] + second + [TOK.eos_id]
+        trained = TOK.decode([t for t, m in zip(s["tokens"], s["loss_mask"]) if m and t < 256])
+        if mode == "answer":
+            assert trained == vqa_answer("red") + vqa_answer("2")
+        else:
+            assert trained == vqa_question("What color is the square?") + ANSWER_CUE + vqa_answer(
+                "red"
+            ) + vqa_prompt("How many?") + vqa_answer("2")
+        assert not any(m for t, m in zip(s["tokens"], s["loss_mask"]) if t in image)
+        assert s["loss_mask"][-1] and not s["loss_mask"][0]
