@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fusion.config import Config, ConfigError
+from fusion.model.fusion import lm_loss_of
 from fusion.schema import IGNORE
 
 
@@ -45,10 +46,13 @@ def kl_divergence(
 class Distiller:
     """The frozen teacher and the loss mixing; one per training process."""
 
-    def __init__(self, teacher: torch.nn.Module, temperature: float, weight: float):
+    def __init__(
+        self, teacher: torch.nn.Module, temperature: float, weight: float, loss_average: str = "token"
+    ):
         self.teacher = teacher
         self.temperature = temperature
         self.weight = weight
+        self.loss_average = loss_average  # the student's `train.loss_average`, to take its loss apart
         self._kl_sum: torch.Tensor | None = None  # on the device: no host read per micro-step
         self._n = 0
 
@@ -74,9 +78,10 @@ class Distiller:
         kl = kl_divergence(out.logits, self.teacher_logits(batch), mask, self.temperature)
         # out.loss holds the next-token loss with its gradient; its detached value is out.lm_loss.
         # Recompute it with a gradient to move W of its weight onto the KL term.
-        lm = F.cross_entropy(
-            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-        ) / mask.sum().clamp(min=1)  # 0 with no label, never NaN
+        per_token = F.cross_entropy(
+            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
+        )
+        lm = lm_loss_of(per_token, labels, batch.get("doc_ids"), self.loss_average)  # as out.loss's
         kl_det = kl.detach().double()
         self._kl_sum = kl_det if self._kl_sum is None else self._kl_sum + kl_det
         self._n += 1
@@ -131,4 +136,4 @@ def build_distiller(cfg: Config, student, device: torch.device, bf16: bool) -> D
     if not d.teacher:
         return None
     teacher = load_teacher(d.teacher, student, device, torch.bfloat16 if bf16 else torch.float32)
-    return Distiller(teacher, d.temperature, d.weight)
+    return Distiller(teacher, d.temperature, d.weight, cfg.train.loss_average)

@@ -307,6 +307,7 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     model = build_model(cfg.model, tokenizer)
     model.tokenizer = tokenizer  # for in-training evaluation
     model.question = cfg.data.question  # and how it asks (model.json keeps it)
+    model.loss_average = t.loss_average
     model.decoder.checkpoint_every = t.activation_checkpointing
     if t.compile:
         model.decoder.compile_blocks()  # torch.compile each block; compiles at the first step

@@ -259,6 +259,7 @@ _CHOICES = {
     "model.attn_impl": ("sdpa", "flex"),
     "model.fusion": ("early", "late"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.loss_average": ("token", "sample", "square"),
     "data.caption": ("after", "before", "random"),
     "data.vqa_loss": ("answer", "all"),
     "data.question": ("after", "before"),

@@ -126,6 +126,7 @@ def _stand_in_parts(cfg: Config, tokenizer):
     with torch.device(META):
         model = build_model(cfg.model, tokenizer)
     model.tokenizer = tokenizer
+    model.loss_average = t.loss_average  # as fusion.train.build_parts sets them
     model.decoder.checkpoint_every = t.activation_checkpointing
     fpt = flops_per_token(model, cfg)
     streams = CheckedStreams()

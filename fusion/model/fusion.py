@@ -84,6 +84,9 @@ class FusionModel(nn.Module):
     # where its VQA prompts put the question, "after" the media or "before" it (`data.question`):
     # set beside the tokenizer and kept in model.json, so evaluation asks as training did
     question: str = "after"
+    # how the next-token loss averages over its tokens (`train.loss_average`, see `lm_loss_of`): set
+    # by the trainer; "token" (a plain mean over the loss-bearing tokens) everywhere else
+    loss_average: str = "token"
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, special: SpecialIds):
         super().__init__()
@@ -237,7 +240,7 @@ class FusionModel(nn.Module):
             )
         if labels is None:
             return logits
-        return self.loss(logits, labels, aux, z, sample_modality, return_logits)
+        return self.loss(logits, labels, aux, z, sample_modality, return_logits, doc_ids)
 
     if TYPE_CHECKING:  # model(...) is forward(...), with its overloads
         __call__ = forward
@@ -250,15 +253,16 @@ class FusionModel(nn.Module):
         z: torch.Tensor,
         sample_modality: torch.Tensor | None,
         return_logits: bool,
+        doc_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """The batch's loss from the logits (B, T, V) and the labels (B, T); `aux`, `z` the raw
-        router losses (fp32 scalars), weighted here by `model.moe`."""
+        router losses (fp32 scalars), weighted here by `model.moe`; `doc_ids` (B, T) for a
+        `loss_average` other than "token"."""
         per_token = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
         )  # (B*T,)
         mask = labels.flatten() != IGNORE  # (B*T,)
-        n = mask.sum()
-        lm_loss = per_token.sum() / n.clamp(min=1)
+        lm_loss = lm_loss_of(per_token, labels, doc_ids, self.loss_average)
         if sample_modality is None:
             sample_modality = torch.zeros_like(labels)
         # per-modality sums into fixed sizes (no boolean indexing, no bincount: no host sync);
@@ -279,6 +283,32 @@ class FusionModel(nn.Module):
             loss_count=loss_count,
             logits=logits if return_logits else None,
         )
+
+
+LOSS_AVERAGES = ("token", "sample", "square")
+
+
+def lm_loss_of(
+    per_token: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None, how: str = "token"
+) -> torch.Tensor:
+    """The next-token loss of a batch from its per-token losses (B*T,) (0 where labels (B, T) are
+    IGNORE): a weighted mean over the loss-bearing tokens, each token weighted by its document's
+    count n of loss-bearing tokens (doc_ids (B, T); None: one document per row). "token": weight 1,
+    every token counts the same, so a caption of 15 words outweighs a one-word VQA answer 15 to 1;
+    "sample": 1 / n, every document counts the same; "square": 1 / sqrt(n), in between (InternVL 2.5's "loss
+    reweighting", arXiv:2412.05271, compares the three). Never NaN: 0 without labels."""
+    mask = labels.flatten() != IGNORE
+    if how == "token":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    if how not in LOSS_AVERAGES:
+        raise ValueError(f"loss average {how!r} is not one of {', '.join(LOSS_AVERAGES)}")
+    B, T = labels.shape
+    doc = torch.zeros_like(labels) if doc_ids is None else doc_ids.clamp(min=0)  # padding: no labels
+    key = (torch.arange(B, device=labels.device)[:, None] * T + doc).flatten()  # (B*T,) < B*T
+    m = mask.to(per_token.dtype)
+    count = per_token.new_zeros(B * T).index_add_(0, key, m)[key].clamp(min=1)  # n of each token's doc
+    weight = m / (count if how == "sample" else count.sqrt())
+    return (per_token * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
 def install_kernels(model: nn.Module, kernels: Kernels, streams: Streams | None = None) -> None:

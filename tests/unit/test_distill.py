@@ -64,8 +64,12 @@ def test_kl_is_zero_for_equal_logits_and_matches_its_definition():
     assert kl_divergence(s2, t, mask, T) == pytest.approx(float(want), rel=1e-5)
 
 
-def test_mix_weights_the_two_losses(teacher_dir):
+@pytest.mark.parametrize("loss_average", ["token", "sample"])
+def test_mix_weights_the_two_losses(teacher_dir, loss_average):
+    """Whatever `train.loss_average` the student trains with, the weight moves exactly its
+    next-token loss onto the KL term (rows of different lengths: the averages differ)."""
     _, student = model_of("model.dense_baseline=true", seed=2)
+    student.loss_average = loss_average
     teacher = load_teacher(str(teacher_dir), student, torch.device("cpu"), torch.float32)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     b = rows()
@@ -73,7 +77,7 @@ def test_mix_weights_the_two_losses(teacher_dir):
     def grads(weight, T=2.0):
         student.zero_grad()
         out = student(b["input_ids"], labels=b["labels"], return_logits=True)
-        loss = Distiller(teacher, T, weight).mix(out, b)
+        loss = Distiller(teacher, T, weight, loss_average).mix(out, b)
         loss.backward()
         return loss.detach(), out, [p.grad.clone() for p in student.parameters()]
 

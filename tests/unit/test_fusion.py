@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.config import load_config
+from fusion.config import ConfigError, load_config
 from fusion.data.tokenizer import ByteTokenizer
 from fusion.model.fusion import build_model, media_slots
 from fusion.schema import tokens_per_image, tokens_per_video
@@ -111,6 +111,37 @@ def test_losses_per_modality_and_no_loss_on_media_tokens():
     n_text = len(TOK.encode("plain text here")) + 1  # + eos
     n_image = len(TOK.encode(" a red square")) + 1  # caption after the image + eos
     assert out.loss_count.tolist() == [n_text, n_image, 0]
+
+
+def test_loss_average_weights_documents_as_named():
+    """`train.loss_average`: a packed row of a 16-token text and a 14-token caption. "token" is
+    the plain mean over the 30 tokens, "sample" the mean of the two documents' means, "square"
+    weights each token by 1/sqrt of its document's count; the logged per-modality sums stay
+    per token."""
+    _, model = make()
+    b = packed(
+        [
+            (["plain text here"], 0, {}),
+            ([("image", 16), " a red square"], 1, {"images": [pixels(3, 32, 32)]}),
+        ],
+        seq_len=80,
+    )
+    assert b["doc_ids"].shape[0] == 1  # both documents in one row
+    got = {}
+    for how in ("token", "sample", "square"):
+        model.loss_average = how
+        with torch.no_grad():
+            out = run(model, b)
+        got[how] = out.lm_loss.item()
+        sums, counts = out.loss_sum[:2].double(), out.loss_count[:2].double()
+    assert counts.tolist() == [16, 14]
+    assert got["token"] == pytest.approx((sums.sum() / counts.sum()).item(), rel=1e-5)
+    assert got["sample"] == pytest.approx((sums / counts).mean().item(), rel=1e-5)
+    w = counts.rsqrt()
+    assert got["square"] == pytest.approx(((sums * w).sum() / (counts * w).sum()).item(), rel=1e-5)
+    assert abs(got["sample"] - got["token"]) > 1e-4  # the documents' means differ
+    with pytest.raises(ConfigError, match="train.loss_average.*'mean' is not one of token, sample, square"):
+        load_config(None, ["train.loss_average=mean"])
 
 
 def test_training_mode_gives_every_vision_parameter_a_gradient_without_media():
