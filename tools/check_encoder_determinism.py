@@ -1,13 +1,13 @@
 """Does this machine's PyAV/libx264 give the same bytes every time? Encodes one small clip (a
-square moving over 8 frames of 32x32) over and over in one process,
-with fusion's x264 options, and counts the distinct outputs. A resumed shard build and the toy
-generator promise byte-identical files, which holds only if the answer is 1.
+square moving over 8 frames of 32x32) over and over in one process, with fusion's x264 options,
+and counts the distinct outputs. A resumed shard build and the toy generator promise
+byte-identical files, which holds only if the answer is 1.
 
     .venv/bin/python tools/check_encoder_determinism.py [--runs 2000] [--x264-params mbtree=0]
 
 `--x264-params ''` drops fusion's `mbtree=0` and shows x264's default: with the macroblock tree on,
-about one encode in a hundred came out different (PyAV 18.1, FFmpeg 8, x264 core 165). Exits 1
-when more than one output was seen.
+35 of 20,000 encodes came out different, in 3 other ways (PyAV 18.1, FFmpeg 8, x264 core 165;
+with fusion's options, none). Exits 1 when more than one output was seen.
 """
 
 from __future__ import annotations

@@ -252,18 +252,19 @@ def test_encode_frames_round_trips_deterministically():
 
 
 def test_the_same_frames_encode_to_the_same_bytes_every_time():
-    """x264's default macroblock tree made about one encode in a hundred differ within one
-    process, which broke byte-identical resumes; fusion turns it off. 1000 encodes of one clip,
-    with the heap stirred between them, must all give the same bytes."""
+    """x264's default macroblock tree made 35 of 20,000 encodes differ within one process, which
+    broke byte-identical resumes; fusion turns it off. 3000 encodes of one clip, with the heap
+    stirred between them, must all give the same bytes (with the tree on, about 99% of such
+    checks see a second output)."""
     r = subprocess.run(
-        [sys.executable, "tools/check_encoder_determinism.py", "--runs", "1000"],
+        [sys.executable, "tools/check_encoder_determinism.py", "--runs", "3000"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=Path(__file__).resolve().parents[2],
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 distinct outputs in 1000 encodes" in r.stdout
+    assert "1 distinct outputs in 3000 encodes" in r.stdout
     frames = np.stack([videos.make_frame(i, 32, 40) for i in range(6)])
     assert b"mbtree=0" in video.encode_frames(frames, 10, crf=23, keyframe_interval=4)  # x264's SEI
 
