@@ -114,12 +114,17 @@ def lr_at(step: int, cfg) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * cosine)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, vision: VisionConfig) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, vision: VisionConfig, muon: bool = False
+) -> list[dict]:
     """Dense matrices decay; norms and biases don't; experts get a group of their own; the vision
     tower learns at `vision.lr_scale` times the decoder's rate, and its encoder at
     `vision.encoder_lr_scale` times it when that is set (groups of their own, `vision_encoder_*`;
     unset, the groups are those of a tower at one rate, so older optimizer states still load).
+    With `muon` (`train.optimizer=muon`, fusion/optim.py), the hidden matrices (`muon_matrices`)
+    move to groups of their own, `*_muon`, marked `muon: True`, and so is the experts' group.
     Frozen parameters stay out."""
+    hidden = muon_matrices(model) if muon else set()
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -134,9 +139,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float, vision: VisionConf
             key, wd = "decay", weight_decay
         scale = vision.encoder_lr_scale if own_encoder else vision.lr_scale if in_tower else 1.0
         key = f"vision_encoder_{key}" if own_encoder else f"vision_{key}" if in_tower else key
-        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": wd, "lr_scale": scale})
+        if id(p) in hidden and key != "experts":
+            key = f"{key}_muon"
+        group = groups.setdefault(
+            key, {"name": key, "params": [], "weight_decay": wd, "lr_scale": scale, "muon": id(p) in hidden}
+        )
         group["params"].append(p)
     return list(groups.values())
+
+
+def muon_matrices(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters Muon steps: the weights of the linear layers inside the network and
+    the routed experts' stacks; not the output head, the routers, or a patch embedding (it reads
+    pixels). The rest (embeddings, convolutions, norms, biases, positions) keeps AdamW."""
+    out = {id(p) for p in model.parameters() if is_expert(p)}
+    for name, m in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if (
+            isinstance(m, torch.nn.Linear)
+            and last not in ("output", "gate")
+            and not name.endswith("encoder.proj")
+        ):
+            out.add(id(m.weight))
+    return out
 
 
 def grad_l2_norm(model: torch.nn.Module) -> torch.Tensor:

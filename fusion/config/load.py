@@ -260,6 +260,7 @@ _CHOICES = {
     "model.fusion": ("early", "late"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.loss_average": ("token", "sample", "square"),
+    "train.optimizer": ("adamw", "muon"),
     "data.caption": ("after", "before", "random"),
     "data.vqa_loss": ("answer", "all"),
     "data.question": ("after", "before"),
@@ -472,6 +473,12 @@ def _check_training(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
     if t.zero_stage not in (0, 1, 2):
         raise ConfigError(f"config key 'train.zero_stage': must be 0, 1 or 2, got {t.zero_stage}")
+    if t.optimizer == "muon" and t.zero_stage != 0:
+        # ZeRO hands the optimizer flat slices of the parameters; Muon orthogonalises whole matrices
+        raise ConfigError(
+            f"config key 'train.optimizer': muon needs every matrix whole, which ZeRO's flat "
+            f"partitions are not: use it with 'train.zero_stage'=0 (got {t.zero_stage}), or adamw"
+        )
     if t.resume not in ("auto", "none") and not t.resume:
         raise ConfigError("config key 'train.resume': give 'auto', 'none' or a checkpoint path")
     if cfg.distill.temperature <= 0:

@@ -19,6 +19,7 @@ from torch import nn
 
 from fusion import dist
 from fusion.model.moe import mark_expert
+from fusion.optim import build_optimizer
 from fusion.parallel.accumulation import add_into_fp32, fp32_grads
 from fusion.parallel.dispatch import ExpertDispatcher
 from fusion.parallel.engine_view import EngineView, expert_parameter_names, restore_buffer_dtypes
@@ -111,10 +112,12 @@ class ExpertParallel:
         """What to hand DeepSpeed: the model itself when it has no experts, else an EngineView."""
         return EngineView(self.model, set(self.names)) if self.names else self.model
 
-    def attach(self, engine, param_groups: list[dict], betas, grad_clip: float = 0.0) -> None:
-        """After deepspeed.initialize: build the expert optimizer from `param_groups` (dicts with
-        params, weight_decay, lr_scale, name), accumulate bf16 gradients in fp32, and hook the
-        experts into DeepSpeed's gradient norm."""
+    def attach(
+        self, engine, param_groups: list[dict], betas, grad_clip: float = 0.0, optimizer: str = "adamw"
+    ) -> None:
+        """After deepspeed.initialize: build the expert optimizer (`train.optimizer`, fusion/optim.py)
+        from `param_groups` (dicts with params, weight_decay, lr_scale, name, muon), accumulate bf16
+        gradients in fp32, and hook the experts into DeepSpeed's gradient norm."""
         self._engine = engine
         self.grad_clip = grad_clip
         if not self.names:
@@ -136,7 +139,7 @@ class ExpertParallel:
                 i = by_id[id(p)]
                 ps.append(p if p.dtype == torch.float32 else self._master(i))
             groups.append({**g, "params": ps})
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas))
+        self.optimizer = build_optimizer(groups, optimizer, 0.0, betas, 0.0)  # groups carry their decay
         master_of = {id(p): m for p, m in self.masters}
         self.accum = [master_of.get(id(p), p) for p in self.params]
         for p, m in self.masters:

@@ -23,6 +23,7 @@ from torch import nn
 
 from fusion import dist
 from fusion.model.moe import mark_expert
+from fusion.optim import STATE_KEYS
 
 EXPERT_FILE = "experts-{rank:05d}-of-{size:05d}.safetensors"
 _EXPERT_FILE_RE = re.compile(r"experts-(\d{5})-of-(\d{5})\.safetensors")
@@ -36,7 +37,7 @@ def _state_tensors(ep) -> dict[str, torch.Tensor]:
         w = masters.get(id(p), p)
         out[f"param/{name}"] = w.detach().float().cpu().contiguous()
         st = ep.optimizer.state.get(w, {}) if ep.optimizer is not None else {}
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in STATE_KEYS:
             if key in st:
                 out[f"{key}/{name}"] = st[key].detach().float().cpu().contiguous()
         if "step" in st:
@@ -123,7 +124,7 @@ def load_slice(ep, directory: str | Path) -> None:
         if ep.optimizer is None:
             continue
         state = {}
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in STATE_KEYS:
             t = full(f"{key}/{name}")
             if t is not None:
                 state[key] = t[lo:hi].clone().to(target.device)

@@ -100,6 +100,14 @@ def test_llama4_options_run_on_the_stand_in():
     assert r.shapes["decoder.layers.*.attn"].startswith("(3, 256, 512)")
 
 
+def test_muon_steps_the_experts_and_matrices_on_the_device():
+    """`train.optimizer=muon`: the Newton-Schulz iterations of the expert stacks (sharded over
+    ep 2) and of the dense matrices run on the device, with no host read."""
+    r = dry_run(llama4("train.optimizer=muon"), 2, "scout-mini muon")
+    assert set(r.host_reads) <= ALLOWED, set(r.host_reads) - ALLOWED
+    assert r.host_reads["optimizer step: skip decision (non-finite loss or gradient)"] == 1
+
+
 def test_a_dense_model_at_world_one():
     """Also the per-document loss averages: their counts stay on the device."""
     cfg = load_config("configs/debug.yaml", ["model.moe.n_experts=0", "train.loss_average=square"])

@@ -148,3 +148,21 @@ def test_checkpoint_resumes_at_the_other_ep_size(source, target, ep1, ep2, text_
         torch.testing.assert_close(final[key], final_src[key], rtol=1e-4, atol=1e-5)
     n_files = len(expert_files(run / "checkpoints" / f"step_{STEPS}"))
     assert n_files == target
+
+
+def test_muon_run_resumes_exactly_with_the_experts_momentum(text_shards, tmp_path):
+    """`train.optimizer=muon` at ep 2: each shard keeps its experts' Muon momentum (and the
+    AdamW state of the rest goes through DeepSpeed's checkpoint); resumed from step 10, steps
+    11..20 repeat the run. Muon also trains: the loss falls as AdamW's does."""
+    first, resumed = tmp_path / "muon", tmp_path / "resumed"
+    args = [f"data.text={text_shards}", "model.moe.ep_size=2", "train.zero_stage=0", "train.optimizer=muon"]
+    launch([*args, f"run.dir={first}"])
+    shard = load_file(str(expert_files(first / "checkpoints" / "step_10")[0]))
+    assert {k.split("/")[0] for k in shard} == {"param", "momentum_buffer"}
+    assert all(shard[f"momentum_buffer/{k[6:]}"].abs().sum() > 0 for k in shard if k.startswith("param/"))
+    r = launch([*args, f"run.dir={resumed}", f"train.resume={first / 'checkpoints' / 'step_10'}"])
+    assert "resumed from" in r.stdout
+    a, b = metrics(first), metrics(resumed)
+    assert sorted(b) == list(range(11, STEPS + 1))
+    assert_same_steps(a, b, range(11, STEPS + 1))
+    assert a[STEPS]["loss"] < 0.8 * a[1]["loss"]
