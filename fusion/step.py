@@ -115,16 +115,20 @@ def lr_at(step: int, cfg) -> float:
 
 
 def param_groups(
-    model: torch.nn.Module, weight_decay: float, vision: VisionConfig, muon: bool = False
+    model: torch.nn.Module,
+    weight_decay: float,
+    vision: VisionConfig,
+    muon: bool = False,
+    muon_experts: bool = True,
 ) -> list[dict]:
     """Dense matrices decay; norms and biases don't; experts get a group of their own; the vision
     tower learns at `vision.lr_scale` times the decoder's rate, and its encoder at
     `vision.encoder_lr_scale` times it when that is set (groups of their own, `vision_encoder_*`;
     unset, the groups are those of a tower at one rate, so older optimizer states still load).
     With `muon` (`train.optimizer=muon`, fusion/optim.py), the hidden matrices (`muon_matrices`)
-    move to groups of their own, `*_muon`, marked `muon: True`, and so is the experts' group.
-    Frozen parameters stay out."""
-    hidden = muon_matrices(model) if muon else set()
+    move to groups of their own, `*_muon`, marked `muon: True`, and so is the experts' group
+    unless `muon_experts` is false. Frozen parameters stay out."""
+    hidden = muon_matrices(model, muon_experts) if muon else set()
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -148,11 +152,12 @@ def param_groups(
     return list(groups.values())
 
 
-def muon_matrices(model: torch.nn.Module) -> set[int]:
+def muon_matrices(model: torch.nn.Module, experts: bool = True) -> set[int]:
     """ids of the parameters Muon steps: the weights of the linear layers inside the network and
-    the routed experts' stacks; not the output head, the routers, or a patch embedding (it reads
-    pixels). The rest (embeddings, convolutions, norms, biases, positions) keeps AdamW."""
-    out = {id(p) for p in model.parameters() if is_expert(p)}
+    (with `experts`) the routed experts' stacks; not the output head, the routers, or a patch
+    embedding (it reads pixels). The rest (embeddings, convolutions, norms, biases, positions)
+    keeps AdamW."""
+    out = {id(p) for p in model.parameters() if is_expert(p)} if experts else set()
     for name, m in model.named_modules():
         last = name.rsplit(".", 1)[-1]
         if (

@@ -317,7 +317,7 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel/)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
-    groups = param_groups(model, t.weight_decay, cfg.model.vision, muon=t.optimizer == "muon")
+    groups = param_groups(model, t.weight_decay, cfg.model.vision, t.optimizer == "muon", t.muon_experts)
     optimizer = build_optimizer(
         [g for g in groups if g["name"] != "experts"], t.optimizer, t.lr, t.betas, t.weight_decay
     )

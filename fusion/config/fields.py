@@ -133,6 +133,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     optimizer: str = "adamw"  # "adamw" for every parameter | "muon": Muon for the hidden matrices,
     #   AdamW for the rest (fusion/optim.py), at the same lr, schedule and weight decay
+    muon_experts: bool = True  # train.optimizer=muon: the routed experts too (false: AdamW for them,
+    #   whose Newton-Schulz cost grows with every expert's parameters, not the active ones)
     loss_average: str = "token"  # next-token loss over tokens: "token" (plain mean) | "sample"
     #   (each document counts the same) | "square" (each token weighted 1/sqrt of its document's count)
     grad_clip: float = 1.0  # clip the global gradient norm (experts included) to this; 0 = off

@@ -133,7 +133,7 @@ def _stand_in_parts(cfg: Config, tokenizer):
     streams = CheckedStreams()
     model.use_kernels(Kernels(grouped_mm=True, side_stream=True, compile_flex=False), streams=streams)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
-    groups = param_groups(model, t.weight_decay, cfg.model.vision, muon=t.optimizer == "muon")
+    groups = param_groups(model, t.weight_decay, cfg.model.vision, t.optimizer == "muon", t.muon_experts)
     optimizer = build_optimizer(
         [g for g in groups if g["name"] != "experts"],
         t.optimizer,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from fusion.config import ConfigError, VisionConfig, load_config
 from fusion.optim import Muon, build_optimizer, orthogonalize
 from fusion.step import param_groups
+from tests.conftest import ROOT, run_cli
 from tests.unit.test_fusion import make
 
 
@@ -102,6 +105,14 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert any(".router.gate." in n for n in adamw)
     by_name = {g["name"]: g for g in groups}
     assert by_name["vision_decay_muon"]["lr_scale"] == 2.0 and by_name["experts"]["muon"]
+    # `train.muon_experts=false`: the routed experts go back to AdamW, the rest stays on Muon
+    no_experts = {
+        g["name"]: g for g in param_groups(model, 0.1, VisionConfig(), muon=True, muon_experts=False)
+    }
+    assert not no_experts["experts"]["muon"] and no_experts["decay_muon"]["muon"]
+    assert sum(len(g["params"]) for g in no_experts.values() if g["muon"]) == len(muon) - sum(
+        ".moe.experts." in n for n in muon
+    )
     # without muon: the groups as before, none marked
     plain = param_groups(model, 0.1, VisionConfig(lr_scale=2.0))
     assert not any(g["muon"] for g in plain) and not any(g["name"].endswith("_muon") for g in plain)
@@ -115,3 +126,20 @@ def test_muon_is_refused_under_zero_and_an_unknown_optimizer_is_named():
         load_config("configs/debug.yaml", ["train.optimizer=muon", "train.zero_stage=1"])
     with pytest.raises(ConfigError, match="train.optimizer"):
         load_config("configs/debug.yaml", ["train.optimizer=lion"])
+
+
+def test_bench_muon_prints_the_cost_by_kind_and_the_three_steps():
+    """tools/bench_muon.py runs on a shipped config (no figure is asserted: timing is never a test)."""
+    r = run_cli(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench_muon.py"),
+            "--config",
+            "configs/debug.yaml",
+            "--repeat",
+            "1",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("routed experts", "attention", "all ", "adamw", "muon, experts on AdamW"):
+        assert line in r.stdout, r.stdout
