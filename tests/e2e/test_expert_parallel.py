@@ -166,3 +166,25 @@ def test_muon_run_resumes_exactly_with_the_experts_momentum(text_shards, tmp_pat
     assert sorted(b) == list(range(11, STEPS + 1))
     assert_same_steps(a, b, range(11, STEPS + 1))
     assert a[STEPS]["loss"] < 0.8 * a[1]["loss"]
+
+
+def test_muon_trains_in_bf16_at_zero_0(text_shards, tmp_path):
+    """bf16 without ZeRO: DeepSpeed's unfused optimizer keeps a whole fp32 master per parameter,
+    so Muon steps whole matrices there too; the experts' fp32 masters carry its momentum."""
+    run = tmp_path / "bf16"
+    launch(
+        [
+            f"data.text={text_shards}",
+            "model.moe.ep_size=2",
+            "train.zero_stage=0",
+            "train.optimizer=muon",
+            "train.precision=bf16",
+            f"run.dir={run}",
+        ]
+    )
+    a = metrics(run)
+    assert sorted(a) == list(range(1, STEPS + 1))
+    assert a[STEPS]["loss"] < 0.8 * a[1]["loss"]
+    shard = load_file(str(expert_files(run / "checkpoints" / f"step_{STEPS}")[0]))
+    assert any(k.startswith("momentum_buffer/") for k in shard)
+    assert all(v.dtype == torch.float32 for v in shard.values())
