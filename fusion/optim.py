@@ -69,8 +69,8 @@ class Muon(torch.optim.Optimizer):
             weight_decay=weight_decay,
             momentum=momentum,
             ns_steps=ns_steps,
+            muon=False,  # a group's own mark wins
         )
-        defaults["muon"] = False
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"]:

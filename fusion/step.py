@@ -18,6 +18,7 @@ from fusion.faults import Faults
 from fusion.guard import NonFiniteGuard
 from fusion.metrics import StepStats
 from fusion.model.moe import is_expert
+from fusion.optim import build_optimizer
 
 
 @dataclass
@@ -150,6 +151,19 @@ def param_groups(
         )
         group["params"].append(p)
     return list(groups.values())
+
+
+def build_optimizers(
+    model: torch.nn.Module, cfg: Config, **adamw_options
+) -> tuple[torch.optim.Optimizer, list[dict]]:
+    """`param_groups` of `model` as train.* sets them, split where the trainer and the dry run
+    split them: (`train.optimizer`'s optimizer over every group but the routed experts', which the
+    engine steps; the experts' groups, for `ExpertParallel.attach`)."""
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay, cfg.model.vision, t.optimizer == "muon", t.muon_experts)
+    dense = [g for g in groups if g["name"] != "experts"]
+    optimizer = build_optimizer(dense, t.optimizer, t.lr, t.betas, t.weight_decay, **adamw_options)
+    return optimizer, [g for g in groups if g["name"] == "experts"]
 
 
 def muon_matrices(model: torch.nn.Module, experts: bool = True) -> set[int]:

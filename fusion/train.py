@@ -34,7 +34,7 @@ from fusion.metrics import (
     progress_line,
 )
 from fusion.schema import MODALITIES
-from fusion.step import StepParts, param_groups, train_step
+from fusion.step import StepParts, build_optimizers, train_step
 
 
 def parse_args(argv):
@@ -299,7 +299,6 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     from fusion.model.fusion import build_model
     from fusion.model.kernels import Kernels
     from fusion.model.moe.streams import CudaStreams
-    from fusion.optim import build_optimizer
     from fusion.parallel import ExpertParallel
 
     t = cfg.train
@@ -317,14 +316,11 @@ def build_parts(cfg: Config, rank: int, world: int, device: torch.device):
     distiller = build_distiller(cfg, model, device, bf16)  # distill.teacher: frozen, same process
     # routed experts: sharded over model.moe.ep_size ranks and trained beside DeepSpeed (fusion/parallel/)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
-    groups = param_groups(model, t.weight_decay, cfg.model.vision, t.optimizer == "muon", t.muon_experts)
-    optimizer = build_optimizer(
-        [g for g in groups if g["name"] != "experts"], t.optimizer, t.lr, t.betas, t.weight_decay
-    )
+    optimizer, expert_groups = build_optimizers(model, cfg)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=experts.engine_module(), optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
     )
-    experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip, t.optimizer)
+    experts.attach(engine, expert_groups, t.betas, t.grad_clip, t.optimizer)
     experts.restore_buffer_dtypes()  # the router bias stays fp32 and the load counts float64 in bf16
     # kernel choices, asked of the device once, now that the model is on it in its dtype
     kernels = Kernels.for_device(device, torch.bfloat16 if bf16 else torch.float32)

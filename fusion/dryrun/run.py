@@ -118,9 +118,8 @@ def _stand_in_parts(cfg: Config, tokenizer):
     from fusion.metrics import flops_per_token
     from fusion.model.fusion import build_model
     from fusion.model.kernels import Kernels
-    from fusion.optim import build_optimizer
     from fusion.parallel import ExpertParallel
-    from fusion.step import StepParts, param_groups
+    from fusion.step import StepParts, build_optimizers
 
     t, compute = cfg.train, gpu_precision(cfg)
     torch.manual_seed(t.seed)
@@ -133,19 +132,11 @@ def _stand_in_parts(cfg: Config, tokenizer):
     streams = CheckedStreams()
     model.use_kernels(Kernels(grouped_mm=True, side_stream=True, compile_flex=False), streams=streams)
     experts = ExpertParallel(model, cfg.model.moe.ep_size)
-    groups = param_groups(model, t.weight_decay, cfg.model.vision, t.optimizer == "muon", t.muon_experts)
-    optimizer = build_optimizer(
-        [g for g in groups if g["name"] != "experts"],
-        t.optimizer,
-        t.lr,
-        t.betas,
-        t.weight_decay,
-        foreach=False,
-    )
+    optimizer, expert_groups = build_optimizers(model, cfg, foreach=False)
     engine = StandInEngine(
         experts.engine_module(), optimizer, compute == torch.bfloat16, t.grad_accum, t.zero_stage, t.grad_clip
     )
-    experts.attach(engine, [g for g in groups if g["name"] == "experts"], t.betas, t.grad_clip, t.optimizer)
+    experts.attach(engine, expert_groups, t.betas, t.grad_clip, t.optimizer)
     experts.restore_buffer_dtypes()  # as the trainer does after the engine's cast
     guard = NonFiniteGuard(model, [optimizer, experts.optimizer], META, streams)
     parts = StepParts(

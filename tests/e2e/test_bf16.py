@@ -165,7 +165,8 @@ def _engine(zero: int, ep: int, extra: list[str] = ()):
     from fusion.guard import NonFiniteGuard, innermost_optimizer
     from fusion.model.fusion import build_model
     from fusion.parallel import ExpertParallel
-    from fusion.train import init_distributed, param_groups
+    from fusion.step import param_groups
+    from fusion.train import init_distributed
 
     cfg = load_config(
         "configs/debug.yaml",
