@@ -2,7 +2,7 @@
 
     python tools/ablate.py                 # the CPU grid (minutes on 2 cores) -> docs/ablations.md + .png
     python tools/ablate.py --gpu           # the GPU grid (one GPU, bf16): the same four models, bigger
-    python tools/ablate.py --grid demo     # the demo's recipe on 2 CPU ranks, scored as `make demo` (~70 min)
+    python tools/ablate.py --grid demo     # the demo's recipe on 2 CPU ranks, scored as `make demo` (~1 hour)
     python tools/ablate.py --dry-run       # print the grid: steps and FLOPs of each run; train nothing
 
 Each of the four models is trained with `fusion-train` (one process) for several seeds on the same
@@ -103,13 +103,18 @@ GRIDS = {
     ),
 }
 
-# The demo's own recipe (configs/demo.yaml: model, toy world, mixture, lr, 2 CPU ranks) for each of
-# the four models, the budget set by the demo's step count for early fusion + MoE; every run is
-# scored afterwards as `make demo` scored it then (fusion-eval, 300 questions per set, with the blind
-# baseline). About 70 minutes on 2 cores for 2 seeds.
-# the sizes of the toy world `make demo` trains on (the Makefile's TOY_FLAGS), without its extra
-# colours: docs/ablations.md was measured before the demo took them up
-DEMO_TOY = {"n-image": 40000, "n-video": 2400, "n-vqa-train": 60000, "n-video-vqa-train": 6000}
+# The demo's own recipe (configs/demo.yaml: model, optimizer, toy world, mixture, lr, 2 CPU ranks)
+# for each of the four models, the budget set by the demo's step count for early fusion + MoE;
+# every run is scored afterwards as `make demo` scores it (fusion-eval, every question of each set,
+# with the blind baseline). About an hour on 2 cores for 2 seeds.
+# The toy world `make demo` trains on: the Makefile's TOY_FLAGS, extra colours included
+DEMO_TOY = {
+    "n-image": 40000,
+    "n-video": 2400,
+    "n-vqa-train": 60000,
+    "n-video-vqa-train": 6000,
+    "extra-colors": "white,pink,cyan,brown",
+}
 GRIDS["demo"] = Grid(
     "demo",
     size="demo",
@@ -118,13 +123,13 @@ GRIDS["demo"] = Grid(
     budget=0.0,
     seeds=[0, 1],
     evals=4,
-    eval_limit=300,
+    eval_limit=600,
     xattn_every=2,
     toy=DEMO_TOY,
     config="configs/demo.yaml",
     ranks=2,
     sets=["vqa_image_test", "vqa_video_test", "vqa_image_compositional"],
-    extra=["train.ckpt_every=0", "train.precision=fp32"],  # fp32: as docs/ablations.md was measured
+    extra=["train.ckpt_every=0"],
     env={"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ROOT / ".venv" / "torch_extensions")},
 )
 
@@ -505,15 +510,15 @@ def write_doc(grid: Grid, results: list[dict], out: Path, png: Path, argv: list[
     cmd = "python tools/ablate.py " + " ".join(argv)
     if grid.config:
         setup = f"""Grid `{grid.name}`: the demo's recipe, `{grid.config}` as `make demo` trains it (its model,
-vision tower, toy world, mixture, learning rate and schedule; {grid.ranks} DeepSpeed CPU ranks, rows of
+vision tower, optimizer, precision, toy world, mixture, learning rate and schedule; {grid.ranks} DeepSpeed CPU ranks, rows of
 {grid.seq_len} tokens, {grid.micro_batch} rows per step), seeds {grid.seeds} (`train.seed`: initial
 weights and data order). The four models:
 """
         flags = " ".join(f"--{k} {v}" for k, v in grid.toy.items()) or "(default sizes)"
         colours = "" if "extra-colors" in grid.toy else " (without the extra colours of its training scenes)"
         data = f"""Data: `fusion-data toy {flags}`, the sizes of the toy world `make demo` trains
-on{colours}, the config's mixture. Accuracy: after training, `fusion-eval` scores each run on the
-first {grid.eval_limit} questions of each set, by choice likelihood, beside the blind baseline with grey media;
+on{colours}, the config's mixture. Accuracy: after training, `fusion-eval` scores each run on
+up to {grid.eval_limit} questions of each set (as `make demo` does: all of them), by choice likelihood, beside the blind baseline with grey media;
 during training, `vqa_image_test` is scored {grid.evals} times for the curves. "Final loss" is the
 mean training loss over the last tenth of the logged steps. Mean ± standard deviation over seeds
 in the first table, mean (min-max) in the second."""
@@ -578,7 +583,7 @@ def caveat(grid: Grid) -> str:
         return f"""Every model here is the demo's size (about 1.1 M active parameters; late fusion's
 cross-attention adds 0.5 M) trained for minutes of CPU on a toy world of coloured shapes,
 {len(grid.seeds)} seeds each. Differences of a few hundredths are within seed noise (compare the ranges), and
-300 questions per set (60 per image type) resolve about ±0.03 at these accuracies. What holds here
+{grid.eval_limit} questions per image set ({grid.eval_limit // 5} per type) resolve a type to about ±{math.sqrt(0.09 / (grid.eval_limit // 5)):.2f} (one standard error at 0.9). What holds here
 is a statement about this budget and this data, not about which design wins at scale."""
     return f"""At this size the grid measures the switches working side by side on one footing: the same data,
 evaluation and FLOP accounting, and how the training loss of each model moves per FLOP. It cannot
