@@ -33,7 +33,8 @@ Every sequence token is counted as a decoder token; under late fusion the placeh
 decoder, so this is an upper bound of a late-fusion model's cost on media-heavy rows.
 
 Memory per GPU, for ZeRO stages 0-3 on `world` ranks with experts sharded over `ep_size` of them
-(bytes per parameter: bf16 2 weights + 2 grads + 12 fp32 Adam (master, m, v); fp32 4 + 4 + 8):
+(bytes per parameter: bf16 2 weights + 2 grads + 12 fp32 Adam (master, m, v); fp32 4 + 4 + 8;
+under train.optimizer=muon the matrices it steps keep one fp32 momentum instead of Adam's m and v):
 stage 1 splits optimizer states over the data-parallel ranks, 2 also gradients, 3 also weights.
 Routed experts are trained beside DeepSpeed, outside ZeRO (fusion/parallel/): a rank holds the
 weights, gradients and optimizer state of its n_experts / ep_size local experts at every stage.
@@ -170,6 +171,44 @@ def count_parameters(m: ModelConfig, vocab_size: int) -> dict[str, int]:
     }
 
 
+def vision_matrices(v: VisionConfig, dim: int) -> int:
+    """The vision tower's weights `train.optimizer=muon` steps (fusion/step.py `muon_matrices`): the
+    projector's three linear layers and a timm ViT's linear layers; not a patch embedding (it reads
+    pixels), convolutions or positions."""
+    width = v.width or dim
+    if v.encoder not in ("patch-linear", "conv-stem"):
+        import torch
+
+        from fusion.model.vision import create_timm_vit
+
+        with torch.device("meta"):
+            vit = create_timm_vit(v.encoder, v.img_size, v.patch_size)
+        width = vit.num_features
+        encoder = sum(m.weight.numel() for m in vit.modules() if isinstance(m, torch.nn.Linear))
+    else:
+        encoder = 0
+    channels = width * (4 if v.pixel_shuffle else 1) * v.temporal_merge
+    return encoder + channels * dim + 2 * dim * dim
+
+
+def muon_parameters(m: ModelConfig, vocab_size: int, experts: bool = True) -> dict[str, int]:
+    """Parameters by part that `train.optimizer=muon` steps (the hidden matrices; the routed experts
+    with `train.muon_experts`); AdamW steps the rest of `count_parameters`."""
+    D, L = m.dim, m.n_layers
+    n_replaced = len(moe_layer_ids(L, m.moe.every, m.moe.n_experts)) if m.dense_baseline else 0
+    n_dense = L - n_moe_layers(m) - n_replaced
+    total = count_parameters(m, vocab_size)
+    out = dict.fromkeys(PARTS, 0)
+    out["attention"] = total["attention"] - L * D  # less the norms
+    out["dense_ffn"] = total["dense_ffn"] - (n_dense + n_replaced) * D
+    out["shared_experts"] = total["shared_experts"]
+    out["routed_experts"] = total["routed_experts"] if experts else 0
+    out["vision"] = vision_matrices(m.vision, D)
+    # a cross-attention block: its attention's and FFN's matrices, not its 3 norms and 2 gates
+    out["cross_attention"] = total["cross_attention"] - n_xattn_blocks(m) * (3 * D + 2)
+    return out
+
+
 def active_parameters(m: ModelConfig, vocab_size: int) -> dict[str, int]:
     total = count_parameters(m, vocab_size)
     active = dict(total)
@@ -235,11 +274,12 @@ class Precision:
     name: str
     weight: int  # bytes per weight
     grad: int  # bytes per gradient
-    optimizer: int  # bytes per parameter of optimizer state (fp32 master + Adam m, v for bf16)
+    optimizer: int  # bytes per parameter of AdamW state (fp32 master + Adam m, v for bf16)
     activation: int  # bytes per activation element
+    muon: int  # bytes per parameter Muon steps (fp32 master for bf16 + one momentum buffer)
 
 
-PRECISIONS = {"bf16": Precision("bf16", 2, 2, 12, 2), "fp32": Precision("fp32", 4, 4, 8, 4)}
+PRECISIONS = {"bf16": Precision("bf16", 2, 2, 12, 2, 8), "fp32": Precision("fp32", 4, 4, 8, 4, 4)}
 
 
 def activation_bytes(
@@ -284,15 +324,30 @@ def activation_bytes(
 
 
 def memory_per_gpu(
-    m: ModelConfig, vocab_size: int, world: int, ep_size: int, micro_batch: int, seq_len: int, precision: str
+    m: ModelConfig,
+    vocab_size: int,
+    world: int,
+    ep_size: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    optimizer: str = "adamw",
+    muon_experts: bool = True,
 ) -> dict:
     """Bytes per GPU by ZeRO stage: weights, grads, optimizer, activations (with / without
-    per-layer activation checkpointing) and the totals."""
+    per-layer activation checkpointing) and the totals. With `optimizer="muon"` the matrices Muon
+    steps keep one momentum buffer instead of Adam's two; Muon runs at ZeRO 0 only, so stages 1-3
+    show AdamW's state (the optimizer they would train with)."""
     prec = PRECISIONS[precision]
     total = count_parameters(m, vocab_size)
     experts = total["routed_experts"]
     replicated = sum(total.values()) - experts
     local_experts = experts / ep_size
+    muon = muon_parameters(m, vocab_size, muon_experts) if optimizer == "muon" else dict.fromkeys(PARTS, 0)
+    muon_local_experts = muon["routed_experts"] / ep_size
+    muon_replicated = sum(muon.values()) - muon["routed_experts"]
+    # stage 0 under Muon: every parameter on AdamW's bytes, less what Muon saves on its matrices
+    muon_saving = (muon_replicated + muon_local_experts) * (prec.optimizer - prec.muon)
     dp = world  # ranks that share a replicated parameter
     act = activation_bytes(m, vocab_size, micro_batch, seq_len, prec, checkpointing=False)
     act_ckpt = activation_bytes(m, vocab_size, micro_batch, seq_len, prec, checkpointing=True)
@@ -306,7 +361,7 @@ def memory_per_gpu(
         row = {
             "weights": held(3) * prec.weight,
             "grads": held(2) * prec.grad,
-            "optimizer": held(1) * prec.optimizer,
+            "optimizer": held(1) * prec.optimizer - (muon_saving if stage == 0 else 0),
             "activations": act,
             "activations_ckpt": act_ckpt,
         }
@@ -363,7 +418,18 @@ def make_plan(
             "ep_size": ep_size,
             "micro_batch": micro_batch,
             "precision": precision,
-            "bytes": memory_per_gpu(m, vocab, world, ep_size, micro_batch, seq, precision),
+            "optimizer": cfg.train.optimizer,
+            "bytes": memory_per_gpu(
+                m,
+                vocab,
+                world,
+                ep_size,
+                micro_batch,
+                seq,
+                precision,
+                cfg.train.optimizer,
+                cfg.train.muon_experts,
+            ),
         },
     }
 
@@ -416,12 +482,15 @@ def format_plan(plan: dict, cfg: Config) -> str:
         f"memory per GPU (GiB): world {mem['world']}, ep_size {mem['ep_size']}, micro-batch "
         f"{mem['micro_batch']}, seq_len {plan['seq_len']}, {mem['precision']}"
         + (" weights + fp32 Adam" if mem["precision"] == "bf16" else " weights + Adam")
+        + (", Muon's one momentum for its matrices at ZeRO 0" if mem["optimizer"] == "muon" else "")
     )
     cols = ("weights", "grads", "optimizer", "activations", "activations_ckpt", "total", "total_ckpt")
     heads = ("weights", "grads", "optim", "activ", "activ/ckpt", "total", "total/ckpt")
     lines.append("  ZeRO" + "".join(f"{h:>11}" for h in heads))
     for stage, row in mem["bytes"].items():
         lines.append(f"  {stage:>4}" + "".join(f"{row[c] / GiB:>11.2f}" for c in cols))
+    if mem["optimizer"] == "muon":
+        lines.append("  (train.optimizer=muon trains at ZeRO 0 only: stages 1-3 show AdamW's state)")
     if n_moe_layers(m):
         lines.append(
             "  (routed experts are outside ZeRO: each rank holds its local experts whole at every stage)"

@@ -19,7 +19,10 @@ from fusion.plan import (
     main,
     make_plan,
     memory_per_gpu,
+    muon_parameters,
+    part_of,
 )
+from fusion.step import muon_matrices
 
 
 def built(size: str, *overrides, device="meta"):
@@ -63,6 +66,60 @@ def test_counts_follow_options():
         "model.vision.temporal_merge=2",
     )
     assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.size=demo"],
+        ["model.size=demo", "model.fusion=late", "model.xattn_every=2"],
+        ["model.size=demo", "model.dense_baseline=true", "model.vision.encoder=patch-linear"],
+        [
+            "model.size=debug",
+            "model.moe.every=2",
+            "model.n_layers=3",
+            "model.vision.encoder=vit_tiny_patch16_224",
+            "model.vision.img_size=32",
+            "model.vision.patch_size=8",
+            "model.vision.pixel_shuffle=true",
+        ],
+        ["model.size=scout-mini"],
+    ],
+)
+@pytest.mark.parametrize("experts", [True, False])
+def test_muon_count_equals_the_matrices_muon_steps(overrides, experts):
+    """fusion-plan's Muon share of each part is what train.optimizer=muon steps in the built model."""
+    cfg, model = built(overrides[0].split("=")[1], *overrides[1:])
+    chosen = muon_matrices(model, experts)
+    moe_layers = {b.layer_id for b in model.decoder.layers if b.moe is not None}
+    built_parts = dict.fromkeys(PARTS, 0)
+    for name, p in model.named_parameters():
+        if id(p) in chosen:
+            built_parts[part_of(name, moe_layers)] += p.numel()
+    assert muon_parameters(cfg.model, model.vocab_size, experts) == built_parts
+
+
+def test_muon_memory_keeps_one_buffer_for_its_matrices(capsys):
+    m = load_config(None, ["model.size=scout-mini"]).model
+    V = ByteTokenizer().vocab_size
+    n = sum(count_parameters(m, V).values())
+    for precision, adam, muon_bytes in (("bf16", 12, 8), ("fp32", 8, 4)):
+        for experts in (True, False):
+            mu = sum(muon_parameters(m, V, experts).values())
+            assert 0 < mu < n
+            adamw = memory_per_gpu(m, V, 8, 1, 2, 128, precision)
+            muon = memory_per_gpu(m, V, 8, 1, 2, 128, precision, "muon", experts)
+            assert muon[0]["optimizer"] == pytest.approx(adam * n - (adam - muon_bytes) * mu)
+            assert muon[0]["weights"] == adamw[0]["weights"] and muon[0]["grads"] == adamw[0]["grads"]
+            for stage in (1, 2, 3):  # Muon is refused there: AdamW's state
+                assert muon[stage] == adamw[stage]
+    # the routed experts on AdamW (train.muon_experts=false) keep more state than on Muon
+    assert (
+        memory_per_gpu(m, V, 8, 1, 2, 128, "bf16", "muon", False)[0]["optimizer"]
+        > memory_per_gpu(m, V, 8, 1, 2, 128, "bf16", "muon", True)[0]["optimizer"]
+    )
+    assert main(["model.size=debug", "train.optimizer=muon"]) == 0
+    assert "train.optimizer=muon trains at ZeRO 0 only" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
