@@ -2,7 +2,7 @@
 
     python tools/ablate.py                 # the CPU grid (minutes on 2 cores) -> docs/ablations.md + .png
     python tools/ablate.py --gpu           # the GPU grid (one GPU, bf16): the same four models, bigger
-    python tools/ablate.py --grid demo     # the demo's recipe on 2 CPU ranks, scored as `make demo` (~1 hour)
+    python tools/ablate.py --grid demo     # the demo's recipe on 2 CPU ranks, scored as `make demo` (~30 min a seed)
     python tools/ablate.py --dry-run       # print the grid: steps and FLOPs of each run; train nothing
 
 Each of the four models is trained with `fusion-train` (one process) for several seeds on the same
@@ -106,7 +106,7 @@ GRIDS = {
 # The demo's own recipe (configs/demo.yaml: model, optimizer, toy world, mixture, lr, 2 CPU ranks)
 # for each of the four models, the budget set by the demo's step count for early fusion + MoE;
 # every run is scored afterwards as `make demo` scores it (fusion-eval, every question of each set,
-# with the blind baseline). About an hour on 2 cores for 2 seeds.
+# with the blind baseline). About 30 minutes a seed on 2 cores.
 # The toy world `make demo` trains on: the Makefile's TOY_FLAGS, extra colours included
 DEMO_TOY = {
     "n-image": 40000,
@@ -158,27 +158,29 @@ def model_overrides(grid: Grid, fusion: str, ffn: str) -> list[str]:
     ]
 
 
-def use_config(grid: Grid) -> None:
+def use_config(grid: Grid, data: list[str]) -> None:
     """A grid built on a config file takes its row length, micro-batch and budget from it: the
-    budget is what the config's steps cost early fusion + MoE (the config's own model)."""
+    budget is what the config's steps cost early fusion + MoE (the config's own model). `data`:
+    overrides that point the config at the grid's toy world (its tokenizer sets the vocabulary)."""
     if not grid.config:
         return
     from fusion.config import load_config
     from fusion.plan import make_plan
 
-    cfg = load_config(str(ROOT / grid.config), [])
+    cfg = load_config(str(ROOT / grid.config), data)
     t = cfg.train
     grid.seq_len, grid.micro_batch = t.seq_len, t.micro_batch * t.grad_accum * grid.ranks
     grid.size = cfg.model.size
     if not grid.budget:
-        fpt = make_plan(load_config(str(ROOT / grid.config), model_overrides(grid, "early", "moe")))[
+        fpt = make_plan(load_config(str(ROOT / grid.config), model_overrides(grid, "early", "moe") + data))[
             "flops_per_token"
         ]
         grid.budget = t.steps * grid.seq_len * grid.micro_batch * fpt
 
 
-def plan_runs(grid: Grid) -> list[dict]:
-    """One entry per (variant, seed): its overrides, FLOPs per token (fusion-plan), steps."""
+def plan_runs(grid: Grid, data: list[str]) -> list[dict]:
+    """One entry per (variant, seed): its overrides, FLOPs per token (fusion-plan), steps. `data`:
+    as in `use_config`, for planning only (training is given the toy world's paths itself)."""
     from fusion.config import load_config
     from fusion.plan import make_plan
 
@@ -187,7 +189,7 @@ def plan_runs(grid: Grid) -> list[dict]:
     for fusion, ffn in VARIANTS:
         if grid.config:  # rows per step: micro_batch x ranks, as the config trains
             over = model_overrides(grid, fusion, ffn)
-            plan = make_plan(load_config(str(ROOT / grid.config), over))
+            plan = make_plan(load_config(str(ROOT / grid.config), over + data))
         else:
             over = model_overrides(grid, fusion, ffn) + [
                 f"train.seq_len={grid.seq_len}",
@@ -611,7 +613,7 @@ def main(argv=None) -> int:
         choices=sorted(GRIDS),
         default=None,
         help="the grid: cpu (the default; minutes), demo (the demo's recipe on 2 CPU "
-        "ranks; about 2 hours for 2 seeds), gpu (same as --gpu)",
+        "ranks; about 30 minutes a seed), gpu (same as --gpu)",
     )
     p.add_argument("--work", default=None, help="runs and toy data (default runs/ablate-GRID)")
     p.add_argument(
@@ -621,7 +623,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the grid's)")
     p.add_argument("--budget", type=float, default=None, help="training FLOPs per run (default: the grid's)")
-    p.add_argument("--dry-run", action="store_true", help="print the runs (steps, FLOPs) and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the runs (steps, FLOPs) and stop (a grid on a config makes its toy world first: "
+        "its tokenizer sets the vocabulary)",
+    )
     args = p.parse_args(argv)
     grid = GRIDS[args.grid or ("gpu" if args.gpu else "cpu")]
     if args.seeds is not None:
@@ -633,8 +640,13 @@ def main(argv=None) -> int:
             p.error(f"--budget must be positive, got {args.budget}")
         grid.budget = args.budget
     sys.path.insert(0, str(ROOT))
-    use_config(grid)
-    runs = sorted(plan_runs(grid), key=lambda r: r["seed"])  # every model's first seed first
+    work = Path(args.work or f"runs/ablate-{grid.name}")
+    toy, data = None, []
+    if grid.config:  # the config's vocabulary is the toy world's tokenizer: make the world first
+        toy = make_toy(grid, work)
+        data = [f"data.tokenizer={toy / 'tokenizer.json'}"]
+    use_config(grid, data)
+    runs = sorted(plan_runs(grid, data), key=lambda r: r["seed"])  # every model's first seed first
     for r in runs:
         print(
             f"{r['name']:<18} {r['steps']:>6} steps  {r['flops_per_token']:.3g} FLOPs/token  "
@@ -643,9 +655,8 @@ def main(argv=None) -> int:
         )
     if args.dry_run:
         return 0
-    work = Path(args.work or f"runs/ablate-{grid.name}")
     work.mkdir(parents=True, exist_ok=True)
-    toy = make_toy(grid, work)
+    toy = toy or make_toy(grid, work)
     seconds = 0.0
     for r in runs:
         took = train(grid, r, toy, work)
