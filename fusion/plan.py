@@ -123,18 +123,27 @@ def vision_parameters(v: VisionConfig, dim: int) -> int:
         channels = conv_stem_channels(v.patch_size, width)
         encoder = sum((9 * c_in + 1) * c_out for c_in, c_out in zip([3] + channels[:-1], channels))
         encoder += (v.img_size // v.patch_size) ** 2 * width  # positions
-    else:  # a timm ViT: instantiate its modules on the meta device (no memory, no weights) to count
-        import torch
-
-        from fusion.model.vision import create_timm_vit
-
-        with torch.device("meta"):
-            vit = create_timm_vit(v.encoder, v.img_size, v.patch_size)
+    else:
+        vit = meta_timm_vit(v)
         encoder, width = sum(p.numel() for p in vit.parameters()), vit.num_features
-    channels = width * (4 if v.pixel_shuffle else 1) * v.temporal_merge
-    projector = channels * dim + dim * dim + dim * dim  # fc1, fc2, proj (no biases)
     frame_pos = (v.max_frames // v.temporal_merge) * dim if v.frame_pos else 0
-    return encoder + projector + frame_pos
+    return encoder + projector_parameters(v, width, dim) + frame_pos
+
+
+def meta_timm_vit(v: VisionConfig):
+    """A timm ViT's modules on the meta device (no memory, no weights): its shapes, to count."""
+    import torch
+
+    from fusion.model.vision import create_timm_vit
+
+    with torch.device("meta"):
+        return create_timm_vit(v.encoder, v.img_size, v.patch_size)
+
+
+def projector_parameters(v: VisionConfig, width: int, dim: int) -> int:
+    """The projector's fc1, fc2 and proj (no biases) from an encoder of `width` features."""
+    channels = width * (4 if v.pixel_shuffle else 1) * v.temporal_merge
+    return channels * dim + dim * dim + dim * dim
 
 
 def n_moe_layers(m: ModelConfig) -> int:
@@ -175,32 +184,23 @@ def vision_matrices(v: VisionConfig, dim: int) -> int:
     """The vision tower's weights `train.optimizer=muon` steps (fusion/step.py `muon_matrices`): the
     projector's three linear layers and a timm ViT's linear layers; not a patch embedding (it reads
     pixels), convolutions or positions."""
-    width = v.width or dim
-    if v.encoder not in ("patch-linear", "conv-stem"):
-        import torch
+    if v.encoder in ("patch-linear", "conv-stem"):
+        return projector_parameters(v, v.width or dim, dim)
+    import torch
 
-        from fusion.model.vision import create_timm_vit
-
-        with torch.device("meta"):
-            vit = create_timm_vit(v.encoder, v.img_size, v.patch_size)
-        width = vit.num_features
-        encoder = sum(m.weight.numel() for m in vit.modules() if isinstance(m, torch.nn.Linear))
-    else:
-        encoder = 0
-    channels = width * (4 if v.pixel_shuffle else 1) * v.temporal_merge
-    return encoder + channels * dim + 2 * dim * dim
+    vit = meta_timm_vit(v)
+    encoder = sum(m.weight.numel() for m in vit.modules() if isinstance(m, torch.nn.Linear))
+    return encoder + projector_parameters(v, vit.num_features, dim)
 
 
 def muon_parameters(m: ModelConfig, vocab_size: int, experts: bool = True) -> dict[str, int]:
     """Parameters by part that `train.optimizer=muon` steps (the hidden matrices; the routed experts
     with `train.muon_experts`); AdamW steps the rest of `count_parameters`."""
     D, L = m.dim, m.n_layers
-    n_replaced = len(moe_layer_ids(L, m.moe.every, m.moe.n_experts)) if m.dense_baseline else 0
-    n_dense = L - n_moe_layers(m) - n_replaced
     total = count_parameters(m, vocab_size)
     out = dict.fromkeys(PARTS, 0)
     out["attention"] = total["attention"] - L * D  # less the norms
-    out["dense_ffn"] = total["dense_ffn"] - (n_dense + n_replaced) * D
+    out["dense_ffn"] = total["dense_ffn"] - (L - n_moe_layers(m)) * D  # less a norm per dense FFN
     out["shared_experts"] = total["shared_experts"]
     out["routed_experts"] = total["routed_experts"] if experts else 0
     out["vision"] = vision_matrices(m.vision, D)

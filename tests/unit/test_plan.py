@@ -24,6 +24,16 @@ from fusion.plan import (
 )
 from fusion.step import muon_matrices
 
+# a timm ViT tower at 32 px under pixel shuffle, on a 3-layer debug decoder with a dense layer
+TIMM_TOWER = [
+    "model.moe.every=2",
+    "model.n_layers=3",
+    "model.vision.encoder=vit_tiny_patch16_224",
+    "model.vision.img_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.pixel_shuffle=true",
+]
+
 
 def built(size: str, *overrides, device="meta"):
     cfg = load_config(None, [f"model.size={size}", *overrides])
@@ -49,12 +59,7 @@ def test_counts_follow_options():
     cfg, model = built(
         "debug",
         "model.tie_embeddings=true",
-        "model.moe.every=2",
-        "model.n_layers=3",
-        "model.vision.encoder=vit_tiny_patch16_224",
-        "model.vision.img_size=32",
-        "model.vision.patch_size=8",
-        "model.vision.pixel_shuffle=true",
+        *TIMM_TOWER,
         "model.vision.temporal_merge=2",
     )
     assert count_parameters(cfg.model, model.vocab_size) == count_parameters_of(model)
@@ -74,15 +79,7 @@ def test_counts_follow_options():
         ["model.size=demo"],
         ["model.size=demo", "model.fusion=late", "model.xattn_every=2"],
         ["model.size=demo", "model.dense_baseline=true", "model.vision.encoder=patch-linear"],
-        [
-            "model.size=debug",
-            "model.moe.every=2",
-            "model.n_layers=3",
-            "model.vision.encoder=vit_tiny_patch16_224",
-            "model.vision.img_size=32",
-            "model.vision.patch_size=8",
-            "model.vision.pixel_shuffle=true",
-        ],
+        ["model.size=debug", *TIMM_TOWER],
         ["model.size=scout-mini"],
     ],
 )
